@@ -1,0 +1,82 @@
+"""Streamed forward == resident transformers model (fp32, CPU), both tiers, prefetch 1-3."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoedge
+from zoedge.runtime.memory import ALLOCATIONS
+from tests.tiny import FAMILIES, batch, resident_logits, save_tiny
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_store(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model = save_tiny(request.param, root / "hf")
+    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
+    return request.param, model, root / "store"
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_streamed_equals_resident(family_store, tier, prefetch):
+    family, model, store = family_store
+    ids, mask = batch()
+    ref = resident_logits(model, ids, mask)
+    m = zoedge.load(store, tier=tier, prefetch=prefetch)
+    got = m(ids, mask)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    # select: logits only at chosen flat positions
+    sel = torch.tensor([5, 9, 26])
+    torch.testing.assert_close(m(ids, mask, select=sel), ref.reshape(-1, ref.shape[-1])[sel], rtol=0, atol=1e-6)
+    m.close()
+
+
+def test_untied_llama(tmp_path):
+    model = save_tiny("llama", tmp_path / "hf", tie=False)
+    zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
+    ids, mask = batch()
+    m = zoedge.load(tmp_path / "store")
+    assert not m.aliases
+    torch.testing.assert_close(m(ids, mask), resident_logits(model, ids, mask), rtol=0, atol=1e-6)
+
+
+def test_no_allocation_after_first_forward(family_store):
+    _, _, store = family_store
+    ids, mask = batch()
+    for tier in ("ram", "disk"):
+        m = zoedge.load(store, tier=tier, prefetch=2)
+        m(ids, mask)
+        before = ALLOCATIONS.snapshot()
+        for _ in range(3):
+            m(ids, mask)
+        assert ALLOCATIONS.snapshot() == before
+        m.close()
+
+
+def test_multipass_sees_own_weights_and_keeps_base(family_store):
+    """Pass 1 sees the weights scaled by 0.5 in one layer: its logits differ, pass 0 and the base are intact."""
+    family, model, store = family_store
+    ids, mask = batch()
+    m = zoedge.load(store)
+    base_before = {k: v.clone() for k, v in m.state_dict().items()}
+
+    class Half(zoedge.BlockVisitor):
+        passes = 2
+
+        def pass_tensors(self, block, p):
+            if p == 1 and block.name == "layers.1":
+                return {k: v * 0.5 for k, v in block.tensors.items()}
+            return block.tensors
+
+    out = m.run(Half(), ids, mask)
+    ref = resident_logits(model, ids, mask)
+    torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-6)
+    assert (out[1] - ref).abs().max() > 1e-3
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("model.layers.1.") or n.startswith("model.decoder.layers.1."):
+                p.mul_(0.5)
+    torch.testing.assert_close(out[1], resident_logits(model, ids, mask), rtol=0, atol=1e-6)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, base_before[k]), k

@@ -1,0 +1,69 @@
+"""OPT: ``model.decoder.embed_tokens`` + learned positions (+ ``project_in``) → ``model.decoder.layers.*`` →
+``final_layer_norm`` (+ ``project_out``) + ``lm_head``."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from zoedge.adapters.base import EMBED, HEAD, Adapter, Context, layer_index
+
+_D = "model.decoder"
+
+
+class OPTAdapter(Adapter):
+    """Adapter for ``OPTForCausalLM`` checkpoints."""
+
+    model_types = ("opt",)
+
+    def block_prefixes(self) -> dict[str, str]:
+        out = {EMBED: "", HEAD: ""}
+        out.update({f"layers.{i}": f"{_D}.layers.{i}" for i in range(self.config.num_hidden_layers)})
+        return out
+
+    @property
+    def embed_weight_name(self) -> str:
+        return f"{_D}.embed_tokens.weight"
+
+    def block_of(self, tensor: str) -> str | None:
+        if tensor.startswith((f"{_D}.embed_tokens.", f"{_D}.embed_positions.", f"{_D}.project_in.")):
+            return EMBED
+        if tensor.startswith(f"{_D}.layers."):
+            i = int(tensor.split(".")[3])
+            return f"layers.{i}" if i < self.config.num_hidden_layers else None
+        if tensor.startswith((f"{_D}.final_layer_norm.", f"{_D}.project_out.", "lm_head.")):
+            return HEAD
+        return None
+
+    def begin(self, input_ids, attention_mask, position_ids=None, select=None) -> Context:
+        if position_ids is None:
+            position_ids = self.default_positions(input_ids, attention_mask)
+        b, t = input_ids.shape
+        dummy = torch.zeros((), dtype=self.dtype, device=self.device).expand(b, t, self.config.hidden_size)
+        # Same call as OPTDecoder.forward: the mask depends on the padding only.
+        mask = create_causal_mask(config=self.config, inputs_embeds=dummy, attention_mask=attention_mask,
+                                  past_key_values=None)
+        kwargs = {"attention_mask": mask, "position_ids": position_ids, "use_cache": False}
+        return Context(input_ids, attention_mask, position_ids, [kwargs] * self.config.num_hidden_layers, select)
+
+    def run(self, block: str, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        dec = self.skeleton.get_submodule(_D)
+        if block == EMBED:
+            h = self.call(f"{_D}.embed_tokens", tensors, (x,))
+            # OPTLearnedPositionalEmbedding(attention_mask, past_len, position_ids=...) adds its own offset of 2.
+            mask = ctx.attention_mask if ctx.attention_mask is not None else torch.ones_like(x)
+            pos = self.call(f"{_D}.embed_positions", tensors, (mask, 0), {"position_ids": ctx.position_ids})
+            if dec.project_in is not None:
+                h = self.call(f"{_D}.project_in", tensors, (h,))
+            return h + pos
+        i = layer_index(block)
+        if i is not None:
+            return self.call(f"{_D}.layers.{i}", tensors, (x,), ctx.layer_kwargs[i])
+        if block == HEAD:
+            if dec.final_layer_norm is not None:
+                x = self.call(f"{_D}.final_layer_norm", tensors, (x,))
+            if dec.project_out is not None:
+                x = self.call(f"{_D}.project_out", tensors, (x,))
+            return self.call("lm_head", tensors, (self.select_rows(x, ctx.select),))
+        raise KeyError(f"unknown block {block!r}")

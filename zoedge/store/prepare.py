@@ -1,0 +1,252 @@
+"""``zoedge prepare``: repack a Hugging Face checkpoint into a block store, once.
+
+Each streaming unit becomes one contiguous, aligned file, so the runtime moves
+a block with a single read and a single host-to-device copy. Safe by
+construction:
+
+* the source directory is only ever opened for reading;
+* every block is written to a temp file, fsynced and renamed; its sidecar
+  (entry + sha256 + a fingerprint of the source and options) is written the
+  same way afterwards, so a block without a matching sidecar is redone;
+* ``manifest.json`` is written last: a store without it is never loaded.
+
+A killed ``prepare`` re-run with the same arguments keeps the finished blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from zoedge.adapters import adapter_for
+from zoedge.errors import CheckpointError, ConfigError, StoreError
+from zoedge.store import quant as q
+from zoedge.store.manifest import (DTYPE_NAMES, DTYPES, MANIFEST_NAME, BlockEntry, Manifest, Part, TensorEntry, align,
+                                   block_from_dict)
+from zoedge.store.safetensors_io import Checkpoint, open_checkpoint
+
+#: Files copied along so the store is also a tokenizer/config directory.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+              "chat_template.jinja")
+
+
+@dataclasses.dataclass
+class PrepareSummary:
+    """What one ``prepare`` run did (also printed and returned as JSON by the CLI)."""
+
+    store: str
+    blocks: int
+    reused_blocks: int
+    bytes: int
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 2**20 / max(self.seconds, 1e-9)
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename (readers see all or nothing)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fingerprint(src: Path, ckpt: Checkpoint, dtype: str, quant: str) -> dict:
+    """Identifies source + options; a sidecar with another fingerprint is stale and its block is redone."""
+    files = {sf.path.name: sf.path.stat().st_size for sf in ckpt.files}
+    return {"source": str(src.resolve()), "files": files, "dtype": dtype, "quant": quant}
+
+
+def _check_shapes(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], src: Path, rename: dict[str, str]) -> None:
+    for name, shape in expected.items():
+        stored = rename.get(name, name)
+        if stored not in ckpt.where:
+            raise CheckpointError(src, f"tensor {name!r} required by config.json is missing from the checkpoint",
+                                  "check that config.json belongs to these weights, or re-download the checkpoint")
+        got = ckpt.info(stored).shape
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(f"{ckpt.where[stored].path} (tensor {stored!r})",
+                                  f"shape {tuple(got)} does not match {tuple(shape)} implied by config.json",
+                                  "use the config.json that belongs to these weights")
+
+
+def _source_names(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Model name -> checkpoint name. Older OPT checkpoints drop the leading ``model.``."""
+    rename = {}
+    for name in expected:
+        if name not in ckpt.where and name.startswith("model.") and name[6:] in ckpt.where:
+            rename[name] = name[6:]
+    return rename
+
+
+def _layout(names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, quant: str,
+            block: str) -> tuple[list[TensorEntry], int]:
+    """Place a block's tensors (and quantized parts) at aligned offsets; return entries and total bytes."""
+    entries, off = [], 0
+    for name in names:
+        shape = shapes[name]
+        kind = quant if (block.startswith("layers.") and quant != "none" and q.should_quantize(name, shape, quant)) else "none"
+        if kind == "none":
+            specs = {"data": (dtype, (int(torch.Size(shape).numel()),))}
+            blocksize = 0
+        else:
+            blocksize = q.DEFAULT_BLOCKSIZE[kind]
+            specs = q.part_specs(kind, shape, blocksize)
+        parts = {}
+        for pname, (pdtype, pshape) in specs.items():
+            nbytes = int(torch.Size(pshape).numel()) * pdtype.itemsize
+            parts[pname] = Part(DTYPE_NAMES[pdtype], list(pshape), off, nbytes)
+            off = align(off + nbytes)
+        entries.append(TensorEntry(name, DTYPE_NAMES[dtype], list(shape), kind, blocksize, parts))
+    return entries, off
+
+
+def _pack(ckpt: Checkpoint, entries: list[TensorEntry], nbytes: int, dtype: torch.dtype,
+          rename: dict[str, str]) -> torch.Tensor:
+    """Read, convert and (de)quantize a block's tensors into one flat byte buffer."""
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    for e in entries:
+        t = ckpt.read(rename.get(e.name, e.name))
+        if not t.is_floating_point():
+            raise CheckpointError(f"{ckpt.where[rename.get(e.name, e.name)].path} (tensor {e.name!r})",
+                                  f"dtype {t.dtype} is not a floating-point weight", "use an unquantized checkpoint")
+        if e.quant == "none":
+            parts = {"data": t.to(dtype).reshape(-1)}
+        else:
+            parts = q.quantize(t.float(), e.quant, e.blocksize)
+        for pname, p in e.parts.items():
+            raw = parts[pname].contiguous().reshape(-1).view(torch.uint8)
+            buf[p.offset:p.offset + p.nbytes].copy_(raw)
+    return buf
+
+
+def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = "none",
+            progress: bool = True, log: Callable[[str], None] = print) -> PrepareSummary:
+    """Repack the checkpoint at ``src`` into a block store at ``dst``.
+
+    Args:
+        src: HF checkpoint directory (config.json + safetensors). Never modified.
+        dst: store directory; created, or resumed when a previous run was interrupted.
+        dtype: ``fp32`` | ``bf16`` | ``fp16`` (stored and compute precision).
+        quant: ``none`` | ``int8`` | ``nf4`` for the decoder layers' matrices (bitsandbytes).
+
+    Returns:
+        A :class:`PrepareSummary`.
+
+    Raises:
+        ConfigError: bad option value or unsupported architecture.
+        CheckpointError: unreadable / inconsistent source.
+        StoreError: ``dst`` not writable, disk full, or already a store of another checkpoint.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError("--dtype", f"unknown value {dtype!r}", "use fp32, bf16 or fp16")
+    if quant not in q.QUANT_KINDS:
+        raise ConfigError("--quant", f"unknown value {quant!r}", f"use one of {', '.join(q.QUANT_KINDS)}")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(src, "no config.json (not a Hugging Face checkpoint directory)",
+                              "point SRC at the directory holding config.json and *.safetensors")
+    if dst.resolve() == src.resolve():
+        raise ConfigError("DST", f"{dst} is the source directory", "choose a new directory: the source is never modified")
+    config = AutoConfig.from_pretrained(src)
+    adapter = adapter_for(config, DTYPES[dtype], "cpu", where=str(src / "config.json"))
+    ckpt = open_checkpoint(src)
+    expected = adapter.expected_shapes()
+    rename = _source_names(ckpt, expected)
+    _check_shapes(ckpt, expected, src, rename)
+    fp = _fingerprint(src, ckpt, dtype, quant)
+
+    try:
+        (dst / "blocks").mkdir(parents=True, exist_ok=True)
+        probe = dst / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise StoreError(dst, f"cannot write ({e.strerror})", "choose a writable directory with free space") from None
+    old = dst / MANIFEST_NAME
+    if old.is_file() and json.loads(old.read_text()).get("source", {}) != fp:
+        raise StoreError(dst, "already holds a store of another checkpoint or other options",
+                         "choose an empty directory, or delete this one")
+
+    blocks, reused, written = [], 0, 0
+    names = adapter.block_names()
+    bar = tqdm(names, desc="prepare", unit="block", disable=not progress)
+    for i, block in enumerate(bar):
+        tensors = [n for n in expected if adapter.block_of(n) == block]
+        entries, nbytes = _layout(tensors, expected, DTYPES[dtype], quant, block)
+        stem = f"{i:04d}.{block}"
+        data_path, side_path = dst / "blocks" / f"{stem}.bin", dst / "blocks" / f"{stem}.json"
+        entry = _reuse(side_path, data_path, fp, entries)
+        if entry is not None:
+            reused += 1
+        else:
+            buf = _pack(ckpt, entries, nbytes, DTYPES[dtype], rename)
+            data = memoryview(buf.numpy())  # no second copy of the block
+            entry = BlockEntry(block, f"blocks/{stem}.bin", nbytes, hashlib.sha256(data).hexdigest(), entries)
+            try:
+                atomic_write_bytes(data_path, data)
+                atomic_write_bytes(side_path, json.dumps({"fingerprint": fp, "entry": dataclasses.asdict(entry)}).encode())
+            except OSError as e:
+                _raise_write_error(dst, e)
+            written += nbytes
+        blocks.append(entry)
+        bar.set_postfix_str(f"{written / 2**20:.0f} MiB written")
+    bar.close()
+
+    manifest = Manifest(architecture=(config.architectures or [type(adapter.skeleton).__name__])[0],
+                        family=config.model_type, dtype=dtype, quant=quant, blocks=blocks,
+                        tied={a: s for a, s in adapter.tied().items()}, source=fp)
+    try:
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / (name + ".tmp"))
+                os.replace(dst / (name + ".tmp"), dst / name)
+        atomic_write_bytes(dst / MANIFEST_NAME, manifest.to_json().encode())
+    except OSError as e:
+        _raise_write_error(dst, e)
+    summary = PrepareSummary(str(dst), len(blocks), reused, manifest.nbytes, time.perf_counter() - t0)
+    log(f"prepared {summary.blocks} blocks ({summary.reused_blocks} reused), {summary.bytes / 2**20:.1f} MiB "
+        f"in {summary.seconds:.1f} s ({summary.mb_per_s:.0f} MiB/s) -> {dst}")
+    return summary
+
+
+def _reuse(side: Path, data: Path, fp: dict, entries: list[TensorEntry]) -> BlockEntry | None:
+    """The finished block from an earlier run, if its sidecar matches and its bytes hash right."""
+    if not (side.is_file() and data.is_file()):
+        return None
+    try:
+        meta = json.loads(side.read_text())
+        entry = block_from_dict(meta["entry"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if meta.get("fingerprint") != fp or entry.tensors != entries or data.stat().st_size != entry.nbytes:
+        return None
+    h = hashlib.sha256()
+    with open(data, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return entry if h.hexdigest() == entry.sha256 else None
+
+
+def _raise_write_error(dst: Path, e: OSError) -> None:
+    if e.errno == errno.ENOSPC:
+        raise StoreError(dst, "disk full while writing the store (finished blocks are kept)",
+                         "free space (or choose another DST) and re-run the same command to resume") from None
+    raise StoreError(dst, f"cannot write ({e.strerror})",
+                     "choose a writable directory; re-running the same command resumes") from None
