@@ -62,3 +62,28 @@ def resident_logits(model, ids, mask) -> torch.Tensor:
             return model(input_ids=ids, attention_mask=mask).logits
         pos = mask.cumsum(-1) * mask - 1
         return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+class CharTokenizer:
+    """A dependency-free tokenizer for tiny models: one id per character (ids 2..96), pad = 1."""
+
+    pad_token_id = 1
+    eos_token_id = 1
+
+    def __call__(self, texts, add_special_tokens: bool = True):
+        return {"input_ids": [[ord(c) % 95 + 2 for c in t] for t in texts]}
+
+
+def toy_examples(n: int = 40, seed: int = 0):
+    """A small classification task for tiny models."""
+    import random
+
+    from zoedge.train.tasks import Example
+
+    rng = random.Random(seed)
+    words = ["good", "bad", "fine", "poor", "nice", "sad"]
+    out = []
+    for i in range(n):
+        w = rng.choice(words)
+        out.append(Example(f"{w} {i} is", (" no", " yes"), int(words.index(w) % 2 == 0)))
+    return out

@@ -151,6 +151,21 @@ class StreamedModel:
             off += n
         return out
 
+    def _keep_tied(self, p: int, name: str, seen: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Keep what pass ``p`` saw of a tied tensor until the head runs.
+
+        The base copy stays in its dedicated slot anyway; a perturbed copy usually lives in plugin scratch
+        that the next pass overwrites, so it is copied to a per-pass buffer (allocated once).
+        """
+        if seen.data_ptr() == base.data_ptr():
+            return seen
+        key = f"tied.{p}.{name}"
+        if key not in self._workspaces:
+            self._workspaces[key] = allocate(seen.numel() * seen.element_size(), self.device, "workspace")
+        keep = self._workspaces[key].view(seen.dtype).view(seen.shape)
+        keep.copy_(seen)
+        return keep
+
     def _slot_for(self, i: int) -> Slot:
         if i in self.dedicated:
             return self.dedicated[i]
@@ -227,8 +242,11 @@ class StreamedModel:
                 self.tier.schedule(issued)
                 self._upload(issued)
                 issued += 1
-            if issued < n:
-                self.tier.schedule(issued)  # start the disk read of the next upload early
+            # Start the disk reads of the next uploads early, as many as the ring has buffers (prefetch + 1): the
+            # I/O thread then reads while this thread copies into slots (synchronous on CPU) or computes. Each
+            # buffer's previous block is already released (uploaded, or guarded by its H2D event).
+            for j in range(issued, min(issued + self.prefetch + 1, n)):
+                self.tier.schedule(j)
             slot = self._slot_for(i)
             with torch.cuda.stream(self.compute) if self.compute is not None else _null():
                 if self.compute is not None and slot.uploaded is not None:
@@ -246,7 +264,7 @@ class StreamedModel:
                             tensors = dict(visitor.pass_tensors(res, p))
                             for alias, src in self.aliases.items():
                                 if src in tensors:
-                                    tied_seen[p][src] = tensors[src]  # kept until the head has run
+                                    tied_seen[p][src] = self._keep_tied(p, src, tensors[src], res.tensors[src])
                                 if self.adapter.block_of(alias) == block.name:
                                     tensors[alias] = tied_seen[p][src]
                             states[p] = self.adapter.run(block.name, tensors, states[p], ctx)
@@ -303,6 +321,33 @@ class StreamedModel:
         for alias, src in self.aliases.items():
             out[alias] = out[src]
         return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite the working copy (host tier) with ``state`` (e.g. weights from a checkpoint).
+
+        Every unquantized stored tensor must be present; quantized tensors are left as stored (their
+        trained state lives in the plugin). The prepared store on disk is never written.
+
+        Raises:
+            ConfigError: a tensor is missing or has the wrong shape.
+        """
+        from zoedge.runtime.host import write_file_from
+        self.synchronize()
+        for i, b in enumerate(self.blocks):
+            host = self._read_block(i)
+            for t in b.tensors:
+                if t.quant != "none":
+                    continue
+                if t.name not in state or tuple(state[t.name].shape) != tuple(t.shape):
+                    got = tuple(state[t.name].shape) if t.name in state else "missing"
+                    raise ConfigError(t.name, f"checkpoint tensor is {got}, the model needs {tuple(t.shape)}",
+                                      "resume from a checkpoint of the same model")
+                p = t.parts["data"]
+                host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).copy_(state[t.name].reshape(-1))
+            if isinstance(self.tier, DiskTier):
+                write_file_from(self.tier.paths[i], host)
+                if i in self.tier.cache:
+                    self.tier.cache[i].copy_(host)
 
     def _read_block(self, i: int) -> torch.Tensor:
         if isinstance(self.tier, DiskTier):

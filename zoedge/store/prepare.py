@@ -11,6 +11,8 @@ construction:
 * ``manifest.json`` is written last: a store without it is never loaded.
 
 A killed ``prepare`` re-run with the same arguments keeps the finished blocks.
+``DST`` must be new, empty, or such an earlier run (finished or not) of the same
+source with the same options; anything else is refused before DST is touched.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from zoedge.adapters import adapter_for
+from zoedge.adapters import adapter_for, supported_model_types
 from zoedge.errors import CheckpointError, ConfigError, StoreError
 from zoedge.store import quant as q
 from zoedge.store.manifest import (DTYPE_NAMES, DTYPES, MANIFEST_NAME, BlockEntry, Manifest, Part, TensorEntry, align,
@@ -59,17 +61,80 @@ class PrepareSummary:
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename (readers see all or nothing)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A partial temp file is never read (only renamed files count), but on a full disk
+        # it holds the space the user needs to free: remove it.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fingerprint(src: Path, ckpt: Checkpoint, dtype: str, quant: str) -> dict:
     """Identifies source + options; a sidecar with another fingerprint is stale and its block is redone."""
-    files = {sf.path.name: sf.path.stat().st_size for sf in ckpt.files}
+    # Size and mtime, like make/rsync: a checkpoint re-saved in place (same sizes, new values) is another
+    # source, so its old blocks are not reused; hashing every shard would cost a full read.
+    files = {sf.path.name: [sf.path.stat().st_size, sf.path.stat().st_mtime_ns] for sf in ckpt.files}
     return {"source": str(src.resolve()), "files": files, "dtype": dtype, "quant": quant}
+
+
+def _load_config(src: Path) -> PretrainedConfig:
+    """``AutoConfig`` of ``src``, with its failures turned into errors naming config.json."""
+    path = src / "config.json"
+    fix = "re-download config.json from the original checkpoint"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"cannot be read as JSON ({e})", fix) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, f"is a JSON {type(raw).__name__}, not an object", fix)
+    try:
+        return AutoConfig.from_pretrained(src)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        model_type = raw.get("model_type")
+        if model_type not in supported_model_types():
+            raise ConfigError(path, f"unsupported architecture model_type={model_type!r} "
+                              f"(architectures={raw.get('architectures')})",
+                              f"use one of {supported_model_types()}, or add an adapter "
+                              "(see zoedge/adapters/base.py)") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(path, f"transformers cannot read it ({first})", fix) from None
+
+
+def _check_dst(dst: Path, fp: dict) -> None:
+    """Refuse a DST that is not new, empty, or an earlier (possibly unfinished) prepare of the same source
+    with the same options. Nothing in DST is changed here."""
+    if dst.exists() and not dst.is_dir():
+        raise StoreError(dst, "exists and is not a directory", "choose a new or empty directory for DST")
+    if not dst.is_dir():
+        return
+    manifest, blocks = dst / MANIFEST_NAME, dst / "blocks"
+    if not manifest.exists() and not blocks.is_dir() and any(dst.iterdir()):
+        raise StoreError(dst, "is not empty and is not a zoedge block store",
+                         "choose a new or empty directory (prepare writes config.json, tokenizer files and "
+                         "blocks/ there and must not overwrite your files)")
+    other = "choose an empty directory, or delete this one"
+    if manifest.is_file():
+        try:
+            source = json.loads(manifest.read_text()).get("source", {})
+        except (OSError, ValueError, AttributeError):
+            raise StoreError(manifest, "is unreadable (not a manifest of this zoedge)", other) from None
+        if source != fp:
+            raise StoreError(dst, "already holds a store of another checkpoint or other options", other)
+        return
+    # Unfinished store: its sidecars say which source and options it was started with.
+    for side in sorted(blocks.glob("*.json")) if blocks.is_dir() else []:
+        try:
+            started = json.loads(side.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged sidecar only means its block is redone
+        if started != fp:
+            raise StoreError(dst, f"holds an unfinished store of another checkpoint or other options ({side.name})",
+                             other + "; to resume it, re-run prepare with its own SRC and options")
 
 
 def _check_shapes(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], src: Path, rename: dict[str, str]) -> None:
@@ -162,9 +227,10 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
     if not (src / "config.json").is_file():
         raise CheckpointError(src, "no config.json (not a Hugging Face checkpoint directory)",
                               "point SRC at the directory holding config.json and *.safetensors")
-    if dst.resolve() == src.resolve():
-        raise ConfigError("DST", f"{dst} is the source directory", "choose a new directory: the source is never modified")
-    config = AutoConfig.from_pretrained(src)
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConfigError("DST", f"{dst} is, or is inside, the source directory {src}",
+                          "choose a directory outside SRC: the source is never modified")
+    config = _load_config(src)
     adapter = adapter_for(config, DTYPES[dtype], "cpu", where=str(src / "config.json"))
     ckpt = open_checkpoint(src)
     expected = adapter.expected_shapes()
@@ -172,6 +238,7 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
     _check_shapes(ckpt, expected, src, rename)
     fp = _fingerprint(src, ckpt, dtype, quant)
 
+    _check_dst(dst, fp)
     try:
         (dst / "blocks").mkdir(parents=True, exist_ok=True)
         probe = dst / ".write-test"
@@ -179,10 +246,6 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
         probe.unlink()
     except OSError as e:
         raise StoreError(dst, f"cannot write ({e.strerror})", "choose a writable directory with free space") from None
-    old = dst / MANIFEST_NAME
-    if old.is_file() and json.loads(old.read_text()).get("source", {}) != fp:
-        raise StoreError(dst, "already holds a store of another checkpoint or other options",
-                         "choose an empty directory, or delete this one")
 
     blocks, reused, written = [], 0, 0
     names = adapter.block_names()

@@ -1,0 +1,1 @@
+"""Optimizer plugins shipped with zoedge, installed as the package ``zoedge_plugins``."""

@@ -1,0 +1,140 @@
+"""MeZO: zeroth-order SGD with SPSA gradient estimates (DESIGN §4.1).
+
+Per step and direction k < q: z_k ~ N(0, I) per tensor (noise stream ``z<k>``),
+two passes θ ± εz_k, projected gradient g_k = (L₊ − L₋) / (2ε). The update
+θ ← θ − η ( (1/q) Σ_k g_k z_k + λθ ) is applied lazily when the block is next
+resident (λ skipped for 1-D tensors: biases and norm weights).
+
+Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
+``stochastic_rounding=True`` computes it in fp32 and rounds stochastically
+(noise stream ``sr``) so tiny updates are not lost on average.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from zoedge.optim.api import ZOOptimizer, apply_once
+from zoedge.optim.registry import register_optimizer
+from zoedge.runtime.streamed import Resident
+
+
+def mezo_update_(theta: torch.Tensor, directions: Iterable[tuple[torch.Tensor, float]], q: int, lr: float,
+                 weight_decay: float) -> None:
+    """θ ← θ − lr·((1/q) Σ_k g_k z_k + λθ), in place, in this exact op order (the tests' reference re-uses it).
+
+    Args:
+        theta: the weight (or an fp32 copy of it), updated in place.
+        directions: (z_k, g_k) pairs of the step that produced the update; may be a generator that draws each
+            z_k into one reused buffer just before it is needed.
+        q: number of directions.
+        lr: that step's learning rate.
+        weight_decay: λ (0 for biases / norm weights).
+    """
+    if weight_decay:
+        theta.mul_(1.0 - lr * weight_decay)
+    for z, g in directions:
+        theta.add_(z, alpha=-lr * g / q)
+
+
+def stochastic_round_(out: torch.Tensor, value: torch.Tensor, uniform: torch.Tensor) -> None:
+    """Round fp32 ``value`` into bf16/fp16 ``out``, up with probability equal to the fraction of the gap.
+
+    Args:
+        out: low-precision destination.
+        value: fp32 values.
+        uniform: U[0, 1) noise shaped like ``value``.
+    """
+    down = value.to(out.dtype)
+    toward = torch.where(value >= down.float(), torch.full_like(down, float("inf")), torch.full_like(down, float("-inf")))
+    up = torch.nextafter(down, toward)
+    gap = (up.float() - down.float()).abs().clamp_min(torch.finfo(torch.float32).tiny)
+    out.copy_(torch.where(uniform < (value - down.float()).abs() / gap, up, down))
+
+
+@register_optimizer("mezo")
+class MeZO(ZOOptimizer):
+    """MeZO: ZO-SGD with q-direction SPSA, lazy updates, weight decay off for biases/norms.
+
+    Args:
+        lr: learning rate η.
+        eps: perturbation scale ε.
+        weight_decay: λ (decoupled from the ZO estimate; not applied to 1-D tensors).
+        q: number of random directions per step (2q passes per residency).
+        stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
+    """
+
+    def __init__(self, *, seed: int = 0, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
+                 stochastic_rounding: bool = False) -> None:
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if q < 1:
+            raise ValueError(f"q must be >= 1, got {q}")
+        super().__init__(seed=seed, lr=lr, weight_decay=weight_decay)
+        self.eps, self.q, self.stochastic_rounding = eps, q, stochastic_rounding
+        self.passes = 2 * q
+        self.pending: dict[str, Any] | None = None   # {"step", "g": [q floats], "lr", "weight_decay"}
+        self.applied: set[str] = set()
+        self.drawing = False
+
+    # ------------------------------------------------------------------ hooks
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self.drawing = True
+
+    def on_resident(self, block: Resident) -> None:
+        if self.pending is not None and apply_once(self.applied, block):
+            self._apply_pending(block)
+        if self.drawing:  # not during a flush
+            for k in range(self.q):  # one draw per residency, reused by the +ε and −ε passes
+                z = block.workspace(f"z{k}")
+                for name in block.tensors:
+                    self.noise.normal_(z[name], self.t, name, f"z{k}")
+
+    def pass_tensors(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
+        k, minus = divmod(p, 2)
+        z, out = block.workspace(f"z{k}"), block.workspace("scratch")
+        for name, theta in block.tensors.items():
+            torch.add(theta, z[name], alpha=-self.eps if minus else self.eps, out=out[name])
+        return out
+
+    def end_step(self, losses: Sequence[torch.Tensor]) -> dict[str, float]:
+        ls = [float(x) for x in losses]
+        gs = [(ls[2 * k] - ls[2 * k + 1]) / (2 * self.eps) for k in range(self.q)]
+        group = self.param_groups[0]
+        self.pending = {"step": self.t, "g": gs, "lr": float(group["lr"]), "weight_decay": float(group["weight_decay"])}
+        self.applied = set()
+        self.drawing = False
+        return {"projected_grad": sum(gs) / len(gs)}
+
+    def flushed(self) -> None:
+        self.pending = None
+        self.applied = set()
+
+    def _apply_pending(self, block: Resident) -> None:
+        """The lazy update of the previous step; its z_k are regenerated one at a time into scratch."""
+        pend = self.pending
+        assert pend is not None
+        scratch = block.workspace("scratch")
+        for name, theta in block.tensors.items():
+            wd = pend["weight_decay"] if theta.ndim >= 2 else 0.0
+            directions = ((self.noise.normal_(scratch[name], pend["step"], name, f"z{k}"), g)
+                          for k, g in enumerate(pend["g"]))
+            if self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16):
+                value = theta.float()  # fp32 master of this tensor for the update (allocates; SR path only)
+                mezo_update_(value, directions, self.q, pend["lr"], wd)
+                uniform = self.noise.uniform_(torch.empty_like(value), pend["step"], name, "sr")
+                stochastic_round_(theta, value, uniform)
+            else:
+                mezo_update_(theta, directions, self.q, pend["lr"], wd)
+        block.mark_dirty()
+
+    # ------------------------------------------------------------------ state
+    def plugin_state(self) -> dict[str, Any]:
+        return {"pending": self.pending, "applied": sorted(self.applied)}
+
+    def load_plugin_state(self, state: Mapping[str, Any]) -> None:
+        self.pending = state.get("pending")
+        self.applied = set(state.get("applied", []))

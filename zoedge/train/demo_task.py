@@ -1,0 +1,119 @@
+"""The built-in ``demo`` task: sentiment of short generated reviews.
+
+Sentences are assembled from word lists, deterministically from a seed, in the
+SST-2 format (``"{review} It was"`` -> " terrible" / " great"). Four sentence
+kinds mix easy and hard cases so that a small instruct model (SmolLM2-135M) is
+clearly above chance zero-shot but not perfect, leaving room for fine-tuning:
+
+* ``plain``: "The soup was delicious." (easy);
+* ``pair``: two clauses of the same polarity joined by "and" (easy);
+* ``negated``: "The soup was not delicious." (the label flips; small models
+  mostly miss the negation);
+* ``contrast``: "The soup was cold, but the staff were kind." (opposite
+  polarities; the clause after "but" decides, as in review data).
+
+Labels are balanced (alternating before the final shuffle) and every prompt is
+unique, so any disjoint split of the list has no sentence in two splits.
+"""
+from __future__ import annotations
+
+import random
+
+from zoedge.errors import DataError
+from zoedge.train.tasks import Example
+
+CANDIDATES = (" terrible", " great")
+
+# (noun phrase, verb) -- the verb agrees with the noun.
+_SUBJECTS: tuple[tuple[str, str], ...] = (
+    ("the food", "was"), ("the soup", "was"), ("the pasta", "was"), ("the coffee", "was"),
+    ("the dessert", "was"), ("the bread", "was"), ("the service", "was"), ("the room", "was"),
+    ("the bed", "was"), ("the view", "was"), ("the music", "was"), ("the movie", "was"),
+    ("the plot", "was"), ("the ending", "was"), ("the acting", "was"), ("the book", "was"),
+    ("the hotel", "was"), ("the trip", "was"), ("the concert", "was"), ("the game", "was"),
+    ("the staff", "were"), ("the waiters", "were"), ("the seats", "were"), ("the prices", "were"),
+    ("the songs", "were"), ("the actors", "were"), ("the rooms", "were"), ("the fries", "were"),
+)
+_POSITIVE: tuple[str, ...] = (
+    "delicious", "wonderful", "excellent", "lovely", "amazing", "superb", "fantastic",
+    "delightful", "charming", "perfect", "brilliant", "pleasant", "fresh", "friendly",
+    "kind", "clean", "beautiful", "fun",
+)
+_NEGATIVE: tuple[str, ...] = (
+    "awful", "horrible", "bland", "disappointing", "dreadful", "boring", "rude", "dirty",
+    "cold", "stale", "noisy", "ugly", "overpriced", "poor", "unpleasant", "dull",
+    "greasy", "slow",
+)
+KINDS: tuple[str, ...] = ("plain", "pair", "negated", "contrast")
+_MAX_ATTEMPTS_PER_EXAMPLE = 200
+
+
+def _clause(rng: random.Random, positive: bool, avoid: str = "") -> str:
+    subjects = [s for s in _SUBJECTS if s[0] != avoid]
+    noun, verb = rng.choice(subjects)
+    adj = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    return f"{noun} {verb} {adj}"
+
+
+def _capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _sentence(rng: random.Random, kind: str, label: int) -> str:
+    """One review sentence of ``kind`` whose sentiment is ``label`` (1 = positive)."""
+    pos = bool(label)
+    if kind == "plain":
+        body = _clause(rng, pos)
+    elif kind == "pair":
+        first = _clause(rng, pos)
+        body = f"{first} and {_clause(rng, pos, avoid=first.rsplit(' ', 2)[0])}"
+    elif kind == "negated":
+        noun, verb = rng.choice(_SUBJECTS)
+        adj = rng.choice(_NEGATIVE if pos else _POSITIVE)  # "not <opposite>"
+        body = f"{noun} {verb} not {adj}"
+    elif kind == "contrast":
+        first = _clause(rng, not pos)
+        body = f"{first}, but {_clause(rng, pos, avoid=first.rsplit(' ', 2)[0])}"
+    else:
+        raise DataError(f"demo sentence kind {kind!r}", "is unknown", f"use one of {KINDS}")
+    return _capitalize(body) + "."
+
+
+def demo_examples(n: int = 2500, seed: int = 0,
+                  weights: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)) -> list[Example]:
+    """Generate ``n`` unique, label-balanced demo examples.
+
+    Args:
+        n: number of examples (several thousand unique sentences exist).
+        seed: generator seed; the same seed gives the same list.
+        weights: relative frequency of the sentence kinds in :data:`KINDS`.
+
+    Returns:
+        Examples with prompt ``"{review} It was"`` and candidates (" terrible", " great").
+
+    Raises:
+        DataError: ``n`` < 1, bad weights, or ``n`` beyond the unique sentences available.
+    """
+    if n < 1:
+        raise DataError("demo task n", f"is {n}", "ask for at least one example")
+    if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
+        raise DataError("demo task weights", f"{weights!r} is invalid",
+                        f"give {len(KINDS)} non-negative weights for {KINDS}")
+    rng = random.Random(f"zoedge-demo:{seed}")
+    seen: set[str] = set()
+    out: list[Example] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > _MAX_ATTEMPTS_PER_EXAMPLE * n:
+            raise DataError("demo task n", f"{n} exceeds the unique sentences found ({len(out)})",
+                            "ask for fewer examples")
+        label = len(out) % 2
+        kind = rng.choices(KINDS, weights)[0]
+        prompt = f"{_sentence(rng, kind, label)} It was"
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append(Example(prompt, CANDIDATES, label))
+    rng.shuffle(out)
+    return out

@@ -1,0 +1,246 @@
+"""The training loop: one upload per step, every pass of the step while each block is resident.
+
+Step t: ``optimizer.begin_step(t)`` → the runtime streams the blocks once and
+runs ``optimizer.passes`` forward passes (the optimizer is the block visitor;
+each pass's loss is computed at the head in fp32) → ``optimizer.finish_step``
+stores the pending update, applied lazily during step t+1's stream. Before
+eval, checkpoint and export the pending update is *flushed* (one stream with
+no compute).
+
+Data order is a pure function of (seed, step): batch t holds the examples at
+positions [t·B, (t+1)·B) of the concatenation of per-epoch permutations drawn
+from ``seed``. Resume therefore needs only the step number, and N steps
+straight equal N/2 + resume + N/2 bit for bit (CPU, fp32).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from zoedge.errors import ConfigError, DataError, TrainingError
+from zoedge.optim.api import ZOOptimizer
+from zoedge.runtime.streamed import BlockVisitor, StreamedModel
+from zoedge.train.batching import Batch, candidate_loss, collate, token_logprobs_from_logits
+from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from zoedge.train.tasks import Example
+
+
+@dataclass
+class TrainSettings:
+    """Loop settings (validated by :meth:`check`)."""
+
+    steps: int = 500
+    batch_size: int = 16
+    seed: int = 0
+    eval_every: int = 0          # 0: only before and after training
+    eval_batch_size: int = 32
+    save_every: int = 0          # 0: only at the end
+    max_length: int = 256
+    schedule: str = "constant"   # constant | linear
+    keep_checkpoints: int = 2
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}", f"{getattr(self, name)}", "use a positive integer")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}", f"{getattr(self, name)}", "use 0 (off) or more")
+        if self.schedule not in ("constant", "linear"):
+            raise ConfigError("--schedule", repr(self.schedule), "use constant or linear")
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of batch ``step`` (see the module docstring)."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        take = perm[offset:offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+def make_scheduler(optimizer: ZOOptimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``constant`` or ``linear`` decay to 0 over ``steps``, as a torch LR scheduler."""
+    if schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float | None
+    examples: int
+
+
+def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
+             max_length: int = 256, progress: bool = False, desc: str = "eval") -> Evaluation:
+    """Mean loss and accuracy (classification) of the model's *current* weights (flush first)."""
+    if not examples:
+        return Evaluation(float("nan"), None, 0)
+    total_loss, correct, n, cls = 0.0, 0, 0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
+        chunk = examples[start:start + batch_size]
+        for kind in ("classification", "generation"):
+            part = [e for e in chunk if e.kind == kind]
+            if not part:
+                continue
+            batch = collate(tokenizer, part, max_length)
+            loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
+            total_loss += float(loss) * len(part)
+            n += len(part)
+            if kind == "classification":
+                correct += int((pred.cpu() == batch.labels).sum())
+                cls += len(part)
+    return Evaluation(total_loss / n, correct / cls if cls else None, n)
+
+
+def _loss_passes(model: StreamedModel, visitor: BlockVisitor, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``visitor.passes`` passes; per pass (fp32 loss, predictions), logits only at scored positions."""
+    dev = batch.to(model.device)
+
+    def head(p: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return candidate_loss(token_logprobs_from_logits(logits, dev.target_ids), dev)
+
+    return model.run(visitor, dev.input_ids, dev.attention_mask, select=dev.target_index, head_fn=head)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    last_loss: float = float("nan")
+
+
+class Trainer:
+    """Fine-tunes a :class:`StreamedModel` with a ZO optimizer plugin.
+
+    Args:
+        model: the streamed model (its host tier is the working copy of the weights).
+        tokenizer: the model's tokenizer.
+        optimizer: a built plugin.
+        train, dev, test: example splits.
+        settings: loop settings.
+        output: run directory (checkpoints, metrics, final model, summary).
+        metrics_path: JSONL file of per-step metrics (default ``output/metrics.jsonl``).
+    """
+
+    def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
+                 dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
+                 metrics_path: Path | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        settings.check()
+        if settings.batch_size > len(train):
+            raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
+                            f"use --batch-size {len(train)} or less, or give more training data")
+        if optimizer.fo_blocks(model.adapter.block_names()):
+            raise ConfigError(optimizer.name or type(optimizer).__name__, "asks for first-order blocks",
+                              "first-order (hybrid) blocks are not supported by this trainer version yet")
+        self.model, self.tok, self.opt = model, tokenizer, optimizer
+        self.train, self.dev, self.test = list(train), list(dev), list(test)
+        self.s = settings
+        self.output = Path(output)
+        self.ckpt_dir = self.output / "checkpoints"
+        self.metrics_path = metrics_path or self.output / "metrics.jsonl"
+        self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
+        self.step = 0
+        self.progress = progress
+        self.log = log
+
+    # ------------------------------------------------------------------ state
+    def flush(self) -> None:
+        """Apply pending updates to every block (before eval / save / export)."""
+        self.model.run(self.opt)
+        self.opt.flushed()
+
+    def save(self) -> Path:
+        """Flush and write a checkpoint of the current step."""
+        self.flush()
+        state = {"step": self.step, "settings": asdict(self.s), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        return save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), state, self.s.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint if there is one; True when resumed."""
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        weights, state = load_checkpoint(path)
+        self.model.load_state_dict(weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------- loop
+    def train_step(self) -> dict[str, float]:
+        """One ZO step on batch ``self.step``; returns its metrics."""
+        idx = batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step)
+        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length)
+        lr = self.opt.lr
+        t0 = time.perf_counter()
+        self.opt.begin_step(self.step)
+        losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
+        values = torch.stack(losses).float().cpu()  # the one host sync of the step
+        if not torch.isfinite(values).all():
+            raise TrainingError(f"step {self.step}", f"non-finite loss {values.tolist()}",
+                                "lower --lr / --eps or check the data; the last good checkpoint is kept in "
+                                f"{self.ckpt_dir}")
+        metrics = self.opt.finish_step(list(values))
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(values.mean()), "lr": lr, **metrics,
+                "seconds": time.perf_counter() - t0, "tokens": batch.n_tokens}
+
+    def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
+        self.flush()
+        return evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc)
+
+    def fit(self) -> TrainResult:
+        """Train to ``settings.steps`` (from the resumed step), evaluating and checkpointing as configured."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        result = TrainResult(steps=0, seconds=0.0, tokens=0)
+        start_step = self.step
+        ev = self.evaluate(self.dev, "dev (before)")
+        result.before = asdict(ev)
+        self.log(f"dev before: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.s.steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
+        with open(self.metrics_path, "a") as mf:
+            while self.step < self.s.steps:
+                m = self.train_step()
+                result.tokens += int(m["tokens"])
+                result.last_loss = m["loss"]
+                if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
+                    e = self.evaluate(self.dev, "dev")
+                    m["dev_loss"], m["dev_accuracy"] = e.loss, e.accuracy
+                mf.write(json.dumps(m) + "\n")
+                mf.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", g=f"{m.get('projected_grad', math.nan):.3g}")
+                if self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.steps:
+                    self.save()
+        bar.close()
+        result.steps = self.step - start_step
+        result.seconds = time.perf_counter() - t0
+        self.save()
+        ev = self.evaluate(self.dev, "dev (after)")
+        result.after = asdict(ev)
+        self.log(f"dev after: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        return result
