@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -108,15 +109,19 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path, fake_source: dict) -> 
 
 def test_stale_temp_dir_of_dead_process_is_removed(tmp_path: Path, fake_source: dict) -> None:
     target = tmp_path / "model"
+    host = socket.gethostname()
     # A pid that cannot be alive (above the kernel's pid_max).
-    stale = tmp_path / f"{dm._TMP_PREFIX}model-{2**31 - 2}-abc123"
+    stale = tmp_path / f"{dm._TMP_PREFIX}model-{2**31 - 2}@{host}-abc123"
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    alive = tmp_path / f"{dm._TMP_PREFIX}model-{os.getppid()}-def456"
+    alive = tmp_path / f"{dm._TMP_PREFIX}model-{os.getppid()}@{host}-def456"
     alive.mkdir()
+    other_host = tmp_path / f"{dm._TMP_PREFIX}model-{2**31 - 2}@not-{host}-ghi789"
+    other_host.mkdir()
     default_model_dir(target)
     assert not stale.exists()
     assert alive.exists()  # another live converter's work is left alone
+    assert other_host.exists()  # so is another host's (shared cache)
 
 
 def test_concurrent_winner_is_used(tmp_path: Path, fake_source: dict) -> None:

@@ -11,10 +11,15 @@ checks that no page stayed resident. Then, ``--repeat`` times (median reported):
 * ``tier``: the :class:`~zoedge.runtime.host.DiskTier` alone, driven like the scheduler drives it
   (schedule ahead / fetch / release) for each ``--prefetch``: I/O thread + ring, no copy;
 * ``streamed``: ``StreamedModel(tier="disk").run(BlockVisitor())`` with no inputs (a visit-only pass: disk
-  read + copy into the slot, exactly the flush pass of training) for each ``--prefetch``.
+  read + copy into the slot, exactly the flush pass of training) for each ``--prefetch``. With
+  ``--device cpu`` the slot copy is a second memcpy on the CPU (competing with the reads for cores and
+  memory bandwidth); with ``--device cuda`` it is a DMA from the pinned ring on the upload stream.
+
+Every tier/streamed pass is paired with a raw pass right before or after it (alternating), and its ratio
+is taken against that raw pass, so a disk whose speed drifts during the run biases neither side.
 
 Rates are MB/s (10^6 bytes/s). The ratio of a mode is the median over repeats of (mode rate / raw rate of
-the same repeat); target ≥ 0.8 (DESIGN §6).
+the paired raw pass); target ≥ 0.8 (DESIGN §6).
 
 Input: ``--store DIR`` (a prepared store), or by default a store prepared from the default model
 (SmolLM2-135M, fp32, ~513 MiB), or ``--synthetic-gb X``: a random-weights Llama checkpoint of about X GB
@@ -22,7 +27,7 @@ Input: ``--store DIR`` (a prepared store), or by default a store prepared from t
 
 Examples::
 
-    python tools/bench_disk.py                          # default model, prefetch 1 2 3, 3 repeats
+    python tools/bench_disk.py                          # default model, prefetch 1 2 3, 5 repeats
     python tools/bench_disk.py --synthetic-gb 2 --repeat 5 --json disk.json
     python tools/bench_disk.py --store /nvme/store --prefetch 2
 """
@@ -73,8 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "disk you want to measure)")
     p.add_argument("--keep", action="store_true", help="keep a built store (in --workdir) for re-runs")
     p.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--repeat", type=int, default=3, help="measurements per mode (median reported)")
+    p.add_argument("--repeat", type=int, default=5, help="measurements per mode (median reported)")
     p.add_argument("--modes", default="raw,tier,streamed", help="comma list of raw, tier, streamed")
+    p.add_argument("--device", default="cpu",
+                   help="device of the streamed mode's slots: on cpu the slot copy is a second CPU memcpy, on "
+                        "cuda it is an H2D DMA from the pinned ring")
     p.add_argument("--no-evict", action="store_true", help="skip eviction (measures page-cache reads)")
     p.add_argument("--json", type=Path, default=None, help="write all measurements here")
     return p.parse_args(argv)
@@ -239,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --modes {args.modes!r}: use a comma list of raw, tier, streamed that includes raw",
               file=sys.stderr)
         return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} but torch.cuda.is_available() is False; use --device cpu",
+              file=sys.stderr)
+        return 2
     if not hasattr(os, "posix_fadvise") and not args.no_evict:
         print("error: os.posix_fadvise is not available on this platform; use --no-evict (cached reads only)",
               file=sys.stderr)
@@ -274,7 +286,7 @@ def run(args: argparse.Namespace, store: Path, modes: list[str]) -> int:
     print(f"store {store}: {len(paths)} block files, {nbytes / MB:.1f} MB, largest {largest / MB:.1f} MB")
     buf = memoryview(bytearray(largest))
     # Tiers and models are built (and every buffer touched by one untimed pass) before timing starts.
-    models = {p: zoedge.load(store, device="cpu", tier="disk", prefetch=p) for p in args.prefetch} \
+    models = {p: zoedge.load(store, device=args.device, tier="disk", prefetch=p) for p in args.prefetch} \
         if "streamed" in modes else {}
     tiers = {p: DiskTier(store, manifest, ring=p + 1) for p in args.prefetch} if "tier" in modes else {}
     raw_read(paths, buf)
@@ -289,46 +301,47 @@ def run(args: argparse.Namespace, store: Path, modes: list[str]) -> int:
         evict(paths)
         return resident_fraction(paths)
 
+    def measure(mode: str, p: int | None, evicted: bool = True) -> float:
+        if evicted:
+            frac = prep()
+            if frac is not None:
+                left_resident.append(frac)
+        t0 = time.perf_counter()
+        if mode == "raw":
+            got = raw_read(paths, buf)
+        elif mode == "tier":
+            got = tier_read(tiers[p], p)
+        else:
+            models[p].run(zoedge.BlockVisitor())
+            models[p].synchronize()
+            got = nbytes
+        dt = time.perf_counter() - t0
+        if got != nbytes:
+            raise RuntimeError(f"{mode}: read {got} bytes, expected {nbytes}")
+        return got / dt / MB
+
+    # Paired measurements: every tier/streamed pass has its own raw pass right next to it (alternating which
+    # goes first), so a disk whose speed drifts (shared VM, thermal, other tenants) biases neither side.
     samples: dict[str, list[float]] = {"raw": [], "raw-cached": []}
     ratios: dict[str, list[float]] = {}
     left_resident: list[float] = []
-    jobs: list[tuple[str, int | None]] = [("raw", None), ("raw-cached", None)]
-    for p in args.prefetch:
-        for m in ("tier", "streamed"):
-            if m in modes:
-                jobs.append((m, p))
-                samples[f"{m}@{p}"], ratios[f"{m}@{p}"] = [], []
-    bar = tqdm(total=args.repeat * len(jobs), desc="measuring", unit="pass")
-    for _ in range(args.repeat):
-        raw_rate = None
-        for mode, p in jobs:
-            if mode != "raw-cached":
-                frac = prep()
-                if frac is not None:
-                    left_resident.append(frac)
-            t0 = time.perf_counter()
-            if mode in ("raw", "raw-cached"):
-                got = raw_read(paths, buf)
-            elif mode == "tier":
-                got = tier_read(tiers[p], p)
+    jobs = [(m, p) for p in args.prefetch for m in ("tier", "streamed") if m in modes]
+    for m, p in jobs:
+        samples[f"{m}@{p}"], ratios[f"{m}@{p}"] = [], []
+    bar = tqdm(total=args.repeat * (2 * len(jobs) + 2), desc="measuring", unit="pass")
+    for r in range(args.repeat):
+        samples["raw"].append(measure("raw", None))
+        samples["raw-cached"].append(measure("raw", None, evicted=False))  # right after a raw read: all cached
+        bar.update(2)
+        for k, (mode, p) in enumerate(jobs):
+            if (r + k) % 2 == 0:
+                raw_rate, rate = measure("raw", None), measure(mode, p)
             else:
-                models[p].run(zoedge.BlockVisitor())
-                models[p].synchronize()
-                got = nbytes
-            dt = time.perf_counter() - t0
-            if got != nbytes:
-                raise RuntimeError(f"{mode}: read {got} bytes, expected {nbytes}")
-            rate = got / dt / MB
-            if mode == "raw":
-                raw_rate = rate
-                samples["raw"].append(rate)
-            elif mode == "raw-cached":
-                samples["raw-cached"].append(rate)
-            else:
-                key = f"{mode}@{p}"
-                samples[key].append(rate)
-                ratios[key].append(rate / raw_rate)
-            bar.update(1)
+                rate, raw_rate = measure(mode, p), measure("raw", None)
+            samples["raw"].append(raw_rate)
+            samples[f"{mode}@{p}"].append(rate)
+            ratios[f"{mode}@{p}"].append(rate / raw_rate)
+            bar.update(2)
     bar.close()
     for m in models.values():
         m.close()
@@ -358,7 +371,7 @@ def run(args: argparse.Namespace, store: Path, modes: list[str]) -> int:
         mode, _, p = k.partition("@")
         r = f"{med_ratio[k]:8.3f}" if k in med_ratio else f"{'-':>8s}"
         label = {"raw": "raw (evicted)", "raw-cached": "raw (page cache)", "tier": "DiskTier (I/O only)",
-                 "streamed": "streamed (I/O + copy)"}[mode]
+                 "streamed": f"streamed (I/O+{args.device})"}[mode]
         print(f"{label:22s} {p or '-':>8s} {med[k]:12.1f} {min(v):9.1f} {max(v):9.1f} {r}")
     print(f"eviction: {verdict}")
     worst = min(med_ratio.values()) if med_ratio else None
@@ -371,7 +384,7 @@ def run(args: argparse.Namespace, store: Path, modes: list[str]) -> int:
     if args.json:
         result: dict[str, Any] = {
             "store": str(store), "blocks": len(paths), "bytes": nbytes, "largest_block": largest,
-            "repeat": args.repeat, "prefetch": args.prefetch, "evicted": not args.no_evict,
+            "repeat": args.repeat, "prefetch": args.prefetch, "device": args.device, "evicted": not args.no_evict,
             "eviction_verdict": verdict, "max_resident_fraction_after_evict": max_left,
             "mb_per_s": samples, "median_mb_per_s": med, "ratio_to_raw": ratios, "median_ratio_to_raw": med_ratio,
             "target_ratio": TARGET_RATIO, "meets_target": worst is None or worst >= TARGET_RATIO,

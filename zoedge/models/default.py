@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -152,28 +153,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp_prefix(target_name: str) -> str:
+    """Temp-dir prefix naming this process and host (mkdtemp appends a suffix without '-')."""
+    return f"{_TMP_PREFIX}{target_name}-{os.getpid()}@{socket.gethostname()}-"
+
+
 def _remove_stale_tmp_dirs(parent: Path, target_name: str) -> None:
-    """Remove temp dirs left by converters on this host whose process is gone."""
-    prefix = f"{_TMP_PREFIX}{target_name}-"
+    """Remove temp dirs left by converters on this host whose process is gone.
+
+    Temp dirs of other hosts (a shared cache on a network file system) and of
+    live processes are left alone.
+    """
+    head = f"{_TMP_PREFIX}{target_name}-"
     if not parent.is_dir():
         return
+    host = socket.gethostname()
     for entry in parent.iterdir():
-        if not entry.name.startswith(prefix) or not entry.is_dir():
+        if not entry.name.startswith(head) or not entry.is_dir():
             continue
-        pid_part = entry.name[len(prefix):].split("-", 1)[0]
+        owner = entry.name[len(head):].rsplit("-", 1)[0]  # "<pid>@<host>"
+        pid_part, _, owner_host = owner.partition("@")
         try:
             pid = int(pid_part)
         except ValueError:
             continue
-        if pid == os.getpid():
+        if owner_host != host or pid == os.getpid():
             continue
         try:
             os.kill(pid, 0)
             continue  # still running: leave it alone
         except ProcessLookupError:
             pass
-        except PermissionError:
-            continue  # alive, owned by someone else
+        except (PermissionError, OverflowError):
+            continue  # alive but owned by someone else / not a pid we can ask about
         shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -187,12 +199,13 @@ def _convert(gguf_path: Path, out_dir: Path) -> dict:
     Returns:
         Facts for the marker file (dtype, parameter count, tie, seconds).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    # GGUF tensors are de-quantised to fp32; .float() makes that explicit (a no-op
+    # today) without the dtype/torch_dtype keyword that differs across versions.
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name).float()
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
 
     config = loaded.config
@@ -202,10 +215,12 @@ def _convert(gguf_path: Path, out_dir: Path) -> dict:
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
     config_dict.pop("_model_name_or_path", None)  # GGUF 'general.name' metadata
-    config_dict["dtype"] = "float32"
+    for key in ("dtype", "torch_dtype"):  # transformers 5 / 4 spelling
+        if key in config_dict:
+            config_dict[key] = "float32"
     clean_config = type(config).from_dict(config_dict)
 
-    fresh = AutoModelForCausalLM.from_config(clean_config, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(clean_config).float()
     state = loaded.state_dict()
     # strict: every key of the GGUF model must land in the fresh one and vice versa.
     fresh.load_state_dict(state, strict=True)
@@ -273,7 +288,7 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(parent, target.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-{os.getpid()}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target.name), dir=parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished cache is readable by others
     try:
         log.info("converting %s to %s (once)", gguf_path, target)
