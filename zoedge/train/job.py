@@ -22,7 +22,7 @@ from zoedge.runtime.streamed import StreamedModel
 from zoedge.store.manifest import MANIFEST_NAME
 from zoedge.store.prepare import SIDE_FILES, prepare
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
-from zoedge.train.trainer import Trainer, TrainSettings, evaluate
+from zoedge.train.trainer import Trainer, TrainSettings, evaluate, log_stderr
 
 
 def cache_dir() -> Path:
@@ -44,7 +44,7 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
     key = hashlib.sha256(f"{src.resolve()}|{dtype}|{quant}".encode()).hexdigest()[:12]
     store = cache_dir() / "stores" / f"{src.name}-{dtype}-{quant}-{key}"
     if not (store / MANIFEST_NAME).is_file():
-        prepare(src, store, dtype=dtype, quant=quant, progress=progress)
+        prepare(src, store, dtype=dtype, quant=quant, progress=progress, log=log_stderr)
     return store
 
 

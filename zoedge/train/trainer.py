@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,11 @@ from zoedge.runtime.streamed import BlockVisitor, StreamedModel
 from zoedge.train.batching import Batch, candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.tasks import Example
+
+
+def log_stderr(message: str) -> None:
+    """Human-readable progress goes to stderr; stdout is left for machine-readable output."""
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -143,7 +149,7 @@ class Trainer:
     def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
                  dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
                  metrics_path: Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = log_stderr) -> None:
         settings.check()
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",

@@ -1,0 +1,88 @@
+"""`zoedge finetune` / `eval` end to end on a tiny model: outputs, resume, third-party plugin, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from zoedge.cli import main
+from zoedge.train.demo_task import demo_examples
+from tests.test_tasks import _tokenizer
+from tests.toy_dist import forget_modules, make_toy_dist
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "hf")
+    tok = _tokenizer(bos=True)
+    tok.save_pretrained(tmp_path / "hf")
+    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(60, seed=1)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    base = ["finetune", "--model", str(tmp_path / "hf"), "--train", str(tmp_path / "train.jsonl"),
+            "--batch-size", "4", "--n-train", "40", "--n-dev", "8", "--n-test", "8", "--no-progress",
+            "--lr", "1e-3", "--eps", "1e-2"]
+    return tmp_path, model, base
+
+
+def test_finetune_outputs_resume_and_export(setup, capsys):
+    tmp, model, base = setup
+    out = tmp / "run"
+    assert main(base + ["--steps", "2", "--output", str(out), "--save-every", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["dev_before"]["accuracy"] is not None
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert {"loss", "lr", "projected_grad", "seconds", "tokens"} <= set(metrics[0])
+    # the output is a transformers model directory holding the trained weights
+    exported = AutoModelForCausalLM.from_pretrained(out / "model")
+    trained = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))
+    for n, p in exported.named_parameters():
+        assert torch.equal(p.detach(), trained[n]), n
+    assert not torch.equal(exported.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    # an existing run is not overwritten silently; --resume continues it
+    assert main(base + ["--steps", "3", "--output", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(base + ["--steps", "3", "--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    # eval of the exported model
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "model"), "--train", str(tmp / "train.jsonl"), "--n-train", "40",
+                 "--n-dev", "8", "--n-test", "8", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["dev"]["examples"] == 8 and 0 <= res["dev"]["accuracy"] <= 1
+
+
+def test_third_party_plugin_trains(setup, monkeypatch):
+    tmp, _, base = setup
+    make_toy_dist(tmp / "site")
+    monkeypatch.syspath_prepend(str(tmp / "site"))
+    try:
+        assert main(["plugins"]) == 0
+        out = tmp / "toy"
+        assert main(base[:-4] + ["--optimizer", "toy", "--opt", "lr=1e-3", "--steps", "2", "--output", str(out)]) == 0
+        trained = load_file(str(out / "model" / "model.safetensors"))
+        original = load_file(str(tmp / "hf" / "model.safetensors"))
+        assert any(not torch.equal(trained[k], original[k]) for k in original)
+    finally:
+        forget_modules(["toyzo"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optimizer", "nosuch"], "nosuch"),
+    (["--opt", "nosuch=1"], "nosuch"),
+    (["--opt", "q=two"], "q"),
+    (["--batch-size", "100"], "--batch-size"),
+    (["--train", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+])
+def test_bad_input_exit_code_and_message(setup, capsys, extra, message):
+    tmp, _, base = setup
+    assert main(base + ["--steps", "1", "--output", str(tmp / "bad")] + extra) == 2
+    assert message in capsys.readouterr().err

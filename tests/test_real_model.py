@@ -1,0 +1,100 @@
+"""The real default checkpoint (SmolLM2-135M-Instruct, fp32): streamed logits == resident transformers logits.
+
+Left-padded prompts of different lengths, both host tiers; positions follow zoedge's convention
+(``cumsum(mask) - 1``, as :func:`tests.tiny.resident_logits` passes them to the resident model).
+Observed on the development machine (CPU, torch 2.13, transformers 5.x): max |Δ| = 0 (bit-equal) for both
+tiers; the bound asserted is 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoedge
+from tests.tiny import resident_logits
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Zeroth-order optimizers estimate gradients from two forward passes, so",
+    "def fibonacci(n):",
+    "Hi",
+]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def smol_store(smollm2_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("smollm2") / "store"
+    zoedge.prepare(smollm2_dir, store, dtype="fp32", progress=False, log=lambda s: None)
+    return store
+
+
+@pytest.fixture(scope="module")
+def smol_model(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smol_batch(smollm2_dir):
+    """The prompts tokenized and left-padded to a common length ([B, T] ids and mask)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = torch.tensor(r)
+        mask[i, t - len(r):] = 1
+    assert len({len(r) for r in rows}) > 1, "the prompts must have different lengths to exercise left padding"
+    return ids, mask
+
+
+def _max_delta(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    d = (a - b).abs()
+    if mask is not None:
+        d = d[mask.bool()]
+    return d.max().item()
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_streamed_equals_resident_real(smol_store, smol_model, smol_batch, tier):
+    ids, mask = smol_batch
+    ref = resident_logits(smol_model, ids, mask)
+    m = zoedge.load(smol_store, tier=tier, prefetch=2)
+    try:
+        got = m(ids, mask)
+        assert got.shape == ref.shape == (*ids.shape, smol_model.config.vocab_size)
+        assert torch.isfinite(got[mask.bool()]).all()
+        delta = _max_delta(got, ref, mask)
+        print(f"\n[{tier}] max |streamed - resident| over real tokens = {delta:.3g}")
+        assert delta <= TOL, f"{tier}: max |delta| {delta:.3g} > {TOL}"
+        # Padding rows too (they never influence real tokens, but must match what the model computes).
+        torch.testing.assert_close(got, ref, rtol=0, atol=TOL, equal_nan=True)
+        # The next-token predictions at the last position of every prompt agree.
+        assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
+        # select: logits at the last position only ([B, V]).
+        last = torch.arange(ids.shape[0]) * ids.shape[1] + ids.shape[1] - 1
+        sel = m(ids, mask, select=last)
+        assert _max_delta(sel, ref[:, -1]) <= TOL
+    finally:
+        m.close()
+
+
+def test_left_padding_does_not_change_real_logits(smol_store, smol_batch):
+    """A prompt's logits do not depend on how much left padding its batch needs (zoedge's positions)."""
+    ids, mask = smol_batch
+    m = zoedge.load(smol_store)
+    try:
+        full = m(ids, mask)
+        n = int(mask[0].sum())
+        alone = m(ids[:1, -n:], mask[:1, -n:])
+        assert _max_delta(full[:1, -n:], alone) <= 1e-4
+    finally:
+        m.close()
