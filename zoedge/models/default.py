@@ -203,9 +203,9 @@ def _convert(gguf_path: Path, out_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    # GGUF tensors are de-quantised to fp32; .float() makes that explicit (a no-op
-    # today) without the dtype/torch_dtype keyword that differs across versions.
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name).float()
+    # GGUF tensors are de-quantised to fp32 (transformers refuses .float() on this
+    # "quantized" model; the state dict is cast below, a no-op for fp32).
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
 
     config = loaded.config
@@ -221,7 +221,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> dict:
     clean_config = type(config).from_dict(config_dict)
 
     fresh = AutoModelForCausalLM.from_config(clean_config).float()
-    state = loaded.state_dict()
+    state = {key: value.float() for key, value in loaded.state_dict().items()}
     # strict: every key of the GGUF model must land in the fresh one and vice versa.
     fresh.load_state_dict(state, strict=True)
     fresh.eval()
