@@ -1,0 +1,273 @@
+"""CUDA: streamed == resident, slot reuse without allocations, and stream/event ordering.
+
+All tests carry the ``gpu`` marker (skipped by conftest when CUDA is absent).
+
+Tolerances (streamed vs the resident transformers model on the same GPU, same dtype): fp32 ≤ 1e-4 absolute
+(both run the same kernels on the same shapes; TF32 is off by default for matmuls), fp16 ≤ 1e-3 absolute
+(about 2 fp16 ulps at the tiny models' largest logits, ~0.74; fp16 vs fp32 differ by ~4e-4 there).
+
+The ordering tests make races observable instead of hoping for them: ``torch.cuda._sleep`` (a spin kernel)
+delays one stream so that a missing ``wait_event`` would let the other stream read or overwrite a buffer
+too early, which changes the logits:
+
+* delayed uploads → compute must wait for ``slot.uploaded``; the disk tier's I/O thread must wait for the
+  H2D copy out of a ring buffer before reading the next block into it;
+* delayed compute → the next upload into a slot must wait for ``slot.free``;
+* delayed write-backs → the next upload of a dirty block must wait for its D2H (``host_ready``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoedge
+from tests.tiny import batch, resident_logits, save_tiny
+from zoedge.runtime.memory import ALLOCATIONS
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+TOL = {"fp32": 1e-4, "fp16": 1e-3}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+SLEEP = 2_000_000  # spin-kernel cycles (~1 ms): much longer than any tiny-model kernel or copy
+
+
+@pytest.fixture(scope="module", params=[(f, d) for f in ("llama", "opt") for d in ("fp32", "fp16")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def store(request, tmp_path_factory):
+    """(family, dtype, resident model on the GPU in that dtype, store path)."""
+    family, dtype = request.param
+    root = tmp_path_factory.mktemp(f"{family}-{dtype}")
+    model = save_tiny(family, root / "hf")
+    zoedge.prepare(root / "hf", root / "store", dtype=dtype, progress=False, log=lambda s: None)
+    return family, dtype, model.to(DEV, DTYPES[dtype]).eval(), root / "store"
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    """A fp32 tiny Llama (tied embeddings) on the GPU and its store, for the ordering tests."""
+    root = tmp_path_factory.mktemp("llama32")
+    model = save_tiny("llama", root / "hf")
+    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
+    return model.to(DEV).eval(), root / "store"
+
+
+def _inputs():
+    ids, mask = batch()
+    return ids.to(DEV), mask.to(DEV)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=tol)
+
+
+# --------------------------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_streamed_equals_resident_cuda(store, tier, prefetch):
+    family, dtype, model, path = store
+    ids, mask = _inputs()
+    ref = resident_logits(model, ids, mask)
+    m = zoedge.load(path, device=DEV, tier=tier, prefetch=prefetch)
+    try:
+        for _ in range(2):  # the second forward reuses every slot and event
+            got = m(ids, mask)
+            assert got.dtype == DTYPES[dtype]
+            _close(got, ref, TOL[dtype])
+        sel = torch.tensor([5, 9, 26], device=DEV)
+        _close(m(ids, mask, select=sel), ref.reshape(-1, ref.shape[-1])[sel], TOL[dtype])
+    finally:
+        m.close()
+
+
+def test_host_buffers_are_pinned(llama32):
+    _, path = llama32
+    for tier in ("ram", "disk"):
+        m = zoedge.load(path, device=DEV, tier=tier, prefetch=2)
+        try:
+            bufs = m.tier.buffers if tier == "ram" else m.tier.ring
+            assert all(b.is_pinned() for b in bufs), f"{tier}: pageable host buffers make H2D copies synchronous"
+            assert all(s.raw.device.type == "cuda" for s in [*m.ring, *m.dedicated.values()])
+        finally:
+            m.close()
+
+
+# ---------------------------------------------------------------------------------------- slot reuse
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_no_allocation_after_first_forward_cuda(llama32, tier):
+    """Slots, ring and workspaces are reused: after the first forwards, neither the runtime nor the caching
+    allocator allocates anything, and the allocated bytes return to the same value after every forward."""
+    model, path = llama32
+    ids, mask = _inputs()
+    ref = resident_logits(model, ids, mask)
+    m = zoedge.load(path, device=DEV, tier=tier, prefetch=2)
+
+    def step() -> None:  # the same work every iteration, checks included (they allocate temporaries too)
+        out = m(ids, mask)
+        _close(out, ref, TOL["fp32"])
+        del out
+        m.synchronize()
+
+    try:
+        for _ in range(2):  # first: workspaces are created; second: the caching allocator settles
+            step()
+        runtime = ALLOCATIONS.snapshot()
+        retries = torch.cuda.memory_stats(DEV)["num_alloc_retries"]
+        allocated, reserved = torch.cuda.memory_allocated(DEV), torch.cuda.memory_reserved(DEV)
+        for _ in range(3):
+            step()
+            assert ALLOCATIONS.snapshot() == runtime, "the runtime allocated a buffer after the first forward"
+            assert torch.cuda.memory_stats(DEV)["num_alloc_retries"] == retries
+            assert torch.cuda.memory_allocated(DEV) == allocated, "allocated bytes did not return to the same value"
+            assert torch.cuda.memory_reserved(DEV) == reserved, "the caching allocator had to reserve more memory"
+    finally:
+        m.close()
+
+
+# ------------------------------------------------------------------------------------ streams & events
+def test_streams_are_distinct(llama32):
+    _, path = llama32
+    m = zoedge.load(path, device=DEV)
+    try:
+        assert m.up is not None and m.down is not None and m.compute is not None
+        handles = {m.up.cuda_stream, m.compute.cuda_stream, m.down.cuda_stream}
+        assert len(handles) == 3, "upload, compute and offload must be three different CUDA streams"
+        assert m.compute.cuda_stream == torch.cuda.current_stream(DEV).cuda_stream
+        ids, mask = _inputs()
+        m(ids, mask)
+        for s in [*m.ring, *m.dedicated.values()]:
+            assert isinstance(s.uploaded, torch.cuda.Event) and isinstance(s.free, torch.cuda.Event)
+    finally:
+        m.close()
+
+
+def _delay_uploads(m: zoedge.StreamedModel) -> None:
+    """Enqueue a spin kernel on the upload stream before every H2D copy (the copy runs ~1 ms late)."""
+    fetch = m.tier.fetch
+
+    def slow_fetch(i: int) -> torch.Tensor:
+        buf = fetch(i)
+        with torch.cuda.stream(m.up):
+            torch.cuda._sleep(SLEEP)
+        return buf
+
+    m.tier.fetch = slow_fetch  # type: ignore[method-assign]
+
+
+class _SlowCompute(zoedge.BlockVisitor):
+    """Delays the compute stream at every residency: uploads that do not wait for ``slot.free`` overwrite
+    a slot before its block has run."""
+
+    def on_resident(self, block):
+        torch.cuda._sleep(SLEEP)  # on_resident runs on the compute stream
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_delayed_uploads_are_waited_for(llama32, tier, prefetch):
+    model, path = llama32
+    ids, mask = _inputs()
+    ref = resident_logits(model, ids, mask)
+    m = zoedge.load(path, device=DEV, tier=tier, prefetch=prefetch)
+    try:
+        _delay_uploads(m)
+        for _ in range(2):
+            _close(m(ids, mask), ref, TOL["fp32"])
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_delayed_compute_keeps_slots(llama32, tier, prefetch):
+    model, path = llama32
+    ids, mask = _inputs()
+    ref = resident_logits(model, ids, mask)
+    m = zoedge.load(path, device=DEV, tier=tier, prefetch=prefetch)
+    try:
+        for _ in range(2):
+            _close(m.run(_SlowCompute(), ids, mask)[0], ref, TOL["fp32"])
+    finally:
+        m.close()
+
+
+def test_host_buffers_modified_right_after_run(llama32):
+    """After ``run`` returns and ``synchronize()``, every H2D copy is done: trashing the host copy of the
+    model cannot change logits already computed, and the next forward sees the new host bytes."""
+    model, path = llama32
+    ids, mask = _inputs()
+    ref = resident_logits(model, ids, mask)
+    m = zoedge.load(path, device=DEV, tier="ram", prefetch=2)
+    try:
+        _delay_uploads(m)  # copies are still queued when run() returns
+        out = m(ids, mask)
+        m.synchronize()
+        saved = [b.clone() for b in m.tier.buffers]
+        for b in m.tier.buffers:
+            b.zero_()
+        _close(out, ref, TOL["fp32"])
+        zeros = m(ids, mask)  # all-zero weights: every logit is 0
+        m.synchronize()
+        assert torch.count_nonzero(zeros) == 0
+        for b, s in zip(m.tier.buffers, saved):
+            b.copy_(s)
+        _close(m(ids, mask), ref, TOL["fp32"])
+    finally:
+        m.close()
+
+
+class _Scale(zoedge.BlockVisitor):
+    """A dense in-place update: scales layer 1's tensors by ``factor`` and marks the block dirty."""
+
+    def __init__(self, factor: float, delay_compute: bool = False) -> None:
+        self.factor, self.delay = factor, delay_compute
+
+    def on_resident(self, block):
+        if self.delay:
+            torch.cuda._sleep(SLEEP)
+        if block.name == "layers.1":
+            for t in block.tensors.values():
+                t.mul_(self.factor)
+            block.mark_dirty()
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_dense_writeback_ordering(llama32, tier, tmp_path):
+    """Write-backs delayed on the offload stream: the next upload of the dirty block must wait for its D2H
+    (``host_ready``), and the disk tier must persist what the D2H wrote."""
+    model, path = llama32
+    ids, mask = _inputs()
+    kwargs = {"working_dir": tmp_path / "work"} if tier == "disk" else {}
+    m = zoedge.load(path, device=DEV, tier=tier, prefetch=2, **kwargs)
+    try:
+        target = m.tier.writeback_target
+
+        def slow_target(i: int) -> torch.Tensor:
+            with torch.cuda.stream(m.down):
+                torch.cuda._sleep(SLEEP)
+            return target(i)
+
+        m.tier.writeback_target = slow_target  # type: ignore[method-assign]
+        out = m.run(_Scale(2.0, delay_compute=True), ids, mask)[0]
+        # the pass saw the scaled weights (the update is applied before the passes)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.startswith("model.layers.1."):
+                    p.mul_(2.0)
+        ref2 = resident_logits(model, ids, mask)
+        _close(out, ref2, TOL["fp32"])
+        # the next forward re-uploads layer 1 from the host tier: it must see the written-back weights
+        _close(m(ids, mask), ref2, TOL["fp32"])
+        # and again scaled back, then a plain forward equals the original model
+        m.run(_Scale(0.5), ids, mask)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.startswith("model.layers.1."):
+                    p.mul_(0.5)
+        _close(m(ids, mask), resident_logits(model, ids, mask), TOL["fp32"])
+        sd = m.state_dict()
+        for n, p in model.state_dict().items():
+            torch.testing.assert_close(sd[n], p.cpu(), rtol=0, atol=1e-6)
+    finally:
+        m.close()
