@@ -80,3 +80,21 @@ def test_multipass_sees_own_weights_and_keeps_base(family_store):
     torch.testing.assert_close(out[1], resident_logits(model, ids, mask), rtol=0, atol=1e-6)
     for k, v in m.state_dict().items():
         assert torch.equal(v, base_before[k]), k
+
+
+def test_disk_tier_never_writes_the_store(family_store):
+    """A dense update on the disk tier without a working copy is refused; the store stays byte-identical."""
+    _, _, store = family_store
+    before = {p.name: p.read_bytes() for p in (store / "blocks").iterdir()}
+
+    class Scale(zoedge.BlockVisitor):
+        def on_resident(self, block):
+            for t in block.tensors.values():
+                t.mul_(2)
+            block.mark_dirty()
+
+    m = zoedge.load(store, tier="disk")
+    with pytest.raises(zoedge.StoreError, match="working"):
+        m.run(Scale())
+    m.close()
+    assert before == {p.name: p.read_bytes() for p in (store / "blocks").iterdir()}

@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where a built store goes (default: a temp dir on /tmp, removed at the end; put it on the "
                         "disk you want to measure)")
-    p.add_argument("--keep", action="store_true", help="keep a built store (in --workdir) for re-runs")
+    p.add_argument("--keep", action="store_true", help="do not delete the temp dir of a built store (its path is "
+                                                       "printed; with --workdir the store is always kept)")
     p.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--repeat", type=int, default=5, help="measurements per mode (median reported)")
     p.add_argument("--modes", default="raw,tier,streamed", help="comma list of raw, tier, streamed")
@@ -272,10 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, store, modes)
     finally:
-        if tmp is not None and not args.keep:
+        if tmp is not None and not args.keep:  # an explicit --workdir is the user's: always left as is
             tmp.cleanup()
-        elif args.store is None and not args.keep and args.workdir is not None:
-            pass  # an explicit --workdir is the user's: left as is
 
 
 def run(args: argparse.Namespace, store: Path, modes: list[str]) -> int:
@@ -370,7 +369,7 @@ def run(args: argparse.Namespace, store: Path, modes: list[str]) -> int:
     for k, v in samples.items():
         mode, _, p = k.partition("@")
         r = f"{med_ratio[k]:8.3f}" if k in med_ratio else f"{'-':>8s}"
-        label = {"raw": "raw (evicted)", "raw-cached": "raw (page cache)", "tier": "DiskTier (I/O only)",
+        label = {"raw": "raw (evicted)" if not args.no_evict else "raw", "raw-cached": "raw (page cache)", "tier": "DiskTier (I/O only)",
                  "streamed": f"streamed (I/O+{args.device})"}[mode]
         print(f"{label:22s} {p or '-':>8s} {med[k]:12.1f} {min(v):9.1f} {max(v):9.1f} {r}")
     print(f"eviction: {verdict}")

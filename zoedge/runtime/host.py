@@ -111,6 +111,7 @@ class DiskTier(HostTier):
                  working_dir: Path | None = None) -> None:
         super().__init__(store, manifest)
         self.paths = [store / b.file for b in manifest.blocks]
+        self.writable = working_dir is not None
         if working_dir is not None:
             self.paths = self._working_copy(working_dir)
         size = max(b.nbytes for b in manifest.blocks)
@@ -166,7 +167,14 @@ class DiskTier(HostTier):
             self.ring_free[self.ring_of.pop(i)] = event
             del self.pending[i]
 
+    def check_writable(self) -> None:
+        """The prepared store is read-only: writes need a working copy."""
+        if not self.writable:
+            raise StoreError(self.store, "a dense update would write into the prepared store (disk tier without "
+                             "a working copy)", "pass working_dir=... to zoedge.load (the CLI uses OUTPUT/working)")
+
     def writeback_target(self, i: int) -> torch.Tensor:
+        self.check_writable()
         if i in self.cache:
             return self.cache[i]
         if self.write_done is not None:

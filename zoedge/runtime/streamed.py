@@ -332,6 +332,8 @@ class StreamedModel:
             ConfigError: a tensor is missing or has the wrong shape.
         """
         from zoedge.runtime.host import write_file_from
+        if isinstance(self.tier, DiskTier):
+            self.tier.check_writable()
         self.synchronize()
         for i, b in enumerate(self.blocks):
             host = self._read_block(i)
