@@ -151,6 +151,12 @@ class Adapter(ABC):
         mask = attention_mask.long()
         return mask.cumsum(-1) * mask - 1
 
+    def embeds_stand_in(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A zero-stride [B, T, H] stand-in for the embeddings: mask and rotary code only read its
+        shape, dtype and device, so no buffer is allocated per forward."""
+        b, t = input_ids.shape
+        return torch.zeros((), dtype=self.dtype, device=self.device).expand(b, t, self.config.hidden_size)
+
     @staticmethod
     def select_rows(hidden: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
         """[B, T, H] -> [N, H] rows named by flat indices (or unchanged when select is None)."""

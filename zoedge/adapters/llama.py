@@ -70,10 +70,7 @@ class LlamaFamilyAdapter(Adapter):
     def begin(self, input_ids, attention_mask, position_ids=None, select=None) -> Context:
         if position_ids is None:
             position_ids = self.default_positions(input_ids, attention_mask)
-        b, t = input_ids.shape
-        # A zero-stride stand-in for the embeddings: the mask and rotary code only read its
-        # shape, dtype and device, so no [B, T, H] buffer is allocated per forward.
-        dummy = torch.zeros((), dtype=self.dtype, device=self.device).expand(b, t, self.config.hidden_size)
+        dummy = self.embeds_stand_in(input_ids)
         base = self.skeleton.model
         layers, norm = base.layers, base.norm
         self._sink.clear()

@@ -39,8 +39,7 @@ class OPTAdapter(Adapter):
     def begin(self, input_ids, attention_mask, position_ids=None, select=None) -> Context:
         if position_ids is None:
             position_ids = self.default_positions(input_ids, attention_mask)
-        b, t = input_ids.shape
-        dummy = torch.zeros((), dtype=self.dtype, device=self.device).expand(b, t, self.config.hidden_size)
+        dummy = self.embeds_stand_in(input_ids)
         # Same call as OPTDecoder.forward: the mask depends on the padding only.
         mask = create_causal_mask(config=self.config, inputs_embeds=dummy, attention_mask=attention_mask,
                                   past_key_values=None)
