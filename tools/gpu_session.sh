@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU check zoedge has, in one command, for a short rented CUDA machine (results under $OUT or ./gpu-out).
+#
+#   bash tools/gpu_session.sh            # needs: python3 with torch (CUDA), transformers, safetensors, accelerate
+#
+# Optional: $WHEELS (a folder of extra wheels, e.g. bitsandbytes, installed with --no-index first) and
+# $TOKENIZER (a tokenizer folder, e.g. the converted default model's, so `zoedge finetune` can run on a
+# random-weights SmolLM2-shaped checkpoint). Each stage has its own time limit, so one hang loses one stage.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-gpu-out}"; mkdir -p "$OUT"
+W="${WORK:-/tmp/zoedge-gpu}"; mkdir -p "$W"
+export ZOEDGE_CACHE="$W/cache"
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+stage setup
+if [[ -n "${WHEELS:-}" ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$WHEELS"/*.whl && export PYTHONPATH="$W/site"
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || tail "$OUT/pip.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1 | tail -1
+nproc; free -g | head -2
+
+stage "gpu-marked tests"
+timeout 240 python3 -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+
+stage "bench_stream: SmolLM2-135M shape (random weights), fp16 and fp32, ram tier"
+timeout 100 python3 tools/synth_checkpoint.py smollm2-135m --out "$W/smol" ${TOKENIZER:+--tokenizer-from "$TOKENIZER"}
+for dt in fp16 fp32; do
+  timeout 90 python3 tools/bench_stream.py --model "$W/smol" --workdir "$W/bs-smol" --device cuda --dtype $dt \
+    --batch 16 --seq 256 --repeat 10 --no-auto-profile --json "$OUT/bench_stream_smol_$dt.json" 2>>"$OUT/stderr.log" | tail -14
+done
+
+stage "bench_stream: Llama-2-7B width, 6 layers (random), fp16, ram tier, prefetch 1 and 2"
+timeout 120 python3 tools/synth_checkpoint.py llama2-7b --layers 6 --dtype fp16 --out "$W/l7"
+for pf in 1 2; do
+  timeout 90 python3 tools/bench_stream.py --model "$W/l7" --workdir "$W/bs-l7" --device cuda --dtype fp16 \
+    --prefetch $pf --batch 8 --seq 512 --repeat 8 --no-auto-profile --json "$OUT/bench_stream_l7_pf$pf.json" 2>>"$OUT/stderr.log" | tail -14
+done
+
+if [[ -n "${TOKENIZER:-}" ]]; then
+  stage "finetune: MeZO on CUDA, SmolLM2 shape (random weights), demo task, 20 steps"
+  timeout 120 zoedge finetune --model "$W/smol" --device cuda --steps 20 --n-dev 64 --n-test 64 --no-progress \
+    --output "$W/ft" 2>&1 | tail -8
+  cp "$W/ft/summary.json" "$OUT/finetune_summary.json" 2>/dev/null
+fi
+stage done
