@@ -59,6 +59,7 @@ from typing import Any, ClassVar
 import torch
 
 from zoedge.errors import PluginError
+from zoedge.optim.first_order import FOSettings
 from zoedge.optim.noise import NoiseSource
 from zoedge.runtime.streamed import BlockVisitor, Resident
 
@@ -156,8 +157,13 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         """Losses of an extra phase's passes."""
 
     def fo_blocks(self, block_names: Sequence[str]) -> list[str]:
-        """Blocks to train first-order, kept resident (LoHO / HZO). Default none."""
+        """Blocks to train first-order, kept resident (LoHO / HZO), from the model's block names. Default none.
+        A plugin naming blocks sets ``fo_pass`` (an unperturbed pass) and may override :meth:`fo_settings`."""
         return []
+
+    def fo_settings(self) -> FOSettings:
+        """The torch optimizer of the first-order blocks (default: SGD, lr 1e-4)."""
+        return FOSettings()
 
     def plugin_state(self) -> dict[str, Any]:
         """Plugin state to checkpoint: tensors (keyed by name) and JSON-able values."""
@@ -170,6 +176,8 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     def on_resident(self, block: Resident) -> None:
         """Runtime hook: apply the pending update if ``block`` owes it, then draw (during a step)."""
         if self.first_order is not None and block.name in self.first_order.blocks:
+            if not self._in_step:  # a flush: bring the streamed copy up to date for eval / save / export
+                self.first_order.write_into(block)
             return  # trained first-order, never perturbed
         if self._pending is not None and block.name in self._owed and block.name not in self._applied:
             self.apply_pending(block)

@@ -69,6 +69,9 @@ class BlockVisitor:
 
     #: forward passes per residency (each with its own hidden-state stream)
     passes: int = 1
+    #: the one pass run under autograd (first-order blocks train on it; tensors that do not require grad
+    #: record nothing), or None: every pass runs without grad
+    grad_pass: int | None = None
 
     def on_resident(self, block: Resident) -> None:
         """Block uploaded, nothing computed yet. Modify ``block.tensors`` in place + ``mark_dirty`` to update."""
@@ -259,8 +262,8 @@ class StreamedModel:
                     raise ConfigError(block.name, "a dense update changed a quantized block",
                                       "use a low-rank optimizer with a quantized store, or prepare with --quant none")
                 if compute:
-                    with torch.no_grad():
-                        for p in range(visitor.passes):
+                    for p in range(visitor.passes):
+                        with torch.set_grad_enabled(p == visitor.grad_pass):
                             tensors = dict(visitor.pass_tensors(res, p))
                             for alias, src in self.aliases.items():
                                 if src in tensors:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from zoedge.errors import ConfigError, DataError, TrainingError
 from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
 from zoedge.train.batching import Batch, candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -130,6 +131,7 @@ class TrainResult:
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     last_loss: float = float("nan")
+    fo_memory: dict[str, int] = field(default_factory=dict)  # bytes of the first-order blocks (if any)
 
 
 class Trainer:
@@ -153,9 +155,14 @@ class Trainer:
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
                             f"use --batch-size {len(train)} or less, or give more training data")
-        if optimizer.fo_blocks(model.adapter.block_names()):
-            raise ConfigError(optimizer.name or type(optimizer).__name__, "asks for first-order blocks",
-                              "first-order (hybrid) blocks are not supported by this trainer version yet")
+        fo_blocks = optimizer.fo_blocks(model.adapter.block_names())
+        self.fo: FirstOrder | None = None
+        if fo_blocks:
+            who = optimizer.name or type(optimizer).__name__
+            if optimizer.fo_pass is None:
+                raise ConfigError(f"optimizer '{who}'", "names first-order blocks but declares no fo_pass",
+                                  "set fo_pass to the plugin's unperturbed pass")
+            self.fo = optimizer.first_order = FirstOrder(model, fo_blocks, optimizer.fo_settings(), who)
         self.model, self.tok, self.opt = model, tokenizer, optimizer
         self.train, self.dev, self.test = list(train), list(dev), list(test)
         self.s = settings
@@ -179,6 +186,8 @@ class Trainer:
         self.flush()
         state = {"step": self.step, "settings": asdict(self.s), "optimizer": self.opt.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
+        if self.fo is not None:
+            state["first_order"] = self.fo.state_dict()
         return save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), state, self.s.keep_checkpoints)
 
     def resume(self) -> bool:
@@ -190,6 +199,9 @@ class Trainer:
         self.model.load_state_dict(weights)
         self.opt.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.fo is not None:
+            self.fo.reload(self.model)
+            self.fo.load_state_dict(state["first_order"])
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
         return True
@@ -204,11 +216,14 @@ class Trainer:
         self.run_extra_phases(batch)
         self.opt.begin_step(self.step)
         losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
-        values = torch.stack(losses).float().cpu()  # the one host sync of the step
+        values = torch.stack([x.detach() for x in losses]).float().cpu()  # the one host sync of the step
         if not torch.isfinite(values).all():
             raise TrainingError(f"step {self.step}", f"non-finite loss {values.tolist()}",
                                 "lower --lr / --eps or check the data; the last good checkpoint is kept in "
                                 f"{self.ckpt_dir}")
+        if self.fo is not None and self.opt.grad_pass is not None:
+            self.fo.step(losses[self.opt.grad_pass])
+        self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
         self.last_plugin_metrics = metrics
         self.scheduler.step()
@@ -238,6 +253,10 @@ class Trainer:
         ev = self.evaluate(self.dev, "dev (before)")
         result.before = asdict(ev)
         self.log(f"dev before: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        if self.fo is not None:
+            result.fo_memory = self.fo.memory()
+            self.log(f"first-order blocks: {len(self.fo.blocks)} ({', '.join(self.fo.blocks)}); memory before "
+                     f"the first step: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         t0 = time.perf_counter()
         bar = tqdm(total=self.s.steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
         with open(self.metrics_path, "a") as mf:
@@ -256,6 +275,9 @@ class Trainer:
                     self.save()
         bar.close()
         result.steps = self.step - start_step
+        if self.fo is not None:
+            result.fo_memory = self.fo.memory()  # weights, grads and optimizer state, all allocated by now
+            self.log("first-order memory: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         result.seconds = time.perf_counter() - t0
         self.save()
         ev = self.evaluate(self.dev, "dev (after)")
