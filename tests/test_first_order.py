@@ -29,8 +29,8 @@ class HybridMeZO(MeZO):
         super().__init__(seed=seed, lr=lr, eps=eps)
         self.passes, self.fo_optimizer = 3, fo_optimizer
 
-    def fo_blocks(self, names):
-        return [names[-2]]
+    def fo_blocks(self, blocks):
+        return [blocks[-2].name]
 
     def fo_settings(self):
         return FOSettings(self.fo_optimizer, FO_LR)
@@ -138,7 +138,7 @@ def test_fo_block_must_be_a_decoder_block(tiny, tmp_path):
     _, store = tiny
 
     class Bad(HybridMeZO):
-        def fo_blocks(self, names):
+        def fo_blocks(self, blocks):
             return ["head"]
 
     ex = toy_examples()

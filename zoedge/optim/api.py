@@ -62,6 +62,7 @@ from zoedge.errors import PluginError
 from zoedge.optim.first_order import FOSettings
 from zoedge.optim.noise import NoiseSource
 from zoedge.runtime.streamed import BlockVisitor, Resident
+from zoedge.store.manifest import BlockEntry
 
 
 @dataclass
@@ -156,10 +157,16 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     def finish_phase(self, phase: BlockVisitor, losses: Sequence[torch.Tensor]) -> None:
         """Losses of an extra phase's passes."""
 
-    def fo_blocks(self, block_names: Sequence[str]) -> list[str]:
-        """Blocks to train first-order, kept resident (LoHO / HZO), from the model's block names. Default none.
-        A plugin naming blocks sets ``fo_pass`` (an unperturbed pass) and may override :meth:`fo_settings`."""
+    def fo_blocks(self, blocks: Sequence[BlockEntry]) -> list[str]:
+        """Names of blocks to train first-order, kept resident (LoHO / HZO), chosen from the model's blocks (in
+        order, with their tensors' names, shapes and bytes). Default none. A plugin naming blocks (or returning
+        :meth:`fo_parameters`) sets ``fo_pass`` (an unperturbed pass) and may override :meth:`fo_settings`."""
         return []
+
+    def fo_parameters(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Further tensors the plugin trains first-order (``requires_grad`` leaves on ``device``, e.g. sparse deltas
+        it adds to streamed weights on the ``fo_pass``); stepped by the same torch optimizer. Default none."""
+        return {}
 
     def fo_settings(self) -> FOSettings:
         """The torch optimizer of the first-order blocks (default: SGD, lr 1e-4)."""

@@ -73,12 +73,14 @@ class FirstOrder:
         blocks: names of decoder blocks to train first-order (not the embeddings or head blocks).
         settings: the torch optimizer.
         who: the plugin's name (for errors).
+        extra: further plugin-owned tensors to train (see ``ZOOptimizer.fo_parameters``).
 
     Raises:
         ConfigError: an unknown or non-decoder block, a quantized block, or an unknown optimizer.
     """
 
-    def __init__(self, model: StreamedModel, blocks: Sequence[str], settings: FOSettings, who: str) -> None:
+    def __init__(self, model: StreamedModel, blocks: Sequence[str], settings: FOSettings, who: str,
+                 extra: Mapping[str, torch.Tensor] | None = None) -> None:
         names = [b.name for b in model.blocks]
         for b in blocks:
             if b not in names or b in (EMBED, HEAD):
@@ -91,11 +93,12 @@ class FirstOrder:
         self.settings = settings
         self.device = model.device
         self.params: dict[str, dict[str, torch.Tensor]] = {}
+        self.extra = dict(extra or {})
         self.reload(model)
         self.optimizer = self._make_optimizer()
 
     def _flat(self) -> list[torch.Tensor]:
-        return [t for b in self.blocks for t in self.params[b].values()]
+        return [t for b in self.blocks for t in self.params[b].values()] + list(self.extra.values())
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         s, params = self.settings, self._flat()

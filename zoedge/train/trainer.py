@@ -155,14 +155,15 @@ class Trainer:
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
                             f"use --batch-size {len(train)} or less, or give more training data")
-        fo_blocks = optimizer.fo_blocks(model.adapter.block_names())
+        fo_blocks = optimizer.fo_blocks(model.blocks)
+        fo_extra = optimizer.fo_parameters(model.device)
         self.fo: FirstOrder | None = None
-        if fo_blocks:
+        if fo_blocks or fo_extra:
             who = optimizer.name or type(optimizer).__name__
             if optimizer.fo_pass is None:
-                raise ConfigError(f"optimizer '{who}'", "names first-order blocks but declares no fo_pass",
+                raise ConfigError(f"optimizer '{who}'", "trains first-order tensors but declares no fo_pass",
                                   "set fo_pass to the plugin's unperturbed pass")
-            self.fo = optimizer.first_order = FirstOrder(model, fo_blocks, optimizer.fo_settings(), who)
+            self.fo = optimizer.first_order = FirstOrder(model, fo_blocks, optimizer.fo_settings(), who, fo_extra)
         self.model, self.tok, self.opt = model, tokenizer, optimizer
         self.train, self.dev, self.test = list(train), list(dev), list(test)
         self.s = settings
