@@ -150,8 +150,8 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
 
     def extra_phases(self, step: int) -> Iterator[BlockVisitor]:
         """Extra streamed phases before ``step`` (DiZO projection learning), run on step ``step``'s batch after a
-        flush; each yielded visitor is streamed and its losses given to :meth:`finish_phase` before the next
-        is pulled. Default none."""
+        flush; each yielded visitor is streamed (with no inputs if its ``passes`` is 0) and its losses given to
+        :meth:`finish_phase` before the next is pulled. Default none."""
         return iter(())
 
     def finish_phase(self, phase: BlockVisitor, losses: Sequence[torch.Tensor]) -> None:

@@ -233,14 +233,19 @@ class Trainer:
                 "seconds": time.perf_counter() - t0, "tokens": batch.n_tokens}
 
     def run_extra_phases(self, batch: Batch) -> None:
-        """The plugin's extra streamed phases before this step (DiZO), on this step's batch, after a flush."""
+        """The plugin's extra streamed phases before this step (DiZO), on this step's batch, after a flush; a
+        phase with no passes is streamed without inputs (a visit)."""
         flushed = False
         for phase in self.opt.extra_phases(self.step):
             if not flushed:
                 self.flush()  # phases read the current weights: the pending update first
                 flushed = True
-            losses = [loss for loss, _ in _loss_passes(self.model, phase, batch)]
-            self.opt.finish_phase(phase, list(torch.stack(losses).float().cpu()))
+            if phase.passes:
+                losses = [loss for loss, _ in _loss_passes(self.model, phase, batch)]
+                self.opt.finish_phase(phase, list(torch.stack(losses).float().cpu()))
+            else:  # a visit-only stream (e.g. writing the phase's result into the weights)
+                self.model.run(phase)
+                self.opt.finish_phase(phase, [])
 
     def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
         self.flush()
