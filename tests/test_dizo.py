@@ -15,7 +15,7 @@ from tests.test_mezo import resident_loss
 from tests.tiny import CharTokenizer, save_tiny, toy_examples
 
 STEPS, BS, LR, EPS, SEED = 7, 4, 5e-3, 1e-2, 5
-CYCLE, ITERS, MU, GLR, TAU = 3, 3, 0.2, 3000.0, 0.2  # a large η_γ: γ moves (and meets the clip) in 3 iterations
+CYCLE, ITERS, MU, GLR, TAU = 3, 3, 0.2, 1e5, 0.2  # a large η_γ: γ moves (and meets the clip) in 3 iterations
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
