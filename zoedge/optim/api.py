@@ -15,7 +15,8 @@ optional ones:
 * ``apply(block, update)`` — apply ``update`` in place on ``block.tensors``;
 * optional ``draw(block)`` — this step's randomness for a resident block (once
   per residency, before its passes: e.g. z reused by the +ε and −ε passes);
-* optional ``begin_step(t)`` — per-step schedule values.
+* optional ``begin_step(t)`` — per-step schedule values;
+* optional ``on_flush(block)`` — methods that keep their update off the base (factors) merge it here.
 
 Hook sequence of training step ``t`` (the runtime streams each block once):
 
@@ -148,6 +149,11 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     def apply(self, block: Resident, update: Update) -> None:
         """Apply ``update`` (of step ``update.step``) to ``block`` in place. Called once per block by the framework."""
 
+    def on_flush(self, block: Resident) -> None:
+        """A flush visits ``block`` (after its pending update): make ``block.tensors`` hold the model's current
+        weights for eval / checkpoint / export, e.g. merge factors kept off the base (call ``block.mark_dirty()``).
+        Default nothing."""
+
     def extra_phases(self, step: int) -> Iterator[BlockVisitor]:
         """Extra streamed phases before ``step`` (DiZO projection learning), run on step ``step``'s batch after a
         flush; each yielded visitor is streamed (with no inputs if its ``passes`` is 0) and its losses given to
@@ -191,6 +197,8 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         if self._in_step:
             self._visited.add(block.name)
             self.draw(block)
+        else:
+            self.on_flush(block)
 
     def apply_pending(self, block: Resident) -> None:
         """Apply the pending update to ``block``, exactly once.
