@@ -46,18 +46,20 @@ class HZO(ZOOptimizer):
         fo_layers: number of deepest decoder blocks trained first-order on the resample steps.
         fo_optimizer: sgd, adamw or adamw8bit (bitsandbytes).
         fo_lr: first-order learning rate.
+        freeze: comma-separated name fragments of tensors left untouched (e.g. "embed"; for a LoRA export).
     """
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, rank: int = 4, nu: int = 50,
                  vector: Literal["dense", "frozen"] = "dense", factors: Literal["merge", "off"] = "merge",
                  fo_layers: int = 0, fo_optimizer: Literal["sgd", "adamw", "adamw8bit"] = "sgd",
-                 fo_lr: float = 1e-4) -> None:
+                 fo_lr: float = 1e-4, freeze: str = "") -> None:
         if eps <= 0 or rank < 1 or nu < 1 or fo_layers < 0:
             raise ValueError(f"need eps > 0, rank >= 1, nu >= 1, fo_layers >= 0; got eps={eps}, rank={rank}, "
                              f"nu={nu}, fo_layers={fo_layers}")
         super().__init__(seed=seed, lr=lr)
         self.eps, self.rank, self.nu, self.vector, self.factors = eps, rank, nu, vector, factors
         self.fo_layers, self.fo_optimizer, self.fo_lr = fo_layers, fo_optimizer, fo_lr
+        self.frozen = [f.strip() for f in freeze.split(",") if f.strip()]
         self.dense = factors == "off"  # factor mode writes the base only when it merges
         self.fo_pass = 0 if fo_layers else None
         self.a: dict[str, torch.Tensor] = {}   # factor mode: 2-D tensor -> A (m×r, fp32)
@@ -87,14 +89,16 @@ class HZO(ZOOptimizer):
         v = self.noise.normal((n, self.rank), self.period(step), name, "V", device=w.device)
         return u, v
 
-    def _trains(self, t: torch.Tensor) -> bool:
+    def _trains(self, name: str, t: torch.Tensor) -> bool:
+        if any(f in name for f in self.frozen):
+            return False
         return t.ndim == 2 or self.vector == "dense"
 
     # --------------------------------------------------------------- hooks
     def draw(self, block: Resident) -> None:
         z = block.workspace("z0")
         for name, t in block.tensors.items():
-            if t.ndim != 2 and self._trains(t):
+            if t.ndim != 2 and self._trains(name, t):
                 self.noise.normal_(z[name], self.t, name, "z0")
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
@@ -103,7 +107,9 @@ class HZO(ZOOptimizer):
         z, out = block.workspace("z0"), block.workspace("scratch")
         seen: dict[str, torch.Tensor] = {}
         for name, t in block.tensors.items():
-            if t.ndim == 2:
+            if not self._trains(name, t):
+                seen[name] = t
+            elif t.ndim == 2:
                 u, v = self._uv(name, t, self.t)
                 a = self.a.get(name)
                 if a is None and sign == 0.0:
@@ -111,7 +117,7 @@ class HZO(ZOOptimizer):
                     continue
                 factor = u.mul_(sign * self.eps) if a is None else (a + sign * self.eps * u)
                 seen[name] = LowRankPerturbed(t, factor.to(t.dtype), v.to(t.dtype), 1.0)
-            elif self._trains(t) and (sign or name in self.d):
+            elif sign or name in self.d:
                 o = out[name].copy_(t)
                 if name in self.d:
                     o.add_(self.d[name].to(t.dtype))
@@ -131,6 +137,8 @@ class HZO(ZOOptimizer):
         c = -update["lr"] * update["g"]
         scratch = block.workspace("z0")
         for name, t in block.tensors.items():
+            if not self._trains(name, t):
+                continue
             if t.ndim == 2:
                 u, v = self._uv(name, t, update.step)
                 if self.factors == "off":
@@ -140,7 +148,7 @@ class HZO(ZOOptimizer):
                     if a is None:
                         a = self.a[name] = torch.zeros_like(u)
                     a.add_(u, alpha=c / self.rank)
-            elif self._trains(t):
+            else:
                 z = self.noise.normal_(scratch[name], update.step, name, "z0")
                 if self.factors == "off":
                     t.add_(z, alpha=c)
