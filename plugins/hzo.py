@@ -15,6 +15,7 @@ once at the end of each period (one write-back per block per period) and at ever
 export). ``factors=off`` applies each step's update to the base (dense, written back every step).
 
 Resume is bit-equal to an uninterrupted run with the same eval/save steps (a flush merges the factors).
+Not yet: keeping every period's factors to the end (needed for a quantized base, which cannot be merged into).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from zoedge.adapters import layer_index
+from zoedge.errors import ConfigError
 from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.first_order import FOSettings
 from zoedge.optim.lowrank import LowRankPerturbed
@@ -168,6 +170,10 @@ class HZO(ZOOptimizer):
         """X ← X + A Vᵀ (and θ ← θ + d for 1-D); factors reset; the block is written back once."""
         changed = False
         for name, t in block.tensors.items():
+            if (name in self.a or name in self.d) and name not in block.writable:
+                raise ConfigError(name, "is stored quantized: HZO cannot merge its factors into it (keeping every "
+                                  "period's factors to the end is not implemented)",
+                                  "prepare the store with --quant none, or freeze it (--opt freeze=...)")
             if name in self.a:
                 _, v = self._uv(name, t, step)
                 t.addmm_(self.a.pop(name).to(t.dtype), v.T.to(t.dtype))
