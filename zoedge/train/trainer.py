@@ -172,7 +172,8 @@ class Trainer:
         self.metrics_path = metrics_path or self.output / "metrics.jsonl"
         self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
         self.step = 0
-        self.last_plugin_metrics: dict[str, float] = {}
+        self.last_plugin_metrics: dict[str, float] = {}  # the plugin's metrics of the last step (progress bar)
+        self.last_losses: list[float] = []                # the last step's loss per pass
         self.progress = progress
         self.log = log
 
