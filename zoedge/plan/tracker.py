@@ -9,7 +9,8 @@ ops needs from the device's allocator, before its rounding. Run on the
 under a second) or on real CPU tensors.
 
 Data-dependent scalars read on the meta device (``.item()``, ``.all()`` in a
-mask builder) read as 0 / False: masks are then built as for a padded batch.
+mask builder) read as 0 / False: masks are then built as for a padded batch;
+copies from the meta device into real (host) tensors copy nothing.
 
 Tensors that exist before the tracker starts are not counted (weights of a
 plan's meta model, for example); :meth:`DeviceMemoryTracker.add` counts one
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -97,8 +98,9 @@ class DeviceMemoryTracker(TorchDispatchMode):
         if st in self._seen:
             return
         n = st.nbytes()
-        self._seen[st] = n
-        weakref.finalize(st, self._free, n)
+        cell = [n]  # bytes this storage counts for; 0 once discounted
+        self._seen[st] = cell
+        weakref.finalize(st, self._free, cell)
         self.live += n
         self.allocations += 1
         if self.live > self.peak:
@@ -106,14 +108,32 @@ class DeviceMemoryTracker(TorchDispatchMode):
         for s in self._sections:
             s[1] = max(s[1], self.live)
 
-    def _free(self, n: int) -> None:
-        self.live -= n
+    def _free(self, cell: list[int]) -> None:
+        self.live -= cell[0]
+
+    def discount(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Stop counting these tensors' storages and remove them from the live and peak bytes, e.g. a meta model
+        skeleton built while the tracker ran (it holds no device memory). They must have lived since before the
+        current peak. Returns the bytes removed."""
+        removed = 0
+        for t in tensors:
+            if t.device.type != self.device_type:
+                continue
+            cell = self._seen.get(t.untyped_storage())
+            if cell is not None and cell[0]:
+                removed += cell[0]
+                cell[0] = 0
+        self.live -= removed
+        self.peak -= removed
+        return removed
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
             # A data-dependent branch on the meta device (e.g. "is the padding mask all ones?"): answer 0 / False,
             # which builds masks as for a padded batch (the larger, conservative case).
             return False if args[0].dtype == torch.bool else 0
+        if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
+            return args[0]  # a device -> host copy (write-back) from a device that holds no values
         out = func(*args, **(kwargs or {}))
         inputs = [a.untyped_storage() for a in tree_leaves((args, kwargs))
                   if isinstance(a, torch.Tensor) and a.device.type == self.device_type]
