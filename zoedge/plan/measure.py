@@ -65,7 +65,8 @@ def _rss() -> tuple[int, int]:
     import resource
 
     import psutil
-    return psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = psutil.Process().memory_info().rss
+    return rss, max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def nvml_used(device: torch.device) -> int | None:
