@@ -40,8 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "default: not checked)")
     p.add_argument("--efficiency", type=float, default=None, metavar="F",
                    help="fraction of peak FLOP/s a forward reaches (default 0.5, calibrated on an H200)")
-    p.add_argument("--method", choices=("mezo", "lowrank"), default="mezo",
-                   help="mezo: the shipped dense MeZO plugin; lowrank: a low-rank plugin (factors, no write-back)")
+    p.add_argument("--method", choices=("mezo", "lowrank", "forward"), default="mezo",
+                   help="mezo: the shipped dense MeZO plugin; lowrank: a low-rank plugin (factors, no write-back); forward: one plain forward returning the logits")
     p.add_argument("--q", type=int, default=1, help="random directions per step (2q passes; default 1)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="stored/compute dtype (default: the store's, else fp16)")
@@ -84,14 +84,15 @@ def detail(plan) -> str:
         lines.append(f"  {k:38s} {_g(plan.device_long_lived.get(k, 0)):>10s} {_g(plan.lean_long_lived.get(k, 0)):>14s}")
     lines.append(f"  {'transient (activations, logits, loss)':38s} {_g(plan.transient_peak):>10s} "
                  f"{_g(plan.transient_peak):>14s}")
-    lines.append(f"  {'peak':38s} {_g(plan.device_peak):>10s} {_g(plan.lean_device_peak):>14s}")
+    lines.append(f"  {'peak (zoedge tensors)':38s} {_g(plan.device_peak):>10s} {_g(plan.lean_device_peak):>14s}")
+    lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} {_g(plan.lean_gpu_peak):>14s}")
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
               f"predicted step (roofline, not measured): {t['step_s']:.2f} s ({t['bound']}-bound: transfer "
               f"{t['transfer_s']:.2f} s, compute {t['compute_s']:.2f} s), {t['tokens_per_s']:.0f} tokens/s",
-              "", "fits (device peak <= GPU memory and host RAM):"]
+              "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
     for f in plan.fits:
         lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
                      f"{'fits' if f['fits'] else 'no':4s}   lean {_g(f['lean_device_peak']):>9s} "
@@ -106,7 +107,7 @@ def summary(plans) -> str:
     lines = [head]
     for p in plans:
         zo2 = ZO2_GB.get(p.model)
-        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.device_peak):>10s} {_g(p.lean_device_peak):>14s} "
+        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.lean_gpu_peak):>14s} "
                      f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
     return "\n".join(lines)
 
@@ -129,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
         plans.append(make_plan(spec, m, work, hw, int(args.chunk_mib * 2**20)))
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
-    print("\nDevice figures are exact allocator requests (add the cuBLAS workspace and CUDA context for NVML); "
-          "'lean' is the design target, not implemented yet; times are predictions.", file=human)
+    print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
+          "device-used adds the CUDA context too); 'lean' is the design target, not implemented yet; step times are "
+          "a roofline.", file=human)
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)

@@ -52,7 +52,8 @@ class Method:
 
     ``workspaces``: block-sized device buffers it allocates through ``Resident.workspace``;
     ``dense``: it perturbs every tensor densely (perturbed tied tensors are copied once per pass today) and
-    writes updated blocks back.
+    writes updated blocks back; ``loss``: the head reduces the logits to the training loss (a plain forward
+    returns them).
     """
 
     name: str
@@ -60,11 +61,13 @@ class Method:
     workspaces: int
     dense: bool
     note: str = ""
+    loss: bool = True
 
 
 def method(name: str, q: int = 1) -> Method:
-    """The footprint of a method: ``mezo`` (the shipped plugin; q directions) or ``lowrank`` (a low-rank
-    plugin: perturbations as lazy ``LowRankPerturbed`` products, no dense workspace, no write-back).
+    """The footprint of a method: ``mezo`` (the shipped plugin; q directions), ``lowrank`` (a low-rank
+    plugin: perturbations as lazy ``LowRankPerturbed`` products, no dense workspace, no write-back) or
+    ``forward`` (one plain streamed forward returning the logits, as ``StreamedModel.forward``).
 
     Raises:
         ConfigError: unknown method or q < 1.
@@ -74,6 +77,7 @@ def method(name: str, q: int = 1) -> Method:
     table = {
         "mezo": Method("mezo", 2 * q, q + 1, True, f"MeZO, q={q}: {q} noise workspace(s) + 1 scratch"),
         "lowrank": Method("lowrank", 2 * q, 0, False, f"low-rank ZO, q={q}: factors only (not counted)"),
+        "forward": Method("forward", 1, 0, False, "one forward pass, logits returned", loss=False),
     }
     if name not in table:
         raise ConfigError("--method", f"unknown method {name!r}", f"use one of {', '.join(table)}")
@@ -278,7 +282,7 @@ class Simulation:
     flops: dict[str, int]
 
 
-def simulate(spec: ModelSpec, work: Workload, passes: int) -> Simulation:
+def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True) -> Simulation:
     """Run embed, two decoder layers and the head on the meta device as ``StreamedModel.run`` does (every pass,
     the trainer's loss at the head) and count the transient bytes; see the module docstring."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -286,7 +290,6 @@ def simulate(spec: ModelSpec, work: Workload, passes: int) -> Simulation:
     from zoedge.adapters import EMBED, HEAD, adapter_for
     from zoedge.plan.tracker import DeviceMemoryTracker
     from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
-    from zoedge.plan.shapes import shape_config  # noqa: F401  (keeps the import graph simple for callers)
 
     config = _cut(spec.config, min(spec.layers, 2), work.attention)
     dtype = DTYPES[spec.dtype]
@@ -306,7 +309,7 @@ def simulate(spec: ModelSpec, work: Workload, passes: int) -> Simulation:
             return candidate_loss(token_logprobs_from_logits(logits, dev.target_ids), dev)
 
         with torch.no_grad():
-            ctx = adapter.begin(dev.input_ids, dev.attention_mask, None, dev.target_index)
+            ctx = adapter.begin(dev.input_ids, dev.attention_mask, None, dev.target_index if loss else None)
             states: list[Any] = [dev.input_ids] * passes
             for block in blocks:
                 w = {n: weights[n] for n in adapter.tensors_of(block)}
@@ -318,7 +321,7 @@ def simulate(spec: ModelSpec, work: Workload, passes: int) -> Simulation:
                             flops[block] = fc.get_total_flops()
                         else:
                             states[p] = adapter.run(block, w, states[p], ctx)
-                        if block == HEAD:
+                        if block == HEAD and loss:
                             states[p] = head(p, states[p])
                 peaks[block] = sec["peak"]
         del states, ctx, dev
@@ -373,10 +376,20 @@ class Plan:
     def lean_device_peak(self) -> int:
         return sum(self.lean_long_lived.values()) + self.transient_peak
 
+    @property
+    def gpu_peak(self) -> int:
+        """``device_peak`` plus what the CUDA allocator holds besides zoedge's tensors (cuBLAS workspace)."""
+        return self.device_peak + self.hardware.cuda_extra
+
+    @property
+    def lean_gpu_peak(self) -> int:
+        return self.lean_device_peak + self.hardware.cuda_extra
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["method"], d["work"], d["hardware"] = asdict(self.method), asdict(self.work), self.hardware.to_dict()
         d["device_peak"], d["lean_device_peak"] = self.device_peak, self.lean_device_peak
+        d["gpu_peak"], d["lean_gpu_peak"] = self.gpu_peak, self.lean_gpu_peak
         d["notes"] = NOTES
         return d
 
@@ -384,8 +397,8 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
 
-NOTES = ("device bytes are what the allocator is asked for (before rounding); on CUDA add the cuBLAS workspace "
-         "and, for NVML device-used, the CUDA context",
+NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; before allocator rounding); gpu_peak adds "
+         "the cuBLAS workspace; NVML device-used adds the CUDA context and the allocator's cache on top",
          "lean_* figures are the lean-residency design target, not yet implemented",
          "step time is a roofline prediction, not a measurement")
 
@@ -393,7 +406,7 @@ NOTES = ("device bytes are what the allocator is asked for (before rounding); on
 def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = 64 * 2**20) -> Plan:
     """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring)."""
     work.check()
-    sim = simulate(spec, work, m.passes)
+    sim = simulate(spec, work, m.passes, m.loss)
     live = long_lived(spec, m, work.prefetch)
     lean = lean_long_lived(spec, m, work.prefetch, chunk_bytes)
     blocks = spec.block_list()
@@ -443,8 +456,8 @@ def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: i
     stored, biggest = spec.stored_bytes, max(b.nbytes for b in spec.blocks)
     for tier in ("ram", "disk"):
         for pf in (1, 2, 3):
-            dev = sum(long_lived(spec, m, pf).values()) + transient
-            lean = sum(lean_long_lived(spec, m, pf, chunk).values()) + transient
+            dev = sum(long_lived(spec, m, pf).values()) + transient + hw.cuda_extra
+            lean = sum(lean_long_lived(spec, m, pf, chunk).values()) + transient + hw.cuda_extra
             host = stored if tier == "ram" else (pf + 2) * biggest
             host_ok = hw.host_ram is None or host <= hw.host_ram
             gpu_ok = hw.gpu_memory is None or dev <= hw.gpu_memory

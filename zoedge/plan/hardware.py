@@ -39,6 +39,9 @@ class Hardware:
     #: fraction of ``gpu_flops`` a forward reaches (calibrated: 0.51 for a resident 6-layer Llama-2-7B-width
     #: fp16 forward at 8x512 tokens on an H200, 24.0 ms; docs/measurements/h200-2026-11-29/)
     efficiency: float = 0.5
+    #: bytes the CUDA allocator holds besides zoedge's tensors: torch's cuBLAS workspace (32 MiB on Hopper,
+    #: 8 MiB + 128 KiB before; measured: 33-34 MiB above the counted buffers on an H200)
+    cuda_extra: int = 4096 * 2 * 1024 + 16 * 8 * 1024
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,8 +50,8 @@ class Hardware:
 GPUS: dict[str, Hardware] = {
     "rtx4090": Hardware("rtx4090", 24 * GiB, 25e9, 165.2e12),
     "a100-80g": Hardware("a100-80g", 80 * GiB, 25e9, 312e12),
-    "h100": Hardware("h100", 80 * GiB, 50e9, 989e12),
-    "h200": Hardware("h200", 141 * 10**9, 52e9, 989e12),
+    "h100": Hardware("h100", 80 * GiB, 50e9, 989e12, cuda_extra=32 * 2**20),
+    "h200": Hardware("h200", 141 * 10**9, 52e9, 989e12, cuda_extra=32 * 2**20),
 }
 
 
@@ -77,4 +80,4 @@ def hardware(gpu: str | None = "rtx4090", *, gpu_memory_gb: float | None = None,
         gpu_flops=gpu_tflops * 1e12 if gpu_tflops else base.gpu_flops,
         disk=disk_gbps * 1e9 if disk_gbps else base.disk,
         host_ram=int(host_ram_gb * GiB) if host_ram_gb else base.host_ram,
-        efficiency=efficiency or base.efficiency)
+        efficiency=efficiency or base.efficiency, cuda_extra=base.cuda_extra)
