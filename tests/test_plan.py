@@ -218,3 +218,21 @@ def test_help_documents_every_option(command, capsys):
     for action in sub._actions:
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"
     assert main([command, "--help"]) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_step_matches_the_plan(tmp_path):
+    """On a GPU: torch.cuda.max_memory_allocated of two MeZO steps equals plan's GPU peak (tensors + cuBLAS
+    workspace) within 5%, and the tracker's count equals the plan's device peak within 5%."""
+    from zoedge.plan.shapes import write_checkpoint
+    write_checkpoint("smollm2-135m", tmp_path / "ckpt", layers=4, dtype="fp16", progress=False, log=lambda s: None)
+    zoedge.prepare(tmp_path / "ckpt", tmp_path / "store", dtype="fp16", progress=False, log=lambda s: None)
+    torch.cuda.empty_cache()
+    m = measure_step(tmp_path / "store", "cuda", batch=4, seq=256, steps=2)
+    name = torch.cuda.get_device_name()
+    hw = hardware("h100" if ("H100" in name or "H200" in name) else "a100-80g")
+    plan = make_plan(model_spec(str(tmp_path / "store")), method("mezo"), Workload(4, 256), hw)
+    print(f"cuda max allocated {m.cuda_max_allocated}, tracker {m.tracked_peak}, plan {plan.device_peak} "
+          f"(+cuBLAS {plan.gpu_peak}), NVML {m.nvml_used}")
+    assert abs(m.tracked_peak / plan.device_peak - 1) < 0.05
+    assert abs(m.cuda_max_allocated / plan.gpu_peak - 1) < 0.05

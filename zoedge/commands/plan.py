@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(measured). Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --method lowrank\n"
         "  zoedge plan opt-1.3b opt-13b opt-175b --json plan.json")
     p.add_argument("models", metavar="MODEL", nargs="+",
-                   help="named shape (opt-1.3b ... opt-175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
+                   help="named shape (opt-1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
                    "Face checkpoint directory, or a prepared store")
     p.add_argument("--gpu", choices=GPU_NAMES, default="rtx4090", help="named GPU (default: rtx4090)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="override the GPU's memory (GiB)")

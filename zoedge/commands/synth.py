@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-SHAPE_NAMES = ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b", "llama-2-7b", "llama-2-13b",
+SHAPE_NAMES = ("opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b", "llama-2-7b", "llama-2-13b",
                "llama-2-70b", "qwen2-72b", "smollm2-135m")  # == zoedge.plan.shapes.SHAPES (kept here: fast --help)
 
 

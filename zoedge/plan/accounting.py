@@ -16,9 +16,8 @@ computes it:
   :class:`~zoedge.plan.tracker.DeviceMemoryTracker`, the way ``StreamedModel.run``
   runs them (two decoder layers stand for all: every layer has the same shapes).
 
-The **lean residency** column is the design target of docs/architecture.md
-(finer streaming units, just-in-time perturbation, no tied copies), *not yet
-implemented*: single Linear matrices stream through the ring, perturbations are
+The **lean residency** column is a design target (finer streaming units,
+just-in-time perturbation, no tied copies), *not yet implemented*: single Linear matrices stream through the ring, perturbations are
 built per row chunk (two ``chunk``-sized buffers), a tied embedding keeps one
 slot and no copies, and a quantized base multiplies through bitsandbytes, which
 dequantizes one matrix at a time for multi-token inputs. Its transient tensors

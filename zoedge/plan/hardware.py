@@ -3,19 +3,19 @@
 Figures (datasheets; "effective" link rates are what pinned host-to-device
 copies reach in practice, not the link's raw rate):
 
-========== ========== ======================================== =========================================
-name       memory     dense fp16/bf16 tensor TFLOP/s           host link
-========== ========== ======================================== =========================================
-rtx4090    24 GiB     165.2 (fp32 accumulate, what PyTorch uses) PCIe 4.0 x16: 32 GB/s raw, ~25 effective
-a100-80g   80 GiB     312                                      PCIe 4.0 x16: 32 GB/s raw, ~25 effective
-h100       80 GiB     989 (SXM)                                PCIe 5.0 x16: 64 GB/s raw, ~50 effective
-h200       141 GB     989                                      PCIe 5.0 x16: 64 GB/s raw, ~52 effective
-========== ========== ======================================== =========================================
+========== ========== =========================================== =======================================
+name       memory     dense fp16/bf16 tensor TFLOP/s              host link
+========== ========== =========================================== =======================================
+rtx4090    24 GiB     165.2 (fp32 accumulate, what PyTorch uses)  PCIe 4.0 x16: 32 GB/s raw, ~25 effective
+a100-80g   80 GiB     312                                         PCIe 4.0 x16: 32 GB/s raw, ~25 effective
+h100       80 GiB     989 (SXM)                                   PCIe 5.0 x16: 64 GB/s raw, ~50 effective
+h200       141 GB     989                                         PCIe 5.0 x16: 64 GB/s raw, ~52 effective
+========== ========== =========================================== =======================================
 
 The h200 link figure is zoedge's own measurement (streamed forward of six
 Llama-2-7B-width fp16 layers, 2816 MiB per pass in 57.0 ms,
-docs/measurements/h200-2026-11-29/); the others follow docs/architecture.md's
-table (pinned PCIe 4.0 ≈ 25 GB/s, 5.0 ≈ 50 GB/s). Disk: NVMe Gen4 ≈ 7 GB/s.
+docs/measurements/h200-2026-11-29/); the others are the usual effective rates of
+pinned copies (PCIe 4.0 ≈ 25 GB/s, 5.0 ≈ 50 GB/s). Disk: NVMe Gen4 ≈ 7 GB/s.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A shape is the config of a published model (field values only, no weights). A
 synthetic checkpoint of it, with fewer layers when the full depth does not fit
 the machine, is what the memory and time figures are measured on: per-layer
-figures do not depend on depth when the model streams (docs/architecture.md).
+figures do not depend on depth when the model streams.
 
 Weights are N(0, 0.02) for matrices and 1 for vectors (norm weights; biases
 too, which is harmless for memory and timing). The checkpoint is written one
@@ -34,6 +34,7 @@ def _opt(hidden: int, layers: int, heads: int) -> dict[str, Any]:
 #: name -> config fields of the published model (``model_type`` selects the transformers config class).
 SHAPES: dict[str, dict[str, Any]] = {
     "opt-1.3b": _opt(2048, 24, 32),
+    "opt-2.7b": _opt(2560, 32, 32),
     "opt-6.7b": _opt(4096, 32, 32),
     "opt-13b": _opt(5120, 40, 40),
     "opt-30b": _opt(7168, 48, 56),
@@ -159,7 +160,7 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_from) / f).is_file():
                 shutil.copy2(Path(tokenizer_from) / f, out / f)
-    config.torch_dtype = torch_dtype
+    config.dtype = torch_dtype
     config.save_pretrained(out)  # written last: its presence marks a complete checkpoint
     params = sum(math.prod(s) for s in shapes.values())
     full = full_parameters(name)
