@@ -49,17 +49,22 @@ def options(items: list[str]) -> dict[str, str]:
     return parse_opts(items)
 
 
-def predicted(args: argparse.Namespace) -> tuple[int, object]:
+def predicted(args: argparse.Namespace) -> int | None:
+    """The plan's device peak for the same step, or None when the plan has no footprint for the plugin."""
+    from zoedge.errors import ConfigError
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import Workload, make_plan, method, model_spec
     from zoedge.plan.hardware import hardware
 
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
-    m = method(args.optimizer, int(getattr(opt, "q", 1)))  # the plan's footprint table names the method
+    try:
+        m = method(args.optimizer, int(getattr(opt, "q", 1)))  # the plan's footprint table names the method
+    except ConfigError:
+        return None
     plan = make_plan(model_spec(str(args.store)), m,
                      Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention),
                      hardware(None))
-    return plan.device_peak, plan
+    return plan.device_peak
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
                      batch=args.batch, seq=args.seq, scored=args.scored, steps=args.steps, tier=args.tier,
                      prefetch=args.prefetch, attention=args.attention, working_dir=args.working_dir,
                      progress=not args.no_progress)
-    pred, _ = predicted(args)
+    pred = predicted(args)
     mib = 2**20
-    rows = [("device peak (tracker)", m.tracked_peak), ("device long-lived (tracker)", m.tracked_long_lived),
-            ("device peak (plan, predicted)", pred)]
+    rows = [("device peak (tracker)", m.tracked_peak), ("device long-lived (tracker)", m.tracked_long_lived)]
+    if pred is not None:
+        rows.append(("device peak (plan, predicted)", pred))
     if m.cuda_max_allocated is not None:
         rows += [("torch.cuda.max_memory_allocated", m.cuda_max_allocated)]
         if m.nvml_used is not None:
@@ -88,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
           file=human)
     for name, v in rows:
         print(f"  {name:34s} {v / mib:12.1f} MiB", file=human)
-    ratio = m.tracked_peak / pred if pred else float("nan")
-    print(f"  measured / predicted device peak: {ratio:.4f}", file=human)
+    ratio = m.tracked_peak / pred if pred else None
+    print(f"  measured / predicted device peak: {ratio:.4f}" if ratio else
+          f"  (no plan footprint for optimizer {args.optimizer!r})", file=human)
     if args.json:
         out = json.dumps({**m.to_dict(), "predicted_device_peak": pred, "ratio": ratio,
                           "store": str(args.store)}, indent=1)
