@@ -40,7 +40,7 @@ import torch
 
 from zoedge.errors import ConfigError
 from zoedge.plan.hardware import GiB, Hardware
-from zoedge.store.manifest import DTYPES, BlockEntry, align, dtype_of
+from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
 QUANTS = ("none", "int8", "nf4")
 
@@ -220,9 +220,9 @@ class Workload:
 
 
 def synthetic_batch(vocab: int, batch: int, seq: int, scored: int = 0, seed: int = 0):
-    """A generation-kind :class:`~zoedge.train.batching.Batch` (no padding) scoring ``scored`` positions
-    (0: every position but the last of each row... and the last too: ``batch × seq`` positions, the targets
-    wrapping to the next row's first token). Used by the plan's simulation and by the measured steps alike."""
+    """A generation-kind :class:`~zoedge.train.batching.Batch` of random ids (no padding) scoring the last
+    ``scored`` flat positions (0: all ``batch × seq``; a position's target is the next id, wrapping at the end).
+    The plan's simulation and the measured steps use the same batch."""
     from zoedge.train.batching import Batch
 
     g = torch.Generator().manual_seed(seed)

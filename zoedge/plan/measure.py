@@ -18,7 +18,6 @@ workspaces, activations, logits.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,7 +176,3 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         result.nvml_used = nvml_used(dev)
     model.close()
     return result
-
-
-def default_threads() -> int:
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
