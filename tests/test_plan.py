@@ -90,6 +90,8 @@ def test_layout_matches_prepared_store(stores):
         blocks, tied = layout(model_spec(str(store)).config, "fp32")
         assert [b.nbytes for b in blocks] == [man.blocks[0].nbytes, man.blocks[1].nbytes, man.blocks[-1].nbytes]
         assert tied == man.tied
+        from_checkpoint = model_spec(str(store.parent / family), dtype="fp32")  # the HF checkpoint it came from
+        assert [b.nbytes for b in from_checkpoint.blocks] == [b.nbytes for b in blocks]
 
 
 @pytest.mark.parametrize("family,q,prefetch", [("opt", 1, 1), ("opt", 2, 2), ("llama", 1, 1), ("qwen2", 1, 2)])
