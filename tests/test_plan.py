@@ -135,6 +135,12 @@ def test_opt175b_today_and_lean():
     assert plan.device_long_lived["optimizer workspaces"] == pytest.approx(2 * layer, rel=0.01)
     assert plan.device_long_lived["tied copies (one per pass)"] == 2 * 50272 * 12288 * 2
     assert 18e9 < plan.device_peak < 20e9
+    from zoedge.plan.accounting import lean_unit_bytes
+    spec, h = model_spec("opt-175b"), 12288
+    assert lean_unit_bytes(spec, "linear") == 4 * h * h * 2                           # fc1
+    assert lean_unit_bytes(spec, "half") == pytest.approx(8 * h * h * 2, rel=1e-3)     # fc1 + fc2 (+ biases, norm)
+    assert lean_unit_bytes(spec, "layer") == pytest.approx(layer, rel=1e-3)
+    assert [f["lean_units_that_fit"] for f in plan.fits][0] == ["linear", "half", "layer"]
     assert plan.lean_gpu_peak <= 8e9
     assert plan.host_ram <= 1.05 * plan.stored_bytes
     nf4 = make_plan(model_spec("opt-175b", quant="nf4"), method("lowrank"), Workload(1, 2048), hardware("rtx4090"))

@@ -94,9 +94,10 @@ def detail(plan) -> str:
               f"{t['transfer_s']:.2f} s, compute {t['compute_s']:.2f} s), {t['tokens_per_s']:.0f} tokens/s",
               "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
     for f in plan.fits:
+        units = ", ".join(f"{u} {_g(v)}" for u, v in f["lean_by_unit"].items())
         lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
-                     f"{'fits' if f['fits'] else 'no':4s}   lean {_g(f['lean_device_peak']):>9s} "
-                     f"{'fits' if f['lean_fits'] else 'no'}")
+                     f"{'fits' if f['fits'] else 'no':4s}   lean by unit: {units}; fit: "
+                     f"{', '.join(f['lean_units_that_fit']) or 'none'}")
     return "\n".join(lines)
 
 

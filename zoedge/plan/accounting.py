@@ -17,7 +17,9 @@ computes it:
   runs them (two decoder layers stand for all: every layer has the same shapes).
 
 The **lean residency** column is a design target (finer streaming units,
-just-in-time perturbation, no tied copies), *not yet implemented*: single Linear matrices stream through the ring, perturbations are
+just-in-time perturbation, no tied copies), *not yet implemented*: single Linear matrices stream through the ring (attention / MLP
+halves or whole layers as alternatives; untied embeddings and heads in row
+chunks no larger than the unit), perturbations are
 built per row chunk (two ``chunk``-sized buffers), a tied embedding keeps one
 slot and no copies, and a quantized base multiplies through bitsandbytes, which
 dequantizes one matrix at a time for multi-token inputs. Its transient tensors
@@ -257,14 +259,30 @@ def long_lived(spec: ModelSpec, m: Method, prefetch: int) -> dict[str, int]:
     return out
 
 
-def lean_long_lived(spec: ModelSpec, m: Method, prefetch: int, chunk_bytes: int) -> dict[str, int]:
+LEAN_UNITS = ("linear", "half", "layer")
+
+
+def lean_unit_bytes(spec: ModelSpec, unit: str = "linear") -> int:
+    """Stored bytes of the largest streaming unit of a decoder layer: one matrix (``linear``), the attention or
+    the MLP half (``half``; tensors named ``*attn*`` vs the rest), or the whole layer (``layer``)."""
+    if unit not in LEAN_UNITS:
+        raise ConfigError("--lean-unit", repr(unit), f"use one of {', '.join(LEAN_UNITS)}")
+    sizes = {t.name: sum(p.nbytes for p in t.parts.values()) for t in spec.layer_block.tensors}
+    if unit == "linear":
+        return max(sizes.values())
+    if unit == "half":
+        attn = sum(v for k, v in sizes.items() if "attn" in k)
+        return max(attn, sum(sizes.values()) - attn)
+    return sum(sizes.values())
+
+
+def lean_long_lived(spec: ModelSpec, m: Method, prefetch: int, chunk_bytes: int,
+                    unit: str = "linear") -> dict[str, int]:
     """Device buffers of the lean-residency design (not implemented yet; see the module docstring)."""
     dt = dtype_of(spec.dtype).itemsize
-    layer = spec.layer_block
-    unit = max(sum(p.nbytes for p in t.parts.values()) for t in layer.tensors)  # largest stored matrix
-    biggest_matrix = max(t.numel * dt for t in layer.tensors)
+    biggest_matrix = max(t.numel * dt for t in spec.layer_block.tensors)
     return {
-        "ring slots": (prefetch + 1) * unit,
+        "ring slots": (prefetch + 1) * lean_unit_bytes(spec, unit),
         "tied-weight slot": sum(b.nbytes for b in spec.blocks if b.name in spec.dedicated),
         "perturbation chunks": 2 * min(chunk_bytes, biggest_matrix) if m.dense else 0,
         "dequantized matrix (bitsandbytes)": biggest_matrix if spec.quant != "none" else 0,
@@ -456,13 +474,17 @@ def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: i
     for tier in ("ram", "disk"):
         for pf in (1, 2, 3):
             dev = sum(long_lived(spec, m, pf).values()) + transient + hw.cuda_extra
-            lean = sum(lean_long_lived(spec, m, pf, chunk).values()) + transient + hw.cuda_extra
+            lean = {u: sum(lean_long_lived(spec, m, pf, chunk, u).values()) + transient + hw.cuda_extra
+                    for u in LEAN_UNITS}
             host = stored if tier == "ram" else (pf + 2) * biggest
             host_ok = hw.host_ram is None or host <= hw.host_ram
             gpu_ok = hw.gpu_memory is None or dev <= hw.gpu_memory
-            lean_ok = hw.gpu_memory is None or lean <= hw.gpu_memory
-            out.append({"tier": tier, "prefetch": pf, "device_peak": dev, "lean_device_peak": lean, "host_ram": host,
-                        "fits": gpu_ok and host_ok, "lean_fits": lean_ok and host_ok})
+            out.append({"tier": tier, "prefetch": pf, "device_peak": dev, "host_ram": host, "fits": gpu_ok and host_ok,
+                        "lean_device_peak": lean["linear"],
+                        "lean_fits": host_ok and (hw.gpu_memory is None or lean["linear"] <= hw.gpu_memory),
+                        "lean_by_unit": lean,
+                        "lean_units_that_fit": [u for u in LEAN_UNITS
+                                                if host_ok and (hw.gpu_memory is None or lean[u] <= hw.gpu_memory)]})
     return out
 
 
