@@ -236,6 +236,7 @@ class StreamedModel:
             ctx = self.adapter.begin(inputs, attention_mask, position_ids, select)
             states = [inputs] * visitor.passes
         n = len(self.blocks)
+        grad_pass = getattr(visitor, "grad_pass", None)  # duck-typed visitors may not declare it
         tied_seen: list[dict[str, torch.Tensor]] = [{} for _ in range(visitor.passes)]
         pending_free: list[tuple[int, Slot, Resident]] = []  # dedicated slots released after the last block
         outputs: list[Any] = []
@@ -263,7 +264,7 @@ class StreamedModel:
                                       "use a low-rank optimizer with a quantized store, or prepare with --quant none")
                 if compute:
                     for p in range(visitor.passes):
-                        with torch.set_grad_enabled(p == visitor.grad_pass):
+                        with torch.set_grad_enabled(p == grad_pass):
                             tensors = dict(visitor.pass_tensors(res, p))
                             for alias, src in self.aliases.items():
                                 if src in tensors:
