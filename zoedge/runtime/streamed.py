@@ -301,6 +301,13 @@ class StreamedModel:
         """Wait for every enqueued copy and kernel (and disk write)."""
         self.engine.synchronize()
 
+    def use_engine(self, engine: Engine) -> None:
+        """Finish everything the current engine holds, then execute later passes with ``engine``."""
+        self.engine.close()
+        self.engine = engine
+        self.schedule = Schedule(engine.issue)
+        self.tier.attach(self.schedule)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All current weights as CPU tensors (quantized ones dequantized), tied aliases included."""
         from zoedge.store import quant as q

@@ -124,8 +124,9 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
     model = StreamedModel(store, job.device, job.tier, job.prefetch, working_dir=working)
     tok = AutoTokenizer.from_pretrained(store)
     out.mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available() and model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
+    on_device = model.device.type != "cpu"
+    if on_device:
+        torch.accelerator.reset_peak_memory_stats(model.device)
     trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out,
                       Path(job.metrics) if job.metrics else None, progress=job.progress)
     if job.resume:
@@ -140,7 +141,7 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
+        "peak_gpu_bytes": torch.accelerator.max_memory_allocated(model.device) if on_device else None,
         "model_dir": str(out / "model"),
         "data": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
     }
