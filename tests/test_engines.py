@@ -319,3 +319,21 @@ def test_no_torch_cuda_outside_the_accelerator_engine():
             if hit:
                 offenders.append(f"{rel}:{node.lineno}")
     assert not offenders, f"torch.cuda used outside zoedge/runtime/accelerator.py: {offenders}"
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the error on a machine without an accelerator")
+def test_accelerator_device_without_one_is_a_clear_error(stores):
+    with pytest.raises(zoedge.ConfigError, match="--device.*use --device cpu"):
+        zoedge.load(stores["none"], device="cuda")
+
+
+def test_cpu_default_engine_and_checker_on_a_forward(stores):
+    m = zoedge.load(stores["none"], tier="disk", prefetch=2)
+    try:
+        assert isinstance(m.engine, SyncEngine)
+        ops = m.schedule.record()
+        m(*batch(b=2, t=6))
+        assert {op.queue for op in ops} == {"io", "upload", "compute"}  # a plain forward writes nothing back
+        assert find_races(ops) == []
+    finally:
+        m.close()

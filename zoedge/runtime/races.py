@@ -7,21 +7,25 @@ declared buffers, preceded by a wait on the event recorded after each producer i
 accesses to one buffer, at least one a write, from different queues and not ordered by queue order or
 waits are reported (CSAN compares each access with the last write and the reads since).
 
-Only the pure-Python analysis is used: no CUDA call, no dispatch mode. Its private methods are pinned to
-the torch versions this module is tested with (:data:`TESTED_TORCH`).
+Only the pure-Python analysis is used: no CUDA call, no dispatch mode. It uses private methods, so the
+adapter accepts the torch versions in :data:`TORCH_RANGE` (run with 2.13; the methods it calls have the same
+signatures in the 2.x sources it was checked against) and verifies the one signature it depends on.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import inspect
+
 import torch
 
 from zoedge.errors import ScheduleError
 from zoedge.runtime.schedule import QUEUES, Op
 
-#: torch versions (major, minor) whose ``torch.cuda._sanitizer.EventHandler`` this adapter is tested with
-TESTED_TORCH = ((2, 13),)
+#: torch versions (major, minor) accepted: [low, high)
+TORCH_RANGE = ((2, 4), (2, 14))
+_LAUNCH_ARGS = ["stream", "read_only", "read_write", "outputs", "operator", "tensor_aliases"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,13 @@ class Race:
 
 def _event_handler():
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    if version not in TESTED_TORCH:
-        raise ScheduleError("torch", f"version {torch.__version__}: the race checker's adapter to "
-                            "torch.cuda._sanitizer is tested with " + ", ".join(f"{a}.{b}" for a, b in TESTED_TORCH),
-                            "install a tested torch version, or check zoedge/runtime/races.py against this one "
-                            "and extend TESTED_TORCH")
+    low, high = TORCH_RANGE
+    fix = "use torch >= {}.{}, < {}.{}, or check zoedge/runtime/races.py against this version".format(*low, *high)
+    if not low <= version < high:
+        raise ScheduleError("torch", f"version {torch.__version__} is outside the race checker's tested range", fix)
     from torch.cuda._sanitizer import EventHandler
+    if list(inspect.signature(EventHandler._handle_kernel_launch).parameters)[1:7] != _LAUNCH_ARGS:
+        raise ScheduleError("torch", f"version {torch.__version__}: torch.cuda._sanitizer.EventHandler changed", fix)
     return EventHandler()
 
 
