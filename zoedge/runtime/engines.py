@@ -99,22 +99,25 @@ class SimulatedEngine(Engine):
         self.rng = random.Random(seed)
         self.adversarial = adversarial
         self.queues: dict[str, deque[Op]] = {q: deque() for q in QUEUES}
-        self.executed: list[Op] = []
+        self.pending: dict[int, list[Op]] = {}  # seq -> producers it waits for
+        self.order: list[int] = []  # seq of each operation in the order it ran
 
     def issue(self, op: Op) -> None:
         op.done = False
+        self.pending[op.seq] = [w.producer for w in op.waits]
         self.queues[op.queue].append(op)
 
     def _step(self) -> None:
-        heads = [q[0] for q in self.queues.values() if q and all(w.producer.done for w in q[0].waits)]
+        heads = [q[0] for q in self.queues.values() if q and all(p.done for p in self.pending[q[0].seq])]
         if not heads:
             stuck = [q[0].label for q in self.queues.values() if q]
             raise RuntimeError(f"simulated schedule deadlocked; queue heads: {stuck}")
         op = max(heads, key=lambda o: o.seq) if self.adversarial else self.rng.choice(heads)
         self.queues[op.queue].popleft()
+        del self.pending[op.seq]
         op.run()
         op.done = True
-        self.executed.append(op)
+        self.order.append(op.seq)
 
     def outputs_ready(self) -> None:
         while self.queues[COMPUTE]:

@@ -70,7 +70,8 @@ class Op:
     done: Any = field(default=None, repr=False)  # the engine's completion handle
 
     def run(self) -> bool:
-        self.skipped = self.fn() is False
+        fn, self.fn = self.fn, _done  # run once; drop the closure (and the tensors it holds)
+        self.skipped = fn() is False
         return not self.skipped
 
     def happens_before(self, other: Op) -> bool:
@@ -84,7 +85,9 @@ class Op:
 class Schedule:
     """Builds operations, derives their waits and hands each to ``sink`` (the engine) in emission order.
 
-    Emission order is a valid execution order: every wait points to an earlier operation.
+    Emission order is a valid execution order: every wait points to an earlier operation. Unless recording,
+    an operation's wait list is emptied once the engine has taken it (engines that run later keep a copy), so
+    that a long run does not keep every operation reachable through its producers.
     """
 
     def __init__(self, sink: Callable[[Op], None]) -> None:
@@ -152,7 +155,13 @@ class Schedule:
         if self.recorded is not None:
             self.recorded.append(op)
         self.sink(op)
+        if self.recorded is None:
+            op.waits = []  # engines read the waits at issue; dropping them keeps the history collectable
         return op
+
+
+def _done() -> bool:
+    raise RuntimeError("operation already ran")
 
 
 def describe(op: Op, wait: Wait) -> str:

@@ -112,13 +112,13 @@ class StreamedModel:
         self.store = Path(store)
         self.manifest: Manifest = load_manifest(self.store)
         self.device = torch.device(device)
+        if prefetch < 1:
+            raise ConfigError("--prefetch", f"{prefetch}", "use 1 or more")
         if engine is None and self.device.type != "cpu":
             from zoedge.runtime.accelerator import AcceleratorEngine
             engine = AcceleratorEngine(self.device)
         self.engine: Engine = engine if engine is not None else SyncEngine()
         self.schedule = Schedule(self.engine.issue)
-        if prefetch < 1:
-            raise ConfigError("--prefetch", f"{prefetch}", "use 1 or more")
         self.prefetch = prefetch
         self.config = AutoConfig.from_pretrained(self.store)
         self.dtype = dtype_of(self.manifest.dtype)
