@@ -100,7 +100,7 @@ class StreamedModel:
         prefetch: blocks uploaded (and, for ``disk``, read) ahead of the one computing; 1–3 typical.
         ram_cache_blocks: ``disk`` tier only: keep the first K blocks in RAM.
         working_dir: ``disk`` tier with dense updates: where the writable copy of the blocks lives.
-        engine: what executes the schedule (default: :class:`~zoedge.runtime.engines.SyncEngine` on CPU,
+        engine: what executes the schedule (default: :class:`~zoedge.runtime.engines.SyncEngine` on CPU and meta,
             :class:`~zoedge.runtime.accelerator.AcceleratorEngine` otherwise; tests pass a
             :class:`~zoedge.runtime.engines.SimulatedEngine`).
     """
@@ -114,7 +114,7 @@ class StreamedModel:
         self.device = torch.device(device)
         if prefetch < 1:
             raise ConfigError("--prefetch", f"{prefetch}", "use 1 or more")
-        if engine is None and self.device.type != "cpu":
+        if engine is None and self.device.type not in ("cpu", "meta"):  # meta: a dry run that only counts
             from zoedge.runtime.accelerator import AcceleratorEngine
             engine = AcceleratorEngine(self.device)
         self.engine: Engine = engine if engine is not None else SyncEngine()
