@@ -296,7 +296,7 @@ def _reuse(side: Path, data: Path, fp: dict, entries: list[TensorEntry]) -> Bloc
     try:
         meta = json.loads(side.read_text())
         entry = block_from_dict(meta["entry"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, StoreError):
         return None
     if meta.get("fingerprint") != fp or entry.tensors != entries or data.stat().st_size != entry.nbytes:
         return None
