@@ -126,6 +126,39 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
+def block_file(index: int, block: str) -> str:
+    """The store-relative file of the ``index``-th block (``blocks/0003.layers.2.bin``)."""
+    return f"blocks/{index:04d}.{block}.bin"
+
+
+def plan_block(names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, quant: str,
+               block: str) -> tuple[list[TensorEntry], int]:
+    """Place a block's tensors (and quantized parts) at aligned offsets; return entries and total bytes.
+
+    The layout is a function of the config, dtype and quant kind alone: ``prepare`` writes it, and
+    :func:`load_manifest` requires a manifest to hold exactly it.
+    """
+    from zoedge.store import quant as q
+
+    entries, off = [], 0
+    for name in names:
+        shape = shapes[name]
+        kind = quant if (block.startswith("layers.") and quant != "none" and q.should_quantize(name, shape, quant)) else "none"
+        if kind == "none":
+            specs = {"data": (dtype, (math.prod(shape),))}
+            blocksize = 0
+        else:
+            blocksize = q.DEFAULT_BLOCKSIZE[kind]
+            specs = q.part_specs(kind, shape, blocksize)
+        parts = {}
+        for pname, (pdtype, pshape) in specs.items():
+            nbytes = math.prod(pshape) * pdtype.itemsize
+            parts[pname] = Part(DTYPE_NAMES[pdtype], list(pshape), off, nbytes)
+            off = align(off + nbytes)
+        entries.append(TensorEntry(name, DTYPE_NAMES[dtype], list(shape), kind, blocksize, parts))
+    return entries, off
+
+
 # ----------------------------------------------------------------- reading
 MAX_MANIFEST_BYTES = 64 * 2**20  # a 1000-layer store's manifest is a few MB
 STORE_DTYPES = ("fp32", "bf16", "fp16")
@@ -385,6 +418,45 @@ def check_against_config(m: Manifest, store: Path, where: str) -> None:
                              f"{list(expected[name])}", fix)
     if m.tied != tied:
         raise StoreError(where, f"tied weights {m.tied} differ from {tied} implied by config.json", fix)
+    # Everything else is a function of config, dtype and quant: a manifest must hold exactly that layout
+    # (so no edit of offsets, order or parts can make a tensor read another tensor's bytes).
+    for i, b in enumerate(m.blocks):
+        order = [n for n in expected if block_of[n] == b.name]
+        plan, nbytes = plan_block(order, expected, dtype_of(m.dtype), m.quant, b.name)
+        if b.file != block_file(i, b.name):
+            raise StoreError(where, f"block {b.name!r} names file {b.file!r}, prepare writes it to "
+                             f"{block_file(i, b.name)!r}", fix)
+        for got, want in zip(b.tensors, plan):
+            if got != want:
+                raise StoreError(where, f"block {b.name!r}: entry of tensor {got.name!r} differs from the layout "
+                                 f"prepare writes ({_first_difference(got, want)})", fix)
+        if len(b.tensors) != len(plan) or b.nbytes != nbytes:
+            raise StoreError(where, f"block {b.name!r} has {b.nbytes} bytes / {len(b.tensors)} tensors, the layout "
+                             f"prepare writes has {nbytes} / {len(plan)}", fix)
+
+
+def _first_difference(got: TensorEntry, want: TensorEntry) -> str:
+    a, b = dataclasses.asdict(got), dataclasses.asdict(want)
+    for key in b:
+        if a[key] != b[key]:
+            return f"{key} is {json.dumps(a[key])[:120]}, expected {json.dumps(b[key])[:120]}"
+    return "?"
+
+
+def unfinished_store_error(store: Path) -> StoreError:
+    """The error for a store whose ``prepare`` never finished, naming the command that finishes it."""
+    started = None
+    for side in sorted((store / "blocks").glob("*.json")):
+        try:
+            fp = json.loads(side.read_text())["fingerprint"]
+            started = f"`zoedge prepare {fp['source']} {store} --dtype {fp['dtype']} --quant {fp['quant']}`"
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return StoreError(store, "is an unfinished zoedge block store (no manifest.json: `zoedge prepare` was "
+                      "interrupted or failed)",
+                      f"re-run {started or '`zoedge prepare SRC ' + str(store) + '`'} to finish it (finished "
+                      "blocks are kept), or delete the directory")
 
 
 def _no_manifest(store: Path) -> StoreError:
@@ -393,18 +465,7 @@ def _no_manifest(store: Path) -> StoreError:
         return StoreError(store, "does not exist (no manifest.json: not a zoedge block store)",
                           f"run `zoedge prepare SRC {store}` first, or give the path of an existing store")
     if (store / "blocks").is_dir():
-        started = None
-        for side in sorted((store / "blocks").glob("*.json")):
-            try:
-                fp = json.loads(side.read_text())["fingerprint"]
-                started = f"`zoedge prepare {fp['source']} {store} --dtype {fp['dtype']} --quant {fp['quant']}`"
-                break
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        return StoreError(store, "is an unfinished zoedge block store (no manifest.json: `zoedge prepare` was "
-                          "interrupted or failed)",
-                          f"re-run {started or '`zoedge prepare SRC ' + str(store) + '`'} to finish it (finished "
-                          "blocks are kept), or delete the directory")
+        return unfinished_store_error(store)
     if (store / "config.json").is_file() and (any(store.glob("*.safetensors")) or
                                              (store / "model.safetensors.index.json").is_file()):
         return StoreError(store, "is a Hugging Face checkpoint, not a prepared zoedge block store (no manifest.json)",

@@ -37,15 +37,14 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
     else:
         src = Path(model)
         if (src / MANIFEST_NAME).is_file():
+            from zoedge.store.cache import require_tokenizer
+            require_tokenizer(src)
             return src
         if not src.is_dir():
             raise ConfigError("--model", f"{model} does not exist",
                               "give a Hugging Face checkpoint directory or a store made by `zoedge prepare`")
-    key = hashlib.sha256(f"{src.resolve()}|{dtype}|{quant}".encode()).hexdigest()[:12]
-    store = cache_dir() / "stores" / f"{src.name}-{dtype}-{quant}-{key}"
-    if not (store / MANIFEST_NAME).is_file():
-        prepare(src, store, dtype=dtype, quant=quant, progress=progress, log=log_stderr)
-    return store
+    from zoedge.store.cache import prepared_store
+    return prepared_store(src, dtype, quant, progress=progress, log=log_stderr)
 
 
 def load_splits(task: str | None, train: str | None, dev: str | None, test: str | None, n_train: int, n_dev: int,
