@@ -356,13 +356,12 @@ def check_layout(m: Manifest, where: str) -> None:
             raise bad(f"tied {alias!r}", f"must alias a stored tensor and not be stored itself (target {target!r})")
 
 
-_ADAPTER_FACTS: dict[tuple[str, str], tuple[list[str], dict[str, tuple[int, ...]], dict[str, str | None],
-                                              dict[str, str]]] = {}
+_Facts = tuple[str, list[str], dict[str, tuple[int, ...]], dict[str, "str | None"], dict[str, str]]
+_ADAPTER_FACTS: dict[tuple[str, str], _Facts] = {}
 
 
-def _adapter_facts(store: Path, dtype: str) -> tuple[list[str], dict[str, tuple[int, ...]], dict[str, str | None],
-                                                      dict[str, str]]:
-    """Block names, expected shapes, tensor -> block and tied names that ``store/config.json`` implies
+def _adapter_facts(store: Path, dtype: str) -> _Facts:
+    """Model type, block names, expected shapes, tensor -> block and tied names that ``store/config.json`` implies
     (memoized by the config's text: building the meta skeleton costs ~0.1 s)."""
     from transformers import AutoConfig
 
@@ -383,7 +382,8 @@ def _adapter_facts(store: Path, dtype: str) -> tuple[list[str], dict[str, tuple[
         raise StoreError(path, f"cannot be read ({first})", "copy config.json from the original checkpoint") from None
     adapter = adapter_for(config, dtype_of(dtype), "cpu", where=str(path))
     expected = adapter.expected_shapes()
-    facts = (adapter.block_names(), expected, {n: adapter.block_of(n) for n in expected}, dict(adapter.tied()))
+    facts = (config.model_type, adapter.block_names(), expected, {n: adapter.block_of(n) for n in expected},
+             dict(adapter.tied()))
     _ADAPTER_FACTS[key] = facts
     return facts
 
@@ -395,9 +395,11 @@ def check_against_config(m: Manifest, store: Path, where: str) -> None:
     Raises:
         StoreError: naming the missing or extra blocks/tensors, or the shape that differs.
     """
-    names, expected, block_of, tied = _adapter_facts(store, m.dtype)
+    model_type, names, expected, block_of, tied = _adapter_facts(store, m.dtype)
     fix = (f"the manifest does not belong to {store / 'config.json'}: restore the config.json the store was "
            "prepared with, or re-run `zoedge prepare` into a fresh directory")
+    if m.family != model_type:
+        raise StoreError(where, f"family {m.family!r} differs from model_type {model_type!r} in config.json", fix)
     have = [b.name for b in m.blocks]
     if have != names:
         extra, missing = [n for n in have if n not in names], [n for n in names if n not in have]
