@@ -334,15 +334,22 @@ def test_cached_store_unchanged_source_is_reused_without_hashing(store, tmp_path
     first = resolve_store(str(hf), progress=False)
     mtime = (first / MANIFEST_NAME).stat().st_mtime_ns
     hashed = []
+    real_sha = cache.sha256_file
     monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(p) or "x")
     assert resolve_store(str(hf), progress=False) == first
     assert hashed == [] and (first / MANIFEST_NAME).stat().st_mtime_ns == mtime
     # touched but identical: hashed, found equal, reused (not rebuilt)
     monkeypatch.undo()
     monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "RACY_NS", 0)
     os.utime(hf / "model.safetensors")
+    hashed.clear()
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
     assert resolve_store(str(hf), progress=False) == first
     assert (first / MANIFEST_NAME).stat().st_mtime_ns == mtime
+    assert hashed == ["model.safetensors"]
+    assert resolve_store(str(hf), progress=False) == first  # the new stamp was recorded: no hashing now
+    assert hashed == ["model.safetensors"]
     # a new tokenizer/config file counts as a change
     (hf / "added_tokens.json").write_text("{}")
     resolve_store(str(hf), progress=False)

@@ -48,20 +48,22 @@ def _source_files(src: Path) -> list[Path]:
     return sorted(files)
 
 
+def _file_record(path: Path, sha: str | None = None) -> dict:
+    """A file's stamp and sha256; the stamp is null when too recent to trust (hashed again next time)."""
+    started = time.time_ns()
+    stamp = stamp_of(path)
+    return {"stamp": list(stamp) if stamp[3] + RACY_NS < started else None,
+            "sha256": sha256_file(path) if sha is None else sha}
+
+
 def record_source(src: Path) -> dict:
-    """Size, mtime, inode, ctime and sha256 of every file a store is made from (stamps taken before hashing;
-    a stamp too recent to trust is recorded as null, so that file is hashed again on the next check)."""
-    files = {}
-    for path in _source_files(src):
-        started = time.time_ns()
-        stamp = stamp_of(path)
-        files[path.name] = {"stamp": list(stamp) if stamp[3] + RACY_NS < started else None,
-                            "sha256": sha256_file(path)}
-    return {"format": 1, "source": str(src.resolve()), "files": files}
+    """Size, mtime, inode, ctime and sha256 of every file a store is made from (stamps taken before hashing)."""
+    return {"format": 1, "source": str(src.resolve()), "files": {p.name: _file_record(p) for p in _source_files(src)}}
 
 
 def source_change(src: Path, record: dict) -> str | None:
-    """Why ``src`` no longer matches ``record`` (None when it does). Unchanged stamps skip hashing."""
+    """Why ``src`` no longer matches ``record`` (None when it does). Files with unchanged stamps are not
+    hashed; files that hash the same under a new stamp get the new stamp in ``record`` (the caller saves it)."""
     try:
         files = record["files"]
         names = {p.name: p for p in _source_files(src)}
@@ -72,8 +74,10 @@ def source_change(src: Path, record: dict) -> str | None:
             old = files[name]
             if old["stamp"] is not None and tuple(old["stamp"]) == stamp_of(path):
                 continue
-            if sha256_file(path) != old["sha256"]:
+            fresh = _file_record(path)
+            if fresh["sha256"] != old["sha256"]:
                 return f"{name} has other contents"
+            files[name] = fresh
     except (OSError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable record ({e})"
     return None
@@ -117,11 +121,14 @@ def prepared_store(src: Path, dtype: str = "fp32", quant: str = "none", progress
     with _locked(store):
         if (store / MANIFEST_NAME).is_file():
             try:
-                record = json.loads((store / SOURCE_NAME).read_text())
+                text = (store / SOURCE_NAME).read_text()
+                record = json.loads(text)
                 change = source_change(src, record)
             except (OSError, ValueError) as e:
                 change = f"no record of the source ({type(e).__name__})"
             if change is None:
+                if json.dumps(record, indent=1) != text:  # new stamps of files that hashed the same
+                    atomic_write_text(store / SOURCE_NAME, json.dumps(record, indent=1))
                 (store / LAST_USED).touch()
                 return store
             log(f"{src} changed since {store} was prepared from it ({change}): preparing it again")

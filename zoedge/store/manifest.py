@@ -175,20 +175,23 @@ def _typed(d: object, key: str, kind: str, where: str) -> Any:
         raise _Bad(where, f"is a JSON {type(d).__name__}, not an object")
     if key not in d:
         raise _Bad(where, f"has no {key!r} field")
-    v, at = d[key], f"{where}.{key}"
-    ok = {"str": lambda: isinstance(v, str),
-          "uint": lambda: _is_uint(v),
-          "shape": lambda: isinstance(v, list) and len(v) <= 8 and all(_is_uint(x) for x in v),
-          "list": lambda: isinstance(v, list),
-          "dict": lambda: isinstance(v, dict)}[kind]()
+    v = d[key]
+    if kind == "str":
+        ok = isinstance(v, str)
+    elif kind == "uint":
+        ok = _is_uint(v)
+    elif kind == "shape":
+        ok = type(v) is list and len(v) <= 8 and all(_is_uint(x) for x in v)
+    else:
+        ok = isinstance(v, list if kind == "list" else dict)
     if not ok:
         want = {"uint": "a non-negative integer", "shape": "a list of at most 8 non-negative integers"}.get(kind, kind)
-        raise _Bad(at, f"is {json.dumps(v)[:60]}, not {want}")
+        raise _Bad(f"{where}.{key}", f"is {json.dumps(v)[:60]}, not {want}")
     return v
 
 
 def _is_uint(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return type(x) is int and x >= 0  # JSON true is not a size
 
 
 def _only(d: dict, keys: tuple[str, ...], where: str) -> None:
@@ -261,7 +264,7 @@ def manifest_from_dict(d: object, where: str | Path = MANIFEST_NAME) -> Manifest
         raise StoreError(f"{where} ({e.args[0]})", e.args[1], _REPREPARE) from None
 
 
-def _block_path(store: Path, b: BlockEntry, where: str) -> Path:
+def _block_path(store: Path, root: Path, b: BlockEntry, where: str) -> Path:
     """The block's file, refused unless it is a plain ``blocks/NAME`` file that really lies inside the store."""
     parts = b.file.split("/")
     if (len(parts) != 2 or parts[0] != "blocks" or parts[1] in ("", ".", "..") or "\\" in b.file
@@ -269,7 +272,7 @@ def _block_path(store: Path, b: BlockEntry, where: str) -> Path:
         raise StoreError(where, f"block {b.name!r} names file {b.file!r}, which is not a file under blocks/ of "
                          "the store (zoedge never reads outside a store)", _REPREPARE)
     path = store / b.file
-    if path.is_symlink() or store.resolve() not in path.resolve().parents:
+    if path.is_symlink() or root not in path.resolve().parents:
         raise StoreError(path, f"block {b.name!r}: the file is a link (to {path.resolve()}); a store holds its "
                          "own block files", _REPREPARE)
     if not path.is_file() or path.stat().st_size != b.nbytes:
@@ -503,7 +506,8 @@ def load_manifest(store: str | Path, verify: bool = True) -> Manifest:
         raise StoreError(path, f"unreadable manifest ({str(e)[:200]})", _REPREPARE) from None
     manifest = manifest_from_dict(raw, path)
     check_layout(manifest, str(path))
-    files = [_block_path(store, b, str(path)) for b in manifest.blocks]
+    root = store.resolve()
+    files = [_block_path(store, root, b, str(path)) for b in manifest.blocks]
     check_against_config(manifest, store, str(path))
     if verify:
         from zoedge.store.verify import verify_blocks
