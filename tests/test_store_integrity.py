@@ -363,16 +363,19 @@ def test_cache_list_and_prune(store, tmp_path, capsys):
     shutil.copytree(hf, other)
     gone = resolve_store(str(other), progress=False)
     shutil.rmtree(other)
+    leftover = kept.with_name(kept.name + ".deleting-123")  # as after a kill -9 during a rebuild
+    shutil.copytree(kept, leftover)
     capsys.readouterr()
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
-    assert "2 stores in " + str(tmp_path / "cache" / "stores") in out and "(source gone)" in out
+    assert "3 stores in " + str(tmp_path / "cache" / "stores") in out and "(source gone)" in out
+    assert f"{leftover.name} (unfinished)" in out
     assert str(hf.resolve()) in out
     assert main(["cache", "prune"]) == 2  # no selection: refused
     assert main(["cache", "prune", "--unused", "--dry-run"]) == 0
     assert "would delete " + str(gone) in capsys.readouterr().out and gone.is_dir()
     assert main(["cache", "prune", "--unused"]) == 0
-    assert not gone.exists() and kept.is_dir()
+    assert not gone.exists() and not leftover.exists() and kept.is_dir()
     assert main(["cache", "prune", "--older-than", "1"]) == 0 and kept.is_dir()
     assert main(["cache", "prune", "--all"]) == 0 and not kept.exists()
     capsys.readouterr()
@@ -403,3 +406,40 @@ def test_integer_weight_text(tmp_path):
     assert "model.layers.0.mlp.up_proj.weight" in msg and "int32" in msg
     assert "use an unquantized checkpoint" not in msg and "floating-point" in msg
     assert not (tmp_path / "store").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_interrupted_cache_build_is_never_served_and_resumes(store, tmp_path, monkeypatch, keep_mtime):
+    import zoedge.store.prepare as prep
+
+    hf = tmp_path / "hf"
+    real, calls = prep.atomic_write_bytes, []
+
+    def dies_at_third_block(path, data):
+        calls.append(path)
+        if len(calls) == 5:  # block 0 + sidecar, block 1 + sidecar, then block 2
+            raise KeyboardInterrupt
+        real(path, data)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(prep, "atomic_write_bytes", dies_at_third_block)
+        with pytest.raises(KeyboardInterrupt):
+            resolve_store(str(hf), progress=False)
+    stores = tmp_path / "cache" / "stores"
+    assert [p.name.endswith(".partial") for p in stores.iterdir() if p.is_dir()] == [True]
+    got = resolve_store(str(hf), progress=False)  # resumes the partial build (same source)
+    assert [p.name for p in stores.iterdir() if p.is_dir()] == [got.name]
+    zoedge.load(got).close()
+
+    # interrupted again, then the source changes: the partial build of the old source is discarded
+    shutil.rmtree(got)
+    calls.clear()
+    with monkeypatch.context() as mp:
+        mp.setattr(prep, "atomic_write_bytes", dies_at_third_block)
+        with pytest.raises(KeyboardInterrupt):
+            resolve_store(str(hf), progress=False)
+    new = _resave(hf, seed=9, keep_mtime=keep_mtime)
+    got = resolve_store(str(hf), progress=False)
+    name = "model.layers.2.mlp.up_proj.weight"
+    assert torch.equal(_stored(got)[name], new[name])
+    assert torch.equal(_stored(got)["model.layers.0.mlp.up_proj.weight"], new["model.layers.0.mlp.up_proj.weight"])

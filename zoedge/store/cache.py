@@ -10,8 +10,9 @@ quant) is an ordinary store plus two files:
   restored mtime; ctime, which no user call can set back, changes on every write or rename.
 * ``last-used``: touched on every use (its mtime is the "last used" of ``zoedge cache list``).
 
-A store is built in ``<store>.partial`` (resumed after an interruption if the source is unchanged) and renamed
-into place when complete, under a lock file, so a concurrent run never sees half a store.
+A store is built in ``<store>.partial`` (its source record in ``<store>.partial.json``; resumed after an
+interruption only if the source's contents are unchanged) and renamed into place when complete, under a lock
+file, so a concurrent run never sees half a store.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -134,14 +136,24 @@ def prepared_store(src: Path, dtype: str = "fp32", quant: str = "none", progress
             log(f"{src} changed since {store} was prepared from it ({change}): preparing it again")
             _remove(store)
         partial = store.with_name(store.name + ".partial")
-        if partial.exists() and not resumable(src, partial, dtype, quant):
-            _remove(partial)
+        pending = store.with_name(store.name + ".partial.json")  # the source record of the partial build
         record = record_source(src)
+        if partial.exists() and not (resumable(src, partial, dtype, quant) and _same_contents(pending, record)):
+            _remove(partial)  # a build of other contents (prepare alone cannot tell a re-save with the old mtime)
+        atomic_write_text(pending, json.dumps(record, indent=1))
         prepare(src, partial, dtype=dtype, quant=quant, progress=progress, log=log)
-        atomic_write_text(partial / SOURCE_NAME, json.dumps(record, indent=1))
+        os.replace(pending, partial / SOURCE_NAME)
         (partial / LAST_USED).touch()
         os.replace(partial, store)
     return store
+
+
+def _same_contents(path: Path, record: dict) -> bool:
+    try:
+        old = json.loads(path.read_text())["files"]
+        return {k: v["sha256"] for k, v in old.items()} == {k: v["sha256"] for k, v in record["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 #: Any one of these file sets is a tokenizer transformers can load.
@@ -181,6 +193,12 @@ class CachedStore:
         return self.source is not None and Path(self.source).is_dir()
 
 
+def _leftover(name: str) -> str | None:
+    """The store name of an unfinished build (``NAME.partial``) or interrupted deletion (``NAME.deleting-PID``)."""
+    m = re.fullmatch(r"(.+)\.(partial|deleting-\d+)", name)
+    return m.group(1) if m else None
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -205,7 +223,7 @@ def cached_stores() -> list[CachedStore]:
         marker = d / LAST_USED
         last = (marker if marker.exists() else d).stat().st_mtime
         out.append(CachedStore(d, _size(d), source if isinstance(source, str) else None, last,
-                               (d / MANIFEST_NAME).is_file() and ".partial" not in d.name))
+                               (d / MANIFEST_NAME).is_file() and _leftover(d.name) is None))
     return sorted(out, key=lambda s: s.last_used)
 
 
@@ -233,8 +251,10 @@ def prune(stores: list[CachedStore]) -> int:
     for s in stores:
         if not s.path.is_relative_to(stores_dir()):
             raise StoreError(s.path, "is not inside the cache", "only stores under " + str(stores_dir()) + " are pruned")
-        base = s.path.with_name(s.path.name.split(".partial")[0])
+        base = s.path.with_name(_leftover(s.path.name) or s.path.name)
         with _locked(base):
             _remove(s.path)
+            if s.path.name.endswith(".partial"):
+                s.path.with_name(s.path.name + ".json").unlink(missing_ok=True)
         freed += s.bytes
     return freed
