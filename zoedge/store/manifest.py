@@ -15,8 +15,10 @@ buffer without copies.
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,7 +266,7 @@ def manifest_from_dict(d: object, where: str | Path = MANIFEST_NAME) -> Manifest
         raise StoreError(f"{where} ({e.args[0]})", e.args[1], _REPREPARE) from None
 
 
-def _block_path(store: Path, root: Path, b: BlockEntry, where: str) -> Path:
+def _block_path(store: Path, b: BlockEntry, where: str) -> Path:
     """The block's file, refused unless it is a plain ``blocks/NAME`` file that really lies inside the store."""
     parts = b.file.split("/")
     if (len(parts) != 2 or parts[0] != "blocks" or parts[1] in ("", ".", "..") or "\\" in b.file
@@ -272,11 +274,15 @@ def _block_path(store: Path, root: Path, b: BlockEntry, where: str) -> Path:
         raise StoreError(where, f"block {b.name!r} names file {b.file!r}, which is not a file under blocks/ of "
                          "the store (zoedge never reads outside a store)", _REPREPARE)
     path = store / b.file
-    if path.is_symlink() or root not in path.resolve().parents:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
         raise StoreError(path, f"block {b.name!r}: the file is a link (to {path.resolve()}); a store holds its "
                          "own block files", _REPREPARE)
-    if not path.is_file() or path.stat().st_size != b.nbytes:
-        size = path.stat().st_size if path.is_file() else "missing"
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != b.nbytes:
+        size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else "missing"
         raise StoreError(path, f"block {b.name!r} should be {b.nbytes} bytes, found {size}",
                          "the store was damaged; re-run `zoedge prepare` into a fresh directory")
     return path
@@ -506,8 +512,11 @@ def load_manifest(store: str | Path, verify: bool = True) -> Manifest:
         raise StoreError(path, f"unreadable manifest ({str(e)[:200]})", _REPREPARE) from None
     manifest = manifest_from_dict(raw, path)
     check_layout(manifest, str(path))
-    root = store.resolve()
-    files = [_block_path(store, root, b, str(path)) for b in manifest.blocks]
+    blocks_dir = store / "blocks"
+    if blocks_dir.is_symlink():  # with plain blocks/NAME files, this makes every block file lie inside the store
+        raise StoreError(blocks_dir, f"is a link (to {blocks_dir.resolve()}); a store holds its own block files",
+                         _REPREPARE)
+    files = [_block_path(store, b, str(path)) for b in manifest.blocks]
     check_against_config(manifest, store, str(path))
     if verify:
         from zoedge.store.verify import verify_blocks

@@ -116,12 +116,13 @@ def verify_blocks(store: Path, blocks: Iterable[tuple[str, str, Path]]) -> int:
         StoreError: a block's bytes do not hash to the manifest's sha256 (names the file and both hashes).
     """
     stamps = _read_stamps(store)
+    root = str(store.resolve())
     fresh: dict[str, dict] = {}
     hashed = 0
     for name, sha, path in blocks:
         rel = path.relative_to(store).as_posix()
         now = stamp_of(path)
-        key = (str(path.resolve()), sha)
+        key = (f"{root}/{rel}", sha)
         known = stamps.get(rel)
         if _MEMORY.get(key) == now or (isinstance(known, dict) and known.get("sha256") == sha
                                        and _trusted(known.get("stamp"), now)):
