@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoedge
 from zoedge.optim.noise import NoiseSource
-from zoedge.runtime.streamed import StreamedModel
+from zoedge.runtime.engines import SyncEngine
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.hzo import HZO
 from tests.plugin_harness import batches, resident_block
@@ -113,15 +113,16 @@ def test_low_rank_estimate_is_unbiased():
     assert float((mean - true).norm() / true.norm()) < 0.08
 
 
-def test_factor_mode_writes_no_base_bytes_and_forms_no_mxn_tensor(tiny, tmp_path, monkeypatch):
+def test_factor_mode_writes_no_base_bytes_and_forms_no_mxn_tensor(tiny, tmp_path):
     model, store = tiny
     shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
     written, allocated = [], []
-    real_offload = StreamedModel._offload
 
-    def counting_offload(self, i, slot, computed):
-        written.append(self.blocks[i].nbytes)
-        return real_offload(self, i, slot, computed)
+    class Counting(SyncEngine):  # the CPU engine, recording the write-backs that copied bytes
+        def issue(self, op):
+            super().issue(op)
+            if op.kind == "offload" and not op.skipped:
+                written.append(op.nbytes)
 
     class Alloc(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -133,8 +134,8 @@ def test_factor_mode_writes_no_base_bytes_and_forms_no_mxn_tensor(tiny, tmp_path
                         allocated.append((str(func), tuple(o.shape)))
             return out
 
-    monkeypatch.setattr(StreamedModel, "_offload", counting_offload)
     t = trainer(store, tmp_path, steps=2 * NU, factors="merge")
+    t.model.use_engine(Counting())
     per_step = []
     for step in range(2 * NU):
         written.clear()
@@ -146,6 +147,7 @@ def test_factor_mode_writes_no_base_bytes_and_forms_no_mxn_tensor(tiny, tmp_path
     # one write-back per period (the merge, at the first step of the next period), none otherwise
     assert per_step == [0, 0, 0, total, 0, 0]
     dense = trainer(store, tmp_path / "dense", steps=2, factors="off")
+    dense.model.use_engine(Counting())
     written.clear()
     dense.train_step()
     dense.train_step()

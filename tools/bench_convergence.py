@@ -82,6 +82,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from zoedge.optim.registry import build, options_of, load
+    from zoedge.runtime.engines import SyncEngine
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.job import resolve_store
     from zoedge.train.trainer import TrainSettings, Trainer
@@ -94,17 +95,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     store = resolve_store(args.model, progress=False)
     model = StreamedModel(store)
     moved = {"up": 0, "down": 0}
-    upload, offload = model._upload, model._offload
 
-    def counting_upload(i: int) -> None:
-        moved["up"] += model.blocks[i].nbytes
-        upload(i)
+    class Counting(SyncEngine):  # the CPU engine, adding up the bytes of uploads and of real write-backs
+        def issue(self, op: Any) -> None:
+            super().issue(op)
+            if op.kind == "upload":
+                moved["up"] += op.nbytes
+            elif op.kind == "offload" and not op.skipped:
+                moved["down"] += op.nbytes
 
-    def counting_offload(i: int, slot: Any, computed: Any) -> None:
-        moved["down"] += model.blocks[i].nbytes
-        offload(i, slot, computed)
-
-    model._upload, model._offload = counting_upload, counting_offload  # type: ignore[method-assign]
+    model.use_engine(Counting())
     tok = AutoTokenizer.from_pretrained(store)
     train, dev = splits(args.task, args.n_train, args.n_dev, args.seed)
     opt = build(name, options, seed=args.seed)

