@@ -14,7 +14,7 @@ Memory (weights, grads, optimizer state) is counted by :meth:`FirstOrder.memory`
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,9 +135,12 @@ class FirstOrder:
                 block.tensors[k].copy_(v)
         block.mark_dirty()
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward of the grad pass's loss, one optimizer step, grads cleared."""
+    def step(self, loss: torch.Tensor, reduce_grads: Callable[[Sequence[torch.Tensor]], None] | None = None) -> None:
+        """Backward of the grad pass's loss, one optimizer step, grads cleared; ``reduce_grads`` (data-parallel
+        runs) sums the gradients over ranks between the backward and the step."""
         loss.backward()
+        if reduce_grads is not None:
+            reduce_grads(self._flat())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
 

@@ -208,6 +208,11 @@ def token_logprobs_from_logits(logits_at_targets: torch.Tensor, target_ids: torc
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def loss_count(batch: Batch) -> int:
+    """What :func:`candidate_loss` averages over: examples (classification) or answer tokens (generation)."""
+    return batch.num_examples if batch.kind == "classification" else int(batch.target_ids.numel())
+
+
 def candidate_loss(token_logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and predictions from the scored tokens' log-probabilities.
 

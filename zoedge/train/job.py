@@ -23,6 +23,7 @@ from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, TrainSettings, evaluate, log_stderr
+from zoedge.train.world import World
 
 
 def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True) -> Path:
@@ -101,34 +102,51 @@ class JobSettings:
 
 
 def run_finetune(job: JobSettings) -> dict[str, Any]:
-    """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary."""
-    from transformers import AutoTokenizer
+    """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary.
 
-    from zoedge.optim.registry import build
-
+    Under ``torchrun`` / ``accelerate launch`` this process is one rank of a data-parallel run (see
+    :mod:`zoedge.train.world`): rank 0 prepares the store first and alone writes the outputs."""
     out = Path(job.output)
     ckpts = out / "checkpoints"
     if not job.resume and ckpts.is_dir() and any(ckpts.glob("step-*")):
         raise ConfigError("--output", f"{out} already holds checkpoints of a run",
                           "add --resume to continue it, or choose another --output")
-    store = resolve_store(job.model, job.dtype, progress=job.progress)
+    world = World.from_env(job.device)  # torchrun / accelerate launch: this rank of the data-parallel run
+    try:
+        return _finetune(job, world, out)
+    finally:
+        world.close()
+
+
+def _finetune(job: JobSettings, world: World, out: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from zoedge.optim.registry import build
+    if not world.is_main:
+        world.barrier()  # rank 0 prepares (or finds) the store alone
+    store = resolve_store(job.model, job.dtype, progress=job.progress and world.is_main)
+    if world.is_main:
+        world.barrier()
     s = job.train_settings
     splits = load_splits(job.task, job.train, job.dev, job.test, job.n_train, job.n_dev, job.n_test, s.seed)
     optimizer = build(job.optimizer, job.options, seed=s.seed)
     working = out / "working" if job.tier == "disk" else None
-    model = StreamedModel(store, job.device, job.tier, job.prefetch, working_dir=working)
+    if working is not None and world.size > 1:
+        working = working / f"rank-{world.rank}"  # every rank streams its own copy
+    device = world.train_device(job.device)
+    model = StreamedModel(store, device, job.tier, job.prefetch, working_dir=working)
     tok = AutoTokenizer.from_pretrained(store)
     out.mkdir(parents=True, exist_ok=True)
     on_device = model.device.type != "cpu"
     if on_device:
         torch.accelerator.reset_peak_memory_stats(model.device)
     trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out,
-                      Path(job.metrics) if job.metrics else None, progress=job.progress)
+                      Path(job.metrics) if job.metrics else None, progress=job.progress, world=world)
     if job.resume:
         trainer.resume()
     result = trainer.fit()
     test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-    export_model(model, out / "model")
+    per_rank_batch = [b - a for a, b in world.shard_bounds(s.batch_size)]
     summary = {
         "optimizer": job.optimizer, "options": job.options, "store": str(store), "device": job.device,
         "steps": result.steps, "seconds": result.seconds,
@@ -139,10 +157,14 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
         "peak_gpu_bytes": torch.accelerator.max_memory_allocated(model.device) if on_device else None,
         "model_dir": str(out / "model"),
         "data": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
+        "world_size": world.size, "per_rank_batch": per_rank_batch,
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "summary.json")
+    if world.is_main:  # every rank holds the same weights: one writes
+        export_model(model, out / "model")
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, out / "summary.json")
+    world.barrier()
     model.close()
     return summary
 

@@ -15,6 +15,7 @@ straight equal N/2 + resume + N/2 bit for bit (CPU, fp32).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +30,10 @@ from zoedge.errors import ConfigError, DataError, TrainingError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
-from zoedge.train.batching import Batch, candidate_loss, collate, token_logprobs_from_logits
+from zoedge.train.batching import Batch, candidate_loss, collate, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.tasks import Example
+from zoedge.train.world import World, state_checksum
 
 
 def log_stderr(message: str) -> None:
@@ -92,12 +94,18 @@ class Evaluation:
 
 
 def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
-             max_length: int = 256, progress: bool = False, desc: str = "eval") -> Evaluation:
-    """Mean loss and accuracy (classification) of the model's *current* weights (flush first)."""
+             max_length: int = 256, progress: bool = False, desc: str = "eval", world: World | None = None
+             ) -> Evaluation:
+    """Mean loss and accuracy (classification) of the model's *current* weights (flush first).
+
+    With a ``world`` of several ranks, rank r evaluates eval batches r, r + size, ... and the sums are
+    all-reduced: the same batches as one process, so the same figures up to summation order."""
     if not examples:
         return Evaluation(float("nan"), None, 0)
+    world = world or World()
     total_loss, correct, n, cls = 0.0, 0, 0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
+    starts = list(range(0, len(examples), batch_size))[world.rank::world.size]
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
         chunk = examples[start:start + batch_size]
         for kind in ("classification", "generation"):
             part = [e for e in chunk if e.kind == kind]
@@ -110,6 +118,10 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
             if kind == "classification":
                 correct += int((pred.cpu() == batch.labels).sum())
                 cls += len(part)
+    if world.size > 1:
+        total_loss, correct, n, cls = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls],
+                                                                         dtype=torch.float64)).tolist()
+        correct, n, cls = int(correct), int(n), int(cls)
     return Evaluation(total_loss / n, correct / cls if cls else None, n)
 
 
@@ -145,16 +157,22 @@ class Trainer:
         settings: loop settings.
         output: run directory (checkpoints, metrics, final model, summary).
         metrics_path: JSONL file of per-step metrics (default ``output/metrics.jsonl``).
+        world: the ranks of a data-parallel run (default: this process alone); see :mod:`zoedge.train.world`.
     """
 
     def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
                  dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
                  metrics_path: Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] = log_stderr) -> None:
+                 log: Callable[[str], None] = log_stderr, world: World | None = None) -> None:
         settings.check()
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
                             f"use --batch-size {len(train)} or less, or give more training data")
+        self.world = world or World()
+        if settings.batch_size < self.world.size:
+            raise ConfigError("--batch-size", f"{settings.batch_size} is smaller than the {self.world.size} ranks "
+                              "(the global batch is split across ranks)",
+                              f"use --batch-size {self.world.size} or more, or fewer ranks")
         fo_blocks = optimizer.fo_blocks(model.blocks)
         fo_extra = optimizer.fo_parameters(model.device)
         self.fo: FirstOrder | None = None
@@ -174,8 +192,8 @@ class Trainer:
         self.step = 0
         self.last_plugin_metrics: dict[str, float] = {}  # the plugin's metrics of the last step (progress bar)
         self.last_losses: list[float] = []                # the last step's loss per pass
-        self.progress = progress
-        self.log = log
+        self.progress = progress and self.world.is_main
+        self.log = log if self.world.is_main else (lambda message: None)
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -190,7 +208,11 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict()}
         if self.fo is not None:
             state["first_order"] = self.fo.state_dict()
-        return save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), state, self.s.keep_checkpoints)
+        path = self.ckpt_dir / f"step-{self.step:08d}"
+        if self.world.is_main:  # every rank holds the same state: one writes it
+            path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), state, self.s.keep_checkpoints)
+        self.world.barrier()
+        return path
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint if there is one; True when resumed."""
@@ -206,32 +228,49 @@ class Trainer:
             self.fo.load_state_dict(state["first_order"])
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
+        self.check_consistent(f"resume from {path}")  # every rank must have read the same checkpoint
         return True
+
+    def check_consistent(self, when: str) -> None:
+        """Data-parallel runs: stop unless every rank holds the same trained state (see World.check_consistent)."""
+        if self.world.size > 1:
+            extra = [v for v in self.opt.plugin_state().values() if isinstance(v, torch.Tensor)]
+            if self.fo is not None:
+                extra += [p.detach() for b in self.fo.blocks for p in self.fo.params[b].values()]
+                extra += [p.detach() for p in self.fo.extra.values()]
+            self.world.check_consistent(state_checksum(self.model, extra), when)
 
     # ------------------------------------------------------------------- loop
     def train_step(self) -> dict[str, float]:
         """One ZO step on batch ``self.step``; returns its metrics."""
-        idx = batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step)
+        idx = self.world.shard(batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step))
         batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length)
         lr = self.opt.lr
         t0 = time.perf_counter()
+        self.world.step = self.step
         self.run_extra_phases(batch)
         self.opt.begin_step(self.step)
         losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
-        values = torch.stack([x.detach() for x in losses]).float().cpu()  # the one host sync of the step
+        # the one host sync of the step (and, across ranks, the one all-reduce: global-batch means)
+        values, total, (tokens,) = self.world.mean_losses(losses, loss_count(batch), [batch.n_tokens])
         if not torch.isfinite(values).all():
             raise TrainingError(f"step {self.step}", f"non-finite loss {values.tolist()}",
                                 "lower --lr / --eps or check the data; the last good checkpoint is kept in "
                                 f"{self.ckpt_dir}")
         if self.fo is not None and self.opt.grad_pass is not None:
-            self.fo.step(losses[self.opt.grad_pass])
+            if self.world.size > 1:  # the gradient of the global mean: local share, summed over ranks
+                self.fo.step(losses[self.opt.grad_pass] * (loss_count(batch) / total), self.world.all_reduce_grads)
+            else:
+                self.fo.step(losses[self.opt.grad_pass])
         self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
         self.last_plugin_metrics = metrics
         self.scheduler.step()
         self.step += 1
+        if self.world.check_every and self.step % self.world.check_every == 0:
+            self.check_consistent(f"step {self.step}")
         return {"step": self.step, "loss": float(values.mean()), "lr": lr, **metrics,
-                "seconds": time.perf_counter() - t0, "tokens": batch.n_tokens}
+                "seconds": time.perf_counter() - t0, "tokens": int(tokens)}
 
     def run_extra_phases(self, batch: Batch) -> None:
         """The plugin's extra streamed phases before this step (DiZO), on this step's batch, after a flush; a
@@ -243,18 +282,20 @@ class Trainer:
                 flushed = True
             if phase.passes:
                 losses = [loss for loss, _ in _loss_passes(self.model, phase, batch)]
-                self.opt.finish_phase(phase, list(torch.stack(losses).float().cpu()))
+                self.opt.finish_phase(phase, list(self.world.mean_losses(losses, loss_count(batch))[0]))
             else:  # a visit-only stream (e.g. writing the phase's result into the weights)
                 self.model.run(phase)
                 self.opt.finish_phase(phase, [])
 
     def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
         self.flush()
-        return evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc)
+        return evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
+                        self.world)
 
     def fit(self) -> TrainResult:
         """Train to ``settings.steps`` (from the resumed step), evaluating and checkpointing as configured."""
-        self.output.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
         result = TrainResult(steps=0, seconds=0.0, tokens=0)
         start_step = self.step
         ev = self.evaluate(self.dev, "dev (before)")
@@ -266,7 +307,7 @@ class Trainer:
                      f"the first step: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         t0 = time.perf_counter()
         bar = tqdm(total=self.s.steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
-        with open(self.metrics_path, "a") as mf:
+        with open(self.metrics_path if self.world.is_main else os.devnull, "a") as mf:  # rank 0 writes
             while self.step < self.s.steps:
                 m = self.train_step()
                 result.tokens += int(m["tokens"])

@@ -1,0 +1,142 @@
+"""Data-parallel ZO on torch.distributed (2 gloo processes on 127.0.0.1) against one process with the same batch.
+
+Tolerance: the ranks all-reduce each pass's (mean loss · count, count) and divide, and shard batches are padded to
+their own length, so a pass's loss differs from the one-process mean by floating-point rounding (~1e-7 relative);
+the projected gradient (L+ - L-) / 2ε turns that into ~1e-5 of g, and the weights differ by lr·Δg·z ~ 1e-8.
+The ranks themselves must agree bit for bit (they apply the same update from the same all-reduced scalars).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoedge
+from zoedge.train.trainer import TrainSettings, Trainer
+from tests.tiny import CharTokenizer, save_tiny, toy_examples
+
+STEPS, BATCH = 6, 5  # shards of 3 and 2 examples: uneven on purpose
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    save_tiny("llama", root / "hf")
+    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
+    return root / "store"
+
+
+def make_trainer(store, out, world=None, steps=STEPS, **kw):
+    from zoedge_plugins.mezo import MeZO
+    ex = toy_examples()
+    return Trainer(zoedge.load(store), CharTokenizer(), MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01), ex,
+                   ex[:7], ex[:4], TrainSettings(steps=steps, batch_size=BATCH, seed=3, eval_batch_size=2, **kw),
+                   out, progress=False, log=lambda s: None, world=world)
+
+
+def _worker(rank: int, size: int, port: int, store: str, out: str, mode: str, kw: dict) -> None:
+    """One rank: join the gloo group from the environment (as torchrun sets it), train, save its weights."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+    from zoedge.errors import ZoedgeError
+    from zoedge.train.world import World
+    world = World.from_env("cpu", timeout_s=20, check_every=2)
+    try:
+        t = make_trainer(Path(store), Path(out), world, **kw)
+        if mode == "resume":
+            t.resume()
+        if mode == "diverge" and rank == 1:  # a rank whose weights drifted (e.g. a different kernel)
+            w = t.model.state_dict()
+            w["model.layers.0.mlp.up_proj.weight"][0, 0] += 1e-3
+            t.model.load_state_dict(w)
+        if mode == "die" and rank == 1:
+            step = t.train_step
+            t.train_step = lambda: os._exit(9) if t.step == 3 else step()  # type: ignore[method-assign]
+        result = t.fit()
+        torch.save({"weights": t.model.state_dict(), "after": result.after}, Path(out) / f"rank{rank}.pt")
+    except ZoedgeError as e:
+        (Path(out) / f"rank{rank}.err").write_text(str(e))
+        os._exit(e.exit_code)
+    finally:
+        world.close()
+
+
+def launch(store, out: Path, mode: str = "plain", size: int = 2, timeout: float = 120, **kw) -> list[int | None]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, size, port, str(store), str(out), mode, kw)) for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes
+
+
+def losses_of(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    t = make_trainer(store, out)
+    result = t.fit()
+    return losses_of(out), t.model.state_dict(), result.after
+
+
+def assert_close_weights(a, b):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_two_ranks_equal_one_process(store, reference, tmp_path):
+    assert launch(store, tmp_path) == [0, 0]
+    ref_losses, ref_weights, ref_after = reference
+    losses = losses_of(tmp_path)  # rank 0 alone writes: one line per step
+    assert len(losses) == STEPS
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in r0["weights"]:  # the ranks agree bit for bit
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    assert_close_weights(r0["weights"], ref_weights)
+    moved = (r0["weights"]["model.layers.0.mlp.up_proj.weight"] - zoedge.load(store).state_dict()[
+        "model.layers.0.mlp.up_proj.weight"]).abs().max()
+    assert moved > 1e-4  # the tolerance above is far below what training changed
+    # sharded evaluation, gathered: same figures as one process
+    assert r0["after"]["examples"] == ref_after["examples"] == 7
+    assert r0["after"]["accuracy"] == ref_after["accuracy"]
+    assert r0["after"]["loss"] == pytest.approx(ref_after["loss"], rel=1e-5)
+    ckpts = list((tmp_path / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1  # written once, by rank 0
+
+
+def test_diverged_rank_stops_every_rank_naming_the_step(store, tmp_path):
+    codes = launch(store, tmp_path, "diverge")
+    assert codes == [3, 3]
+    for r in (0, 1):
+        err = (tmp_path / f"rank{r}.err").read_text()
+        assert "step 2" in err and "diverged" in err and "[1]" in err, err
+
+
+def test_dead_rank_is_named_and_resume_matches(store, reference, tmp_path):
+    t0 = time.monotonic()
+    codes = launch(store, tmp_path, "die", save_every=2)
+    assert codes[1] == 9 and codes[0] == 3, codes
+    assert time.monotonic() - t0 < 90
+    err = (tmp_path / "rank0.err").read_text()
+    assert "rank(s) [1] stopped answering" in err and "--resume" in err, err
+    assert losses_of(tmp_path)[:2] == pytest.approx(reference[0][:2], rel=1e-5)
+    assert launch(store, tmp_path, "resume", save_every=2) == [0, 0]
+    assert_close_weights(torch.load(tmp_path / "rank0.pt")["weights"], reference[1])
