@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.optim.registry import load, options_of, parse_opts
     from zoedge.train.job import JobSettings, run_finetune
     from zoedge.train.trainer import TrainSettings
+    from zoedge.train.world import launched_rank
 
     options: dict = dict(parse_opts(args.opt))
     for key in ("lr", "eps"):
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
                       output=args.output, resume=args.resume, metrics=args.metrics, train_settings=ts,
                       progress=not args.no_progress)
     s = run_finetune(job)
+    if launched_rank() != 0:  # torchrun / accelerate launch: rank 0 reports for the run
+        return 0
 
     def acc(d: dict | None) -> str:
         return "n/a" if not d or d.get("accuracy") is None else f"{d['accuracy']:.3f}"

@@ -231,6 +231,14 @@ class World:
                                 RESUME_HINT) from e
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched by torchrun / accelerate launch)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def state_checksum(model: Any, extra: Sequence[torch.Tensor] = ()) -> int:
     """An exact, order-independent integer checksum of the model's working copy and ``extra`` tensors.
 
