@@ -63,7 +63,8 @@ class World:
         """Join the process group a launcher described in the environment (a world of one if none).
 
         Args:
-            device: the training device: ``cuda`` becomes ``cuda:LOCAL_RANK`` and the backend ``nccl``.
+            device: the training device: ``cuda`` becomes ``cuda:LOCAL_RANK`` and the backend ``nccl`` (other
+                accelerators: torch's default backend for them).
             timeout_s: how long a collective waits for a silent rank before failing.
             check_every: see the class.
 
@@ -82,11 +83,11 @@ class World:
             raise ConfigError("RANK", f"{rank} is outside 0..{size - 1}", "let the launcher set RANK and WORLD_SIZE")
         import torch.distributed as dist
         comm = torch.device("cpu")
-        backend = "gloo"
-        if torch.device(device).type == "cuda":
-            comm = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(comm)
-            backend = "nccl"
+        kind = torch.device(device).type
+        if kind != "cpu":  # each rank on its own accelerator: the launcher's LOCAL_RANK
+            comm = torch.device(kind, int(os.environ.get("LOCAL_RANK", "0")))
+            torch.accelerator.set_device_index(comm.index)
+        backend = dist.Backend.default_device_backend_map.get(comm.type, "gloo")  # gloo on CPU, nccl on CUDA
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
         world = cls(rank, size, comm, check_every, group=True)
@@ -95,7 +96,7 @@ class World:
 
     def train_device(self, device: str) -> str:
         """The device this rank trains on: ``cuda`` (no index) becomes this rank's GPU."""
-        if self.size > 1 and device == "cuda":
+        if self.size > 1 and device == self.device.type != "cpu":
             return str(self.device)
         return device
 
