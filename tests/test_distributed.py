@@ -32,10 +32,13 @@ def store(tmp_path_factory):
     return root / "store"
 
 
-def make_trainer(store, out, world=None, steps=STEPS, **kw):
+def make_trainer(store, out, world=None, steps=STEPS, plugin="mezo", **kw):
+    from zoedge_plugins.loho import LoHO
     from zoedge_plugins.mezo import MeZO
     ex = toy_examples()
-    return Trainer(zoedge.load(store), CharTokenizer(), MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01), ex,
+    opt = (MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01) if plugin == "mezo" else
+           LoHO(seed=3, lr=1e-3, eps=1e-2, fo_layers="1", fo_lr=0.05))  # the last block trained first-order
+    return Trainer(zoedge.load(store), CharTokenizer(), opt, ex,
                    ex[:7], ex[:4], TrainSettings(steps=steps, batch_size=BATCH, seed=3, eval_batch_size=2, **kw),
                    out, progress=False, log=lambda s: None, world=world)
 
@@ -140,3 +143,16 @@ def test_dead_rank_is_named_and_resume_matches(store, reference, tmp_path):
     assert losses_of(tmp_path)[:2] == pytest.approx(reference[0][:2], rel=1e-5)
     assert launch(store, tmp_path, "resume", save_every=2) == [0, 0]
     assert_close_weights(torch.load(tmp_path / "rank0.pt")["weights"], reference[1])
+
+
+def test_first_order_blocks_all_reduce_their_gradients(store, tmp_path):
+    """LoHO: the first-order block's gradient is the global-batch mean's (local shares summed over ranks)."""
+    ref = make_trainer(store, tmp_path / "ref", plugin="loho")
+    ref.fit()
+    assert launch(store, tmp_path / "dp", plugin="loho") == [0, 0]
+    torch.testing.assert_close(torch.tensor(losses_of(tmp_path / "dp")), torch.tensor(losses_of(tmp_path / "ref")),
+                               rtol=1e-5, atol=0)
+    got, want = torch.load(tmp_path / "dp" / "rank0.pt")["weights"], ref.model.state_dict()
+    assert_close_weights(got, want)
+    name = "model.layers.2.mlp.down_proj.weight"  # in the first-order block: moved by the gradient steps
+    assert (want[name] - zoedge.load(store).state_dict()[name]).abs().max() > 1e-4
