@@ -240,3 +240,30 @@ def candidate_loss(token_logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Te
     scores = scores.index_put((batch.row_example, batch.row_candidate), score)
     loss = F.cross_entropy(scores, batch.labels)
     return loss, scores.argmax(dim=-1)
+
+
+def length_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+    """Evaluation batches of one kind each, examples sorted by token length so a batch wastes little padding.
+
+    Args:
+        tokenizer: as for :func:`collate`.
+        examples: any mix of kinds.
+        batch_size: examples per batch (the last batch of a kind may be smaller).
+
+    Returns:
+        Batches covering every example once; order inside and across batches follows length, not input order.
+    """
+    if batch_size < 1:
+        raise DataError("batch_size", f"is {batch_size}", "give an integer >= 1")
+    out: list[list[Example]] = []
+    for kind in ("classification", "generation"):
+        part = [e for e in examples if e.kind == kind]
+        if not part:
+            continue
+        prompt_len = [len(ids) for ids in _ids(tokenizer, [e.prompt for e in part], special=True)]
+        cands = sorted({c for e in part for c in e.candidates})
+        cand_len = dict(zip(cands, (len(ids) for ids in _ids(tokenizer, cands, special=False))))
+        length = [p + max(cand_len[c] for c in e.candidates) for p, e in zip(prompt_len, part)]
+        order = sorted(range(len(part)), key=lambda i: length[i])
+        out += [[part[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    return out
