@@ -3,7 +3,7 @@
 :meth:`StepGuard.check` runs after the optimizer has turned a step's losses
 into its (pending) update and *before* that update is applied, checkpointed or
 exported. It refuses non-finite losses, non-finite metrics (e.g. the projected
-gradient) and an update scale ``lr × projected gradient`` that overflows, with
+gradient) and an update scale ``lr × projected gradient`` beyond the fp32 range, with
 a :class:`~zoedge.errors.TrainingError` naming the step and the last good
 checkpoint. It also warns once when the loss stalls with an exactly zero
 projected gradient for several steps (typical of a learning rate so large that
@@ -22,6 +22,7 @@ import torch
 
 from zoedge.errors import TrainingError
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
 #: steps in a row with a zero projected gradient and an unchanged loss before the stall warning
 STALL_STEPS = 3
 
@@ -67,8 +68,8 @@ class StepGuard:
             if bad:
                 problem = f"non-finite {', '.join(f'{k} {v}' for k, v in bad.items())} (losses {values})"
             g = metrics.get("projected_grad")
-            if problem is None and isinstance(g, float) and not math.isfinite(lr * g):
-                problem = f"the update lr × projected gradient = {lr:g} × {g:g} is not finite"
+            if problem is None and isinstance(g, float) and not abs(lr * g) <= FP32_MAX:
+                problem = f"the update scale lr × projected gradient = {lr:g} × {g:g} overflows fp32"
         if problem is not None:
             raise TrainingError(f"step {step}", f"training diverged: {problem}; this step's update was not applied",
                                 f"lower --lr or --eps, or check the data; {last_good(self.ckpt_dir)}")
