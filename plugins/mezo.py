@@ -1,4 +1,4 @@
-"""MeZO: zeroth-order SGD with SPSA gradient estimates (DESIGN §4.1).
+"""MeZO: zeroth-order SGD with SPSA gradient estimates (*Fine-Tuning Language Models with Just Forward Passes*).
 
 Per step and direction k < q: z_k ~ N(0, I) per tensor (noise stream ``z<k>``),
 two passes θ ± εz_k, projected gradient g_k = (L₊ − L₋) / (2ε). The update

@@ -313,3 +313,29 @@ def test_summary_records_every_setting_and_the_curves(setup):
     assert summary["settings"]["n_dev"] == 8 and summary["settings"]["lr"] == 1e-3
     pytest.importorskip("matplotlib")
     assert summary["plot"] == str(out / "curves.png") and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------- evaluation without waste
+def test_shared_prompt_rows_score_like_one_row_per_candidate(tmp_path):
+    """Single-token candidates: one input row per example gives the same losses and predictions."""
+    import zoedge
+    from zoedge.runtime.streamed import BlockVisitor
+    from zoedge.train.batching import collate, length_batches
+    from zoedge.train.tasks import Example
+    from zoedge.train.trainer import _loss_passes
+    from tests.tiny import CharTokenizer, save_tiny
+
+    save_tiny("llama", tmp_path / "hf")
+    zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
+    model, tok = zoedge.load(tmp_path / "store"), CharTokenizer()
+    ex = [Example("good " * (i % 5) + f"{i} is", ("n", "y", "m"), i % 3) for i in range(12)]
+    plain, shared = collate(tok, ex, 12), collate(tok, ex, 12, share_prompts=True)
+    assert shared.num_rows == len(ex) and plain.num_rows == 3 * len(ex)
+    (l1, p1), = _loss_passes(model, BlockVisitor(), plain)
+    (l2, p2), = _loss_passes(model, BlockVisitor(), shared)
+    assert torch.equal(p1, p2) and torch.allclose(l1, l2, atol=1e-6)
+    batches = length_batches(tok, ex, 5)
+    assert sorted(e.prompt for b in batches for e in b) == sorted(e.prompt for e in ex)
+    lengths = [len(e.prompt) for b in batches for e in b]
+    assert lengths == sorted(lengths)
+    model.close()

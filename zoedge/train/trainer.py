@@ -77,7 +77,7 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
         return Evaluation(float("nan"), None, 0)
     total_loss, correct, n, cls = 0.0, 0, 0, 0
     for part in tqdm(length_batches(tokenizer, examples, batch_size), desc=desc, leave=False, disable=not progress):
-        batch = collate(tokenizer, part, max_length)
+        batch = collate(tokenizer, part, max_length, share_prompts=True)
         loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
         total_loss += float(loss) * len(part)
         n += len(part)
@@ -173,7 +173,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One ZO step on batch ``self.step``; returns its metrics."""
         idx = batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step)
-        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length)
+        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length, share_prompts=True)
         lr = self.opt.lr
         t0 = time.perf_counter()
         self.opt.begin_step(self.step)
