@@ -168,7 +168,7 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     opt: list[str] = setting([], "plugin option KEY=VALUE (repeatable; see `zoedge plugins NAME`)",
                              metavar="KEY=VALUE")
     lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; for mezo "
-                               "1e-5 here)", type=float, minimum=0)
+                               "4e-5 here)", type=float, minimum=0)
     eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's)",
                                 type=float, minimum=0)
     weight_decay: float | None = setting(None, "weight decay, the plugin option weight_decay (default: the "

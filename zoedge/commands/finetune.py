@@ -15,8 +15,8 @@ import sys
 
 from zoedge.settings import FinetuneSettings, add_options
 
-#: MeZO's lr for the out-of-the-box run (the paper's 1e-6/1e-7 are for 13B models; see the README figures)
-DEMO_LR = 1e-5
+#: MeZO's lr for the out-of-the-box run: 30 steps on SmolLM2-135M (the paper's 1e-6/1e-7 are for 13B models)
+DEMO_LR = 4e-5
 
 RESUME_HINT = "re-run the same command with --resume to continue from the last checkpoint"
 

@@ -38,7 +38,11 @@ def plot_curves(metrics: Path, evals: dict[str, dict[str, Any]], path: Path) -> 
         return None
     loss, acc = read_curves(metrics, evals)
     fig, ax_loss = plt.subplots(figsize=(6.4, 3.8), dpi=100)
-    ax_loss.plot([s for s, _ in loss], [v for _, v in loss], color="tab:blue", lw=1, label="training loss (batch)")
+    steps, values = [s for s, _ in loss], [v for _, v in loss]
+    ax_loss.plot(steps, values, color="tab:blue", lw=0.8, alpha=0.4, label="training loss (batch)")
+    k = 5
+    mean = [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+    ax_loss.plot(steps, mean, color="tab:blue", lw=1.6, label=f"training loss ({k}-step mean)")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss", color="tab:blue")
     ax_acc = ax_loss.twinx()

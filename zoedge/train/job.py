@@ -136,11 +136,8 @@ def check_writable_file(path: Path, option: str) -> None:
         raise ConfigError(option, f"{path} is a directory", f"give a file name, e.g. {option} {path / 'out.json'}")
     if not path.parent.is_dir():
         raise ConfigError(option, f"the directory of {path} does not exist", f"create {path.parent} first")
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise ConfigError(option, f"cannot write {path} ({e.strerror})", "choose a writable path") from None
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ConfigError(option, f"cannot write {path} (permission denied)", "choose a writable path")
 
 
 def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None) -> Path:

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
-from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, token_logprobs_from_logits
 from zoedge.settings import TrainSettings
+from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.guard import StepGuard
 from zoedge.train.tasks import Example
