@@ -27,14 +27,14 @@ stage "gpu-marked tests"
 timeout 240 python3 -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 
 stage "bench_stream: SmolLM2-135M shape (random weights), fp16 and fp32, ram tier"
-timeout 100 python3 tools/synth_checkpoint.py smollm2-135m --out "$W/smol" ${TOKENIZER:+--tokenizer-from "$TOKENIZER"}
+timeout 100 python3 -m zoedge.cli synth smollm2-135m "$W/smol" --no-progress ${TOKENIZER:+--tokenizer-from "$TOKENIZER"}
 for dt in fp16 fp32; do
   timeout 90 python3 tools/bench_stream.py --model "$W/smol" --workdir "$W/bs-smol" --device cuda --dtype $dt \
     --batch 16 --seq 256 --repeat 10 --no-auto-profile --json "$OUT/bench_stream_smol_$dt.json" 2>>"$OUT/stderr.log" | tail -14
 done
 
 stage "bench_stream: Llama-2-7B width, 6 layers (random), fp16, ram tier, prefetch 1 and 2"
-timeout 120 python3 tools/synth_checkpoint.py llama2-7b --layers 6 --dtype fp16 --out "$W/l7"
+timeout 120 python3 -m zoedge.cli synth llama-2-7b "$W/l7" --layers 6 --dtype fp16 --no-progress
 for pf in 1 2; do
   timeout 90 python3 tools/bench_stream.py --model "$W/l7" --workdir "$W/bs-l7" --device cuda --dtype fp16 \
     --prefetch $pf --batch 8 --seq 512 --repeat 8 --no-auto-profile --json "$OUT/bench_stream_l7_pf$pf.json" 2>>"$OUT/stderr.log" | tail -14

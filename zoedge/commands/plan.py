@@ -1,0 +1,144 @@
+"""``zoedge plan MODEL...``: device memory, host RAM, disk, bytes moved and a predicted step time for a model on
+a GPU, today and under the lean-residency design (see :mod:`zoedge.plan.accounting`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+GPU_NAMES = ("rtx4090", "a100-80g", "h100", "h200")  # == zoedge.plan.hardware.GPUS
+#: ZO2's published peak GPU memory (NVML device-used; OPT fp16, MeZO, batch 1, seq 2048, random weights)
+ZO2_GB = {"opt-1.3b": 3.75, "opt-2.7b": 4.14, "opt-6.7b": 4.99, "opt-13b": 6.18, "opt-30b": 8.86, "opt-66b": 12.07,
+          "opt-175b": 18.04}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``zoedge plan``."""
+    p = subparsers.add_parser(
+        "plan", help="predict device memory, host RAM, bytes moved and step time of fine-tuning a model on a GPU",
+        description="Plan one training step without the weights: device bytes are counted exactly (long-lived "
+        "buffers from the store layout and the runtime's allocation rules, transient tensors by running the "
+        "model's blocks on the meta device); step time is a roofline prediction. Each figure is given for "
+        "today's runtime and for the lean-residency design target (not implemented yet). Several MODELs give "
+        "a one-line-per-model summary.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s; "
+        "a100-80g 80 GiB, 312, PCIe 4.0 ~25; h100 80 GiB, 989, PCIe 5.0 ~50; h200 141 GB, 989, PCIe 5.0 ~52 "
+        "(measured). Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --method lowrank\n"
+        "  zoedge plan opt-1.3b opt-13b opt-175b --json plan.json")
+    p.add_argument("models", metavar="MODEL", nargs="+",
+                   help="named shape (opt-1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
+                   "Face checkpoint directory, or a prepared store")
+    p.add_argument("--gpu", choices=GPU_NAMES, default="rtx4090", help="named GPU (default: rtx4090)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="override the GPU's memory (GiB)")
+    p.add_argument("--gpu-tflops", type=float, default=None, metavar="TF", help="override dense fp16 TFLOP/s")
+    p.add_argument("--pcie-gbps", type=float, default=None, metavar="GB/S",
+                   help="override the effective pinned host-to-device rate (GB/s)")
+    p.add_argument("--disk-gbps", type=float, default=None, metavar="GB/S", help="disk read rate (default 7 GB/s)")
+    p.add_argument("--host-ram", type=float, default=None, metavar="GIB", help="host RAM available (GiB; "
+                   "default: not checked)")
+    p.add_argument("--efficiency", type=float, default=None, metavar="F",
+                   help="fraction of peak FLOP/s a forward reaches (default 0.5, calibrated on an H200)")
+    p.add_argument("--method", choices=("mezo", "lowrank", "forward"), default="mezo",
+                   help="mezo: the shipped dense MeZO plugin; lowrank: a low-rank plugin (factors, no write-back); forward: one plain forward returning the logits")
+    p.add_argument("--q", type=int, default=1, help="random directions per step (2q passes; default 1)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="stored/compute dtype (default: the store's, else fp16)")
+    p.add_argument("--quant", choices=("none", "int8", "nf4"), default=None,
+                   help="quantized decoder-layer matrices (default: the store's, else none)")
+    p.add_argument("--layers", type=int, default=None, help="plan for this many decoder layers (default: full depth)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--scored", type=int, default=0,
+                   help="scored positions per step (logits computed there only); 0 = every position, the LM loss "
+                   "(default)")
+    p.add_argument("--prefetch", type=int, default=1, help="blocks uploaded ahead (default 1)")
+    p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
+    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="sdpa: fused kernels (flash / memory-efficient, O(S) memory); eager: S x S scores")
+    p.add_argument("--chunk-mib", type=float, default=64, help="lean design: perturbation chunk size (MiB)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the plan(s) as JSON ('-' for stdout)")
+    p.set_defaults(command="plan")
+
+
+def _g(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def detail(plan) -> str:
+    """The human-readable table of one plan."""
+    hw, w = plan.hardware, plan.work
+    depth = f"{plan.layers} layers" + (f" (source has {plan.measured_layers}; per-layer figures extrapolated)"
+                                       if plan.measured_layers else "")
+    lines = [f"{plan.model}: {plan.params / 1e9:.2f} G params, {depth}, {plan.dtype}"
+             f"{'' if plan.quant == 'none' else ' + ' + plan.quant}, {plan.method.note}",
+             f"step: batch {w.batch} x seq {w.seq}, {w.n_scored} scored positions, {w.attention} attention, "
+             f"{w.tier} tier, prefetch {w.prefetch}",
+             f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
+             f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, PCIe {hw.pcie / 1e9:.0f} GB/s, "
+             f"disk {hw.disk / 1e9:.0f} GB/s", "",
+             f"{'device memory (GB = 1e9 bytes)':40s} {'today':>10s} {'lean (design)':>14s}"]
+    keys = list(dict.fromkeys([*plan.device_long_lived, *plan.lean_long_lived]))
+    for k in keys:
+        lines.append(f"  {k:38s} {_g(plan.device_long_lived.get(k, 0)):>10s} {_g(plan.lean_long_lived.get(k, 0)):>14s}")
+    lines.append(f"  {'transient (activations, logits, loss)':38s} {_g(plan.transient_peak):>10s} "
+                 f"{_g(plan.transient_peak):>14s}")
+    lines.append(f"  {'peak (zoedge tensors)':38s} {_g(plan.device_peak):>10s} {_g(plan.lean_device_peak):>14s}")
+    lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} {_g(plan.lean_gpu_peak):>14s}")
+    t = plan.time
+    lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
+              f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
+              f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
+              f"predicted step (roofline, not measured): {t['step_s']:.2f} s ({t['bound']}-bound: transfer "
+              f"{t['transfer_s']:.2f} s, compute {t['compute_s']:.2f} s), {t['tokens_per_s']:.0f} tokens/s",
+              "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
+    for f in plan.fits:
+        units = ", ".join(f"{u} {_g(v)}" for u, v in f["lean_by_unit"].items())
+        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
+                     f"{'fits' if f['fits'] else 'no':4s}   lean by unit: {units}; fit: "
+                     f"{', '.join(f['lean_units_that_fit']) or 'none'}")
+    return "\n".join(lines)
+
+
+def summary(plans) -> str:
+    """One line per model (the README table's columns)."""
+    head = (f"{'model':14s} {'params':>8s} {'today':>10s} {'lean (design)':>14s} {'ZO2 (published)':>16s} "
+            f"{'host RAM':>10s} {'step (pred.)':>12s}")
+    lines = [head]
+    for p in plans:
+        zo2 = ZO2_GB.get(p.model)
+        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.lean_gpu_peak):>14s} "
+                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from zoedge.plan.accounting import Workload, make_plan, method, model_spec
+    from zoedge.plan.hardware import hardware
+
+    hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
+                  disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency)
+    m = method(args.method, args.q)
+    work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention)
+    work.check()
+    human = sys.stderr if args.json == "-" else sys.stdout
+    plans = []
+    for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
+        spec = model_spec(name, args.dtype, args.quant, args.layers)
+        plans.append(make_plan(spec, m, work, hw, int(args.chunk_mib * 2**20)))
+    text = detail(plans[0]) if len(plans) == 1 else summary(plans)
+    print(text, file=human)
+    print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
+          "device-used adds the CUDA context too); 'lean' is the design target, not implemented yet; step times are "
+          "a roofline.", file=human)
+    if args.json:
+        data = [p.to_dict() for p in plans]
+        out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)
+        if args.json == "-":
+            print(out)
+        else:
+            Path(args.json).write_text(out + "\n")
+    return 0

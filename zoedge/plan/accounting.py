@@ -1,0 +1,492 @@
+"""What a training step needs: device bytes (exact), host RAM, disk, bytes moved and a predicted step time.
+
+Device memory is the sum of two parts, each computed the way the runtime
+computes it:
+
+* **long-lived buffers**, from the block layout ``zoedge prepare`` produces (the
+  same layout function, so sizes match byte for byte) and the runtime's
+  allocation rules (``zoedge/runtime/streamed.py``): a ring of ``prefetch + 1``
+  slots sized to the largest streamed block (plus its dequantization area), a
+  dedicated slot for a block holding a tied tensor, the optimizer's block-sized
+  workspaces (MeZO: one noise buffer per direction and one scratch for θ ± εz),
+  and one copy of a perturbed tied tensor per pass;
+* **transient tensors** of the step (hidden states of every pass, masks,
+  activations, attention, logits at the scored positions, the loss), measured
+  by running the adapter's blocks on the meta device under
+  :class:`~zoedge.plan.tracker.DeviceMemoryTracker`, the way ``StreamedModel.run``
+  runs them (two decoder layers stand for all: every layer has the same shapes).
+
+The **lean residency** column is a design target (finer streaming units,
+just-in-time perturbation, no tied copies), *not yet implemented*: single Linear matrices stream through the ring (attention / MLP
+halves or whole layers as alternatives; untied embeddings and heads in row
+chunks no larger than the unit), perturbations are
+built per row chunk (two ``chunk``-sized buffers), a tied embedding keeps one
+slot and no copies, and a quantized base multiplies through bitsandbytes, which
+dequantizes one matrix at a time for multi-token inputs. Its transient tensors
+are today's.
+
+Step time is a prediction: a roofline per block, ``max(upload / pcie,
+write-back / pcie, disk / disk rate, passes × FLOPs / (flops × efficiency))``,
+summed over blocks (copies overlap compute on separate streams; H2D and D2H
+overlap each other). FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
+on the same meta run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoedge.errors import ConfigError
+from zoedge.plan.hardware import GiB, Hardware
+from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
+
+QUANTS = ("none", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class Method:
+    """What an optimizer asks of the device, as far as memory and time go.
+
+    ``workspaces``: block-sized device buffers it allocates through ``Resident.workspace``;
+    ``dense``: it perturbs every tensor densely (perturbed tied tensors are copied once per pass today) and
+    writes updated blocks back; ``loss``: the head reduces the logits to the training loss (a plain forward
+    returns them).
+    """
+
+    name: str
+    passes: int
+    workspaces: int
+    dense: bool
+    note: str = ""
+    loss: bool = True
+
+
+def method(name: str, q: int = 1) -> Method:
+    """The footprint of a method: ``mezo`` (the shipped plugin; q directions), ``lowrank`` (a low-rank
+    plugin: perturbations as lazy ``LowRankPerturbed`` products, no dense workspace, no write-back) or
+    ``forward`` (one plain streamed forward returning the logits, as ``StreamedModel.forward``).
+
+    Raises:
+        ConfigError: unknown method or q < 1.
+    """
+    if q < 1:
+        raise ConfigError("--q", f"{q}", "use 1 or more directions")
+    table = {
+        "mezo": Method("mezo", 2 * q, q + 1, True, f"MeZO, q={q}: {q} noise workspace(s) + 1 scratch"),
+        "lowrank": Method("lowrank", 2 * q, 0, False, f"low-rank ZO, q={q}: factors only (not counted)"),
+        "forward": Method("forward", 1, 0, False, "one forward pass, logits returned", loss=False),
+    }
+    if name not in table:
+        raise ConfigError("--method", f"unknown method {name!r}", f"use one of {', '.join(table)}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------------- the model
+@dataclass
+class ModelSpec:
+    """The model a plan is made for: its config (possibly cut to fewer layers), the block layout, the depth."""
+
+    label: str
+    config: Any
+    dtype: str
+    quant: str
+    blocks: list[BlockEntry]          # embed, the largest decoder layer, head
+    tied: dict[str, str]
+    dedicated: frozenset[str]         # blocks that store a tied tensor (kept in their own slot)
+    layers: int                       # depth the figures are for
+    measured_layers: int | None = None  # depth of the source checkpoint/store when smaller than `layers`
+
+    @property
+    def layer_block(self) -> BlockEntry:
+        return next(b for b in self.blocks if b.name.startswith("layers."))
+
+    def block_list(self) -> list[BlockEntry]:
+        """Every block in execution order, the layer entry repeated ``layers`` times."""
+        embed, head = self.blocks[0], self.blocks[-1]
+        return [embed, *[self.layer_block] * self.layers, head]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.blocks[0].nbytes + self.blocks[-1].nbytes + self.layer_block.nbytes * self.layers
+
+
+def _owners(config: Any, tied: dict[str, str]) -> frozenset[str]:
+    from zoedge.adapters import adapter_for
+    if not tied:
+        return frozenset()
+    adapter = adapter_for(_cut(config, 1, "sdpa"), torch.float32, "meta")
+    return frozenset(adapter.block_of(src) for src in tied.values())
+
+
+def layout(config: Any, dtype: str, quant: str = "none") -> tuple[list[BlockEntry], dict[str, str]]:
+    """The block entries ``zoedge prepare`` would write for ``config`` (embed, layers.0, head), without data.
+
+    Uses the prepare step's own layout function, so offsets and sizes are identical (every decoder layer has
+    the same layout, so a one-layer skeleton is built).
+    """
+    from zoedge.adapters import adapter_for
+    from zoedge.store.prepare import _layout
+
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError("--dtype", repr(dtype), "use fp32, fp16 or bf16")
+    if quant not in QUANTS:
+        raise ConfigError("--quant", repr(quant), f"use one of {', '.join(QUANTS)}")
+    adapter = adapter_for(_cut(config, 1, "sdpa"), DTYPES[dtype], "meta")
+    expected = adapter.expected_shapes()
+    out = []
+    for block in ("embed", "layers.0", "head"):
+        names = [n for n in expected if adapter.block_of(n) == block]
+        entries, nbytes = _layout(names, expected, DTYPES[dtype], quant, block)
+        out.append(BlockEntry(block, "", nbytes, "", entries))
+    return out, dict(adapter.tied())
+
+
+def model_spec(source: str, dtype: str | None = None, quant: str | None = None, layers: int | None = None) -> ModelSpec:
+    """A :class:`ModelSpec` from a named shape, a Hugging Face checkpoint directory or a prepared store.
+
+    Args:
+        source: shape name (``opt-175b``), checkpoint dir (``config.json``) or store dir (``manifest.json``).
+        dtype: stored dtype (default: the store's, else fp16).
+        quant: none / int8 / nf4 (default: the store's, else none).
+        layers: depth to plan for (default: the named shape's full depth, else the config's).
+
+    Raises:
+        ConfigError: the source is none of these, or dtype/quant contradict a store.
+    """
+    from transformers import AutoConfig
+
+    from zoedge.plan.shapes import SHAPES, shape_config, shape_name
+
+    path = Path(source)
+    if (path / "manifest.json").is_file():
+        from zoedge.store.manifest import load_manifest
+        man = load_manifest(path)
+        for opt, given, stored in (("--dtype", dtype, man.dtype), ("--quant", quant, man.quant)):
+            if given is not None and given != stored:
+                raise ConfigError(opt, f"{given} but the store {path} holds {stored}", f"omit {opt} or give {stored}")
+        config = AutoConfig.from_pretrained(path)
+        lay = [b for b in man.blocks if b.name.startswith("layers.")]
+        blocks = [man.blocks[0], max(lay, key=lambda b: b.nbytes), man.blocks[-1]] if lay else man.blocks
+        n = config.num_hidden_layers
+        return ModelSpec(str(path), config, man.dtype, man.quant, blocks, dict(man.tied),
+                         _owners(config, dict(man.tied)), layers or n,
+                         n if layers and layers != n else None)
+    if (path / "config.json").is_file():
+        config = AutoConfig.from_pretrained(path)
+        label = str(path)
+        native = config.num_hidden_layers
+    else:
+        try:
+            name = shape_name(source)
+        except ConfigError:
+            raise ConfigError("MODEL", f"{source!r} is not a named shape, a checkpoint directory (config.json) or "
+                              "a prepared store (manifest.json)", f"use one of {', '.join(SHAPES)} or a path") from None
+        config, label, native = shape_config(name), name, SHAPES[name]["num_hidden_layers"]
+    dtype, quant = dtype or "fp16", quant or "none"
+    blocks, tied = layout(config, dtype, quant)
+    return ModelSpec(label, config, dtype, quant, blocks, tied, _owners(config, tied), layers or native,
+                     native if layers and layers != native else None)
+
+
+# ------------------------------------------------------------------------------------- the step's workload
+@dataclass(frozen=True)
+class Workload:
+    """One training step: ``batch`` rows of ``seq`` tokens, ``scored`` positions scored (0: every position)."""
+
+    batch: int = 1
+    seq: int = 2048
+    scored: int = 0
+    prefetch: int = 1
+    tier: str = "ram"
+    attention: str = "sdpa"
+    ram_cache_blocks: int = 0
+
+    def check(self) -> None:
+        for name in ("batch", "seq", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}", f"{getattr(self, name)}", "use a positive integer")
+        if not 0 <= self.scored <= self.batch * self.seq:
+            raise ConfigError("--scored", f"{self.scored}", f"use 0 (every position) to {self.batch * self.seq}")
+        if self.tier not in ("ram", "disk"):
+            raise ConfigError("--tier", repr(self.tier), "use ram or disk")
+        if self.attention not in ("sdpa", "eager"):
+            raise ConfigError("--attention", repr(self.attention), "use sdpa or eager")
+
+    @property
+    def n_scored(self) -> int:
+        return self.scored or self.batch * self.seq
+
+
+def synthetic_batch(vocab: int, batch: int, seq: int, scored: int = 0, seed: int = 0):
+    """A generation-kind :class:`~zoedge.train.batching.Batch` of random ids (no padding) scoring the last
+    ``scored`` flat positions (0: all ``batch × seq``; a position's target is the next id, wrapping at the end).
+    The plan's simulation and the measured steps use the same batch."""
+    from zoedge.train.batching import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    n = scored or batch * seq
+    index = torch.arange(batch * seq - n, batch * seq)  # the last n positions (flat)
+    flat = ids.reshape(-1)
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), target_index=index,
+                 target_ids=flat[(index + 1) % flat.numel()].clone(), target_row=index // seq,
+                 row_example=torch.arange(batch), labels=torch.zeros(batch, dtype=torch.long),
+                 num_candidates=torch.ones(batch, dtype=torch.long), kind="generation", n_tokens=batch * seq)
+
+
+# -------------------------------------------------------------------------------------- long-lived buffers
+def _tensor_bytes(block: BlockEntry) -> int:
+    return sum(t.numel * dtype_of(t.dtype).itemsize for t in block.tensors)
+
+
+def long_lived(spec: ModelSpec, m: Method, prefetch: int) -> dict[str, int]:
+    """Device buffers today's runtime allocates once (by purpose), following ``StreamedModel``'s rules."""
+    dedicated = [b for b in spec.blocks if b.name in spec.dedicated]
+    streamed = [b for b in spec.blocks if b.name not in spec.dedicated]
+    out = {
+        "ring slots": (prefetch + 1) * (max(b.nbytes for b in streamed) + max(b.dequant_nbytes for b in streamed)),
+        "tied-weight slot": sum(b.nbytes + b.dequant_nbytes for b in dedicated),
+        "optimizer workspaces": m.workspaces * max(_tensor_bytes(b) for b in spec.blocks),
+        "tied copies (one per pass)": 0,
+    }
+    if m.dense and spec.tied:
+        sizes = {t.name: t.numel * dtype_of(t.dtype).itemsize for b in spec.blocks for t in b.tensors}
+        out["tied copies (one per pass)"] = m.passes * sum(sizes[src] for src in set(spec.tied.values()))
+    return out
+
+
+LEAN_UNITS = ("linear", "half", "layer")
+
+
+def lean_unit_bytes(spec: ModelSpec, unit: str = "linear") -> int:
+    """Stored bytes of the largest streaming unit of a decoder layer: one matrix (``linear``), the attention or
+    the MLP half (``half``; tensors named ``*attn*`` vs the rest), or the whole layer (``layer``)."""
+    if unit not in LEAN_UNITS:
+        raise ConfigError("--lean-unit", repr(unit), f"use one of {', '.join(LEAN_UNITS)}")
+    sizes = {t.name: sum(p.nbytes for p in t.parts.values()) for t in spec.layer_block.tensors}
+    if unit == "linear":
+        return max(sizes.values())
+    if unit == "half":
+        attn = sum(v for k, v in sizes.items() if "attn" in k)
+        return max(attn, sum(sizes.values()) - attn)
+    return sum(sizes.values())
+
+
+def lean_long_lived(spec: ModelSpec, m: Method, prefetch: int, chunk_bytes: int,
+                    unit: str = "linear") -> dict[str, int]:
+    """Device buffers of the lean-residency design (not implemented yet; see the module docstring)."""
+    dt = dtype_of(spec.dtype).itemsize
+    biggest_matrix = max(t.numel * dt for t in spec.layer_block.tensors)
+    return {
+        "ring slots": (prefetch + 1) * lean_unit_bytes(spec, unit),
+        "tied-weight slot": sum(b.nbytes for b in spec.blocks if b.name in spec.dedicated),
+        "perturbation chunks": 2 * min(chunk_bytes, biggest_matrix) if m.dense else 0,
+        "dequantized matrix (bitsandbytes)": biggest_matrix if spec.quant != "none" else 0,
+    }
+
+
+# ------------------------------------------------------------------------------------- transient (simulated)
+@dataclass
+class Simulation:
+    """Transient device bytes of one step (above the long-lived buffers) and FLOPs per block and pass."""
+
+    peak: int
+    block_peaks: dict[str, int]
+    flops: dict[str, int]
+
+
+def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True) -> Simulation:
+    """Run embed, two decoder layers and the head on the meta device as ``StreamedModel.run`` does (every pass,
+    the trainer's loss at the head) and count the transient bytes; see the module docstring."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zoedge.adapters import EMBED, HEAD, adapter_for
+    from zoedge.plan.tracker import DeviceMemoryTracker
+    from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
+
+    config = _cut(spec.config, min(spec.layers, 2), work.attention)
+    dtype = DTYPES[spec.dtype]
+    adapter = adapter_for(config, dtype, "meta")
+    shapes = adapter.expected_shapes()
+    weights = {n: torch.empty(s, dtype=dtype, device="meta") for n, s in shapes.items()}
+    for alias, src in adapter.tied().items():
+        weights[alias] = weights[src]
+    batch = synthetic_batch(config.vocab_size, work.batch, work.seq, work.scored)
+    blocks = adapter.block_names()
+    peaks: dict[str, int] = {}
+    flops: dict[str, int] = {}
+    with DeviceMemoryTracker("meta", work.attention) as tracker:
+        dev = batch.to("meta")
+
+        def head(p: int, logits: torch.Tensor):
+            return candidate_loss(token_logprobs_from_logits(logits, dev.target_ids), dev)
+
+        with torch.no_grad():
+            ctx = adapter.begin(dev.input_ids, dev.attention_mask, None, dev.target_index if loss else None)
+            states: list[Any] = [dev.input_ids] * passes
+            for block in blocks:
+                w = {n: weights[n] for n in adapter.tensors_of(block)}
+                with tracker.section() as sec:
+                    for p in range(passes):
+                        if p == 0:
+                            with FlopCounterMode(display=False) as fc:
+                                states[p] = adapter.run(block, w, states[p], ctx)
+                            flops[block] = fc.get_total_flops()
+                        else:
+                            states[p] = adapter.run(block, w, states[p], ctx)
+                        if block == HEAD and loss:
+                            states[p] = head(p, states[p])
+                peaks[block] = sec["peak"]
+        del states, ctx, dev
+    layer_flops = flops.get("layers.0", 0)
+    return Simulation(tracker.peak, {"embed": peaks[EMBED], "layer": max(v for k, v in peaks.items()
+                                                                          if k.startswith("layers.")),
+                                     "head": peaks[HEAD]},
+                      {"embed": flops[EMBED], "layer": layer_flops, "head": flops[HEAD]})
+
+
+def _cut(config: Any, layers: int, attention: str) -> Any:
+    import copy
+    c = copy.deepcopy(config)
+    c.num_hidden_layers = layers
+    if hasattr(c, "layer_types") and c.layer_types is not None:
+        c.layer_types = c.layer_types[:layers]
+    c._attn_implementation = "eager" if attention == "eager" else "sdpa"
+    return c
+
+
+# ------------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Everything ``zoedge plan`` reports; bytes and seconds. ``to_dict`` is the JSON form."""
+
+    model: str
+    layers: int
+    measured_layers: int | None
+    dtype: str
+    quant: str
+    method: Method
+    work: Workload
+    hardware: Hardware
+    params: int
+    stored_bytes: int
+    device_long_lived: dict[str, int]
+    lean_long_lived: dict[str, int]
+    transient_peak: int
+    transient_by_block: dict[str, int]
+    host_ram: int
+    disk: int
+    moved: dict[str, int]
+    flops_per_step: float
+    time: dict[str, float]
+    fits: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device_long_lived.values()) + self.transient_peak
+
+    @property
+    def lean_device_peak(self) -> int:
+        return sum(self.lean_long_lived.values()) + self.transient_peak
+
+    @property
+    def gpu_peak(self) -> int:
+        """``device_peak`` plus what the CUDA allocator holds besides zoedge's tensors (cuBLAS workspace)."""
+        return self.device_peak + self.hardware.cuda_extra
+
+    @property
+    def lean_gpu_peak(self) -> int:
+        return self.lean_device_peak + self.hardware.cuda_extra
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["method"], d["work"], d["hardware"] = asdict(self.method), asdict(self.work), self.hardware.to_dict()
+        d["device_peak"], d["lean_device_peak"] = self.device_peak, self.lean_device_peak
+        d["gpu_peak"], d["lean_gpu_peak"] = self.gpu_peak, self.lean_gpu_peak
+        d["notes"] = NOTES
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; before allocator rounding); gpu_peak adds "
+         "the cuBLAS workspace; NVML device-used adds the CUDA context and the allocator's cache on top",
+         "lean_* figures are the lean-residency design target, not yet implemented",
+         "step time is a roofline prediction, not a measurement")
+
+
+def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = 64 * 2**20) -> Plan:
+    """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring)."""
+    work.check()
+    sim = simulate(spec, work, m.passes, m.loss)
+    live = long_lived(spec, m, work.prefetch)
+    lean = lean_long_lived(spec, m, work.prefetch, chunk_bytes)
+    blocks = spec.block_list()
+    stored = spec.stored_bytes
+    biggest = max(b.nbytes for b in spec.blocks)
+    if work.tier == "ram":
+        host = stored
+    else:
+        cached = sum(b.nbytes for b in blocks[:work.ram_cache_blocks])
+        host = (work.prefetch + 1) * biggest + biggest + cached  # read ring + write-back staging + RAM cache
+    disk = stored * (2 if (work.tier == "disk" and m.dense) else 1)  # + the working copy of dense disk runs
+    h2d = stored
+    d2h = sum(b.nbytes for b in blocks if all(t.quant == "none" for t in b.tensors)) if m.dense else 0
+    disk_read = (stored - sum(b.nbytes for b in blocks[:work.ram_cache_blocks])) if work.tier == "disk" else 0
+    disk_write = d2h if work.tier == "disk" else 0
+    flops = {"embed": sim.flops["embed"], "layer": sim.flops["layer"], "head": sim.flops["head"]}
+    rate = hw.gpu_flops * hw.efficiency
+    t_total, t_transfer, t_compute = 0.0, 0.0, 0.0
+    for b in blocks:
+        kind = "layer" if b.name.startswith("layers.") else b.name
+        up = b.nbytes / hw.pcie
+        down = (b.nbytes / hw.pcie) if (m.dense and all(t.quant == "none" for t in b.tensors)) else 0.0
+        dsk = (b.nbytes * (2 if (m.dense and work.tier == "disk") else 1) / hw.disk) if work.tier == "disk" else 0.0
+        comp = m.passes * flops[kind] / rate
+        move = max(up, down, dsk)
+        t_total += max(move, comp)
+        t_transfer += move
+        t_compute += comp
+    total_flops = m.passes * sum(flops["layer" if b.name.startswith("layers.") else b.name] for b in blocks)
+    tokens = work.batch * work.seq
+    time = {"step_s": t_total, "transfer_s": t_transfer, "compute_s": t_compute,
+            "tokens_per_s": tokens / t_total if t_total else 0.0,
+            "bound": "transfer" if t_transfer >= t_compute else "compute"}
+    plan = Plan(spec.label, spec.layers, spec.measured_layers, spec.dtype, spec.quant, m, work, hw,
+                params=sum(t.numel for b in blocks for t in b.tensors), stored_bytes=stored,
+                device_long_lived=live, lean_long_lived=lean, transient_peak=sim.peak,
+                transient_by_block=sim.block_peaks, host_ram=host, disk=disk,
+                moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
+                flops_per_step=float(total_flops), time=time)
+    plan.fits = _fits(spec, m, work, hw, sim.peak, chunk_bytes)
+    return plan
+
+
+def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: int, chunk: int) -> list[dict]:
+    """Which tier and prefetch depth fit the GPU and host RAM (today's runtime and the lean design)."""
+    out = []
+    stored, biggest = spec.stored_bytes, max(b.nbytes for b in spec.blocks)
+    for tier in ("ram", "disk"):
+        for pf in (1, 2, 3):
+            dev = sum(long_lived(spec, m, pf).values()) + transient + hw.cuda_extra
+            lean = {u: sum(lean_long_lived(spec, m, pf, chunk, u).values()) + transient + hw.cuda_extra
+                    for u in LEAN_UNITS}
+            host = stored if tier == "ram" else (pf + 2) * biggest
+            host_ok = hw.host_ram is None or host <= hw.host_ram
+            gpu_ok = hw.gpu_memory is None or dev <= hw.gpu_memory
+            out.append({"tier": tier, "prefetch": pf, "device_peak": dev, "host_ram": host, "fits": gpu_ok and host_ok,
+                        "lean_device_peak": lean["linear"],
+                        "lean_fits": host_ok and (hw.gpu_memory is None or lean["linear"] <= hw.gpu_memory),
+                        "lean_by_unit": lean,
+                        "lean_units_that_fit": [u for u in LEAN_UNITS
+                                                if host_ok and (hw.gpu_memory is None or lean[u] <= hw.gpu_memory)]})
+    return out
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"

@@ -1,0 +1,178 @@
+"""A real training step under the device-memory tracker: what ``zoedge plan`` is checked against.
+
+:func:`measure_step` opens a prepared store as a :class:`~zoedge.StreamedModel`,
+builds the optimizer plugin and runs training steps exactly as the trainer
+does (``begin_step``, every pass with the loss at the head, ``finish_step``),
+with :class:`~zoedge.plan.tracker.DeviceMemoryTracker` counting every storage
+the model's device receives from the moment the model is opened: slots,
+workspaces, activations, logits.
+
+* ``device="cpu"``: a real step on the CPU. The device *is* host memory here,
+  so the host tier's buffers (``ALLOCATIONS`` purposes ``host`` and ``pinned``)
+  are subtracted from the tracked peak.
+* ``device="meta"``: the host tier reads the store's real bytes, the device
+  side allocates and computes nothing (losses are not computed: the step's
+  scalars are fed as 0). Counts real-width steps that do not fit this machine.
+* ``device="cuda"``: a real GPU step; the tracker's figure is reported beside
+  ``torch.cuda.max_memory_allocated`` and NVML's device-used.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoedge.optim.noise import NoiseSource
+
+
+class _MetaNoise(NoiseSource):
+    """Meta tensors hold no values: drawing into them is a no-op (a ``torch.Generator`` cannot be made for meta)."""
+
+    def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
+        return out if out.is_meta else super().normal_(out, step, name, stream)
+
+    def uniform_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
+        return out if out.is_meta else super().uniform_(out, step, name, stream)
+
+
+@dataclass
+class StepMeasurement:
+    """Figures of measured steps (bytes, seconds)."""
+
+    device: str
+    tracked_peak: int                 # device bytes, counted by the tracker (host tier excluded on CPU)
+    tracked_long_lived: int           # device bytes live between steps (slots, workspaces, tied copies)
+    step_seconds: list[float]
+    tokens_per_step: int
+    host_tier_bytes: int
+    pinned_bytes: int
+    host_rss: int
+    max_host_rss: int
+    cuda_max_allocated: int | None = None
+    cuda_allocated_before: int | None = None
+    nvml_used: int | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rss() -> tuple[int, int]:
+    import resource
+
+    import psutil
+    rss = psutil.Process().memory_info().rss
+    return rss, max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def nvml_used(device: torch.device) -> int | None:
+    """NVML device-used bytes of the GPU (all processes), or None without pynvml / NVML."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # noqa: BLE001 - NVML missing or no driver: the figure is simply not available
+        return None
+
+
+def _storage_identity_on_meta(model: Any) -> None:
+    """Meta tensors have no addresses (``data_ptr()`` is the byte offset into the storage), so the runtime's
+    "is this tied tensor the base copy?" test by address would take a perturbed copy at the same offset of
+    another buffer for the base and skip the per-pass copy. On meta, test storage and offset instead, then
+    make the copy as the runtime does (this mirrors ``StreamedModel._keep_tied``; a runtime without it is
+    left alone)."""
+    keep = getattr(model, "_keep_tied", None)
+    if keep is None:
+        return
+
+    def keep_tied(p: int, name: str, seen: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        same = seen.untyped_storage() is base.untyped_storage() and seen.storage_offset() == base.storage_offset()
+        if same:
+            return seen
+        elsewhere = torch.empty(2, dtype=torch.uint8, device="meta")[1:]  # "address" 1: not seen's
+        return keep(p, name, seen, elsewhere)  # the runtime compares addresses, then copies into its buffer
+
+    model._keep_tied = keep_tied
+
+
+def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "mezo",
+                 options: dict[str, Any] | None = None, batch: int = 1, seq: int = 128, scored: int = 0,
+                 steps: int = 1, tier: str = "ram", prefetch: int = 1, attention: str = "sdpa",
+                 working_dir: Path | None = None, seed: int = 0, progress: bool = False) -> StepMeasurement:
+    """Open ``store`` on ``device`` and run ``steps`` training steps under the tracker (see the module docstring).
+
+    Args:
+        store: a prepared block store.
+        device: ``cpu``, ``meta`` or ``cuda[:n]``.
+        optimizer, options: the plugin and its options (as ``--opt``).
+        batch, seq, scored: the synthetic batch (:func:`zoedge.plan.accounting.synthetic_batch`).
+        steps: steps to run (the peak is over all of them; the first allocates the workspaces).
+        tier, prefetch, working_dir: as :class:`~zoedge.StreamedModel`.
+        attention: ``sdpa`` (fused kernels) or ``eager``; on meta this decides how attention is counted.
+
+    Returns:
+        A :class:`StepMeasurement`.
+    """
+    from tqdm.auto import tqdm
+
+    from zoedge.optim.registry import build
+    from zoedge.plan.accounting import synthetic_batch
+    from zoedge.plan.tracker import DeviceMemoryTracker
+    from zoedge.runtime.memory import ALLOCATIONS
+    from zoedge.runtime.streamed import StreamedModel
+    from zoedge.train.trainer import _loss_passes
+
+    dev = torch.device(device)
+    host_before = ALLOCATIONS.nbytes["host"] + ALLOCATIONS.nbytes["pinned"]
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    tracker = DeviceMemoryTracker(dev.type, attention)
+    with tracker:
+        model = StreamedModel(store, device=dev, tier=tier, prefetch=prefetch, working_dir=working_dir)
+        if dev.type == "meta":
+            tracker.discount(model.adapter.skeleton.parameters())  # the module skeleton is not device memory
+            _storage_identity_on_meta(model)
+        if attention == "eager":
+            model.adapter.skeleton.config._attn_implementation = "eager"
+        host_tier = ALLOCATIONS.nbytes["host"] + ALLOCATIONS.nbytes["pinned"] - host_before
+        opt = build(optimizer, options or {}, seed=seed)
+        if dev.type == "meta":
+            opt.noise = _MetaNoise(seed)
+        batch_ = synthetic_batch(model.config.vocab_size, batch, seq, scored, seed)
+        times: list[float] = []
+        losses: list[float] = []
+        cuda_before = torch.cuda.memory_allocated(dev) if cuda else None
+        for t in tqdm(range(steps), desc="measured steps", unit="step", disable=not progress):
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            opt.begin_step(t)
+            out = [loss for loss, _ in _loss_passes(model, opt, batch_)]
+            if dev.type == "meta":
+                values = [torch.tensor(0.0)] * len(out)
+            else:
+                values = list(torch.stack(out).float().cpu())
+            opt.finish_step(values)
+            times.append(time.perf_counter() - t0)
+            losses += [float(v) for v in values]
+            del out
+        long_lived = tracker.live
+        model.synchronize()
+    rss, max_rss = _rss()
+    exclude = host_tier if dev.type == "cpu" else 0
+    result = StepMeasurement(
+        device=str(dev), tracked_peak=tracker.peak - exclude, tracked_long_lived=long_lived - exclude,
+        step_seconds=times, tokens_per_step=batch * seq, host_tier_bytes=host_tier,
+        pinned_bytes=ALLOCATIONS.nbytes["pinned"] if torch.cuda.is_available() else 0, host_rss=rss,
+        max_host_rss=max_rss, losses=losses)
+    if cuda:
+        result.cuda_max_allocated = torch.cuda.max_memory_allocated(dev)
+        result.cuda_allocated_before = cuda_before
+        result.nvml_used = nvml_used(dev)
+    model.close()
+    return result
