@@ -12,11 +12,10 @@ Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import torch
 
-from zoedge.optim.api import ZOOptimizer, apply_once
+from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.registry import register_optimizer
 from zoedge.runtime.streamed import Resident
 
@@ -59,14 +58,15 @@ class MeZO(ZOOptimizer):
     """MeZO: ZO-SGD with q-direction SPSA, lazy updates, weight decay off for biases/norms.
 
     Args:
-        lr: learning rate η.
+        lr: learning rate η (default 4e-5: tuned for the out-of-the-box SmolLM2-135M demo run of 30 steps; the paper uses
+            1e-6 / 1e-7 for 13B models).
         eps: perturbation scale ε.
         weight_decay: λ (decoupled from the ZO estimate; not applied to 1-D tensors).
         q: number of random directions per step (2q passes per residency).
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
     """
 
-    def __init__(self, *, seed: int = 0, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
+    def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
                  stochastic_rounding: bool = False) -> None:
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -75,66 +75,39 @@ class MeZO(ZOOptimizer):
         super().__init__(seed=seed, lr=lr, weight_decay=weight_decay)
         self.eps, self.q, self.stochastic_rounding = eps, q, stochastic_rounding
         self.passes = 2 * q
-        self.pending: dict[str, Any] | None = None   # {"step", "g": [q floats], "lr", "weight_decay"}
-        self.applied: set[str] = set()
-        self.drawing = False
 
-    # ------------------------------------------------------------------ hooks
-    def begin_step(self, step: int) -> None:
-        super().begin_step(step)
-        self.drawing = True
+    def draw(self, block: Resident) -> None:
+        """z_k for this step, one draw per residency, reused by the +ε and −ε passes."""
+        for k in range(self.q):
+            z = block.workspace(f"z{k}")
+            for name in block.tensors:
+                self.noise.normal_(z[name], self.t, name, f"z{k}")
 
-    def on_resident(self, block: Resident) -> None:
-        if self.pending is not None and apply_once(self.applied, block):
-            self._apply_pending(block)
-        if self.drawing:  # not during a flush
-            for k in range(self.q):  # one draw per residency, reused by the +ε and −ε passes
-                z = block.workspace(f"z{k}")
-                for name in block.tensors:
-                    self.noise.normal_(z[name], self.t, name, f"z{k}")
-
-    def pass_tensors(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
+    def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k, minus = divmod(p, 2)
         z, out = block.workspace(f"z{k}"), block.workspace("scratch")
         for name, theta in block.tensors.items():
             torch.add(theta, z[name], alpha=-self.eps if minus else self.eps, out=out[name])
         return out
 
-    def end_step(self, losses: Sequence[torch.Tensor]) -> dict[str, float]:
+    def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
         ls = [float(x) for x in losses]
         gs = [(ls[2 * k] - ls[2 * k + 1]) / (2 * self.eps) for k in range(self.q)]
         group = self.param_groups[0]
-        self.pending = {"step": self.t, "g": gs, "lr": float(group["lr"]), "weight_decay": float(group["weight_decay"])}
-        self.applied = set()
-        self.drawing = False
-        return {"projected_grad": sum(gs) / len(gs)}
+        return Update({"g": gs, "lr": float(group["lr"]), "weight_decay": float(group["weight_decay"])},
+                      {"projected_grad": sum(gs) / len(gs)})
 
-    def flushed(self) -> None:
-        self.pending = None
-        self.applied = set()
-
-    def _apply_pending(self, block: Resident) -> None:
-        """The lazy update of the previous step; its z_k are regenerated one at a time into scratch."""
-        pend = self.pending
-        assert pend is not None
+    def apply(self, block: Resident, update: Update) -> None:
+        """θ ← θ − lr((1/q) Σ g_k z_k + λθ); the step's z_k are regenerated one at a time into scratch."""
         scratch = block.workspace("scratch")
         for name, theta in block.tensors.items():
-            wd = pend["weight_decay"] if theta.ndim >= 2 else 0.0
-            directions = ((self.noise.normal_(scratch[name], pend["step"], name, f"z{k}"), g)
-                          for k, g in enumerate(pend["g"]))
+            wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
+            directions = ((self.noise.normal_(scratch[name], update.step, name, f"z{k}"), g)
+                          for k, g in enumerate(update["g"]))
             if self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16):
                 value = theta.float()  # fp32 master of this tensor for the update (allocates; SR path only)
-                mezo_update_(value, directions, self.q, pend["lr"], wd)
-                uniform = self.noise.uniform_(torch.empty_like(value), pend["step"], name, "sr")
+                mezo_update_(value, directions, self.q, update["lr"], wd)
+                uniform = self.noise.uniform_(torch.empty_like(value), update.step, name, "sr")
                 stochastic_round_(theta, value, uniform)
             else:
-                mezo_update_(theta, directions, self.q, pend["lr"], wd)
-        block.mark_dirty()
-
-    # ------------------------------------------------------------------ state
-    def plugin_state(self) -> dict[str, Any]:
-        return {"pending": self.pending, "applied": sorted(self.applied)}
-
-    def load_plugin_state(self, state: Mapping[str, Any]) -> None:
-        self.pending = state.get("pending")
-        self.applied = set(state.get("applied", []))
+                mezo_update_(theta, directions, self.q, update["lr"], wd)

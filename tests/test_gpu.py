@@ -10,13 +10,16 @@ also *be* fp16 (a silent fp32 fallback would pass a tolerance this loose: fp16 a
 Llama differ by ≤ ~4e-4).
 
 The ordering tests make races observable instead of hoping for them: ``torch.cuda._sleep`` (a spin kernel)
-delays one stream so that a missing ``wait_event`` would let the other stream read or overwrite a buffer
-too early, which changes the logits:
+delays one stream (through the accelerator engine's per-queue ``hooks``) so that a missing wait would let
+another stream read or overwrite a buffer too early, which changes the logits:
 
-* delayed uploads → compute must wait for ``slot.uploaded``; the disk tier's I/O thread must wait for the
-  H2D copy out of a ring buffer before reading the next block into it;
-* delayed compute → the next upload into a slot must wait for ``slot.free``;
-* delayed write-backs → the next upload of a dirty block must wait for its D2H (``host_ready``).
+* delayed uploads → compute must wait for the upload into its slot; the disk tier's I/O thread must wait
+  for the H2D copy out of a ring buffer before reading the next block into it;
+* delayed compute → the next upload into a slot must wait for the compute that read it;
+* delayed write-backs → the next upload of a dirty block must wait for its D2H.
+
+The same scenarios run on the CPU in ``tests/test_engines.py`` (simulated interleavings, every wait removed
+in turn); these tests check the accelerator engine itself on a real device.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 import zoedge
 from tests.tiny import batch, resident_logits, save_tiny
 from zoedge.runtime.memory import ALLOCATIONS
+from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD
 
 pytestmark = pytest.mark.gpu
 
@@ -135,29 +139,23 @@ def test_streams_are_distinct(llama32):
     _, path = llama32
     m = zoedge.load(path, device=DEV)
     try:
-        assert m.up is not None and m.down is not None and m.compute is not None
-        handles = {m.up.cuda_stream, m.compute.cuda_stream, m.down.cuda_stream}
-        assert len(handles) == 3, "upload, compute and offload must be three different CUDA streams"
-        assert m.compute.cuda_stream == torch.cuda.current_stream(DEV).cuda_stream
+        streams = m.engine.streams
+        handles = {streams[q].stream_id for q in (UPLOAD, COMPUTE, OFFLOAD)}
+        assert len(handles) == 3, "upload, compute and offload must be three different streams"
+        assert streams[COMPUTE].stream_id == torch.accelerator.current_stream(DEV).stream_id
+        ops = m.schedule.record()
         ids, mask = _inputs()
         m(ids, mask)
-        for s in [*m.ring, *m.dedicated.values()]:
-            assert isinstance(s.uploaded, torch.cuda.Event) and isinstance(s.free, torch.cuda.Event)
+        device_ops = [op for op in ops if op.queue != "io"]
+        assert device_ops and all(isinstance(op.done, torch.Event) for op in device_ops if not op.skipped)
+        assert any(op.waits for op in device_ops), "device operations must wait for each other through events"
     finally:
         m.close()
 
 
 def _delay_uploads(m: zoedge.StreamedModel) -> None:
     """Enqueue a spin kernel on the upload stream before every H2D copy (the copy runs ~1 ms late)."""
-    fetch = m.tier.fetch
-
-    def slow_fetch(i: int) -> torch.Tensor:
-        buf = fetch(i)
-        with torch.cuda.stream(m.up):
-            torch.cuda._sleep(SLEEP)
-        return buf
-
-    m.tier.fetch = slow_fetch  # type: ignore[method-assign]
+    m.engine.hooks[UPLOAD] = lambda: torch.cuda._sleep(SLEEP)
 
 
 class _SlowCompute(zoedge.BlockVisitor):
@@ -246,14 +244,7 @@ def test_dense_writeback_ordering(llama32, tier, tmp_path):
     kwargs = {"working_dir": tmp_path / "work"} if tier == "disk" else {}
     m = zoedge.load(path, device=DEV, tier=tier, prefetch=2, **kwargs)
     try:
-        target = m.tier.writeback_target
-
-        def slow_target(i: int) -> torch.Tensor:
-            with torch.cuda.stream(m.down):
-                torch.cuda._sleep(SLEEP)
-            return target(i)
-
-        m.tier.writeback_target = slow_target  # type: ignore[method-assign]
+        m.engine.hooks[OFFLOAD] = lambda: torch.cuda._sleep(SLEEP)  # every D2H runs ~1 ms late
         out = m.run(_Scale(2.0, delay_compute=True), ids, mask)[0]
         # the pass saw the scaled weights (the update is applied before the passes)
         with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 import zoedge
-from zoedge.optim.api import ZOOptimizer, apply_once
+from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.lowrank import LowRankPerturbed
 from zoedge.optim.noise import NoiseSource
 from zoedge.train.batching import collate
@@ -27,18 +27,9 @@ class ToyLowRank(ZOOptimizer):
 
     def __init__(self, *, seed: int = 0, lr: float = LR, eps: float = EPS) -> None:
         super().__init__(seed=seed, lr=lr)
-        self.eps, self.pending, self.applied = eps, None, set()
+        self.eps = eps
 
-    def on_resident(self, block):
-        if self.pending is not None and apply_once(self.applied, block):
-            t, g, lr = self.pending
-            for name, w in block.tensors.items():
-                if w.ndim == 2:
-                    u, v = factors(self.noise, t, name, w.shape)
-                    w.sub_(lr * g * (u @ v.T) / R)
-            block.mark_dirty()
-
-    def pass_tensors(self, block, p):
+    def perturb(self, block, p):
         sign = 1.0 if p == 0 else -1.0
         out = {}
         for name, w in block.tensors.items():
@@ -51,11 +42,13 @@ class ToyLowRank(ZOOptimizer):
 
     def end_step(self, losses):
         g = float(losses[0] - losses[1]) / (2 * self.eps)
-        self.pending, self.applied = (self.t, g, self.lr), set()
-        return {"projected_grad": g}
+        return Update({"g": g, "lr": self.lr}, {"projected_grad": g})
 
-    def flushed(self):
-        self.pending = None
+    def apply(self, block, update):
+        for name, w in block.tensors.items():
+            if w.ndim == 2:
+                u, v = factors(self.noise, update.step, name, w.shape)
+                w.sub_(update["lr"] * update["g"] * (u @ v.T) / R)
 
 
 class ToyThreePass(ToyLowRank):
@@ -63,8 +56,8 @@ class ToyThreePass(ToyLowRank):
 
     passes = 3
 
-    def pass_tensors(self, block, p):
-        return block.tensors if p == 0 else super().pass_tensors(block, p - 1)
+    def perturb(self, block, p):
+        return block.tensors if p == 0 else super().perturb(block, p - 1)
 
     def end_step(self, losses):
         self.l0 = float(losses[0])

@@ -15,7 +15,7 @@ from tests.toy_dist import TOY_SOURCE, forget_modules, make_toy_dist
 from zoedge.cli import main
 from zoedge.errors import PluginError
 from zoedge.optim import registry
-from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.registry import (available, build, coerce, load, lookup, options_of, parse_opts,
                                    register_optimizer)
 from zoedge.runtime.streamed import Resident
@@ -44,14 +44,14 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class _Hooks(ZOOptimizer):
     """Implements the required hooks (no registration)."""
 
-    def on_resident(self, block):
-        pass
-
-    def pass_tensors(self, block, p):
+    def perturb(self, block, p):
         return block.tensors
 
     def end_step(self, losses):
-        return {}
+        return Update()
+
+    def apply(self, block, update):
+        pass
 
 
 # ------------------------------------------------------------------ decorator
@@ -106,11 +106,11 @@ def test_decorator_rejects_missing_hook():
     with pytest.raises(PluginError, match="end_step") as e:
         @register_optimizer("nohook")
         class NoHook(ZOOptimizer):
-            def on_resident(self, block):
-                pass
-
-            def pass_tensors(self, block, p):
+            def perturb(self, block, p):
                 return block.tensors
+
+            def apply(self, block, update):
+                pass
 
     assert "NoHook" in str(e.value) and "nohook" not in available()
 
@@ -280,7 +280,7 @@ def test_broken_plugin_is_reported_and_others_load(site: Path, capsys: pytest.Ca
     assert all(s in msg for s in ("'broken'", "brokenzo:Broken", "brokenzo==0.1", "ImportError: needs frobnicate"))
     with pytest.raises(PluginError, match="notzo==0.1.*not a subclass"):
         load("notzo")
-    with pytest.raises(PluginError, match="hooklesszo==0.1.*on_resident, pass_tensors, end_step"):
+    with pytest.raises(PluginError, match="hooklesszo==0.1.*perturb, end_step, apply"):
         load("hookless")
     assert build("toy", {}, seed=0).eps == 1e-3
 

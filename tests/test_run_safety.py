@@ -286,11 +286,19 @@ def test_streamed_model_closed_when_training_fails(setup, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ settings and help
 def test_every_option_of_every_command_has_help():
-    parser, _ = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
+    import argparse
+
+    def check(p: argparse.ArgumentParser, where: str) -> None:
         for action in p._actions:
-            assert action.help and action.help.strip(), f"zoedge {name} {action.option_strings or action.dest}"
+            if isinstance(action, argparse._SubParsersAction):  # explained by its choices' help lines
+                for name, sub in action.choices.items():
+                    assert any(c.dest == name and c.help for c in action._choices_actions), f"{where} {name}"
+                    check(sub, f"{where} {name}")
+            else:
+                assert action.help and action.help.strip(), f"{where} {action.option_strings or action.dest}"
+
+    parser, _ = build_parser()
+    check(parser, "zoedge")
 
 
 def test_finetune_and_eval_share_the_data_defaults():

@@ -27,7 +27,7 @@ TOY_SOURCE = textwrap.dedent('''
 
     import torch
 
-    from zoedge.optim.api import ZOOptimizer, apply_once
+    from zoedge.optim.api import Update, ZOOptimizer
 
 
     class Toy(ZOOptimizer):
@@ -48,45 +48,26 @@ TOY_SOURCE = textwrap.dedent('''
                      schedule: Literal["constant", "sqrt"] = "constant", note: str | None = None) -> None:
             super().__init__(seed=seed, lr=lr)
             self.eps, self.use_sign, self.schedule, self.note = eps, sign, schedule, note
-            self.pending: tuple[int, float] | None = None  # (step whose z to use, coefficient)
-            self.applied: set[str] = set()
             self.z: dict[str, torch.Tensor] = {}
-            self.last_g = 0.0
 
         def _z(self, t: torch.Tensor, step: int, name: str) -> torch.Tensor:
             return self.noise.normal(tuple(t.shape), step, name, "z0", dtype=t.dtype, device=t.device)
 
-        def on_resident(self, block) -> None:
-            if self.pending is not None and apply_once(self.applied, block):
-                step, coef = self.pending
-                for n in sorted(block.writable):
-                    block.tensors[n].sub_(coef * self._z(block.tensors[n], step, n))
-                block.mark_dirty()
+        def draw(self, block) -> None:
             self.z = {n: self._z(block.tensors[n], self.t, n) for n in sorted(block.writable)}
 
-        def pass_tensors(self, block, p: int):
+        def perturb(self, block, p: int):
             s = self.eps if p == 0 else -self.eps
             return {n: (t + s * self.z[n] if n in self.z else t) for n, t in block.tensors.items()}
 
         def end_step(self, losses):
             g = float((losses[0].float() - losses[1].float()) / (2 * self.eps))
             lr = self.lr / math.sqrt(self.t + 1) if self.schedule == "sqrt" else self.lr
-            self.pending = (self.t, lr * (math.copysign(1.0, g) if self.use_sign else g))
-            self.applied = set()
-            self.last_g = g
-            return {"g": g}
+            return Update({"coef": lr * (math.copysign(1.0, g) if self.use_sign else g)}, {"g": g})
 
-        def flushed(self) -> None:
-            self.pending = None
-
-        def plugin_state(self):
-            step, coef = self.pending if self.pending is not None else (-1, 0.0)
-            return {"pending_step": step, "pending_coef": coef, "applied": sorted(self.applied)}
-
-        def load_plugin_state(self, state) -> None:
-            step = int(state.get("pending_step", -1))
-            self.pending = None if step < 0 else (step, float(state["pending_coef"]))
-            self.applied = set(state.get("applied", []))
+        def apply(self, block, update) -> None:
+            for n in sorted(block.writable):
+                block.tensors[n].sub_(update["coef"] * self._z(block.tensors[n], update.step, n))
 ''')
 
 

@@ -157,16 +157,24 @@ def raw_read(paths: list[Path], buf: memoryview) -> int:
 
 
 def tier_read(tier: DiskTier, prefetch: int) -> int:
-    """The DiskTier driven exactly as StreamedModel.run drives it, minus the copy into the slot."""
+    """The DiskTier driven exactly as StreamedModel.run drives it, minus the copy into the slot (each upload is
+    an operation that only waits for its disk read)."""
+    from zoedge.runtime.engines import SyncEngine
+    from zoedge.runtime.schedule import UPLOAD, Schedule
+
+    engine = SyncEngine()
+    schedule = Schedule(engine.issue)
+    tier.attach(schedule)
     n, issued, total = len(tier.manifest.blocks), 0, 0
     for i in range(n):
         while issued < min(i + prefetch + 1, n):
-            tier.schedule(issued)
-            total += tier.fetch(issued).numel()
-            tier.release(issued, None)
+            name, buf = tier.source(issued)
+            schedule.emit(UPLOAD, "upload", f"touch {issued}", lambda: None, reads=(name,), block=issued)
+            total += buf.numel()
             issued += 1
         for j in range(issued, min(issued + prefetch + 1, n)):  # read-ahead, as StreamedModel.run does
-            tier.schedule(j)
+            tier.read_ahead(j)
+    engine.close()
     return total
 
 

@@ -149,10 +149,8 @@ def profile_streamed(sm: zoedge.StreamedModel, ids: torch.Tensor, mask: torch.Te
     device = sm.device
     out: dict[str, Any] = {}
     # 1. host -> slot copies: exactly what _upload does for every block, on its own.
-    host = []
-    for i in range(len(sm.blocks)):  # (disk tier: ring buffers are reused, only the copy timing matters here)
-        host.append(sm.tier.fetch(i))
-        sm.tier.release(i, None)
+    host = [sm.tier.read_block(i) for i in range(len(sm.blocks))]  # (disk tier: fresh buffers; the copy timing
+    # is what matters here)
     slots = [sm._slot_for(i) for i in range(len(sm.blocks))]
     def copies() -> None:
         for h, s in zip(host, slots):

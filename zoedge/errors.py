@@ -50,3 +50,7 @@ class TrainingError(ZoedgeError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class ScheduleError(ZoedgeError):
+    """A streamed schedule orders two accesses to one buffer wrongly (found by the race checker)."""

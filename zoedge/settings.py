@@ -167,8 +167,8 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     optimizer: str = setting("mezo", "optimizer plugin: a name listed by `zoedge plugins`, or module:Class")
     opt: list[str] = setting([], "plugin option KEY=VALUE (repeatable; see `zoedge plugins NAME`)",
                              metavar="KEY=VALUE")
-    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; for mezo "
-                               "4e-5 here)", type=float, minimum=0)
+    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; mezo's "
+                               "is 4e-5, tuned for the demo)", type=float, minimum=0)
     eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's)",
                                 type=float, minimum=0)
     weight_decay: float | None = setting(None, "weight decay, the plugin option weight_decay (default: the "
@@ -235,7 +235,8 @@ def check_device(device: str) -> None:
         raise ConfigError("--device", f"{device!r}: zoedge streams blocks to cpu or cuda devices only",
                           "use --device cpu (or cuda on an NVIDIA GPU)")
     if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        present = torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == "cuda"
+        count = torch.accelerator.device_count() if present else 0
         if count == 0:
             raise ConfigError("--device", f"{device!r} but CUDA is not available", "use --device cpu")
         if dev.index is not None and dev.index >= count:

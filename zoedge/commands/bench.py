@@ -43,7 +43,7 @@ class TimedVisitor:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             import torch
-            torch.cuda.synchronize(self.device)
+            torch.accelerator.synchronize(self.device)
 
     def _timed(self, hook: str, *args: Any) -> Any:
         self._sync()
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     def sync() -> None:
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+            torch.accelerator.synchronize(dev)
 
     def streamed_step() -> float:
         opt.begin_step(state["t"])

@@ -15,9 +15,6 @@ import sys
 
 from zoedge.settings import FinetuneSettings, add_options
 
-#: MeZO's lr for the out-of-the-box run: 30 steps on SmolLM2-135M (the paper's 1e-6/1e-7 are for 13B models)
-DEMO_LR = 4e-5
-
 RESUME_HINT = "re-run the same command with --resume to continue from the last checkpoint"
 
 
@@ -30,14 +27,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoedge.optim.registry import parse_opts
-    from zoedge.settings import from_args
+    from zoedge.errors import ConfigError
+    from zoedge.optim.registry import load, options_of, parse_opts
+    from zoedge.settings import flag, from_args
     from zoedge.train.job import run_finetune
 
     settings, _ = from_args(FinetuneSettings, args)
     parsed = dict(parse_opts(settings.opt))
-    if settings.optimizer == "mezo" and "lr" not in parsed and settings.lr is None:
-        settings.lr = DEMO_LR
+    for key in ("lr", "eps", "weight_decay"):
+        if getattr(settings, key) is not None:
+            known = options_of(load(settings.optimizer))
+            if key not in known:
+                raise ConfigError(flag(key), f"optimizer '{settings.optimizer}' has no option '{key}' (its options: "
+                                  f"{', '.join(known) or 'none'})",
+                                  f"drop {flag(key)}, or set the plugin's own options with --opt KEY=VALUE")
     s = run_finetune(settings, parsed)
 
     def acc(d: dict | None) -> str:

@@ -1,41 +1,49 @@
-"""The optimizer plugin API: the contract every ZO method is built on.
+"""The optimizer plugin API: the framework owns the loop and the lazy update, a plugin writes the estimate and
+the apply.
 
 A plugin is a subclass of :class:`ZOOptimizer`, registered under a name (see
 :mod:`zoedge.optim.registry`). Its keyword ``__init__`` parameters are its
 options (``--opt KEY=VALUE`` on the command line, coerced by annotation); the
-trainer passes ``seed`` itself.
+trainer passes ``seed`` itself. A plugin implements three hooks, plus two
+optional ones:
 
-Hook sequence of one training step ``t`` (the runtime streams each block once):
+* ``perturb(block, p)`` — the weights pass ``p`` sees (e.g. θ + εz in scratch,
+  or a :class:`~zoedge.optim.lowrank.LowRankPerturbed` view); never modifies
+  ``block.tensors``;
+* ``end_step(losses)`` — one fp32 loss per pass → the step's :class:`Update`
+  (a value: the scalars ``apply`` needs, plus metrics for the log);
+* ``apply(block, update)`` — apply ``update`` in place on ``block.tensors``;
+* optional ``draw(block)`` — this step's randomness for a resident block (once
+  per residency, before its passes: e.g. z reused by the +ε and −ε passes);
+* optional ``begin_step(t)`` — per-step schedule values;
+* optional ``on_flush(block)`` — methods that keep their update off the base (factors) merge it here.
 
-1. ``begin_step(t)`` — choose the step's randomness and schedule values.
-2. For each block, in order, while it is resident on the device:
+Hook sequence of training step ``t`` (the runtime streams each block once):
 
-   a. ``on_resident(block)`` — apply the *pending* update from step t-1 (lazy:
-      with t-1's scalars and lr) in place on ``block.tensors`` and call
-      ``block.mark_dirty()``; draw this step's noise into ``block.workspace(..)``
-      buffers (allocated once, reused by every block);
-   b. for each pass ``p < passes``: ``pass_tensors(block, p)`` returns the weights
-      pass p sees (e.g. θ + εz in scratch, or a :class:`~zoedge.optim.lowrank.LowRankPerturbed`
-      view); the base copy must not be modified; the runtime runs the block on
-      pass p's own hidden-state stream;
-   c. ``on_passes_done(block)``.
-3. ``end_step(losses)`` — one fp32 loss per pass; compute the projected
-   gradient(s) and store the pending update; return metrics for the log.
+1. ``begin_step(t)``;
+2. for each block, while it is resident on the device: the framework applies
+   the pending update of step t−1 (``apply``, exactly once per block, then
+   marks the block dirty for dense methods), then ``draw(block)``, then
+   ``perturb(block, p)`` for each of the ``passes`` forward passes;
+3. ``end_step(losses)`` returns the :class:`Update`; the framework keeps it
+   pending, owed to every block that was resident during the step.
 
-Before eval, checkpoint and export the trainer *flushes*: it streams the
-blocks once with no inputs, so only ``on_resident`` runs, then calls
-``flushed()``. Plugins must therefore apply a pending update exactly once per
-block (track which blocks have it).
+Before eval, checkpoint and export the trainer *flushes*: it streams the blocks
+once with no inputs, so the framework applies the pending update to every block
+that still owes it. The framework raises :class:`~zoedge.errors.PluginError`
+if a block would get an update twice (:meth:`ZOOptimizer.apply_pending`) or a
+new step would drop an update some block never got. The pending update and
+which blocks got it are part of :meth:`ZOOptimizer.state_dict` (checkpoints).
 
-Other shapes of method fit the same hooks:
+Other shapes of method use the same hooks:
 
 * three passes per step (HiZOO): ``passes = 3``, pass 0 unperturbed;
-* periodic extra phases reading the base weights (DiZO): ``extra_phases(t)``
-  returns visitors the trainer streams before step t, each finished by
-  ``finish_phase``; base weights are the prepared store, readable at any time;
-* first-order blocks kept resident with their own torch optimizer (LoHO,
-  HZO): ``fo_blocks`` names them. *The trainer does not run FO blocks yet*;
-  a plugin that names any is refused with a clear error.
+* periodic extra streamed phases (DiZO's projection learning):
+  ``extra_phases(t)`` yields visitors the trainer streams (after a flush) on
+  step t's batch before the step, each followed by ``finish_phase``;
+* first-order blocks (LoHO, HZO): ``fo_blocks`` names blocks that stay resident
+  with ``requires_grad`` and are trained by a torch optimizer on the
+  unperturbed pass ``fo_pass`` (see :mod:`zoedge.optim.first_order`).
 
 State is keyed by tensor name (streamed tensors are not resident objects):
 ``plugin_state()`` / ``load_plugin_state()`` hold tensors and JSON scalars.
@@ -45,13 +53,35 @@ The class is a ``torch.optim.Optimizer`` over one empty placeholder so that
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from zoedge.errors import PluginError
+from zoedge.optim.first_order import FOSettings
 from zoedge.optim.noise import NoiseSource
 from zoedge.runtime.streamed import BlockVisitor, Resident
+from zoedge.store.manifest import BlockEntry
+
+
+@dataclass
+class Update:
+    """One step's update, as a value.
+
+    Attributes:
+        data: what ``apply`` needs (numbers, lists, tensors), e.g. ``{"g": [...], "lr": 1e-5}``.
+        metrics: scalars for the log and the progress bar (e.g. ``{"projected_grad": g}``).
+        step: the step that produced it (set by the framework; regenerate that step's noise from it).
+    """
+
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: int = -1
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
 
 
 class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
@@ -67,10 +97,16 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     #: hooks a plugin must override
-    REQUIRED_HOOKS: ClassVar[tuple[str, ...]] = ("on_resident", "pass_tensors", "end_step")
+    REQUIRED_HOOKS: ClassVar[tuple[str, ...]] = ("perturb", "end_step", "apply")
+    #: the framework's own methods: a plugin overriding one is refused by the registry
+    FRAMEWORK_METHODS: ClassVar[tuple[str, ...]] = ("on_resident", "pass_tensors", "finish_step", "flushed",
+                                                    "apply_pending", "state_dict", "load_state_dict")
     #: forward passes per step, all run while each block is resident
     passes: int = 2
-    #: dense methods write updated blocks back; low-rank methods that keep factors need not
+    #: the unperturbed pass that first-order blocks train on (``None``: the plugin has no FO blocks)
+    fo_pass: int | None = None
+    #: dense methods change ``block.tensors`` in ``apply`` (the framework marks the block dirty); methods
+    #: that keep their update elsewhere (factors) set False and call ``block.mark_dirty()`` themselves if needed
     dense: ClassVar[bool] = True
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-6, **defaults: Any) -> None:
@@ -80,56 +116,67 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         self.noise = NoiseSource(seed)
         self.t = 0               # the step in progress (begin_step)
         self.steps_done = 0      # completed steps
+        self._pending: Update | None = None
+        self._owed: set[str] = set()       # blocks the pending update is owed to
+        self._applied: set[str] = set()    # ... of which these have it
+        self._visited: set[str] = set()    # blocks resident during the step in progress
+        self._in_step = False
+        self.first_order: Any = None       # zoedge.optim.first_order.FirstOrder, attached by the trainer
 
-    # ---------------------------------------------------------------- hooks
+    # ------------------------------------------------------------ plugin hooks
     @property
     def lr(self) -> float:
         return float(self.param_groups[0]["lr"])
 
     def begin_step(self, step: int) -> None:
-        """Step ``step`` starts (0-based). Default: remember it."""
+        """Step ``step`` starts (0-based). Overrides must call ``super().begin_step(step)``."""
         self.t = step
+        self._in_step = True
+        self._visited = set()
+
+    def draw(self, block: Resident) -> None:
+        """This step's randomness for ``block`` (once per residency, before its passes). Default none."""
 
     @abstractmethod
-    def on_resident(self, block: Resident) -> None:
-        """Apply the pending update to ``block`` (once) and draw this step's noise."""
-
-    @abstractmethod
-    def pass_tensors(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
+    def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         """The weights pass ``p`` sees; never modify ``block.tensors`` here."""
 
     @abstractmethod
-    def end_step(self, losses: Sequence[torch.Tensor]) -> dict[str, float]:
-        """Turn the passes' losses into the pending update; return metrics (e.g. ``{"g": ...}``)."""
+    def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
+        """Turn the passes' losses (one fp32 scalar per pass) into the step's update."""
 
-    def flushed(self) -> None:
-        """Every block has been visited since the last ``end_step``: pending updates are applied."""
+    @abstractmethod
+    def apply(self, block: Resident, update: Update) -> None:
+        """Apply ``update`` (of step ``update.step``) to ``block`` in place. Called once per block by the framework."""
 
-    def extra_phases(self, step: int) -> list[BlockVisitor]:
-        """Extra streamed passes to run before ``step`` (DiZO projection learning). Default none."""
-        return []
+    def on_flush(self, block: Resident) -> None:
+        """A flush visits ``block`` (after its pending update): make ``block.tensors`` hold the model's current
+        weights for eval / checkpoint / export, e.g. merge factors kept off the base (call ``block.mark_dirty()``).
+        Default nothing."""
+
+    def extra_phases(self, step: int) -> Iterator[BlockVisitor]:
+        """Extra streamed phases before ``step`` (DiZO projection learning), run on step ``step``'s batch after a
+        flush; each yielded visitor is streamed (with no inputs if its ``passes`` is 0) and its losses given to
+        :meth:`finish_phase` before the next is pulled. Default none."""
+        return iter(())
 
     def finish_phase(self, phase: BlockVisitor, losses: Sequence[torch.Tensor]) -> None:
         """Losses of an extra phase's passes."""
 
-    def fo_blocks(self, block_names: Sequence[str]) -> list[str]:
-        """Blocks to train first-order, kept resident (LoHO / HZO). Default none."""
+    def fo_blocks(self, blocks: Sequence[BlockEntry]) -> list[str]:
+        """Names of blocks to train first-order, kept resident (LoHO / HZO), chosen from the model's blocks (in
+        order, with their tensors' names, shapes and bytes). Default none. A plugin naming blocks (or returning
+        :meth:`fo_parameters`) sets ``fo_pass`` (an unperturbed pass) and may override :meth:`fo_settings`."""
         return []
 
-    # ------------------------------------------------------------ framework
-    def finish_step(self, losses: Sequence[torch.Tensor]) -> dict[str, float]:
-        """Called by the trainer after the step's passes: ``end_step`` + bookkeeping."""
-        if len(losses) != self.passes:
-            raise RuntimeError(f"{self.name or type(self).__name__}: expected {self.passes} losses, got {len(losses)}")
-        metrics = self.end_step(losses)
-        self.step()
-        self.steps_done += 1
-        return metrics
+    def fo_parameters(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Further tensors the plugin trains first-order (``requires_grad`` leaves on ``device``, e.g. sparse deltas
+        it adds to streamed weights on the ``fo_pass``); stepped by the same torch optimizer. Default none."""
+        return {}
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        """Marks the step done for torch's LR schedulers; ZO updates happen in the hooks."""
-        return None
+    def fo_settings(self) -> FOSettings:
+        """The torch optimizer of the first-order blocks (default: SGD, lr 1e-4)."""
+        return FOSettings()
 
     def plugin_state(self) -> dict[str, Any]:
         """Plugin state to checkpoint: tensors (keyed by name) and JSON-able values."""
@@ -138,10 +185,103 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     def load_plugin_state(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`plugin_state`."""
 
+    # --------------------------------------------------------------- framework
+    def on_resident(self, block: Resident) -> None:
+        """Runtime hook: apply the pending update if ``block`` owes it, then draw (during a step)."""
+        if self.first_order is not None and block.name in self.first_order.blocks:
+            if not self._in_step:  # a flush: bring the streamed copy up to date for eval / save / export
+                self.first_order.write_into(block)
+            return  # trained first-order, never perturbed
+        if self._pending is not None and block.name in self._owed and block.name not in self._applied:
+            self.apply_pending(block)
+        if self._in_step:
+            self._visited.add(block.name)
+            self.draw(block)
+        else:
+            self.on_flush(block)
+
+    def apply_pending(self, block: Resident) -> None:
+        """Apply the pending update to ``block``, exactly once.
+
+        Raises:
+            PluginError: there is no pending update, ``block`` already got it, or was not resident in its step.
+        """
+        who = f"optimizer '{self.name or type(self).__name__}', block {block.name}"
+        if self._pending is None:
+            raise PluginError(who, "has no pending update to apply", "apply updates only through the trainer")
+        if block.name in self._applied:
+            raise PluginError(who, f"would get the update of step {self._pending.step} a second time",
+                              "let the framework apply updates (it applies each once, at the next residency)")
+        if block.name not in self._owed:
+            raise PluginError(who, f"was not resident in step {self._pending.step}, so it owes no update",
+                              "apply updates only through the trainer")
+        self.apply(block, self._pending)
+        self._applied.add(block.name)
+        if self.dense:
+            block.mark_dirty()
+
+    def pass_tensors(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
+        """Runtime hook: first-order blocks see their trainable tensors, the others ``perturb(block, p)``."""
+        if self.first_order is not None and block.name in self.first_order.blocks:
+            return self.first_order.tensors(block, p == self.fo_pass)
+        return self.perturb(block, p)
+
+    @property
+    def grad_pass(self) -> int | None:  # read by the runtime: the pass that runs under autograd
+        return self.fo_pass if self.first_order is not None else None
+
+    @property
+    def pending(self) -> Update | None:
+        """The update not yet applied to every block that owes it (read-only)."""
+        return self._pending
+
+    def finish_step(self, losses: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Called by the trainer after the step's passes: ``end_step``, then the update becomes pending.
+
+        Raises:
+            RuntimeError: wrong number of losses.
+            PluginError: the previous update was not applied to every block that owes it.
+        """
+        if len(losses) != self.passes:
+            raise RuntimeError(f"{self.name or type(self).__name__}: expected {self.passes} losses, got {len(losses)}")
+        self._check_settled(f"step {self.t} ends")
+        update = self.end_step(losses)
+        if not isinstance(update, Update):
+            raise PluginError(f"optimizer '{self.name or type(self).__name__}'",
+                              f"end_step returned {type(update).__name__}, not an Update",
+                              "return zoedge.optim.api.Update(data, metrics)")
+        update.step = self.t
+        self._pending, self._owed, self._applied = update, set(self._visited), set()
+        self._visited, self._in_step = set(), False
+        self.step()
+        self.steps_done += 1
+        return dict(update.metrics)
+
+    def flushed(self) -> None:
+        """Called by the trainer after a flush stream: every block that owed the pending update has it."""
+        self._check_settled("flush")
+        self._pending, self._owed, self._applied = None, set(), set()
+        self._in_step = False
+
+    def _check_settled(self, when: str) -> None:
+        missing = self._owed - self._applied if self._pending is not None else set()
+        if missing:
+            raise PluginError(f"optimizer '{self.name or type(self).__name__}'",
+                              f"at {when}, the update of step {self._pending.step} was never applied to "  # type: ignore[union-attr]
+                              f"{sorted(missing)}", "stream every block once per step (or flush) before the next")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """Marks the step done for torch's LR schedulers; ZO updates happen in ``apply``."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        pend = self._pending
+        pending = None if pend is None else {"data": pend.data, "metrics": pend.metrics, "step": pend.step,
+                                             "owed": sorted(self._owed), "applied": sorted(self._applied)}
         return {"param_groups": groups, "seed": self.seed, "steps_done": self.steps_done,
-                "plugin": self.plugin_state()}
+                "pending": pending, "plugin": self.plugin_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # type: ignore[override]
         for group, saved in zip(self.param_groups, state["param_groups"]):
@@ -149,12 +289,10 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         self.seed = int(state["seed"])
         self.noise = NoiseSource(self.seed)
         self.steps_done = int(state["steps_done"])
+        pend = state.get("pending")
+        if pend is None:
+            self._pending, self._owed, self._applied = None, set(), set()
+        else:
+            self._pending = Update(dict(pend["data"]), dict(pend["metrics"]), int(pend["step"]))
+            self._owed, self._applied = set(pend["owed"]), set(pend["applied"])
         self.load_plugin_state(state.get("plugin", {}))
-
-
-def apply_once(applied: set[str], block: Resident) -> bool:
-    """True the first time ``block`` is seen since ``applied`` was reset (for lazy updates)."""
-    if block.name in applied:
-        return False
-    applied.add(block.name)
-    return True

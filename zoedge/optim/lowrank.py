@@ -3,7 +3,8 @@
 :class:`LowRankPerturbed` is a tensor subclass that shares ``base``'s storage.
 When a module calls ``F.linear(x, W)`` with it (every ``nn.Linear`` does), the
 product becomes ``x baseᵀ + scale · (x V) Uᵀ``: one base GEMM plus a rank-r
-correction. Any other operation sees the materialised matrix (correct, just
+correction; ``F.embedding(ids, W)`` (``nn.Embedding``) becomes
+``base[ids] + scale · U[ids] Vᵀ``. Any other operation sees the materialised matrix (correct, just
 not cheap), so a plugin may hand it to any module.
 
 Shapes: base [m, n] (nn.Linear: m = out, n = in), U [m, r], V [n, r].
@@ -40,6 +41,8 @@ class LowRankPerturbed(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.Tensor.data_ptr:  # the storage is base's (the runtime keeps tied views by reference)
+            return args[0].base.data_ptr()
         if func is F.linear:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -48,6 +51,15 @@ class LowRankPerturbed(torch.Tensor):
                     y = F.linear(x, w.base, bias)
                     # y += scale · (x V) Uᵀ ; [.., n] @ [n, r] -> [.., r] @ [r, m] -> [.., m]
                     return y.add_(F.linear(F.linear(x, w.v.T), w.u), alpha=w.scale)
+
+        if func is F.embedding:
+            ids, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            if isinstance(w, LowRankPerturbed) and not isinstance(ids, LowRankPerturbed):
+                rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
+                with torch._C.DisableTorchFunctionSubclass():
+                    y = F.embedding(ids, w.base, *args[2:], **rest)
+                    # rows of base + scale · U Vᵀ: [.., r] @ [r, n] -> [.., n]
+                    return y.add_(F.embedding(ids, w.u) @ w.v.T, alpha=w.scale)
 
         def plain(a: Any) -> Any:
             return a.materialize() if isinstance(a, LowRankPerturbed) else a

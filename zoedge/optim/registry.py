@@ -435,6 +435,12 @@ def _validate(cls: Any, label: str) -> None:
     if missing:
         raise PluginError(label, f"does not override the required hook(s) {', '.join(missing)}",
                           f"implement {', '.join(missing)} (see zoedge/optim/api.py for the contract)")
+    owned = [m for m in cls.FRAMEWORK_METHODS
+             if next(k for k in cls.__mro__ if m in k.__dict__) is not ZOOptimizer]
+    if owned:
+        raise PluginError(label, f"overrides the framework method(s) {', '.join(owned)}",
+                          "implement draw / perturb / end_step / apply instead: the framework owns the lazy "
+                          "update (see zoedge/optim/api.py)")
     params = _params(cls, label)
     names = {p[0] for p in params}
     if "seed" not in names:

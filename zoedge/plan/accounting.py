@@ -129,7 +129,7 @@ def layout(config: Any, dtype: str, quant: str = "none") -> tuple[list[BlockEntr
     the same layout, so a one-layer skeleton is built).
     """
     from zoedge.adapters import adapter_for
-    from zoedge.store.prepare import _layout
+    from zoedge.store.manifest import plan_block
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError("--dtype", repr(dtype), "use fp32, fp16 or bf16")
@@ -140,7 +140,7 @@ def layout(config: Any, dtype: str, quant: str = "none") -> tuple[list[BlockEntr
     out = []
     for block in ("embed", "layers.0", "head"):
         names = [n for n in expected if adapter.block_of(n) == block]
-        entries, nbytes = _layout(names, expected, DTYPES[dtype], quant, block)
+        entries, nbytes = plan_block(names, expected, DTYPES[dtype], quant, block)
         out.append(BlockEntry(block, "", nbytes, "", entries))
     return out, dict(adapter.tied())
 
@@ -164,7 +164,7 @@ def model_spec(source: str, dtype: str | None = None, quant: str | None = None, 
     path = Path(source)
     if (path / "manifest.json").is_file():
         from zoedge.store.manifest import load_manifest
-        man = load_manifest(path)
+        man = load_manifest(path, verify=False)  # the layout only: no block bytes are read
         for opt, given, stored in (("--dtype", dtype, man.dtype), ("--quant", quant, man.quant)):
             if given is not None and given != stored:
                 raise ConfigError(opt, f"{given} but the store {path} holds {stored}", f"omit {opt} or give {stored}")

@@ -130,7 +130,7 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
     host_before = ALLOCATIONS.nbytes["host"] + ALLOCATIONS.nbytes["pinned"]
     cuda = dev.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+        torch.accelerator.reset_peak_memory_stats(dev)
     tracker = DeviceMemoryTracker(dev.type, attention)
     with tracker:
         model = StreamedModel(store, device=dev, tier=tier, prefetch=prefetch, working_dir=working_dir)
@@ -146,10 +146,10 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         batch_ = synthetic_batch(model.config.vocab_size, batch, seq, scored, seed)
         times: list[float] = []
         losses: list[float] = []
-        cuda_before = torch.cuda.memory_allocated(dev) if cuda else None
+        cuda_before = torch.accelerator.memory_allocated(dev) if cuda else None
         for t in tqdm(range(steps), desc="measured steps", unit="step", disable=not progress):
             if cuda:
-                torch.cuda.synchronize(dev)
+                torch.accelerator.synchronize(dev)
             t0 = time.perf_counter()
             opt.begin_step(t)
             out = [loss for loss, _ in _loss_passes(model, opt, batch_)]
@@ -168,10 +168,10 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
     result = StepMeasurement(
         device=str(dev), tracked_peak=tracker.peak - exclude, tracked_long_lived=long_lived - exclude,
         step_seconds=times, tokens_per_step=batch * seq, host_tier_bytes=host_tier,
-        pinned_bytes=ALLOCATIONS.nbytes["pinned"] if torch.cuda.is_available() else 0, host_rss=rss,
+        pinned_bytes=ALLOCATIONS.nbytes["pinned"] if torch.accelerator.is_available() else 0, host_rss=rss,
         max_host_rss=max_rss, losses=losses)
     if cuda:
-        result.cuda_max_allocated = torch.cuda.max_memory_allocated(dev)
+        result.cuda_max_allocated = torch.accelerator.max_memory_allocated(dev)
         result.cuda_allocated_before = cuda_before
         result.nvml_used = nvml_used(dev)
     model.close()

@@ -3,30 +3,31 @@
 * :class:`RamTier` keeps every block in its own exact-size pinned buffer
   (host RSS ≈ store bytes; no power-of-two rounding). It is also the working
   store of dense methods: write-backs land in these buffers.
-* :class:`DiskTier` reads blocks with ``readinto`` on one I/O thread into a
-  fixed ring of pinned buffers, ahead of use; optionally the first K blocks stay
-  in RAM (with a cyclic access pattern a static subset beats an LRU, which would
-  always miss). Dense write-backs go to a working copy of the block files,
-  never to the prepared store.
+* :class:`DiskTier` reads blocks with ``readinto`` into a fixed ring of pinned
+  buffers, ahead of use; optionally the first K blocks stay in RAM (with a
+  cyclic access pattern a static subset beats an LRU, which would always miss).
+  Dense write-backs go to a working copy of the block files, never to the
+  prepared store.
 
-Both hand the scheduler a uint8 host tensor per block. A buffer is reused only
-after the device copy that reads it has completed: the scheduler passes the
-copy's CUDA event to :meth:`HostTier.release` (``None`` on CPU, where copies are
-synchronous).
+A tier does not order anything itself: it names the host buffer an upload reads
+(``host[i]`` or ``ring[r]``) and the one a write-back lands in (``host[i]`` or
+``staging``), and emits its disk reads and writes as ``io`` operations on the
+:class:`~zoedge.runtime.schedule.Schedule`; the waits (a ring buffer is refilled
+only after the upload out of it completed, a write-back into the staging buffer
+waits for the previous disk write, ...) follow from those declared effects.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from zoedge.errors import StoreError
 from zoedge.runtime.memory import allocate
+from zoedge.runtime.schedule import IO, Schedule
 from zoedge.store.manifest import Manifest
 
 
@@ -50,35 +51,48 @@ def write_file_from(path: Path, buf: torch.Tensor) -> None:
 
 
 class HostTier(ABC):
-    """Interface the scheduler uses. Blocks are indexed in manifest order."""
+    """Interface the streamed model uses. Blocks are indexed in manifest order."""
 
     def __init__(self, store: Path, manifest: Manifest) -> None:
         self.store = store
         self.manifest = manifest
+        self.schedule: Schedule | None = None
 
-    def schedule(self, i: int) -> None:
-        """Hint: block ``i`` will be fetched soon (start reading it)."""
+    def attach(self, schedule: Schedule) -> None:
+        """The schedule the tier emits its disk operations on."""
+        self.schedule = schedule
 
-    @abstractmethod
-    def fetch(self, i: int) -> torch.Tensor:
-        """Host buffer holding block ``i``'s bytes (waits for a pending read)."""
-
-    def release(self, i: int, event: torch.cuda.Event | None) -> None:
-        """The device copy out of ``fetch(i)``'s buffer is enqueued; reuse after ``event``."""
+    def read_ahead(self, i: int) -> None:
+        """Block ``i`` will be uploaded soon: start reading it (disk tier)."""
 
     @abstractmethod
-    def writeback_target(self, i: int) -> torch.Tensor:
-        """Host buffer a dense update of block ``i`` is copied into (device → host)."""
+    def source(self, i: int) -> tuple[str, torch.Tensor]:
+        """(buffer name, host tensor) an upload of block ``i`` copies from; call once per upload."""
 
-    def commit_writeback(self, i: int, event: torch.cuda.Event | None) -> None:
-        """The copy into ``writeback_target(i)`` is enqueued; persist it once ``event`` completes."""
+    @abstractmethod
+    def writeback_target(self, i: int) -> tuple[str, torch.Tensor]:
+        """(buffer name, host tensor) a dense update of block ``i`` is copied into (device → host)."""
+
+    def check_writable(self) -> None:
+        """Raise if dense updates cannot be stored (called before the first byte is written back)."""
+
+    def after_writeback(self, i: int, offload: object) -> None:
+        """The write-back ``offload`` of block ``i`` is emitted: emit what persists it (disk tier)."""
+
+    @abstractmethod
+    def read_block(self, i: int) -> torch.Tensor:
+        """Block ``i``'s current bytes (after the engine synchronised): a tensor the caller may keep."""
+
+    @abstractmethod
+    def write_block(self, i: int, data: torch.Tensor) -> None:
+        """Replace block ``i``'s bytes in the working copy (after the engine synchronised)."""
 
     def close(self) -> None:
-        """Finish pending I/O."""
+        """Release resources."""
 
 
 class RamTier(HostTier):
-    """All blocks resident in (pinned, when CUDA is present) host memory, each at its exact size."""
+    """All blocks resident in (pinned, when an accelerator is present) host memory, each at its exact size."""
 
     def __init__(self, store: Path, manifest: Manifest) -> None:
         super().__init__(store, manifest)
@@ -88,11 +102,17 @@ class RamTier(HostTier):
             read_file_into(store / b.file, buf)
             self.buffers.append(buf)
 
-    def fetch(self, i: int) -> torch.Tensor:
+    def source(self, i: int) -> tuple[str, torch.Tensor]:
+        return f"host[{i}]", self.buffers[i]
+
+    def writeback_target(self, i: int) -> tuple[str, torch.Tensor]:
+        return f"host[{i}]", self.buffers[i]
+
+    def read_block(self, i: int) -> torch.Tensor:
         return self.buffers[i]
 
-    def writeback_target(self, i: int) -> torch.Tensor:
-        return self.buffers[i]
+    def write_block(self, i: int, data: torch.Tensor) -> None:
+        self.buffers[i].copy_(data)
 
 
 class DiskTier(HostTier):
@@ -116,18 +136,13 @@ class DiskTier(HostTier):
             self.paths = self._working_copy(working_dir)
         size = max(b.nbytes for b in manifest.blocks)
         self.ring = [allocate(size, "cpu", "pinned", pinned=True) for _ in range(ring)]
-        self.ring_free: list[torch.cuda.Event | None] = [None] * ring
         self.cache = {i: allocate(manifest.blocks[i].nbytes, "cpu", "host", pinned=True)
                       for i in range(min(ram_cache_blocks, len(manifest.blocks)))}
         for i, buf in self.cache.items():
             read_file_into(self.paths[i], buf)
-        self.io = ThreadPoolExecutor(1, thread_name_prefix="zoedge-io")  # one thread: FIFO orders writes before re-reads
-        self.pending: dict[int, Future] = {}
+        self.pending: dict[int, int] = {}  # block -> ring buffer holding (or about to hold) its bytes
         self.next_ring = 0
-        self.ring_of: dict[int, int] = {}
         self.staging = allocate(size, "cpu", "pinned", pinned=True)  # D2H target of write-backs
-        self.write_done: Future | None = None
-        self.lock = threading.Lock()
 
     def _working_copy(self, working_dir: Path) -> list[Path]:
         working_dir.mkdir(parents=True, exist_ok=True)
@@ -140,32 +155,29 @@ class DiskTier(HostTier):
             out.append(dst)
         return out
 
-    def _read(self, i: int, r: int) -> torch.Tensor:
-        ev = self.ring_free[r]
-        if ev is not None:
-            ev.synchronize()  # the previous H2D out of this ring buffer must finish first (I/O thread, not hot loop)
-        buf = self.ring[r][: self.manifest.blocks[i].nbytes]
-        read_file_into(self.paths[i], buf)
-        return buf
+    def _nbytes(self, i: int) -> int:
+        return self.manifest.blocks[i].nbytes
 
-    def schedule(self, i: int) -> None:
+    def read_ahead(self, i: int) -> None:
         if i in self.cache or i in self.pending:
             return
         r = self.next_ring
+        if r in self.pending.values():
+            raise RuntimeError(f"disk tier: ring buffer {r} refilled before its block was uploaded "
+                               "(read ahead further than the ring holds)")
         self.next_ring = (r + 1) % len(self.ring)
-        self.ring_of[i] = r
-        self.pending[i] = self.io.submit(self._read, i, r)
+        self.pending[i] = r
+        buf, path = self.ring[r][: self._nbytes(i)], self.paths[i]
+        assert self.schedule is not None
+        self.schedule.emit(IO, "read", f"read {self.manifest.blocks[i].name}", lambda: read_file_into(path, buf),
+                           reads=(f"file[{i}]",), writes=(f"ring[{r}]",), block=i, nbytes=buf.numel())
 
-    def fetch(self, i: int) -> torch.Tensor:
+    def source(self, i: int) -> tuple[str, torch.Tensor]:
         if i in self.cache:
-            return self.cache[i]
-        self.schedule(i)
-        return self.pending[i].result()
-
-    def release(self, i: int, event: torch.cuda.Event | None) -> None:
-        if i in self.pending:
-            self.ring_free[self.ring_of.pop(i)] = event
-            del self.pending[i]
+            return f"host[{i}]", self.cache[i]
+        self.read_ahead(i)
+        r = self.pending.pop(i)
+        return f"ring[{r}]", self.ring[r][: self._nbytes(i)]
 
     def check_writable(self) -> None:
         """The prepared store is read-only: writes need a working copy."""
@@ -173,23 +185,32 @@ class DiskTier(HostTier):
             raise StoreError(self.store, "a dense update would write into the prepared store (disk tier without "
                              "a working copy)", "pass working_dir=... to zoedge.load (the CLI uses OUTPUT/working)")
 
-    def writeback_target(self, i: int) -> torch.Tensor:
-        self.check_writable()
+    def writeback_target(self, i: int) -> tuple[str, torch.Tensor]:
         if i in self.cache:
-            return self.cache[i]
-        if self.write_done is not None:
-            self.write_done.result()  # one staging buffer: the previous write must be on disk first
-        return self.staging[: self.manifest.blocks[i].nbytes]
+            return f"host[{i}]", self.cache[i]
+        return "staging", self.staging[: self._nbytes(i)]
 
-    def commit_writeback(self, i: int, event: torch.cuda.Event | None) -> None:
-        def _write() -> None:
-            if event is not None:
-                event.synchronize()
-            buf = self.cache[i] if i in self.cache else self.staging[: self.manifest.blocks[i].nbytes]
-            write_file_from(self.paths[i], buf)
-        self.write_done = self.io.submit(_write)
+    def after_writeback(self, i: int, offload: object) -> None:
+        name, buf = self.writeback_target(i)
+        path = self.paths[i]
 
-    def close(self) -> None:
-        if self.write_done is not None:
-            self.write_done.result()
-        self.io.shutdown(wait=True)
+        def write() -> bool:
+            if offload.skipped:  # type: ignore[attr-defined]
+                return False
+            write_file_from(path, buf)
+            return True
+
+        assert self.schedule is not None
+        self.schedule.emit(IO, "write", f"write {self.manifest.blocks[i].name}", write, reads=(name,),
+                           writes=(f"file[{i}]",), block=i, nbytes=buf.numel())
+
+    def read_block(self, i: int) -> torch.Tensor:
+        buf = torch.empty(self._nbytes(i), dtype=torch.uint8)
+        read_file_into(self.paths[i], buf)
+        return buf
+
+    def write_block(self, i: int, data: torch.Tensor) -> None:
+        self.check_writable()
+        write_file_from(self.paths[i], data)
+        if i in self.cache:
+            self.cache[i].copy_(data)

@@ -32,7 +32,7 @@ ALLOCATIONS = AllocationLog()
 
 def can_pin() -> bool:
     """Pinned (page-locked) host memory needs an accelerator: ``pin_memory=True`` raises without one."""
-    return torch.cuda.is_available()
+    return torch.accelerator.is_available()
 
 
 def allocate(nbytes: int, device: torch.device | str, purpose: str, pinned: bool = False) -> torch.Tensor:
@@ -42,7 +42,7 @@ def allocate(nbytes: int, device: torch.device | str, purpose: str, pinned: bool
         nbytes: exact size (no rounding: host RSS stays within a few % of the store size).
         device: target device.
         purpose: label for :data:`ALLOCATIONS`.
-        pinned: page-locked host memory (ignored, with ordinary memory used instead, when no CUDA is present).
+        pinned: page-locked host memory (ignored, with ordinary memory used instead, when no accelerator is present).
     """
     device = torch.device(device)
     pin = pinned and device.type == "cpu" and can_pin()

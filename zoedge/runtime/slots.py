@@ -19,17 +19,14 @@ from zoedge.store.manifest import BlockEntry, align, dtype_of
 
 @dataclass
 class Slot:
-    """One device buffer plus the events that order its reuse.
+    """One device buffer (``slot[index]`` in the schedule) and its dequantization area (``dequant[index]``).
 
-    ``uploaded``: the H2D copy into the slot finished (compute may start).
-    ``free``: compute and any write-back out of the slot finished (the next upload may start).
+    Its reuse is ordered by the schedule's waits (see :mod:`zoedge.runtime.schedule`), not by the slot.
     """
 
     index: int
     raw: torch.Tensor
     dequant: torch.Tensor | None
-    uploaded: torch.cuda.Event | None = None
-    free: torch.cuda.Event | None = None
     block: int | None = None
     views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     parts: dict[int, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
@@ -67,7 +64,7 @@ def bind(slot: Slot, i: int, block: BlockEntry) -> dict[str, torch.Tensor]:
 
 
 def dequantize(slot: Slot, i: int, block: BlockEntry) -> None:
-    """Expand block ``i``'s quantized tensors into their views (current stream)."""
+    """Expand block ``i``'s quantized tensors into their views (the compute queue)."""
     views = bind(slot, i, block)
     for t in block.tensors:
         if t.quant != "none":

@@ -1,18 +1,18 @@
 """The streamed model: blocks flow host → device slot → compute → (write-back) in one pass per step.
 
-Scheduling (CUDA)::
+A pass is emitted as operations on queues (see :mod:`zoedge.runtime.schedule`)::
 
-    upload stream   : H2D(i+1) ........ H2D(i+2) ...
-    compute stream  :      dequant+passes(i) .... passes(i+1) ...
-    offload stream  :                   D2H(i) (dense updates only)
+    io       : read(i+2) .......... read(i+3) ....   (disk tier)
+    upload   : H2D(i+1) ........ H2D(i+2) ...
+    compute  :      dequant+passes(i) .... passes(i+1) ...
+    offload  :                   D2H(i) (blocks the visitor may update)
 
-Ordering is by events only: compute(i) waits for ``slot.uploaded``; the next
-upload into a slot waits for ``slot.free`` (recorded after its compute, or
-after its write-back when the block changed); an upload of block i also waits
-for block i's previous write-back (``host_ready[i]``) so it never reads stale
-bytes. The host never synchronises in the loop; the caller syncs once when it
-reads the step's losses. On CPU the same code runs with every event ``None``
-and every copy synchronous.
+Each operation declares the buffers it reads and writes; the waits between queues follow from those
+effects (compute(i) after H2D(i); the next H2D into a slot after the compute and write-back that read
+it; an upload of block i after block i's previous write-back). An engine executes the operations:
+synchronously on CPU, on streams and events on an accelerator, or in simulated interleavings in tests
+(:mod:`zoedge.runtime.engines`, :mod:`zoedge.runtime.accelerator`). The host never synchronises in the
+loop; the caller syncs once when it reads the step's losses.
 
 A *visitor* (the optimizer plugin, seen through the trainer) decides what each
 pass of a residency sees: :class:`BlockVisitor` documents the hooks.
@@ -28,8 +28,10 @@ import torch
 
 from zoedge.adapters import EMBED, HEAD, Adapter, adapter_for
 from zoedge.errors import ConfigError
+from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
 from zoedge.runtime.memory import allocate
+from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, dequantize, make_slot
 from zoedge.store.manifest import BlockEntry, Manifest, dtype_of, load_manifest
 
@@ -69,6 +71,9 @@ class BlockVisitor:
 
     #: forward passes per residency (each with its own hidden-state stream)
     passes: int = 1
+    #: the one pass run under autograd (first-order blocks train on it; tensors that do not require grad
+    #: record nothing), or None: every pass runs without grad
+    grad_pass: int | None = None
 
     def on_resident(self, block: Resident) -> None:
         """Block uploaded, nothing computed yet. Modify ``block.tensors`` in place + ``mark_dirty`` to update."""
@@ -81,29 +86,42 @@ class BlockVisitor:
         """All passes ran on this block."""
 
 
+def may_update(visitor: BlockVisitor) -> bool:
+    """Only ``on_resident`` and ``on_passes_done`` may change a block: a visitor that overrides neither never
+    does, and its passes schedule no write-backs."""
+    cls = type(visitor)
+    return cls.on_resident is not BlockVisitor.on_resident or cls.on_passes_done is not BlockVisitor.on_passes_done
+
+
 class StreamedModel:
     """A causal LM whose blocks stream through device slots.
 
     Args:
         store: a prepared block store (see :func:`zoedge.prepare`).
-        device: ``cpu`` or ``cuda[:n]``.
+        device: ``cpu`` or the accelerator (``cuda[:n]``, ...).
         tier: ``ram`` (all blocks in pinned host memory) or ``disk`` (read ahead into a pinned ring).
         prefetch: blocks uploaded (and, for ``disk``, read) ahead of the one computing; 1–3 typical.
         ram_cache_blocks: ``disk`` tier only: keep the first K blocks in RAM.
         working_dir: ``disk`` tier with dense updates: where the writable copy of the blocks lives.
+        engine: what executes the schedule (default: :class:`~zoedge.runtime.engines.SyncEngine` on CPU and meta,
+            :class:`~zoedge.runtime.accelerator.AcceleratorEngine` otherwise; tests pass a
+            :class:`~zoedge.runtime.engines.SimulatedEngine`).
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-                 ram_cache_blocks: int = 0, working_dir: Path | None = None) -> None:
+                 ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None) -> None:
         from transformers import AutoConfig
 
         self.store = Path(store)
         self.manifest: Manifest = load_manifest(self.store)
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device", f"{device!r} but CUDA is not available", "use --device cpu")
         if prefetch < 1:
             raise ConfigError("--prefetch", f"{prefetch}", "use 1 or more")
+        if engine is None and self.device.type not in ("cpu", "meta"):  # meta: a dry run that only counts
+            from zoedge.runtime.accelerator import AcceleratorEngine
+            engine = AcceleratorEngine(self.device)
+        self.engine: Engine = engine if engine is not None else SyncEngine()
+        self.schedule = Schedule(self.engine.issue)
         self.prefetch = prefetch
         self.config = AutoConfig.from_pretrained(self.store)
         self.dtype = dtype_of(self.manifest.dtype)
@@ -119,17 +137,13 @@ class StreamedModel:
                                  working_dir=working_dir)
         else:
             raise ConfigError("--tier", f"unknown value {tier!r}", "use ram or disk")
+        self.tier.attach(self.schedule)
         # Tied weights: the block storing the tensor keeps a dedicated slot until the last user has run.
         self.aliases = dict(self.manifest.tied)
         owners = {self._block_index(self.adapter.block_of(src)) for src in self.aliases.values()}
         self.dedicated = {i: self._new_slot([self.blocks[i]], i) for i in sorted(owners)}
         ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
         self.ring = [self._new_slot(ring_blocks, len(self.dedicated) + k) for k in range(prefetch + 1)]
-        self.host_ready: list[torch.cuda.Event | None] = [None] * len(self.blocks)
-        cuda = self.device.type == "cuda"
-        self.up = torch.cuda.Stream(self.device) if cuda else None
-        self.compute = torch.cuda.current_stream(self.device) if cuda else None
-        self.down = torch.cuda.Stream(self.device) if cuda else None
         self._workspaces: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
@@ -173,37 +187,65 @@ class StreamedModel:
         return self.ring[ring_pos % len(self.ring)]
 
     # ----------------------------------------------------------- the stream
-    def _record(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-        if stream is None:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
     def _upload(self, i: int) -> None:
-        """Enqueue H2D of block ``i`` into its slot (upload stream)."""
+        """Emit the H2D copy of block ``i`` into its slot."""
         slot = self._slot_for(i)
-        host = self.tier.fetch(i)
-        with torch.cuda.stream(self.up) if self.up is not None else _null():
-            for ev in (slot.free, self.host_ready[i]):
-                if ev is not None and self.up is not None:
-                    self.up.wait_event(ev)
-            slot.raw[: host.numel()].copy_(host, non_blocking=True)
-            slot.uploaded = self._record(self.up)
+        src_name, src = self.tier.source(i)
+        dst = slot.raw[: src.numel()]
         slot.block = i
-        self.tier.release(i, slot.uploaded)
+        self.schedule.emit(UPLOAD, "upload", f"upload {self.blocks[i].name}",
+                           lambda: dst.copy_(src, non_blocking=True), reads=(src_name,),
+                           writes=(f"slot[{slot.index}]",), block=i, nbytes=src.numel())
 
-    def _offload(self, i: int, slot: Slot, computed: torch.cuda.Event | None) -> None:
-        """Enqueue D2H of block ``i``'s bytes after its compute; the slot is free once it is done."""
-        target = self.tier.writeback_target(i)
-        with torch.cuda.stream(self.down) if self.down is not None else _null():
-            if computed is not None and self.down is not None:
-                self.down.wait_event(computed)
-            target.copy_(slot.raw[: target.numel()], non_blocking=True)
-            done = self._record(self.down)
-        self.host_ready[i] = done
-        slot.free = done
-        self.tier.commit_writeback(i, done)
+    def _offload(self, i: int, residents: dict[int, Resident]) -> None:
+        """Emit the D2H write-back of block ``i`` (it copies only if the visitor marked the block dirty)."""
+        slot = self._slot_for(i)
+        name, target = self.tier.writeback_target(i)
+        src = slot.raw[: target.numel()]
+
+        def write_back() -> bool:
+            res = residents.get(i)
+            if res is not None and not res.dirty:
+                return False
+            self.tier.check_writable()
+            target.copy_(src, non_blocking=True)
+            return True
+
+        op = self.schedule.emit(OFFLOAD, "offload", f"offload {self.blocks[i].name}", write_back,
+                                reads=(f"slot[{slot.index}]",), writes=(name,), block=i, nbytes=target.numel())
+        self.tier.after_writeback(i, op)
+
+    def _compute(self, i: int, visitor: BlockVisitor, pass_state: _PassState, writes_back: bool) -> Op:
+        """Emit block ``i``'s residency: dequantise, the visitor's hooks, its forward passes."""
+        block, slot = self.blocks[i], self._slot_for(i)
+        reads, writes = [f"slot[{slot.index}]"], []
+        if writes_back:
+            writes.append(f"slot[{slot.index}]")
+        if slot.dequant is not None and any(t.quant != "none" for t in block.tensors):
+            writes.append(f"dequant[{slot.index}]")
+        tied_here = [src for alias, src in self.aliases.items() if self.adapter.block_of(alias) == block.name]
+        for src in tied_here:  # the head reads the tied tensor from its owner's dedicated slot
+            reads.append(f"slot[{self._slot_for(self._block_index(self.adapter.block_of(src))).index}]")
+        if pass_state.compute:
+            owns = [src for src in self.aliases.values() if self.adapter.block_of(src) == block.name]
+            writes += [f"tied[{p}]" for p in range(visitor.passes) if owns]
+            reads += [f"tied[{p}]" for p in range(visitor.passes) if tied_here]
+
+        def run() -> None:
+            dequantize(slot, i, block)
+            res = Resident(block.name, i, bind(slot, i, block),
+                           frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self)
+            pass_state.residents[i] = res
+            visitor.on_resident(res)
+            if res.dirty and len(res.writable) != len(res.tensors):
+                raise ConfigError(block.name, "a dense update changed a quantized block",
+                                  "use a low-rank optimizer with a quantized store, or prepare with --quant none")
+            if pass_state.compute:
+                pass_state.forward(i, res)
+            visitor.on_passes_done(res)
+
+        return self.schedule.emit(COMPUTE, "compute", f"compute {block.name}", run, reads=reads, writes=writes,
+                                  block=i)
 
     def run(self, visitor: BlockVisitor, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None,
@@ -222,71 +264,33 @@ class StreamedModel:
         Returns:
             Per pass, ``head_fn(p, logits)`` or the logits.
         """
-        compute = inputs is not None
-        ctx = None
-        states: list[torch.Tensor] = []
-        if compute:
+        state = _PassState(self, visitor, head_fn)
+        if inputs is not None:
             inputs = inputs.to(self.device)
             attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
             position_ids = position_ids.to(self.device) if position_ids is not None else None
             select = select.to(self.device) if select is not None else None
-            ctx = self.adapter.begin(inputs, attention_mask, position_ids, select)
-            states = [inputs] * visitor.passes
+            state.begin(self.adapter.begin(inputs, attention_mask, position_ids, select), inputs)
+        updates = may_update(visitor)
         n = len(self.blocks)
-        tied_seen: list[dict[str, torch.Tensor]] = [{} for _ in range(visitor.passes)]
-        pending_free: list[tuple[int, Slot, Resident]] = []  # dedicated slots released after the last block
-        outputs: list[Any] = []
         issued = 0
         for i, block in enumerate(self.blocks):
             while issued < min(i + self.prefetch + 1, n):
-                self.tier.schedule(issued)
                 self._upload(issued)
                 issued += 1
             # Start the disk reads of the next uploads early, as many as the ring has buffers (prefetch + 1): the
-            # I/O thread then reads while this thread copies into slots (synchronous on CPU) or computes. Each
-            # buffer's previous block is already released (uploaded, or guarded by its H2D event).
+            # I/O thread then reads while the device queues copy into slots or compute.
             for j in range(issued, min(issued + self.prefetch + 1, n)):
-                self.tier.schedule(j)
-            slot = self._slot_for(i)
-            with torch.cuda.stream(self.compute) if self.compute is not None else _null():
-                if self.compute is not None and slot.uploaded is not None:
-                    self.compute.wait_event(slot.uploaded)
-                dequantize(slot, i, block)
-                res = Resident(block.name, i, bind(slot, i, block),
-                               frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self)
-                visitor.on_resident(res)
-                if res.dirty and len(res.writable) != len(res.tensors):
-                    raise ConfigError(block.name, "a dense update changed a quantized block",
-                                      "use a low-rank optimizer with a quantized store, or prepare with --quant none")
-                if compute:
-                    with torch.no_grad():
-                        for p in range(visitor.passes):
-                            tensors = dict(visitor.pass_tensors(res, p))
-                            for alias, src in self.aliases.items():
-                                if src in tensors:
-                                    tied_seen[p][src] = self._keep_tied(p, src, tensors[src], res.tensors[src])
-                                if self.adapter.block_of(alias) == block.name:
-                                    tensors[alias] = tied_seen[p][src]
-                            states[p] = self.adapter.run(block.name, tensors, states[p], ctx)
-                            if block.name == HEAD and head_fn is not None:
-                                states[p] = head_fn(p, states[p])
-                visitor.on_passes_done(res)
-                computed = self._record(self.compute)
-            if i in self.dedicated:
-                pending_free.append((i, slot, res))
-            elif res.dirty:
-                self._offload(i, slot, computed)
-            else:
-                slot.free = computed
-        for i, slot, res in pending_free:
-            computed = self._record(self.compute)
-            if res.dirty:
-                self._offload(i, slot, computed)
-            else:
-                slot.free = computed
-        if compute:
-            outputs = states
-        return outputs
+                self.tier.read_ahead(j)
+            writes_back = updates and any(t.quant == "none" for t in block.tensors)
+            self._compute(i, visitor, state, writes_back)
+            if writes_back and i not in self.dedicated:
+                self._offload(i, state.residents)
+        for i in self.dedicated:  # a tied owner's slot is read by the head: write it back after the pass
+            if updates and any(t.quant == "none" for t in self.blocks[i].tensors):
+                self._offload(i, state.residents)
+        self.engine.outputs_ready()
+        return state.states if state.compute else []
 
     # ------------------------------------------------------------ public API
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -298,10 +302,14 @@ class StreamedModel:
 
     def synchronize(self) -> None:
         """Wait for every enqueued copy and kernel (and disk write)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        if isinstance(self.tier, DiskTier) and self.tier.write_done is not None:
-            self.tier.write_done.result()
+        self.engine.synchronize()
+
+    def use_engine(self, engine: Engine) -> None:
+        """Finish everything the current engine holds, then execute later passes with ``engine``."""
+        self.engine.close()
+        self.engine = engine
+        self.schedule = Schedule(engine.issue)
+        self.tier.attach(self.schedule)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All current weights as CPU tensors (quantized ones dequantized), tied aliases included."""
@@ -331,9 +339,7 @@ class StreamedModel:
         Raises:
             ConfigError: a tensor is missing or has the wrong shape.
         """
-        from zoedge.runtime.host import write_file_from
-        if isinstance(self.tier, DiskTier):
-            self.tier.check_writable()
+        self.tier.check_writable()
         self.synchronize()
         for i, b in enumerate(self.blocks):
             host = self._read_block(i)
@@ -346,21 +352,13 @@ class StreamedModel:
                                       "resume from a checkpoint of the same model")
                 p = t.parts["data"]
                 host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).copy_(state[t.name].reshape(-1))
-            if isinstance(self.tier, DiskTier):
-                write_file_from(self.tier.paths[i], host)
-                if i in self.tier.cache:
-                    self.tier.cache[i].copy_(host)
+            self.tier.write_block(i, host)
 
     def _read_block(self, i: int) -> torch.Tensor:
-        if isinstance(self.tier, DiskTier):
-            from zoedge.runtime.host import read_file_into
-            buf = torch.empty(self.blocks[i].nbytes, dtype=torch.uint8)
-            read_file_into(self.tier.paths[i], buf)
-            return buf
-        return self.tier.fetch(i)
+        return self.tier.read_block(i)
 
     def close(self) -> None:
-        self.synchronize()
+        self.engine.close()
         self.tier.close()
 
 
@@ -368,12 +366,35 @@ def _nbytes(numel: int, dtype: str) -> int:
     return numel * dtype_of(dtype).itemsize
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+class _PassState:
+    """What the compute operations of one pass share: the hidden states of each pass, the tied tensors seen,
+    the blocks' residencies (read by their write-backs)."""
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __init__(self, model: StreamedModel, visitor: BlockVisitor, head_fn: Callable[[int, torch.Tensor], Any] | None):
+        self.model, self.visitor, self.head_fn = model, visitor, head_fn
+        self.compute = False
+        self.ctx: Any = None
+        self.states: list[Any] = []
+        self.tied_seen: list[dict[str, torch.Tensor]] = [{} for _ in range(visitor.passes)]
+        self.residents: dict[int, Resident] = {}
+
+    def begin(self, ctx: Any, inputs: torch.Tensor) -> None:
+        self.compute, self.ctx, self.states = True, ctx, [inputs] * self.visitor.passes
+
+    def forward(self, i: int, res: Resident) -> None:
+        m, name = self.model, res.name
+        grad_pass = getattr(self.visitor, "grad_pass", None)  # duck-typed visitors may not declare it
+        for p in range(self.visitor.passes):
+            with torch.set_grad_enabled(p == grad_pass):
+                tensors = dict(self.visitor.pass_tensors(res, p))
+                for alias, src in m.aliases.items():
+                    if src in tensors:
+                        self.tied_seen[p][src] = m._keep_tied(p, src, tensors[src], res.tensors[src])
+                    if m.adapter.block_of(alias) == name:
+                        tensors[alias] = self.tied_seen[p][src]
+                self.states[p] = m.adapter.run(name, tensors, self.states[p], self.ctx)
+                if name == HEAD and self.head_fn is not None:
+                    self.states[p] = self.head_fn(p, self.states[p])
 
 
 def load(store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,

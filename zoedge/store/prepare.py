@@ -33,8 +33,8 @@ from transformers import AutoConfig, PretrainedConfig
 from zoedge.adapters import adapter_for, supported_model_types
 from zoedge.errors import CheckpointError, ConfigError, StoreError
 from zoedge.store import quant as q
-from zoedge.store.manifest import (DTYPE_NAMES, DTYPES, MANIFEST_NAME, BlockEntry, Manifest, Part, TensorEntry, align,
-                                   block_from_dict)
+from zoedge.store.manifest import (DTYPES, MANIFEST_NAME, BlockEntry, Manifest, TensorEntry, block_file, block_from_dict,
+                                   plan_block)
 from zoedge.store.safetensors_io import Checkpoint, open_checkpoint
 
 #: Files copied along so the store is also a tokenizer/config directory.
@@ -137,17 +137,47 @@ def _check_dst(dst: Path, fp: dict) -> None:
                              other + "; to resume it, re-run prepare with its own SRC and options")
 
 
-def _check_shapes(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], src: Path, rename: dict[str, str]) -> None:
+def resumable(src: str | Path, dst: str | Path, dtype: str, quant: str) -> bool:
+    """Whether ``prepare(src, dst, dtype, quant)`` would accept ``dst`` (new, empty, or an earlier run of the
+    same source and options) instead of refusing it."""
+    src = Path(src)
+    try:
+        _check_dst(Path(dst), _fingerprint(src, open_checkpoint(src), dtype, quant))
+    except StoreError:
+        return False
+    return True
+
+
+def _check_shapes(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], src: Path, rename: dict[str, str],
+                  ignorable: set[str]) -> None:
+    """Every tensor the config implies is there, with its shape and a floating-point dtype; no tensor is
+    left over (a config with fewer layers than the weights would otherwise drop them silently)."""
     for name, shape in expected.items():
         stored = rename.get(name, name)
         if stored not in ckpt.where:
             raise CheckpointError(src, f"tensor {name!r} required by config.json is missing from the checkpoint",
                                   "check that config.json belongs to these weights, or re-download the checkpoint")
-        got = ckpt.info(stored).shape
-        if tuple(got) != tuple(shape):
-            raise CheckpointError(f"{ckpt.where[stored].path} (tensor {stored!r})",
-                                  f"shape {tuple(got)} does not match {tuple(shape)} implied by config.json",
-                                  "use the config.json that belongs to these weights")
+        info = ckpt.info(stored)
+        where = f"{ckpt.where[stored].path} (tensor {stored!r})"
+        if tuple(info.shape) != tuple(shape):
+            raise CheckpointError(where, f"shape {tuple(info.shape)} does not match {tuple(shape)} implied by "
+                                  "config.json", "use the config.json that belongs to these weights")
+        if not info.dtype.is_floating_point:
+            raise CheckpointError(where, f"dtype {str(info.dtype).removeprefix('torch.')} is not a floating-point "
+                                  "weight (packed-integer formats such as GPTQ/AWQ are not supported)",
+                                  "use the original floating-point (F32/F16/BF16) checkpoint; zoedge quantizes it "
+                                  "itself with --quant int8 or nf4")
+    used = {rename.get(n, n) for n in expected} | ignorable
+    extra = sorted(n for n in ckpt.where if n not in used and not n.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(src, f"{len(extra)} tensors are not used by the model config.json describes: "
+                              f"{', '.join(extra[:4])}{f' and {len(extra) - 4} more' if len(extra) > 4 else ''}",
+                              "use the config.json that belongs to these weights (e.g. its num_hidden_layers "
+                              "must match the layers stored)")
+
+
+#: Tensors a checkpoint may carry that the model recomputes (rotary tables, causal-mask buffers).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
 
 
 def _source_names(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
@@ -159,37 +189,12 @@ def _source_names(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]]) -> dic
     return rename
 
 
-def _layout(names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, quant: str,
-            block: str) -> tuple[list[TensorEntry], int]:
-    """Place a block's tensors (and quantized parts) at aligned offsets; return entries and total bytes."""
-    entries, off = [], 0
-    for name in names:
-        shape = shapes[name]
-        kind = quant if (block.startswith("layers.") and quant != "none" and q.should_quantize(name, shape, quant)) else "none"
-        if kind == "none":
-            specs = {"data": (dtype, (int(torch.Size(shape).numel()),))}
-            blocksize = 0
-        else:
-            blocksize = q.DEFAULT_BLOCKSIZE[kind]
-            specs = q.part_specs(kind, shape, blocksize)
-        parts = {}
-        for pname, (pdtype, pshape) in specs.items():
-            nbytes = int(torch.Size(pshape).numel()) * pdtype.itemsize
-            parts[pname] = Part(DTYPE_NAMES[pdtype], list(pshape), off, nbytes)
-            off = align(off + nbytes)
-        entries.append(TensorEntry(name, DTYPE_NAMES[dtype], list(shape), kind, blocksize, parts))
-    return entries, off
-
-
 def _pack(ckpt: Checkpoint, entries: list[TensorEntry], nbytes: int, dtype: torch.dtype,
           rename: dict[str, str]) -> torch.Tensor:
     """Read, convert and (de)quantize a block's tensors into one flat byte buffer."""
     buf = torch.zeros(nbytes, dtype=torch.uint8)
     for e in entries:
         t = ckpt.read(rename.get(e.name, e.name))
-        if not t.is_floating_point():
-            raise CheckpointError(f"{ckpt.where[rename.get(e.name, e.name)].path} (tensor {e.name!r})",
-                                  f"dtype {t.dtype} is not a floating-point weight", "use an unquantized checkpoint")
         if e.quant == "none":
             parts = {"data": t.to(dtype).reshape(-1)}
         else:
@@ -235,7 +240,8 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
     ckpt = open_checkpoint(src)
     expected = adapter.expected_shapes()
     rename = _source_names(ckpt, expected)
-    _check_shapes(ckpt, expected, src, rename)
+    aliases = set(adapter.tied()) | {a[6:] for a in adapter.tied() if a.startswith("model.")}
+    _check_shapes(ckpt, expected, src, rename, aliases)
     fp = _fingerprint(src, ckpt, dtype, quant)
 
     _check_dst(dst, fp)
@@ -252,16 +258,16 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
     bar = tqdm(names, desc="prepare", unit="block", disable=not progress)
     for i, block in enumerate(bar):
         tensors = [n for n in expected if adapter.block_of(n) == block]
-        entries, nbytes = _layout(tensors, expected, DTYPES[dtype], quant, block)
-        stem = f"{i:04d}.{block}"
-        data_path, side_path = dst / "blocks" / f"{stem}.bin", dst / "blocks" / f"{stem}.json"
+        entries, nbytes = plan_block(tensors, expected, DTYPES[dtype], quant, block)
+        data_path = dst / block_file(i, block)
+        side_path = data_path.with_suffix(".json")
         entry = _reuse(side_path, data_path, fp, entries)
         if entry is not None:
             reused += 1
         else:
             buf = _pack(ckpt, entries, nbytes, DTYPES[dtype], rename)
             data = memoryview(buf.numpy())  # no second copy of the block
-            entry = BlockEntry(block, f"blocks/{stem}.bin", nbytes, hashlib.sha256(data).hexdigest(), entries)
+            entry = BlockEntry(block, block_file(i, block), nbytes, hashlib.sha256(data).hexdigest(), entries)
             try:
                 atomic_write_bytes(data_path, data)
                 atomic_write_bytes(side_path, json.dumps({"fingerprint": fp, "entry": dataclasses.asdict(entry)}).encode())
@@ -296,7 +302,7 @@ def _reuse(side: Path, data: Path, fp: dict, entries: list[TensorEntry]) -> Bloc
     try:
         meta = json.loads(side.read_text())
         entry = block_from_dict(meta["entry"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, StoreError):
         return None
     if meta.get("fingerprint") != fp or entry.tensors != entries or data.stat().st_size != entry.nbytes:
         return None

@@ -37,16 +37,13 @@ from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
-from zoedge.store.prepare import SIDE_FILES, prepare
+from zoedge.store.prepare import SIDE_FILES
+from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
 from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
 from zoedge.train.guard import check_finite_weights
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZOEDGE_CACHE", Path.home() / ".cache" / "zoedge"))
 
 
 def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True) -> Path:
@@ -57,15 +54,14 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
     else:
         src = Path(model)
         if (src / MANIFEST_NAME).is_file():
+            from zoedge.store.cache import require_tokenizer
+            require_tokenizer(src)
             return src
         if not src.is_dir():
             raise ConfigError("--model", f"{model} does not exist",
                               "give a Hugging Face checkpoint directory or a store made by `zoedge prepare`")
-    key = hashlib.sha256(f"{src.resolve()}|{dtype}|{quant}".encode()).hexdigest()[:12]
-    store = cache_dir() / "stores" / f"{src.name}-{dtype}-{quant}-{key}"
-    if not (store / MANIFEST_NAME).is_file():
-        prepare(src, store, dtype=dtype, quant=quant, progress=progress, log=log_stderr)
-    return store
+    from zoedge.store.cache import prepared_store
+    return prepared_store(src, dtype, quant, progress=progress, log=log_stderr)
 
 
 def load_splits(data: DataOptions) -> Splits:
@@ -212,8 +208,9 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
         working = out / "working" if s.tier == "disk" else None
         with closing(StreamedModel(store, s.device, s.tier, s.prefetch, working_dir=working)) as model:
             tok = load_tokenizer(store)
-            if torch.cuda.is_available() and model.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(model.device)
+            on_device = model.device.type != "cpu"
+            if on_device:
+                torch.accelerator.reset_peak_memory_stats(model.device)
             trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
                               progress=s.progress)
             if resume_from is not None:
@@ -224,7 +221,7 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
             result = trainer.fit()
             test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
             export_model(model, out / "model", ckpts)
-            peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
+            peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
         record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
         summary = {
             "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),

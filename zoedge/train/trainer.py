@@ -15,7 +15,6 @@ straight equal N/2 + resume + N/2 bit for bit (CPU, fp32).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, token_logprobs_from_logits
@@ -105,6 +105,7 @@ class TrainResult:
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     last_loss: float = float("nan")
+    fo_memory: dict[str, int] = field(default_factory=dict)  # bytes of the first-order blocks (if any)
 
 
 class Trainer:
@@ -128,9 +129,15 @@ class Trainer:
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
                             f"use --batch-size {len(train)} or less, or give more training data")
-        if optimizer.fo_blocks(model.adapter.block_names()):
-            raise ConfigError(optimizer.name or type(optimizer).__name__, "asks for first-order blocks",
-                              "first-order (hybrid) blocks are not supported by this trainer version yet")
+        fo_blocks = optimizer.fo_blocks(model.blocks)
+        fo_extra = optimizer.fo_parameters(model.device)
+        self.fo: FirstOrder | None = None
+        if fo_blocks or fo_extra:
+            who = optimizer.name or type(optimizer).__name__
+            if optimizer.fo_pass is None:
+                raise ConfigError(f"optimizer '{who}'", "trains first-order tensors but declares no fo_pass",
+                                  "set fo_pass to the plugin's unperturbed pass")
+            self.fo = optimizer.first_order = FirstOrder(model, fo_blocks, optimizer.fo_settings(), who, fo_extra)
         self.model, self.tok, self.opt = model, tokenizer, optimizer
         self.train, self.dev, self.test = list(train), list(dev), list(test)
         self.s = settings
@@ -139,6 +146,8 @@ class Trainer:
         self.metrics_path = metrics_path or self.output / "metrics.jsonl"
         self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
         self.step = 0
+        self.last_plugin_metrics: dict[str, float] = {}  # the plugin's metrics of the last step (progress bar)
+        self.last_losses: list[float] = []                # the last step's loss per pass
         self.progress = progress
         self.log = log
         self.guard = StepGuard(self.ckpt_dir, log)
@@ -154,6 +163,8 @@ class Trainer:
         self.flush()
         state = {"step": self.step, "settings": asdict(self.s), "optimizer": self.opt.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
+        if self.fo is not None:
+            state["first_order"] = self.fo.state_dict()
         return save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), state, self.s.keep_checkpoints)
 
     def resume(self) -> bool:
@@ -165,6 +176,9 @@ class Trainer:
         self.model.load_state_dict(weights)
         self.opt.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.fo is not None:
+            self.fo.reload(self.model)
+            self.fo.load_state_dict(state["first_order"])
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
         return True
@@ -176,15 +190,35 @@ class Trainer:
         batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length, share_prompts=True)
         lr = self.opt.lr
         t0 = time.perf_counter()
+        self.run_extra_phases(batch)
         self.opt.begin_step(self.step)
         losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
-        values = torch.stack(losses).float().cpu()  # the one host sync of the step
+        values = torch.stack([x.detach() for x in losses]).float().cpu()  # the one host sync of the step
+        if self.fo is not None and self.opt.grad_pass is not None:
+            self.fo.step(losses[self.opt.grad_pass])
+        self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
         self.guard.check(self.step + 1, values.tolist(), metrics, lr)  # before the update is applied or saved
+        self.last_plugin_metrics = metrics
         self.scheduler.step()
         self.step += 1
         return {"step": self.step, "loss": float(values.mean()), "lr": lr, **metrics,
                 "seconds": time.perf_counter() - t0, "tokens": batch.n_tokens}
+
+    def run_extra_phases(self, batch: Batch) -> None:
+        """The plugin's extra streamed phases before this step (DiZO), on this step's batch, after a flush; a
+        phase with no passes is streamed without inputs (a visit)."""
+        flushed = False
+        for phase in self.opt.extra_phases(self.step):
+            if not flushed:
+                self.flush()  # phases read the current weights: the pending update first
+                flushed = True
+            if phase.passes:
+                losses = [loss for loss, _ in _loss_passes(self.model, phase, batch)]
+                self.opt.finish_phase(phase, list(torch.stack(losses).float().cpu()))
+            else:  # a visit-only stream (e.g. writing the phase's result into the weights)
+                self.model.run(phase)
+                self.opt.finish_phase(phase, [])
 
     def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
         self.flush()
@@ -198,6 +232,10 @@ class Trainer:
         ev = self.evaluate(self.dev, "dev (before)")
         result.before = asdict(ev)
         self.log(f"dev before: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        if self.fo is not None:
+            result.fo_memory = self.fo.memory()
+            self.log(f"first-order blocks: {len(self.fo.blocks)} ({', '.join(self.fo.blocks)}); memory before "
+                     f"the first step: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         t0 = time.perf_counter()
         bar = tqdm(total=self.s.steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
         with open(self.metrics_path, "a") as mf:
@@ -211,11 +249,14 @@ class Trainer:
                 mf.write(json.dumps(m) + "\n")
                 mf.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", g=f"{m.get('projected_grad', math.nan):.3g}")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in self.last_plugin_metrics.items()})
                 if self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.steps:
                     self.save()
         bar.close()
         result.steps = self.step - start_step
+        if self.fo is not None:
+            result.fo_memory = self.fo.memory()  # weights, grads and optimizer state, all allocated by now
+            self.log("first-order memory: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         result.seconds = time.perf_counter() - t0
         self.save()
         ev = self.evaluate(self.dev, "dev (after)")

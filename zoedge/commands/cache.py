@@ -1,0 +1,66 @@
+"""``zoedge cache list|prune``: the block stores prepared automatically from ``--model DIR`` checkpoints.
+
+They live in ``$ZOEDGE_CACHE/stores`` (default ``~/.cache/zoedge/stores``), one full store per checkpoint
+directory, dtype and quant; see :mod:`zoedge.store.cache`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+HELP = ("list or delete the block stores prepared automatically from --model DIR checkpoints; they live in "
+        "$ZOEDGE_CACHE/stores (default ~/.cache/zoedge/stores). The converted default model next to it is "
+        "not touched.")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``zoedge cache``."""
+    p = subparsers.add_parser("cache", help="list or prune the prepared stores in the cache", description=HELP)
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = sub.add_parser("list", help="one line per store: size, last use, source checkpoint",
+                        description="List the cached stores, least recently used first.")
+    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    pr = sub.add_parser("prune", help="delete stores by age, by unused source, or all",
+                        description="Delete cached stores. Give at least one selection; a deleted store is "
+                        "prepared again the next time its checkpoint is used.")
+    pr.add_argument("--older-than", type=float, metavar="DAYS", default=None,
+                    help="stores not used for more than DAYS days")
+    pr.add_argument("--unused", action="store_true",
+                    help="stores whose source checkpoint directory no longer exists, and unfinished builds")
+    pr.add_argument("--all", action="store_true", help="every store in the cache")
+    pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.set_defaults(command="cache")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:9.1f} MiB"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def run(args: argparse.Namespace) -> int:
+    from zoedge.store.cache import cached_stores, prune, select_for_prune, stores_dir
+
+    stores = cached_stores()
+    if args.action == "list":
+        if args.json:
+            print(json.dumps([{"path": str(s.path), "bytes": s.bytes, "source": s.source, "last_used": s.last_used,
+                               "complete": s.complete, "source_exists": s.source_exists} for s in stores], indent=1))
+            return 0
+        print(f"{len(stores)} stores in {stores_dir()}, {_mib(sum(s.bytes for s in stores)).strip()} in all")
+        for s in stores:
+            state = "" if s.complete else " (unfinished)"
+            gone = "" if s.source_exists else " (source gone)"
+            print(f"{_mib(s.bytes)}  last used {_when(s.last_used)}  {s.path.name}{state}\n"
+                  f"{'':13}from {s.source or '?'}{gone}")
+        return 0
+    picked = select_for_prune(stores, args.older_than, args.unused, args.all)
+    verb = "would delete" if args.dry_run else "deleted"
+    for s in picked:
+        print(f"{verb} {s.path} ({_mib(s.bytes).strip()})")
+    freed = sum(s.bytes for s in picked) if args.dry_run else prune(picked)
+    print(f"{verb} {len(picked)} of {len(stores)} stores, {_mib(freed).strip()}")
+    return 0
