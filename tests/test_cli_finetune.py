@@ -51,7 +51,8 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert main(base + ["--steps", "3", "--output", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(base + ["--steps", "3", "--output", str(out), "--resume"]) == 0
-    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"], summary["start_step"]) == (3, 1, 2)
     # eval of the exported model
     capsys.readouterr()
     assert main(["eval", "--model", str(out / "model"), "--train", str(tmp / "train.jsonl"), "--n-train", "40",

@@ -26,44 +26,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from zoedge.errors import ConfigError, DataError, TrainingError
+from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
-from zoedge.train.batching import Batch, candidate_loss, collate, loss_count, token_logprobs_from_logits
+from zoedge.settings import TrainSettings
+from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from zoedge.train.guard import StepGuard
 from zoedge.train.tasks import Example
 from zoedge.train.world import World, state_checksum
+
+__all__ = ["Trainer", "TrainSettings", "TrainResult", "Evaluation", "evaluate", "batch_indices", "log_stderr"]
 
 
 def log_stderr(message: str) -> None:
     """Human-readable progress goes to stderr; stdout is left for machine-readable output."""
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class TrainSettings:
-    """Loop settings (validated by :meth:`check`)."""
-
-    steps: int = 500
-    batch_size: int = 16
-    seed: int = 0
-    eval_every: int = 0          # 0: only before and after training
-    eval_batch_size: int = 32
-    save_every: int = 0          # 0: only at the end
-    max_length: int = 256
-    schedule: str = "constant"   # constant | linear
-    keep_checkpoints: int = 2
-
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}", f"{getattr(self, name)}", "use a positive integer")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')}", f"{getattr(self, name)}", "use 0 (off) or more")
-        if self.schedule not in ("constant", "linear"):
-            raise ConfigError("--schedule", repr(self.schedule), "use constant or linear")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -104,20 +83,15 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
         return Evaluation(float("nan"), None, 0)
     world = world or World()
     total_loss, correct, n, cls = 0.0, 0, 0, 0
-    starts = list(range(0, len(examples), batch_size))[world.rank::world.size]
-    for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-        chunk = examples[start:start + batch_size]
-        for kind in ("classification", "generation"):
-            part = [e for e in chunk if e.kind == kind]
-            if not part:
-                continue
-            batch = collate(tokenizer, part, max_length)
-            loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
-            total_loss += float(loss) * len(part)
-            n += len(part)
-            if kind == "classification":
-                correct += int((pred.cpu() == batch.labels).sum())
-                cls += len(part)
+    parts = length_batches(tokenizer, examples, batch_size)[world.rank::world.size]  # sharded across ranks
+    for part in tqdm(parts, desc=desc, leave=False, disable=not progress):
+        batch = collate(tokenizer, part, max_length, share_prompts=True)
+        loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
+        total_loss += float(loss) * len(part)
+        n += len(part)
+        if part[0].kind == "classification":
+            correct += int((pred.cpu() == batch.labels).sum())
+            cls += len(part)
     if world.size > 1:
         total_loss, correct, n, cls = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls],
                                                                          dtype=torch.float64)).tolist()
@@ -194,6 +168,7 @@ class Trainer:
         self.last_losses: list[float] = []                # the last step's loss per pass
         self.progress = progress and self.world.is_main
         self.log = log if self.world.is_main else (lambda message: None)
+        self.guard = StepGuard(self.ckpt_dir, self.log)
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -244,7 +219,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One ZO step on batch ``self.step``; returns its metrics."""
         idx = self.world.shard(batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step))
-        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length)
+        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length, share_prompts=True)
         lr = self.opt.lr
         t0 = time.perf_counter()
         self.world.step = self.step
@@ -253,10 +228,6 @@ class Trainer:
         losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
         # the one host sync of the step (and, across ranks, the one all-reduce: global-batch means)
         values, total, (tokens,) = self.world.mean_losses(losses, loss_count(batch), [batch.n_tokens])
-        if not torch.isfinite(values).all():
-            raise TrainingError(f"step {self.step}", f"non-finite loss {values.tolist()}",
-                                "lower --lr / --eps or check the data; the last good checkpoint is kept in "
-                                f"{self.ckpt_dir}")
         if self.fo is not None and self.opt.grad_pass is not None:
             if self.world.size > 1:  # the gradient of the global mean: local share, summed over ranks
                 self.fo.step(losses[self.opt.grad_pass] * (loss_count(batch) / total), self.world.all_reduce_grads)
@@ -264,6 +235,7 @@ class Trainer:
                 self.fo.step(losses[self.opt.grad_pass])
         self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
+        self.guard.check(self.step + 1, values.tolist(), metrics, lr)  # before the update is applied or saved
         self.last_plugin_metrics = metrics
         self.scheduler.step()
         self.step += 1
