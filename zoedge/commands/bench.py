@@ -130,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from zoedge.runtime.threads import apply_threads, choose_threads
+
+    threads = choose_threads(args.threads, args.tier)
+    apply_threads(threads)
     human = sys.stderr if args.json == "-" else sys.stdout
     dev = torch.device(args.device)
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=args.working_dir)
@@ -195,13 +197,16 @@ def run(args: argparse.Namespace) -> int:
     rest = total / len(t_str) - sum(hooks.values())
     result: dict[str, Any] = {
         "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "batch": args.batch,
-        "seq": args.seq, "steps": args.steps, "threads": torch.get_num_threads(), "step_s": t_str,
+        "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "tokens_per_s": tokens / med,
         "breakdown_s": {"update + noise (on_resident)": hooks["on_resident"],
                         "perturbed weights (pass_tensors)": hooks["pass_tensors"],
                         "other hooks": hooks["on_passes_done"], "copies + forward passes + loss": rest}}
     print(f"{args.store} on {dev}: {args.optimizer}, batch {args.batch} x seq {args.seq}, "
-          f"{args.steps} timed steps, {torch.get_num_threads()} threads", file=human)
+          f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
+          f"load average {threads.load_average})", file=human)
+    if threads.warning:
+        print(f"  warning: {threads.warning}", file=human)
     print(f"  streamed step   median {med:8.3f} s   {tokens / med:10.1f} tokens/s", file=human)
     for k, v in result["breakdown_s"].items():
         print(f"    {k:34s} {v:8.3f} s/step  ({100 * v / (total / len(t_str)):.0f}%)", file=human)

@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tier", choices=("ram", "disk"), default="ram")
     p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: the cores this process may use, one left to the disk tier's "
+                   "I/O thread on 4+ cores; warns when other jobs already load them)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="store precision (prepare)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                       dev=args.dev, test=args.test, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
                       device=args.device, tier=args.tier, prefetch=args.prefetch, dtype=args.dtype,
                       output=args.output, resume=args.resume, metrics=args.metrics, train_settings=ts,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, threads=args.threads)
     s = run_finetune(job)
 
     def acc(d: dict | None) -> str:

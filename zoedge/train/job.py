@@ -98,6 +98,7 @@ class JobSettings:
     metrics: str | None = None
     train_settings: TrainSettings = field(default_factory=TrainSettings)
     progress: bool = True
+    threads: int | None = None  # intra-op CPU threads (None: chosen by zoedge.runtime.threads)
 
 
 def run_finetune(job: JobSettings) -> dict[str, Any]:
@@ -105,7 +106,12 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from zoedge.optim.registry import build
+    from zoedge.runtime.threads import apply_threads, choose_threads
 
+    threads = choose_threads(job.threads, job.tier)
+    if threads.warning:
+        log_stderr(f"warning: {threads.warning}")
+    apply_threads(threads)
     out = Path(job.output)
     ckpts = out / "checkpoints"
     if not job.resume and ckpts.is_dir() and any(ckpts.glob("step-*")):
@@ -131,6 +137,7 @@ def run_finetune(job: JobSettings) -> dict[str, Any]:
     export_model(model, out / "model")
     summary = {
         "optimizer": job.optimizer, "options": job.options, "store": str(store), "device": job.device,
+        "threads": threads.to_dict(),
         "steps": result.steps, "seconds": result.seconds,
         "steps_per_s": result.steps / result.seconds if result.seconds else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
