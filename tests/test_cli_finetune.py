@@ -52,8 +52,9 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert main(base + ["--steps", "3", "--output", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(base + ["--steps", "3", "--output", str(out), "--resume", "--threads", "1"]) == 0
-    resumed = json.loads((out / "summary.json").read_text())
-    assert resumed["steps"] == 1 and resumed["threads"]["threads"] == 1 and resumed["threads"]["source"] == "--threads"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"], summary["start_step"]) == (3, 1, 2)
+    assert summary["threads"]["threads"] == 1 and summary["threads"]["source"] == "--threads"
     # eval of the exported model
     capsys.readouterr()
     assert main(["eval", "--model", str(out / "model"), "--train", str(tmp / "train.jsonl"), "--n-train", "40",

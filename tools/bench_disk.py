@@ -19,7 +19,7 @@ Every tier/streamed pass is paired with a raw pass right before or after it (alt
 is taken against that raw pass, so a disk whose speed drifts during the run biases neither side.
 
 Rates are MB/s (10^6 bytes/s). The ratio of a mode is the median over repeats of (mode rate / raw rate of
-the paired raw pass); target ≥ 0.8 (DESIGN §6).
+the paired raw pass); target ≥ 0.8 (streaming should cost at most 20% of the raw disk rate).
 
 Input: ``--store DIR`` (a prepared store), or by default a store prepared from the default model
 (SmolLM2-135M, fp32, ~513 MiB), or ``--synthetic-gb X``: a random-weights Llama checkpoint of about X GB

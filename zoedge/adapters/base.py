@@ -68,7 +68,7 @@ class Adapter(ABC):
         self.device = torch.device(device)
         with init_empty_weights(include_buffers=False):
             self.skeleton: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        self.skeleton.eval()  # ZO passes run with dropout off (DESIGN §5)
+        self.skeleton.eval()  # ZO passes run with dropout off (both passes of a step must see the same function)
         self._prefixes = {b: p for b, p in self.block_prefixes().items()}
 
     # ----------------------------------------------------------------- naming

@@ -34,6 +34,9 @@ from zoedge.train.tasks import Example
 class Batch:
     """A collated batch; ``R`` rows of length ``T``, ``N`` scored tokens, ``E`` examples.
 
+    With shared prompts (see :func:`collate`) the input has one row per example while the scored rows
+    (``row_example``, ``row_candidate``) stay one per candidate.
+
     ``row_candidate`` ([R], candidate index of each row) and ``max_candidates`` are
     derived from ``row_example`` when not given, so the loss needs no host sync.
     """
@@ -42,8 +45,8 @@ class Batch:
     attention_mask: torch.Tensor  # [R, T] int64, 1 = real token
     target_index: torch.Tensor  # [N] int64, flat index into R*T of the predicting position
     target_ids: torch.Tensor  # [N] int64, the candidate tokens being scored
-    target_row: torch.Tensor  # [N] int64, row of each scored token
-    row_example: torch.Tensor  # [R] int64, example of each row (rows of an example are contiguous)
+    target_row: torch.Tensor  # [N] int64, scored row (one per candidate) of each scored token
+    row_example: torch.Tensor  # [R] int64, example of each scored row (rows of an example are contiguous)
     labels: torch.Tensor  # [E] int64, gold candidate index
     num_candidates: torch.Tensor  # [E] int64
     kind: str  # "classification" | "generation"
@@ -99,7 +102,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None = None,
-            pad_to_multiple_of: int = 1) -> Batch:
+            pad_to_multiple_of: int = 1, share_prompts: bool = False) -> Batch:
     """Tokenize and left-pad examples into one :class:`Batch`.
 
     Args:
@@ -108,6 +111,9 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
             example, generation one row with the answer.
         max_length: row length cap; the prompt loses tokens from its left.
         pad_to_multiple_of: round ``T`` up (fixed shapes help allocator reuse).
+        share_prompts: when every candidate of a classification batch is a single token, use one row per
+            example (the prompt alone) and score every candidate at its last position: the same
+            log-probabilities (causal attention) for 1/C of the compute. Otherwise ignored.
 
     Returns:
         The batch (CPU tensors).
@@ -132,6 +138,8 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
     unique = sorted({c for e in examples for c in e.candidates})
     cand_ids = dict(zip(unique, _ids(tokenizer, unique, special=False)))
 
+    if share_prompts and examples[0].kind == "classification" and all(len(v) == 1 for v in cand_ids.values()):
+        return _collate_shared(examples, prompts, prefix, cand_ids, pad_id, max_length, pad_to_multiple_of)
     rows: list[list[int]] = []
     starts: list[int] = []  # index in the row of the first candidate token
     row_example: list[int] = []
@@ -188,6 +196,56 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
     )
 
 
+def _collate_shared(examples: Sequence[Example], prompts: list[list[int]], prefix: list[int],
+                    cand_ids: dict[str, list[int]], pad_id: int, max_length: int | None,
+                    pad_to_multiple_of: int) -> Batch:
+    """One row per example (single-token candidates): see ``share_prompts`` in :func:`collate`.
+
+    The "rows" of the loss (``row_example``, ``row_candidate``, ``target_row``) are still one per candidate;
+    only the input rows are shared. Truncation is as if the candidate token were appended.
+    """
+    input_rows: list[list[int]] = []
+    for i, (ex, p_ids) in enumerate(zip(examples, prompts)):
+        if not p_ids:
+            raise DataError(f"example {i} ({ex.prompt!r})", "has a prompt that tokenizes to nothing and "
+                            "the tokenizer adds no BOS", "give a non-empty prompt")
+        keep = len(prefix) if p_ids[:len(prefix)] == prefix else 0
+        over = len(p_ids) + 1 - max_length if max_length else 0
+        if over > 0:
+            if over > len(p_ids) - max(keep, 1):
+                raise DataError(f"example {i}", f"needs 2 tokens, more than max_length={max_length} allows",
+                                "raise max_length")
+            p_ids = p_ids[:keep] + p_ids[keep + over:]
+        input_rows.append(p_ids)
+    E = len(input_rows)
+    T = max(len(r) for r in input_rows)
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((E, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((E, T), dtype=torch.long)
+    target_index: list[int] = []
+    target_ids: list[int] = []
+    row_example: list[int] = []
+    for e, (ids, ex) in enumerate(zip(input_rows, examples)):
+        input_ids[e, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[e, T - len(ids):] = 1
+        for cand in ex.candidates:
+            target_index.append(e * T + T - 1)  # the last prompt position predicts the candidate token
+            target_ids.append(cand_ids[cand][0])
+            row_example.append(e)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        target_index=torch.tensor(target_index, dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        target_row=torch.arange(len(target_ids), dtype=torch.long),
+        row_example=torch.tensor(row_example, dtype=torch.long),
+        labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+        num_candidates=torch.tensor([len(e.candidates) for e in examples], dtype=torch.long),
+        kind="classification",
+        n_tokens=sum(len(r) for r in input_rows),
+    )
+
+
 def select_targets(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Gather the scored positions of ``hidden`` [R, T, ...] -> [N, ...]."""
     return hidden.reshape(-1, *hidden.shape[2:])[batch.target_index]  # [R*T, ...] -> [N, ...]
@@ -231,7 +289,7 @@ def candidate_loss(token_logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Te
     E = batch.num_examples
     if batch.kind == "generation":
         return -lp.mean(), torch.full((E,), -1, dtype=torch.long, device=lp.device)
-    R = batch.num_rows
+    R = batch.row_example.numel()  # scored rows: one per candidate (input rows may be shared, see collate)
     row_sum = lp.new_zeros(R).index_add_(0, batch.target_row, lp)  # [R]
     row_len = lp.new_zeros(R).index_add_(0, batch.target_row, torch.ones_like(lp))  # [R]
     score = row_sum / row_len  # [R] mean log-prob of each candidate
@@ -240,3 +298,30 @@ def candidate_loss(token_logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Te
     scores = scores.index_put((batch.row_example, batch.row_candidate), score)
     loss = F.cross_entropy(scores, batch.labels)
     return loss, scores.argmax(dim=-1)
+
+
+def length_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+    """Evaluation batches of one kind each, examples sorted by token length so a batch wastes little padding.
+
+    Args:
+        tokenizer: as for :func:`collate`.
+        examples: any mix of kinds.
+        batch_size: examples per batch (the last batch of a kind may be smaller).
+
+    Returns:
+        Batches covering every example once; order inside and across batches follows length, not input order.
+    """
+    if batch_size < 1:
+        raise DataError("batch_size", f"is {batch_size}", "give an integer >= 1")
+    out: list[list[Example]] = []
+    for kind in ("classification", "generation"):
+        part = [e for e in examples if e.kind == kind]
+        if not part:
+            continue
+        prompt_len = [len(ids) for ids in _ids(tokenizer, [e.prompt for e in part], special=True)]
+        cands = sorted({c for e in part for c in e.candidates})
+        cand_len = dict(zip(cands, (len(ids) for ids in _ids(tokenizer, cands, special=False))))
+        length = [p + max(cand_len[c] for c in e.candidates) for p, e in zip(prompt_len, part)]
+        order = sorted(range(len(part)), key=lambda i: length[i])
+        out += [[part[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    return out

@@ -11,23 +11,37 @@ Layout under ``<output>/checkpoints/``::
 A checkpoint is written into ``.tmp-step-N``, every file fsynced, then the
 folder is renamed and ``latest`` replaced atomically. A SIGKILL at any moment
 leaves either the old ``latest`` (pointing at a complete folder) or the new
-one. Loading falls back to the newest complete folder if ``latest`` is bad.
+one. ``state.json`` records the sha256 of both tensor files (key
+``"checksums"``); a checkpoint is *intact* when its files exist, match their
+checksums and its state has the keys in :data:`REQUIRED_STATE`.
+:func:`latest_checkpoint` returns the newest intact one: when ``latest`` is
+truncated or damaged it falls back to the previous checkpoint, with a warning.
+Non-finite weights are never written (:func:`save_checkpoint` refuses them).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zoedge.errors import StoreError
 
+log = logging.getLogger(__name__)
+
 LATEST = "latest"
 TENSOR_KEY = "__tensor__"
+CHECKSUMS = "checksums"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+#: keys every checkpoint's state.json holds (written by the trainer)
+REQUIRED_STATE = ("step", "optimizer", "scheduler")
 
 
 def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
@@ -71,6 +85,14 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
@@ -82,12 +104,19 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         state: JSON-able dict; tensors anywhere inside go to ``optimizer.safetensors``.
 
     Raises:
-        StoreError: the checkpoint cannot be written (disk full, permissions); the previous one is intact.
+        TrainingError: a weight or state tensor is NaN or infinite (nothing is written).
+        StoreError: the checkpoint cannot be written (disk full, permissions); the temporary folder is
+            removed and the previous checkpoint is intact.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    from zoedge.train.guard import check_finite_weights
+
     name = f"step-{step:08d}"
+    json_state, tensors = split_tensors(state)
+    check_finite_weights(weights, f"checkpoint {name}", root)
+    check_finite_weights(tensors, f"checkpoint {name} (optimizer state)", root)
     tmp, final = root / f".tmp-{name}", root / name
     try:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         unique: dict[str, torch.Tensor] = {}
@@ -97,8 +126,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
                 seen.add(v.data_ptr())
                 unique[k] = v.contiguous()
         save_file(unique, str(tmp / "model.safetensors"))
-        json_state, tensors = split_tensors(state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        json_state = {**json_state, CHECKSUMS: {f: _sha256(tmp / f) for f in TENSOR_FILES}}
         (tmp / "state.json").write_text(json.dumps(json_state, indent=1))
         for f in tmp.iterdir():
             _fsync_file(f)
@@ -111,10 +140,12 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         _fsync_file(latest_tmp)
         os.replace(latest_tmp, root / LATEST)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StoreError(root, f"cannot write checkpoint {name} ({e.strerror})",
-                         "free disk space or fix permissions; the previous checkpoint is intact") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise StoreError(root, f"cannot write checkpoint {name} ({reason})",
+                         "free disk space or fix permissions, then re-run with --resume; the previous "
+                         "checkpoint is intact") from None
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -122,31 +153,83 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
 
 
 def _complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in ("model.safetensors", "optimizer.safetensors", "state.json"))
+    return all((path / f).is_file() for f in (*TENSOR_FILES, "state.json"))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check that ``path`` is an intact checkpoint (files present, checksums match, state keys present).
+
+    Raises:
+        StoreError: naming the folder and what is wrong.
+    """
+    fix = "delete this folder to resume from the previous checkpoint, or start without --resume"
+    if not _complete(path):
+        missing = [f for f in (*TENSOR_FILES, "state.json") if not (path / f).is_file()]
+        raise StoreError(path, f"incomplete checkpoint (missing {', '.join(missing)})", fix)
+    state = _read_state(path)
+    for f, digest in (state.get(CHECKSUMS) or {}).items():
+        if f in TENSOR_FILES and _sha256(path / f) != digest:
+            raise StoreError(path / f, "does not match the checksum recorded in state.json (truncated or damaged)",
+                             fix)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    fix = "delete this folder to resume from the previous checkpoint, or start without --resume"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(path / "state.json", f"is unreadable ({e})", fix) from None
+    if not isinstance(state, dict):
+        raise StoreError(path / "state.json", "does not hold a JSON object", fix)
+    missing = [k for k in REQUIRED_STATE if k not in state]
+    if missing:
+        raise StoreError(path / "state.json", f"lacks the keys {missing}", fix)
+    return state
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """Every ``step-*`` folder under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
+    """The newest intact checkpoint folder (``latest`` first, then by step), or None.
+
+    A damaged newest checkpoint is skipped with a warning (see the module docstring).
+    """
     pointer = root / LATEST
+    candidates = checkpoint_folders(root)[::-1]
     if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if cand.is_dir() and _complete(cand):
-            return cand
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and _complete(p))
-    return done[-1] if done else None
+        try:
+            named = root / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named is not None and named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for cand in candidates:
+        try:
+            verify_checkpoint(cand)
+        except StoreError as e:
+            log.warning("skipping checkpoint %s: %s", cand, e.problem)
+            continue
+        return cand
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read (weights, state) from a checkpoint folder.
 
     Raises:
-        StoreError: files missing or unreadable (names the file and what to do).
+        StoreError: files missing, unreadable or not matching their checksums (names the file and what to do).
     """
+    verify_checkpoint(path)
     try:
         weights = load_file(str(path / "model.safetensors"))
         tensors = load_file(str(path / "optimizer.safetensors"))
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise StoreError(path, f"unreadable checkpoint ({e})",
                          "delete this folder to resume from the previous checkpoint, or start without --resume") from None
+    state = _read_state(path)
+    state.pop(CHECKSUMS, None)
     return weights, join_tensors(state, tensors)

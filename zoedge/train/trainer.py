@@ -25,43 +25,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from zoedge.errors import ConfigError, DataError, TrainingError
+from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
-from zoedge.train.batching import Batch, candidate_loss, collate, token_logprobs_from_logits
+from zoedge.settings import TrainSettings
+from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from zoedge.train.guard import StepGuard
 from zoedge.train.tasks import Example
+
+__all__ = ["Trainer", "TrainSettings", "TrainResult", "Evaluation", "evaluate", "batch_indices", "log_stderr"]
 
 
 def log_stderr(message: str) -> None:
     """Human-readable progress goes to stderr; stdout is left for machine-readable output."""
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class TrainSettings:
-    """Loop settings (validated by :meth:`check`)."""
-
-    steps: int = 500
-    batch_size: int = 16
-    seed: int = 0
-    eval_every: int = 0          # 0: only before and after training
-    eval_batch_size: int = 32
-    save_every: int = 0          # 0: only at the end
-    max_length: int = 256
-    schedule: str = "constant"   # constant | linear
-    keep_checkpoints: int = 2
-
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}", f"{getattr(self, name)}", "use a positive integer")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')}", f"{getattr(self, name)}", "use 0 (off) or more")
-        if self.schedule not in ("constant", "linear"):
-            raise ConfigError("--schedule", repr(self.schedule), "use constant or linear")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -97,19 +76,14 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
     if not examples:
         return Evaluation(float("nan"), None, 0)
     total_loss, correct, n, cls = 0.0, 0, 0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
-        chunk = examples[start:start + batch_size]
-        for kind in ("classification", "generation"):
-            part = [e for e in chunk if e.kind == kind]
-            if not part:
-                continue
-            batch = collate(tokenizer, part, max_length)
-            loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
-            total_loss += float(loss) * len(part)
-            n += len(part)
-            if kind == "classification":
-                correct += int((pred.cpu() == batch.labels).sum())
-                cls += len(part)
+    for part in tqdm(length_batches(tokenizer, examples, batch_size), desc=desc, leave=False, disable=not progress):
+        batch = collate(tokenizer, part, max_length, share_prompts=True)
+        loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
+        total_loss += float(loss) * len(part)
+        n += len(part)
+        if part[0].kind == "classification":
+            correct += int((pred.cpu() == batch.labels).sum())
+            cls += len(part)
     return Evaluation(total_loss / n, correct / cls if cls else None, n)
 
 
@@ -176,6 +150,7 @@ class Trainer:
         self.last_losses: list[float] = []                # the last step's loss per pass
         self.progress = progress
         self.log = log
+        self.guard = StepGuard(self.ckpt_dir, log)
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -212,21 +187,18 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One ZO step on batch ``self.step``; returns its metrics."""
         idx = batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step)
-        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length)
+        batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length, share_prompts=True)
         lr = self.opt.lr
         t0 = time.perf_counter()
         self.run_extra_phases(batch)
         self.opt.begin_step(self.step)
         losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
         values = torch.stack([x.detach() for x in losses]).float().cpu()  # the one host sync of the step
-        if not torch.isfinite(values).all():
-            raise TrainingError(f"step {self.step}", f"non-finite loss {values.tolist()}",
-                                "lower --lr / --eps or check the data; the last good checkpoint is kept in "
-                                f"{self.ckpt_dir}")
         if self.fo is not None and self.opt.grad_pass is not None:
             self.fo.step(losses[self.opt.grad_pass])
         self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
+        self.guard.check(self.step + 1, values.tolist(), metrics, lr)  # before the update is applied or saved
         self.last_plugin_metrics = metrics
         self.scheduler.step()
         self.step += 1
