@@ -204,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
                         "other hooks": hooks["on_passes_done"], "copies + forward passes + loss": rest}}
     print(f"{args.store} on {dev}: {args.optimizer}, batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
-          f"load average {threads.load_average})", file=human)
+          f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)})",
+          file=human)
     if threads.warning:
         print(f"  warning: {threads.warning}", file=human)
     print(f"  streamed step   median {med:8.3f} s   {tokens / med:10.1f} tokens/s", file=human)
