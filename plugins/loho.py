@@ -77,7 +77,8 @@ class LoHO(MeZO):
 
     # ------------------------------------------------------------ FO choice
     def _fo_bytes(self, block: BlockEntry) -> float:
-        """First-order memory of one block: weights (or Δ), grads, optimizer state (and Δ's indices)."""
+        """First-order memory of one block: weights (intra: the grad pass's copy, and Δ), grads, optimizer state
+        (and Δ's indices)."""
         total = 0.0
         for t in block.tensors:
             size = dtype_of(t.dtype).itemsize
@@ -85,6 +86,7 @@ class LoHO(MeZO):
             for d in t.shape:
                 n *= d
             if self.mode == "intra":
+                total += n * size  # the grad pass's copy of the block's weights (see perturb)
                 if len(t.shape) == 2:
                     total += round(self.intra_p * n) * (size * (2 + STATE_FACTOR[self.fo_optimizer]) + 16)
             else:
@@ -139,8 +141,12 @@ class LoHO(MeZO):
             return super().perturb(block, p - 1)
         if block.name not in self.chosen:  # intra: the FO entries' Δ on the unperturbed pass
             return block.tensors
+        # Autograd keeps this pass's weights until the backward after the head, but the block's slot is
+        # refilled by later blocks before then: the FO block's grad pass reads a private copy (block-sized,
+        # freed after the backward; counted in _fo_bytes).
+        base = {n: t.clone() for n, t in block.tensors.items()}
         return {n: SparseDeltaWeight(t, self.rows[n], self.cols[n], self.delta[n]) if n in self.delta else t
-                for n, t in block.tensors.items()}
+                for n, t in base.items()}
 
     def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
         return super().end_step(losses[1:] if self.chosen else losses)

@@ -154,3 +154,13 @@ def test_auto_fo_layers_fits_the_budget(tiny):
     assert opt.fo_blocks(blocks) == ["layers.1", "layers.2"]
     with pytest.raises(ValueError, match="fo_budget_mb"):
         LoHO(fo_layers="auto")
+
+
+def test_intra_several_fo_blocks_survive_slot_reuse(tiny, tmp_path):
+    """Regression (found on an H200 and then on the CPU): with more FO blocks than the slots hold, autograd's
+    saved weights of the grad pass were overwritten by later uploads before the backward ("modified by an
+    inplace operation"). Three FO blocks (every layer), prefetch 1: the steps run and the losses are finite."""
+    _, store = tiny
+    t = trainer(store, tmp_path, steps=2, fo_layers="3", mode="intra", intra_p=0.3)
+    losses = train(t, steps=2)
+    assert all(torch.isfinite(torch.as_tensor(l)).all() for l in losses)

@@ -6,6 +6,7 @@
 # Optional: $WHEELS (a folder of extra wheels, e.g. bitsandbytes, installed with --no-index first) and
 # $TOKENIZER (a tokenizer folder, e.g. the converted default model's, so `zoedge finetune` can run on a
 # random-weights SmolLM2-shaped checkpoint). Each stage has its own time limit, so one hang loses one stage.
+# QUICK=1 runs only the gpu-marked tests and the plugin stage (about 2 minutes on an H200).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu-out}"; mkdir -p "$OUT"
@@ -26,6 +27,7 @@ nproc; free -g | head -2
 stage "gpu-marked tests"
 timeout 240 python3 -m pytest -m gpu -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 
+if [[ -z "${QUICK:-}" ]]; then
 stage "bench_stream: SmolLM2-135M shape (random weights), fp16 and fp32, ram tier"
 timeout 100 python3 -m zoedge.cli synth smollm2-135m "$W/smol" --no-progress ${TOKENIZER:+--tokenizer-from "$TOKENIZER"}
 for dt in fp16; do
@@ -46,7 +48,20 @@ timeout 90 zoedge memory "$W/bs-l7/store-fp16" --device cuda --batch 8 --seq 512
 timeout 120 zoedge bench "$W/bs-l7/store-fp16" --device cuda --batch 8 --seq 512 --steps 5 --compare resident \
   --no-progress --json "$OUT/bench_l7.json" 2>>"$OUT/stderr.log" | tail -20
 
+fi
+
 if [[ -n "${TOKENIZER:-}" ]]; then
+  stage "every shipped plugin: 6 finetune steps on CUDA (4-layer SmolLM2 shape, random weights; FO blocks, factors, phases)"
+  timeout 60 python3 -m zoedge.cli synth smollm2-135m "$W/smol4" --layers 4 --no-progress --tokenizer-from "$TOKENIZER"
+  for spec in "loho --opt fo_optimizer=adamw8bit" "loho --opt mode=intra" "hzo --opt fo_layers=1 --opt nu=3" \
+              "hizoo-l" "dizo --opt cycle=3 --opt iters=2"; do
+    name="${spec// /_}"; name="${name//=/-}"
+    timeout 60 zoedge finetune --model "$W/smol4" --device cuda --optimizer $spec --steps 6 --eval-every 0 \
+      --n-dev 32 --n-test 32 --no-progress --output "$W/ft-$name" 2>&1 | tail -2 | sed "s|^|[$spec] |"
+  done
+fi
+
+if [[ -n "${TOKENIZER:-}" && -z "${QUICK:-}" ]]; then
   stage "finetune: MeZO on CUDA, SmolLM2 shape (random weights), demo task, 20 steps"
   timeout 120 zoedge finetune --model "$W/smol" --device cuda --steps 20 --n-dev 64 --n-test 64 --no-progress \
     --output "$W/ft" 2>&1 | tail -8
