@@ -38,6 +38,7 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert main(base + ["--steps", "2", "--output", str(out), "--save-every", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dev_before"]["accuracy"] is not None
+    assert summary["threads"]["source"] == "affinity" and summary["threads"]["threads"] >= 1  # the choice is recorded
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert {"loss", "lr", "projected_grad", "seconds", "tokens"} <= set(metrics[0])
@@ -50,9 +51,10 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     # an existing run is not overwritten silently; --resume continues it
     assert main(base + ["--steps", "3", "--output", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(base + ["--steps", "3", "--output", str(out), "--resume"]) == 0
+    assert main(base + ["--steps", "3", "--output", str(out), "--resume", "--threads", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["steps_this_run"], summary["start_step"]) == (3, 1, 2)
+    assert summary["threads"]["threads"] == 1 and summary["threads"]["source"] == "--threads"
     # eval of the exported model
     capsys.readouterr()
     assert main(["eval", "--model", str(out / "model"), "--train", str(tmp / "train.jsonl"), "--n-train", "40",

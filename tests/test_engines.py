@@ -65,13 +65,17 @@ class Config:
     prefetch: int
     quant: str = "none"
     q: int = 1
+    in_place: bool = False  # False: blocks stream through slots, as on an accelerator (the schedule under test)
 
     def __str__(self) -> str:
-        return f"{self.tier}-p{self.prefetch}-{self.quant}-q{self.q}"
+        return f"{self.tier}-p{self.prefetch}-{self.quant}-q{self.q}" + ("-in-place" if self.in_place else "")
 
 
 CONFIGS = [Config(t, p, "none", q) for t in ("ram", "disk") for p in (1, 2, 3) for q in (1, 2)]
 CONFIGS += [Config(t, p, "int8") for t in ("ram", "disk") for p in (1, 2, 3)]
+# The CPU default with the RAM tier: blocks bound in the host buffers, compute only (no waits to explore, but
+# the results must equal the slot path's bit for bit).
+IN_PLACE = [Config("ram", 1, "none", 2, in_place=True), Config("ram", 1, "int8", in_place=True)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,7 +93,7 @@ class Sessions:
     def __init__(self, store: Path, cfg: Config, tmp: Path) -> None:
         self.cfg = cfg
         work = {"working_dir": tmp / "work"} if cfg.tier == "disk" else {}
-        self.model = zoedge.load(store, tier=cfg.tier, prefetch=cfg.prefetch, **work)
+        self.model = zoedge.load(store, tier=cfg.tier, prefetch=cfg.prefetch, in_place=cfg.in_place, **work)
         self.initial = self.model.state_dict()
         self.tmp = tmp
 
@@ -156,6 +160,39 @@ def test_interleavings_equal_sync(sessions, cfg):
         assert equal(got, ref), f"{cfg}: interleaving {k} ({'adversarial' if k == 0 else f'seed {k - 1}'}) differs"
         orders.add(tuple(engine.order))
     assert len(orders) > INTERLEAVINGS // 2, "the seeds should explore different interleavings"
+
+
+@pytest.mark.parametrize("cfg", IN_PLACE, ids=str)
+def test_in_place_binding_equals_the_slot_path(stores, cfg, tmp_path):
+    """Bound in place, a session emits only compute operations (no upload, slot or write-back), its updates land
+    in the host buffers, and every result equals the slot path's, bit for bit."""
+    slots = Sessions(stores[cfg.quant], Config(cfg.tier, cfg.prefetch, cfg.quant, cfg.q), tmp_path / "slots")
+    try:
+        ref, _ = slots.run(SyncEngine())
+    finally:
+        slots.model.close()
+    s = Sessions(stores[cfg.quant], cfg, tmp_path / "in-place")
+    try:
+        assert s.model.in_place and not s.model.ring and not s.model.dedicated
+        got, ops = s.run(SyncEngine(), record=True)
+        assert {op.queue for op in ops} == {"compute"} and find_races(ops) == []
+        assert any("host[" in b for op in ops for b in op.writes), "updates are declared on the host buffers"
+        assert equal(got, ref)
+        for k in range(3):
+            again, _ = s.run(SimulatedEngine(seed=k))
+            assert equal(again, ref)
+    finally:
+        s.model.close()
+
+
+def test_in_place_needs_cpu_and_ram(stores):
+    with pytest.raises(zoedge.ConfigError, match="in_place"):
+        zoedge.load(stores["none"], tier="disk", in_place=True)
+    m = zoedge.load(stores["none"])
+    try:
+        assert m.in_place  # the CPU default
+    finally:
+        m.close()
 
 
 # ------------------------------------------------------------------------------------- mutation

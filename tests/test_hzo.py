@@ -27,10 +27,10 @@ def tiny(request, tmp_path_factory):
     return model, root / "store"
 
 
-def trainer(store, out, steps=STEPS, **kw):
+def trainer(store, out, steps=STEPS, in_place=None, **kw):
     ex = toy_examples()
     opt = HZO(seed=SEED, lr=LR, eps=EPS, rank=R, nu=NU, fo_lr=FO_LR, **kw)
-    return Trainer(zoedge.load(store), CharTokenizer(), opt, ex, ex[:4], [],
+    return Trainer(zoedge.load(store, in_place=in_place), CharTokenizer(), opt, ex, ex[:4], [],
                    TrainSettings(steps=steps, batch_size=BS, seed=SEED), out, progress=False, log=lambda s: None)
 
 
@@ -134,7 +134,7 @@ def test_factor_mode_writes_no_base_bytes_and_forms_no_mxn_tensor(tiny, tmp_path
                         allocated.append((str(func), tuple(o.shape)))
             return out
 
-    t = trainer(store, tmp_path, steps=2 * NU, factors="merge")
+    t = trainer(store, tmp_path, steps=2 * NU, factors="merge", in_place=False)  # counts slot write-backs
     t.model.use_engine(Counting())
     per_step = []
     for step in range(2 * NU):
@@ -146,7 +146,7 @@ def test_factor_mode_writes_no_base_bytes_and_forms_no_mxn_tensor(tiny, tmp_path
     total = sum(b.nbytes for b in t.model.blocks)
     # one write-back per period (the merge, at the first step of the next period), none otherwise
     assert per_step == [0, 0, 0, total, 0, 0]
-    dense = trainer(store, tmp_path / "dense", steps=2, factors="off")
+    dense = trainer(store, tmp_path / "dense", steps=2, factors="off", in_place=False)
     dense.model.use_engine(Counting())
     written.clear()
     dense.train_step()

@@ -115,6 +115,18 @@ def test_meta_step_counts_like_the_cpu_step(stores):
     assert abs(meta.tracked_peak - cpu.tracked_peak) <= 0.01 * cpu.tracked_peak
 
 
+def test_in_place_cpu_step_holds_no_slots(stores):
+    """Bound in place (the CPU runtime's default), a step has the same losses as through slots and holds at least
+    the ring's two slots less."""
+    from zoedge.store.manifest import load_manifest
+    kw = dict(batch=2, seq=10, steps=2)
+    slots = measure_step(stores["llama"], "cpu", **kw)
+    in_place = measure_step(stores["llama"], "cpu", in_place=True, **kw)
+    assert in_place.losses == slots.losses
+    largest = max(b.nbytes for b in load_manifest(stores["llama"]).blocks)
+    assert slots.tracked_long_lived - in_place.tracked_long_lived >= 2 * largest
+
+
 def test_h200_measured_forward_peaks_match_the_plan():
     """zoedge's H200 measurements (streamed fp16 forwards, torch.cuda.max_memory_allocated) against plan's
     forward prediction plus the cuBLAS workspace: within 5% (measured 0.2% off)."""

@@ -16,7 +16,7 @@ def forward_ops(tmp_path_factory):
     root = tmp_path_factory.mktemp("timeline")
     save_tiny("llama", root / "hf", layers=2, tie=False)
     zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
-    m = zoedge.load(root / "store", prefetch=1)
+    m = zoedge.load(root / "store", prefetch=1, in_place=False)  # the accelerator's schedule
     ops = m.schedule.record()
     m(*batch())
     m.close()

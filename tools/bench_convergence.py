@@ -93,7 +93,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     if "lr" in options_of(load(name)) and "lr" not in options:
         options["lr"] = str(args.lr)
     store = resolve_store(args.model, progress=False)
-    model = StreamedModel(store)
+    model = StreamedModel(store, in_place=False)  # stream through slots: count what an accelerator would move
     moved = {"up": 0, "down": 0}
 
     class Counting(SyncEngine):  # the CPU engine, adding up the bytes of uploads and of real write-backs

@@ -129,7 +129,8 @@ def record(args: argparse.Namespace, root: Path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "hf")
     zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
     work = {"working_dir": root / "work"} if args.tier == "disk" else {}
-    m = zoedge.load(root / "store", tier=args.tier, prefetch=args.prefetch, engine=SyncEngine(), **work)
+    m = zoedge.load(root / "store", tier=args.tier, prefetch=args.prefetch, engine=SyncEngine(),
+                    in_place=False, **work)  # the accelerator's schedule
     visitor = _Train(args.passes) if args.train else type("Passes", (zoedge.BlockVisitor,), {"passes": args.passes})()
     ids = torch.randint(2, 60, (2, 5))
     m.run(visitor, ids)

@@ -155,7 +155,7 @@ class TrainSettings(ScoringOptions):
 
 #: Settings a resumed run may change freely (they do not change the trained weights).
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
-                         "output", "resume", "allow_changes", "metrics", "progress", "plot"})
+                         "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads"})
 
 
 @dataclass
@@ -181,6 +181,9 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     metrics: str | None = setting(None, "per-step JSONL (default: OUTPUT/metrics.jsonl)", type=str, metavar="FILE")
     plot: bool = setting(True, "draw OUTPUT/curves.png (needs matplotlib)", no="do not draw OUTPUT/curves.png")
     progress: bool = setting(True, "progress bars on stderr", no="no progress bars")
+    threads: int | None = setting(None, "intra-op CPU threads (default: the cores this process may use, one left to "
+                                  "the disk tier's I/O thread on 4+ cores; a warning when other jobs already load "
+                                  "them)", type=int, minimum=1)
 
     def check_more(self) -> None:
         super().check_more()

@@ -22,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "median step time, tokens/s and where the time goes (optimizer hooks: applying the pending update and "
         "drawing noise; building the perturbed weights; the rest: copies and the forward passes). "
         "--compare resident also times a plain resident MeZO step (the whole model on the device, perturbed in "
-        "place) on the same batch, alternating with the streamed step, and reports the ratio. On CUDA the "
+        "place) and the step's forward passes alone (the floor) on the same batch, alternating with the streamed "
+        "step, and reports the ratios. On CUDA the "
         "hook timings synchronise the device (the breakdown, not the total, is then approximate).")
     add_common(p)
     p.set_defaults(steps=5)
@@ -63,26 +64,46 @@ class TimedVisitor:
         self._timed("on_passes_done", block)
 
 
+def resident_loss(model: Any, batch: Any):
+    """The batch's loss under the resident HF ``model`` (one forward pass), as a function of nothing."""
+    from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
+
+    def loss() -> Any:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index)
+        return candidate_loss(token_logprobs_from_logits(rows, batch.target_ids), batch)[0]
+
+    return loss
+
+
+def resident_forwards(model: Any, batch: Any, passes: int = 2):
+    """The floor of a ZO step: its ``passes`` forward passes (with the loss) on the resident model, nothing else."""
+    import torch
+
+    loss = resident_loss(model, batch)
+
+    @torch.no_grad()
+    def step() -> float:
+        return [float(loss()) for _ in range(passes)][0]
+
+    return step
+
+
 def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0):
     """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code)."""
     import torch
 
     from zoedge.optim.noise import NoiseSource
-    from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
 
     noise = NoiseSource(seed)
     params = list(model.named_parameters())  # tied weights appear once
     state = {"t": 0}
+    loss = resident_loss(model, batch)
 
     def perturb(scale: float, t: int) -> None:
         for n, p in params:
             buf = noise.normal_(torch.empty_like(p), t, n, "z0")
             p.add_(buf, alpha=scale)
-
-    def loss() -> torch.Tensor:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index)
-        return candidate_loss(token_logprobs_from_logits(rows, batch.target_ids), batch)[0]
 
     @torch.no_grad()
     def step() -> float:
@@ -109,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from zoedge.runtime.threads import apply_threads, choose_threads
+
+    threads = choose_threads(args.threads, args.tier)
+    apply_threads(threads)
     human = sys.stderr if args.json == "-" else sys.stdout
     dev = torch.device(args.device)
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=args.working_dir)
@@ -131,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         state["t"] += 1
         return float(values[0])
 
-    resident_step = None
+    resident_step = forwards = None
     if args.compare == "resident":
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype).eval()
@@ -139,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         hf.tie_weights()
         hf.to(dev)
         resident_step = resident_mezo(hf, batch.to(dev))
+        forwards = resident_forwards(hf, batch.to(dev), opt.passes)
 
     def timed(fn) -> float:
         sync()
@@ -151,16 +175,20 @@ def run(args: argparse.Namespace) -> int:
         streamed_step()
         if resident_step:
             resident_step()
+            forwards()
     for k in visitor.times:
         visitor.times[k] = 0.0
     t_str: list[float] = []
     t_res: list[float] = []
+    t_fwd: list[float] = []
     for r in tqdm(range(args.steps), desc="bench", unit="step", disable=args.no_progress):
-        if resident_step and r % 2:
+        if resident_step and r % 2:  # alternate the order: a load change affects all three alike
+            t_fwd.append(timed(forwards))
             t_res.append(timed(resident_step))
         t_str.append(timed(streamed_step))
         if resident_step and not r % 2:
             t_res.append(timed(resident_step))
+            t_fwd.append(timed(forwards))
     model.close()
     tokens = args.batch * args.seq
     med = statistics.median(t_str)
@@ -169,13 +197,17 @@ def run(args: argparse.Namespace) -> int:
     rest = total / len(t_str) - sum(hooks.values())
     result: dict[str, Any] = {
         "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "batch": args.batch,
-        "seq": args.seq, "steps": args.steps, "threads": torch.get_num_threads(), "step_s": t_str,
+        "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "tokens_per_s": tokens / med,
         "breakdown_s": {"update + noise (on_resident)": hooks["on_resident"],
                         "perturbed weights (pass_tensors)": hooks["pass_tensors"],
                         "other hooks": hooks["on_passes_done"], "copies + forward passes + loss": rest}}
     print(f"{args.store} on {dev}: {args.optimizer}, batch {args.batch} x seq {args.seq}, "
-          f"{args.steps} timed steps, {torch.get_num_threads()} threads", file=human)
+          f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
+          f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)})",
+          file=human)
+    if threads.warning:
+        print(f"  warning: {threads.warning}", file=human)
     print(f"  streamed step   median {med:8.3f} s   {tokens / med:10.1f} tokens/s", file=human)
     for k, v in result["breakdown_s"].items():
         print(f"    {k:34s} {v:8.3f} s/step  ({100 * v / (total / len(t_str)):.0f}%)", file=human)
@@ -183,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
         mr = statistics.median(t_res)
         result.update(resident_step_s=t_res, resident_median_step_s=mr, ratio_streamed_to_resident=med / mr)
         print(f"  resident MeZO   median {mr:8.3f} s   {tokens / mr:10.1f} tokens/s", file=human)
-        print(f"  streamed / resident: {med / mr:.3f}", file=human)
+        mf = statistics.median(t_fwd)
+        result.update(forwards_step_s=t_fwd, forwards_median_step_s=mf, ratio_streamed_to_forwards=med / mf)
+        print(f"  {opt.passes} forwards alone median {mf:8.3f} s   (resident model, loss only: the floor)", file=human)
+        print(f"  streamed / resident: {med / mr:.3f}   streamed / {opt.passes} forwards: {med / mf:.3f}", file=human)
     if args.json:
         out = json.dumps(result, indent=1)
         print(out) if args.json == "-" else Path(args.json).write_text(out + "\n")

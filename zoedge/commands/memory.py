@@ -27,7 +27,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="disk tier with dense updates: where the writable copy of the blocks goes")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="attention implementation (sdpa: fused kernels; eager: S x S scores) (default sdpa)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores this process may use; see zoedge.runtime.threads)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -71,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from zoedge.plan.measure import measure_step
+    from zoedge.runtime.threads import apply_threads, choose_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(choose_threads(args.threads, args.tier))
     human = sys.stderr if args.json == "-" else sys.stdout
     m = measure_step(args.store, args.device, optimizer=args.optimizer, options=options(args.opt_arg),
                      batch=args.batch, seq=args.seq, scored=args.scored, steps=args.steps, tier=args.tier,

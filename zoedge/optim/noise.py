@@ -1,8 +1,13 @@
 """Counter-based noise: every draw is a pure function of (run seed, step, tensor name, stream).
 
 ``stream_seed(run_seed, step, name, stream)`` is the first 63 bits of
-``sha256(f"zoedge/{run_seed}/{step}/{stream}/{name}")``; a draw re-seeds one
-reusable ``torch.Generator`` with it and fills the target with ``normal_``.
+``sha256(f"zoedge/{run_seed}/{step}/{stream}/{name}")``. On the CPU a target is
+filled in chunks of :data:`CHUNK` elements (of its flattened, contiguous
+layout); chunk ``k`` gets its own generator seeded with
+``chunk_seed(stream_seed(...), k)`` (chunk 0 uses the stream seed itself), so the
+chunks are drawn in parallel on the intra-op threads and the values do not
+depend on how many threads there are. On an accelerator a draw re-seeds one
+reusable ``torch.Generator`` with the stream seed and fills the whole target.
 Consequences:
 
 * a tensor's noise does not depend on the order blocks are visited in, nor on
@@ -17,14 +22,67 @@ Consequences:
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+#: elements per independently seeded CPU chunk (4 MiB of fp32): large enough that seeding a generator per chunk
+#: costs nothing measurable, small enough that a block's tensors split across threads
+CHUNK = 1 << 20
 
 
 def stream_seed(run_seed: int, step: int, name: str, stream: str) -> int:
     """The generator seed of one draw (see the module docstring)."""
     digest = hashlib.sha256(f"zoedge/{run_seed}/{step}/{stream}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The generator seed of chunk ``chunk`` of a draw whose stream seed is ``seed`` (chunk 0: ``seed``)."""
+    if chunk == 0:
+        return seed
+    digest = hashlib.sha256(f"zoedge-chunk/{seed}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class _Chunks:
+    """Fills the chunks of CPU draws on the intra-op threads (one generator per worker thread)."""
+
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.workers = 0
+        self.local = threading.local()
+
+    def _gen(self) -> torch.Generator:
+        gen = getattr(self.local, "gen", None)
+        if gen is None:
+            gen = self.local.gen = torch.Generator()
+        return gen
+
+    def fill(self, flat: torch.Tensor, seed: int, kind: str) -> None:
+        n = flat.numel()
+        chunks = range((n + CHUNK - 1) // CHUNK)
+
+        def one(k: int) -> None:
+            part = flat[k * CHUNK:(k + 1) * CHUNK]
+            gen = self._gen().manual_seed(chunk_seed(seed, k))
+            part.normal_(generator=gen) if kind == "normal" else part.uniform_(generator=gen)
+
+        threads = min(torch.get_num_threads(), len(chunks))
+        if threads <= 1:
+            for k in chunks:
+                one(k)
+            return
+        if self.pool is None or self.workers < threads:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            self.pool, self.workers = ThreadPoolExecutor(threads, thread_name_prefix="zoedge-noise"), threads
+        for f in [self.pool.submit(one, k) for k in chunks]:
+            f.result()
+
+
+_CHUNKS = _Chunks()
 
 
 class NoiseSource:
@@ -44,13 +102,26 @@ class NoiseSource:
             gen = self._generators[device] = torch.Generator(device)
         return gen.manual_seed(stream_seed(self.run_seed, step, name, stream))
 
+    def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str) -> torch.Tensor:
+        if out.device.type != "cpu":
+            gen = self._generator(out.device, step, name, stream)
+            return out.normal_(generator=gen) if kind == "normal" else out.uniform_(generator=gen)
+        seed = stream_seed(self.run_seed, step, name, stream)
+        if out.is_contiguous():
+            _CHUNKS.fill(out.view(-1), seed, kind)
+        else:  # the values of the contiguous layout, so they do not depend on the target's strides
+            tmp = torch.empty(out.shape, dtype=out.dtype)
+            _CHUNKS.fill(tmp.view(-1), seed, kind)
+            out.copy_(tmp)
+        return out
+
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Fill ``out`` in place with N(0, 1) noise for (step, name, stream); returns ``out``."""
-        return out.normal_(generator=self._generator(out.device, step, name, stream))
+        return self._fill(out, step, name, stream, "normal")
 
     def uniform_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Fill ``out`` in place with U[0, 1) noise for (step, name, stream); returns ``out``."""
-        return out.uniform_(generator=self._generator(out.device, step, name, stream))
+        return self._fill(out, step, name, stream, "uniform")
 
     def normal(self, shape: tuple[int, ...], step: int, name: str, stream: str, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:

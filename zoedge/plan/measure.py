@@ -9,7 +9,9 @@ workspaces, activations, logits.
 
 * ``device="cpu"``: a real step on the CPU. The device *is* host memory here,
   so the host tier's buffers (``ALLOCATIONS`` purposes ``host`` and ``pinned``)
-  are subtracted from the tracked peak.
+  are subtracted from the tracked peak. Blocks stream through slots as on an
+  accelerator (``in_place=False``; what ``zoedge plan`` predicts), unless
+  ``in_place=True`` measures the CPU runtime's own in-place binding.
 * ``device="meta"``: the host tier reads the store's real bytes, the device
   side allocates and computes nothing (losses are not computed: the step's
   scalars are fed as 0). Counts real-width steps that do not fit this machine.
@@ -102,7 +104,8 @@ def _storage_identity_on_meta(model: Any) -> None:
 def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "mezo",
                  options: dict[str, Any] | None = None, batch: int = 1, seq: int = 128, scored: int = 0,
                  steps: int = 1, tier: str = "ram", prefetch: int = 1, attention: str = "sdpa",
-                 working_dir: Path | None = None, seed: int = 0, progress: bool = False) -> StepMeasurement:
+                 working_dir: Path | None = None, seed: int = 0, progress: bool = False,
+                 in_place: bool = False) -> StepMeasurement:
     """Open ``store`` on ``device`` and run ``steps`` training steps under the tracker (see the module docstring).
 
     Args:
@@ -113,6 +116,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         steps: steps to run (the peak is over all of them; the first allocates the workspaces).
         tier, prefetch, working_dir: as :class:`~zoedge.StreamedModel`.
         attention: ``sdpa`` (fused kernels) or ``eager``; on meta this decides how attention is counted.
+        in_place: on ``cpu`` with the ``ram`` tier: bind blocks in the host buffers (no slots) instead of the
+            accelerator's slot layout.
 
     Returns:
         A :class:`StepMeasurement`.
@@ -133,7 +138,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         torch.accelerator.reset_peak_memory_stats(dev)
     tracker = DeviceMemoryTracker(dev.type, attention)
     with tracker:
-        model = StreamedModel(store, device=dev, tier=tier, prefetch=prefetch, working_dir=working_dir)
+        model = StreamedModel(store, device=dev, tier=tier, prefetch=prefetch, working_dir=working_dir,
+                              in_place=in_place)
         if dev.type == "meta":
             tracker.discount(model.adapter.skeleton.parameters())  # the module skeleton is not device memory
             _storage_identity_on_meta(model)

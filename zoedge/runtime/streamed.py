@@ -14,6 +14,10 @@ synchronously on CPU, on streams and events on an accelerator, or in simulated i
 (:mod:`zoedge.runtime.engines`, :mod:`zoedge.runtime.accelerator`). The host never synchronises in the
 loop; the caller syncs once when it reads the step's losses.
 
+On the CPU with the RAM tier the device *is* the host: blocks are bound in place (their tensors are views
+of the tier's host buffers), so a pass has no uploads, no slots and no write-backs; an update lands in the
+host buffer directly. The compute operations then declare ``host[i]`` as what they read and write.
+
 A *visitor* (the optimizer plugin, seen through the trainer) decides what each
 pass of a residency sees: :class:`BlockVisitor` documents the hooks.
 """
@@ -106,10 +110,14 @@ class StreamedModel:
         engine: what executes the schedule (default: :class:`~zoedge.runtime.engines.SyncEngine` on CPU and meta,
             :class:`~zoedge.runtime.accelerator.AcceleratorEngine` otherwise; tests pass a
             :class:`~zoedge.runtime.engines.SimulatedEngine`).
+        in_place: bind blocks in place in the host buffers (no slots, uploads or write-backs). Default: on when
+            the device is ``cpu`` and the tier ``ram``; ``False`` streams through slots as on an accelerator (tests
+            of the accelerator schedule, traffic counts).
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-                 ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None) -> None:
+                 ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None,
+                 in_place: bool | None = None) -> None:
         from transformers import AutoConfig
 
         self.store = Path(store)
@@ -138,12 +146,27 @@ class StreamedModel:
         else:
             raise ConfigError("--tier", f"unknown value {tier!r}", "use ram or disk")
         self.tier.attach(self.schedule)
+        host_is_device = self.device.type == "cpu" and isinstance(self.tier, RamTier)
+        if in_place and not host_is_device:
+            raise ConfigError("in_place", f"True with device {self.device} and tier {tier}",
+                              "bind in place only on device cpu with tier ram")
+        self.in_place = host_is_device if in_place is None else bool(in_place)
         # Tied weights: the block storing the tensor keeps a dedicated slot until the last user has run.
         self.aliases = dict(self.manifest.tied)
         owners = {self._block_index(self.adapter.block_of(src)) for src in self.aliases.values()}
-        self.dedicated = {i: self._new_slot([self.blocks[i]], i) for i in sorted(owners)}
-        ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
-        self.ring = [self._new_slot(ring_blocks, len(self.dedicated) + k) for k in range(prefetch + 1)]
+        self.dedicated: dict[int, Slot] = {}
+        self.ring: list[Slot] = []
+        self.in_host: list[Slot] = []
+        if self.in_place:
+            # One dequantisation area serves every block: only the compute queue touches it, in FIFO order.
+            dq = max(b.dequant_nbytes for b in self.blocks)
+            dequant = allocate(dq, self.device, "slot") if dq else None
+            assert isinstance(self.tier, RamTier)
+            self.in_host = [Slot(0, buf, dequant) for buf in self.tier.buffers]
+        else:
+            self.dedicated = {i: self._new_slot([self.blocks[i]], i) for i in sorted(owners)}
+            ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
+            self.ring = [self._new_slot(ring_blocks, len(self.dedicated) + k) for k in range(prefetch + 1)]
         self._workspaces: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
@@ -181,6 +204,8 @@ class StreamedModel:
         return keep
 
     def _slot_for(self, i: int) -> Slot:
+        if self.in_place:
+            return self.in_host[i]
         if i in self.dedicated:
             return self.dedicated[i]
         ring_pos = i - sum(1 for d in self.dedicated if d < i)
@@ -215,17 +240,21 @@ class StreamedModel:
                                 reads=(f"slot[{slot.index}]",), writes=(name,), block=i, nbytes=target.numel())
         self.tier.after_writeback(i, op)
 
+    def _bytes_of(self, i: int) -> str:
+        """The buffer compute reads block ``i``'s bytes from: its slot, or its host buffer when bound in place."""
+        return f"host[{i}]" if self.in_place else f"slot[{self._slot_for(i).index}]"
+
     def _compute(self, i: int, visitor: BlockVisitor, pass_state: _PassState, writes_back: bool) -> Op:
         """Emit block ``i``'s residency: dequantise, the visitor's hooks, its forward passes."""
         block, slot = self.blocks[i], self._slot_for(i)
-        reads, writes = [f"slot[{slot.index}]"], []
+        reads, writes = [self._bytes_of(i)], []
         if writes_back:
-            writes.append(f"slot[{slot.index}]")
+            writes.append(self._bytes_of(i))
         if slot.dequant is not None and any(t.quant != "none" for t in block.tensors):
             writes.append(f"dequant[{slot.index}]")
         tied_here = [src for alias, src in self.aliases.items() if self.adapter.block_of(alias) == block.name]
-        for src in tied_here:  # the head reads the tied tensor from its owner's dedicated slot
-            reads.append(f"slot[{self._slot_for(self._block_index(self.adapter.block_of(src))).index}]")
+        for src in tied_here:  # the head reads the tied tensor from its owner's (dedicated) slot or host buffer
+            reads.append(self._bytes_of(self._block_index(self.adapter.block_of(src))))
         if pass_state.compute:
             owns = [src for src in self.aliases.values() if self.adapter.block_of(src) == block.name]
             writes += [f"tied[{p}]" for p in range(visitor.passes) if owns]
@@ -275,6 +304,9 @@ class StreamedModel:
         n = len(self.blocks)
         issued = 0
         for i, block in enumerate(self.blocks):
+            if self.in_place:  # the block's bytes are where compute reads them: an update lands in place
+                self._compute(i, visitor, state, updates and any(t.quant == "none" for t in block.tensors))
+                continue
             while issued < min(i + self.prefetch + 1, n):
                 self._upload(issued)
                 issued += 1

@@ -35,6 +35,7 @@ import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.runtime.streamed import StreamedModel
+from zoedge.runtime.threads import ThreadChoice, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
 from zoedge.store.prepare import SIDE_FILES
@@ -191,17 +192,22 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
             problems; :class:`~zoedge.errors.TrainingError` when training diverges (or a rank is lost).
     """
     s.check()
+    threads = choose_threads(s.threads, s.tier)
+    if threads.warning:
+        log_stderr(f"warning: {threads.warning}")
+    apply_threads(threads)
     options = s.options(parsed_options or {})
     out = Path(s.output)
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
         with run_record.OutputLock(out) if world.is_main else nullcontext():
-            return _finetune(s, options, out, world)
+            return _finetune(s, options, out, world, threads)
     finally:
         world.close()
 
 
-def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World) -> dict[str, Any]:
+def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
+              threads: ThreadChoice) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
@@ -252,6 +258,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     summary = {
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device,
+        "threads": threads.to_dict(),
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
         "seconds": result.seconds, "steps_per_s": result.steps / result.seconds if result.seconds else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
