@@ -110,7 +110,7 @@ def test_two_ranks_equal_one_process(store, reference, tmp_path):
     losses = losses_of(tmp_path)  # rank 0 alone writes: one line per step
     assert len(losses) == STEPS
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in r0["weights"]:  # the ranks agree bit for bit
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
     assert_close_weights(r0["weights"], ref_weights)
@@ -142,7 +142,7 @@ def test_dead_rank_is_named_and_resume_matches(store, reference, tmp_path):
     assert "rank(s) [1] stopped answering" in err and "--resume" in err, err
     assert losses_of(tmp_path)[:2] == pytest.approx(reference[0][:2], rel=1e-5)
     assert launch(store, tmp_path, "resume", save_every=2) == [0, 0]
-    assert_close_weights(torch.load(tmp_path / "rank0.pt")["weights"], reference[1])
+    assert_close_weights(torch.load(tmp_path / "rank0.pt", weights_only=True)["weights"], reference[1])
 
 
 def test_first_order_blocks_all_reduce_their_gradients(store, tmp_path):
@@ -152,7 +152,7 @@ def test_first_order_blocks_all_reduce_their_gradients(store, tmp_path):
     assert launch(store, tmp_path / "dp", plugin="loho") == [0, 0]
     torch.testing.assert_close(torch.tensor(losses_of(tmp_path / "dp")), torch.tensor(losses_of(tmp_path / "ref")),
                                rtol=1e-5, atol=0)
-    got, want = torch.load(tmp_path / "dp" / "rank0.pt")["weights"], ref.model.state_dict()
+    got, want = torch.load(tmp_path / "dp" / "rank0.pt", weights_only=True)["weights"], ref.model.state_dict()
     assert_close_weights(got, want)
     name = "model.layers.2.mlp.down_proj.weight"  # in the first-order block: moved by the gradient steps
     assert (want[name] - zoedge.load(store).state_dict()[name]).abs().max() > 1e-4

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import zoedge
 import zoedge.cli
+import zoedge.store.atomic
 import zoedge.store.prepare as prep
 from zoedge.cli import main
 from zoedge.errors import CheckpointError, ConfigError, StoreError, ZoedgeError
@@ -112,7 +113,7 @@ def mtimes(paths: list[Path]) -> dict[str, int]:
 
 
 class FailWrite:
-    """Patch ``open`` inside zoedge.store.prepare so the real ``atomic_write_bytes`` fails writing block ``at``.
+    """Patch ``open`` inside zoedge.store.atomic so the real ``atomic_write_bytes`` fails writing block ``at``.
 
     The failing write stores half the bytes in the temp file and then raises ``exc`` (ENOSPC = disk full,
     KeyboardInterrupt = Ctrl-C), as a real write would part-way through.
@@ -120,7 +121,7 @@ class FailWrite:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int, exc: BaseException) -> None:
         self.at, self.exc, self.failed = at, exc, 0
-        monkeypatch.setattr(prep, "open", self._open, raising=False)
+        monkeypatch.setattr(zoedge.store.atomic, "open", self._open, raising=False)
 
     def _open(self, path, mode="r", *args, **kwargs):
         name = Path(path).name

@@ -17,17 +17,19 @@ a pass: the caller is about to read what compute produced), ``synchronize()`` (e
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from zoedge.runtime.schedule import COMPUTE, IO, QUEUES, Op
 
 
-class Engine:
+class Engine(ABC):
     """Interface; see the module docstring."""
 
+    @abstractmethod
     def issue(self, op: Op) -> None:
-        raise NotImplementedError
+        """Queue ``op`` on its queue (run it, or arrange for it to run after its waits)."""
 
     def outputs_ready(self) -> None:
         """The pass's compute results are about to be read."""

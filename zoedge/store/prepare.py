@@ -32,6 +32,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from zoedge.adapters import adapter_for, supported_model_types
 from zoedge.errors import CheckpointError, ConfigError, StoreError
+from zoedge.store.atomic import atomic_write_bytes
 from zoedge.store import quant as q
 from zoedge.store.manifest import (DTYPES, MANIFEST_NAME, BlockEntry, Manifest, TensorEntry, block_file, block_from_dict,
                                    plan_block)
@@ -56,22 +57,6 @@ class PrepareSummary:
     @property
     def mb_per_s(self) -> float:
         return self.bytes / 2**20 / max(self.seconds, 1e-9)
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename (readers see all or nothing)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A partial temp file is never read (only renamed files count), but on a full disk
-        # it holds the space the user needs to free: remove it.
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _fingerprint(src: Path, ckpt: Checkpoint, dtype: str, quant: str) -> dict:

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from zoedge.errors import StoreError
+from zoedge.store.atomic import atomic_write_text
 
 VERIFIED_NAME = "verified.json"
 RACY_NS = 2_000_000_000  # a stamp younger than this when hashed is hashed again next time
@@ -53,20 +54,6 @@ def cache_root() -> Path:
     from zoedge.models.default import default_cache_root
 
     return default_cache_root()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a per-process temp file + fsync + rename (concurrent writers: last one wins, both whole)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _stamp_files(store: Path) -> list[Path]:

@@ -38,6 +38,7 @@ from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
+from zoedge.store.atomic import atomic_write_bytes
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
@@ -118,10 +119,8 @@ def dumps(obj: Any) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temporary sibling + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` atomically (temporary sibling + fsync + rename)."""
+    atomic_write_bytes(path, text.encode())
 
 
 def check_writable_file(path: Path, option: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from zoedge.errors import ConfigError
 from zoedge.settings import RESUME_FREE, FinetuneSettings, flag, to_dict
+from zoedge.store.atomic import atomic_write_bytes
 
 RECORD = "run.json"
 LOCK = ".lock"
@@ -83,9 +84,7 @@ def run_defining(s: FinetuneSettings, options: dict[str, Any]) -> dict[str, Any]
 
 
 def _write(out: Path, record: dict[str, Any]) -> None:
-    tmp = out / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / RECORD)
+    atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
@@ -181,9 +180,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= step:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def clear_previous_outputs(out: Path, metrics: Path) -> None:

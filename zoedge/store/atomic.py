@@ -1,0 +1,30 @@
+"""zoedge's one atomic file write: temp file + fsync + rename, so readers see all of a file or none of it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview, *, per_process: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temp sibling + fsync + rename.
+
+    ``per_process`` names the temp file after the process, for files that several processes may write at
+    once (the last rename wins; every version is whole).
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if per_process else path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A partial temp file is never read (only renamed files count), but on a full disk
+        # it holds the space the user needs to free: remove it.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text, with a per-process temp file."""
+    atomic_write_bytes(path, text.encode(), per_process=True)
