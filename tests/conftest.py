@@ -45,3 +45,15 @@ def smollm2_dir() -> Path:
     from zoedge.models import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def tiny(request, tmp_path_factory):
+    """(resident tiny model, its prepared store) for each family with tied embeddings, once per test module."""
+    import zoedge
+    from tests.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp(request.param)
+    model = save_tiny(request.param, root / "hf")
+    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
+    return model, root / "store"

@@ -12,18 +12,10 @@ from zoedge_plugins.dizo import DiZO
 from zoedge_plugins.mezo import MeZO, mezo_update_
 from tests.plugin_harness import batches
 from tests.test_mezo import resident_loss
-from tests.tiny import CharTokenizer, save_tiny, toy_examples
+from tests.tiny import CharTokenizer, toy_examples
 
 STEPS, BS, LR, EPS, SEED = 7, 4, 5e-3, 1e-2, 5
 CYCLE, ITERS, MU, GLR, TAU = 3, 3, 0.2, 1e5, 0.2  # a large η_γ: γ moves (and meets the clip) in 3 iterations
-
-
-@pytest.fixture(scope="module", params=["llama", "opt"])
-def tiny(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = save_tiny(request.param, root / "hf")
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
-    return model, root / "store"
 
 
 def run(store, out, opt):

@@ -15,7 +15,7 @@ from zoedge.train.batching import collate
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
 from zoedge_plugins.mezo import MeZO, mezo_update_
 from tests.test_mezo import resident_loss
-from tests.tiny import CharTokenizer, save_tiny, toy_examples
+from tests.tiny import CharTokenizer, toy_examples
 
 STEPS, BS, LR, EPS, FO_LR, SEED = 5, 4, 1e-3, 1e-2, 0.05, 11
 
@@ -40,14 +40,6 @@ class HybridMeZO(MeZO):
 
     def end_step(self, losses):
         return super().end_step(losses[1:])
-
-
-@pytest.fixture(scope="module", params=["llama", "opt"])
-def tiny(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = save_tiny(request.param, root / "hf")
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
-    return model, root / "store"
 
 
 def trainer(store, out, steps=STEPS, fo_optimizer="sgd"):

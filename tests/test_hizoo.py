@@ -5,23 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import zoedge
 from zoedge.optim.noise import NoiseSource
 from zoedge_plugins.hizoo import HiZOOL
 from zoedge_plugins.mezo import MeZO
 from tests.plugin_harness import batches, quadratic_steps, resident_block, run_streamed
 from tests.test_mezo import resident_loss
-from tests.tiny import save_tiny, toy_examples
+from tests.tiny import toy_examples
 
 STEPS, BS, LR, EPS, WD, SEED = 6, 4, 1e-3, 1e-2, 0.1, 3
-
-
-@pytest.fixture(scope="module", params=["llama", "opt"])
-def tiny(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = save_tiny(request.param, root / "hf")
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
-    return model, root / "store"
 
 
 def test_alpha_zero_is_mezo(tiny):

@@ -14,17 +14,9 @@ from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.hzo import HZO
 from tests.plugin_harness import batches, resident_block
 from tests.test_mezo import resident_loss
-from tests.tiny import CharTokenizer, save_tiny, toy_examples
+from tests.tiny import CharTokenizer, toy_examples
 
 STEPS, BS, LR, EPS, R, NU, FO_LR, SEED = 6, 4, 1e-2, 1e-2, 2, 3, 0.05, 9
-
-
-@pytest.fixture(scope="module", params=["llama", "opt"])
-def tiny(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = save_tiny(request.param, root / "hf")
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
-    return model, root / "store"
 
 
 def trainer(store, out, steps=STEPS, in_place=None, **kw):
