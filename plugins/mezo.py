@@ -5,6 +5,9 @@ two passes θ ± εz_k, projected gradient g_k = (L₊ − L₋) / (2ε). The up
 θ ← θ − η ( (1/q) Σ_k g_k z_k + λθ ) is applied lazily when the block is next
 resident (λ skipped for 1-D tensors: biases and norm weights).
 
+Noise: ``noise=gaussian`` (default), ``rademacher`` (±1) or ``pool`` (windows of one pre-drawn pool: no
+per-step draw, no noise workspace); their statistics are in :mod:`zoedge.optim.noise`.
+
 Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
 ``stochastic_rounding=True`` computes it in fp32 and rounds stochastically
 (noise stream ``sr``) so tiny updates are not lost on average.
@@ -16,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from zoedge.optim.api import Update, ZOOptimizer
+from zoedge.optim.noise import NOISE_KINDS, make_noise
 from zoedge.optim.registry import register_optimizer
 from zoedge.runtime.streamed import Resident
 
@@ -64,20 +68,27 @@ class MeZO(ZOOptimizer):
         weight_decay: λ (decoupled from the ZO estimate; not applied to 1-D tensors).
         q: number of random directions per step (2q passes per residency).
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
+        noise: the direction noise: gaussian, rademacher or pool (see :mod:`zoedge.optim.noise`).
     """
 
     def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False, noise: str = "gaussian") -> None:
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if q < 1:
             raise ValueError(f"q must be >= 1, got {q}")
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         super().__init__(seed=seed, lr=lr, weight_decay=weight_decay)
+        self.noise = make_noise(noise, seed)
         self.eps, self.q, self.stochastic_rounding = eps, q, stochastic_rounding
         self.passes = 2 * q
 
     def draw(self, block: Resident) -> None:
-        """z_k for this step, one draw per residency, reused by the +ε and −ε passes."""
+        """z_k for this step, one draw per residency, reused by the +ε and −ε passes (none when the noise source
+        forms θ ± εz directly, e.g. ``noise=pool``)."""
+        if self.noise.redraw_is_free:
+            return
         for k in range(self.q):
             z = block.workspace(f"z{k}")
             for name in block.tensors:
@@ -85,9 +96,14 @@ class MeZO(ZOOptimizer):
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k, minus = divmod(p, 2)
-        z, out = block.workspace(f"z{k}"), block.workspace("scratch")
+        out, alpha = block.workspace("scratch"), -self.eps if minus else self.eps
+        if self.noise.redraw_is_free:
+            for name, theta in block.tensors.items():
+                self.noise.add_(out[name], theta, alpha, self.t, name, f"z{k}")
+            return out
+        z = block.workspace(f"z{k}")
         for name, theta in block.tensors.items():
-            torch.add(theta, z[name], alpha=-self.eps if minus else self.eps, out=out[name])
+            torch.add(theta, z[name], alpha=alpha, out=out[name])
         return out
 
     def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
@@ -102,9 +118,16 @@ class MeZO(ZOOptimizer):
         scratch = block.workspace("scratch")
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
+            sr = self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16)
+            if self.noise.redraw_is_free and not sr:  # same op order as mezo_update_, z read from the source
+                if wd:
+                    theta.mul_(1.0 - update["lr"] * wd)
+                for k, g in enumerate(update["g"]):
+                    self.noise.add_(theta, theta, -update["lr"] * g / self.q, update.step, name, f"z{k}")
+                continue
             directions = ((self.noise.normal_(scratch[name], update.step, name, f"z{k}"), g)
                           for k, g in enumerate(update["g"]))
-            if self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16):
+            if sr:
                 value = theta.float()  # fp32 master of this tensor for the update (allocates; SR path only)
                 mezo_update_(value, directions, self.q, update["lr"], wd)
                 uniform = self.noise.uniform_(torch.empty_like(value), update.step, name, "sr")

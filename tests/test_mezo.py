@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 import zoedge
-from zoedge.optim.noise import NoiseSource
+from zoedge.optim.noise import make_noise
 from zoedge.train.batching import candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
 from zoedge_plugins.mezo import MeZO, mezo_update_
@@ -25,11 +25,11 @@ def resident_loss(model, params, batch):
     return candidate_loss(token_logprobs_from_logits(at, batch.target_ids), batch)[0]
 
 
-def resident_mezo(model, examples, q):
+def resident_mezo(model, examples, q, noise_kind="gaussian"):
     """Textbook MeZO on the resident model: eager updates, same noise function and update op order."""
     tok = CharTokenizer()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    noise = NoiseSource(SEED)
+    noise = make_noise(noise_kind, SEED)
     losses = []
     with torch.no_grad():
         for t in range(STEPS):
@@ -50,13 +50,24 @@ def resident_mezo(model, examples, q):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("q", [1, 2])
 def test_streamed_mezo_equals_resident(tmp_path, family, q):
+    check_streamed_equals_resident(tmp_path, family, q, "gaussian")
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "pool"])
+def test_noise_variants_streamed_equal_resident(tmp_path, noise):
+    """The named noise variants (pool: θ ± εz and the update read straight from the pool, no workspace) give
+    the same losses and weights as the textbook loop drawing the same variant's noise."""
+    check_streamed_equals_resident(tmp_path, "llama", 2, noise)
+
+
+def check_streamed_equals_resident(tmp_path, family, q, noise):
     model = save_tiny(family, tmp_path / "hf")
     zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
     examples = toy_examples()
-    ref_losses, ref_params = resident_mezo(model, examples, q)
+    ref_losses, ref_params = resident_mezo(model, examples, q, noise)
 
     streamed = zoedge.load(tmp_path / "store", prefetch=2)
-    opt = MeZO(seed=SEED, lr=LR, eps=EPS, weight_decay=WD, q=q)
+    opt = MeZO(seed=SEED, lr=LR, eps=EPS, weight_decay=WD, q=q, noise=noise)
     trainer = Trainer(streamed, CharTokenizer(), opt, examples, examples[:4], [], 
                       TrainSettings(steps=STEPS, batch_size=BS, seed=SEED), tmp_path / "run", progress=False,
                       log=lambda s: None)

@@ -287,7 +287,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         self.seed = int(state["seed"])
-        self.noise = NoiseSource(self.seed)
+        self.noise = self.noise.reseeded(self.seed)  # the same noise variant
         self.steps_done = int(state["steps_done"])
         pend = state.get("pending")
         if pend is None:
