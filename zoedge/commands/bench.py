@@ -89,21 +89,21 @@ def resident_forwards(model: Any, batch: Any, passes: int = 2):
     return step
 
 
-def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0):
-    """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code)."""
+def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian"):
+    """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code),
+    with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool)."""
     import torch
 
-    from zoedge.optim.noise import NoiseSource
+    from zoedge.optim.noise import make_noise
 
-    noise = NoiseSource(seed)
+    source = make_noise(noise, seed)
     params = list(model.named_parameters())  # tied weights appear once
     state = {"t": 0}
     loss = resident_loss(model, batch)
 
     def perturb(scale: float, t: int) -> None:
         for n, p in params:
-            buf = noise.normal_(torch.empty_like(p), t, n, "z0")
-            p.add_(buf, alpha=scale)
+            source.add_(p, p, scale, t, n, "z0")
 
     @torch.no_grad()
     def step() -> float:
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=args.working_dir)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
+    noise = getattr(getattr(opt, "noise", None), "kind", "gaussian")  # the resident step draws the same variant
     visitor = TimedVisitor(opt, dev)
     state = {"t": 0}
 
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         hf.load_state_dict(model.state_dict(), strict=False)
         hf.tie_weights()
         hf.to(dev)
-        resident_step = resident_mezo(hf, batch.to(dev))
+        resident_step = resident_mezo(hf, batch.to(dev), noise=noise)
         forwards = resident_forwards(hf, batch.to(dev), opt.passes)
 
     def timed(fn) -> float:
@@ -190,21 +191,23 @@ def run(args: argparse.Namespace) -> int:
             t_res.append(timed(resident_step))
             t_fwd.append(timed(forwards))
     model.close()
+    from zoedge.runtime.threads import load_average
+    load_end = load_average()
     tokens = args.batch * args.seq
     med = statistics.median(t_str)
     total = sum(t_str)
     hooks = {k: v / len(t_str) for k, v in visitor.times.items()}
     rest = total / len(t_str) - sum(hooks.values())
     result: dict[str, Any] = {
-        "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "batch": args.batch,
+        "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "noise": noise, "load_average_end": load_end, "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "tokens_per_s": tokens / med,
         "breakdown_s": {"update + noise (on_resident)": hooks["on_resident"],
                         "perturbed weights (pass_tensors)": hooks["pass_tensors"],
                         "other hooks": hooks["on_passes_done"], "copies + forward passes + loss": rest}}
-    print(f"{args.store} on {dev}: {args.optimizer}, batch {args.batch} x seq {args.seq}, "
+    print(f"{args.store} on {dev}: {args.optimizer} ({noise} noise), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
-          f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)})",
+          f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)} at start, {load_end} at the end)",
           file=human)
     if threads.warning:
         print(f"  warning: {threads.warning}", file=human)

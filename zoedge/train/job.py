@@ -35,7 +35,7 @@ import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.runtime.streamed import StreamedModel
-from zoedge.runtime.threads import ThreadChoice, apply_threads, choose_threads
+from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
 from zoedge.store.atomic import atomic_write_bytes
@@ -237,8 +237,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         on_device = model.device.type != "cpu"
         if on_device:
             torch.accelerator.reset_peak_memory_stats(model.device)
+        governor = ThreadGovernor(threads, log=log_stderr if world.is_main else (lambda message: None))
         trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
-                          progress=s.progress, world=world)
+                          progress=s.progress, world=world, threads=governor)
         if resume_from is not None:
             trainer.resume()
             run_record.apply_resumed_changes(trainer, record, s, options)
@@ -257,7 +258,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     summary = {
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device,
-        "threads": threads.to_dict(),
+        "threads": governor.to_dict(),
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
         "seconds": result.seconds, "steps_per_s": result.steps / result.seconds if result.seconds else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,

@@ -30,6 +30,7 @@ from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
+from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -132,12 +133,14 @@ class Trainer:
         output: run directory (checkpoints, metrics, final model, summary).
         metrics_path: JSONL file of per-step metrics (default ``output/metrics.jsonl``).
         world: the ranks of a data-parallel run (default: this process alone); see :mod:`zoedge.train.world`.
+        threads: re-evaluates the CPU thread count every few steps (see :mod:`zoedge.runtime.threads`).
     """
 
     def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
                  dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
                  metrics_path: Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] = log_stderr, world: World | None = None) -> None:
+                 log: Callable[[str], None] = log_stderr, world: World | None = None,
+                 threads: ThreadGovernor | None = None) -> None:
         settings.check()
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
@@ -169,6 +172,7 @@ class Trainer:
         self.progress = progress and self.world.is_main
         self.log = log if self.world.is_main else (lambda message: None)
         self.guard = StepGuard(self.ckpt_dir, self.log)
+        self.threads = threads
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -282,6 +286,8 @@ class Trainer:
         with open(self.metrics_path if self.world.is_main else os.devnull, "a") as mf:  # rank 0 writes
             while self.step < self.s.steps:
                 m = self.train_step()
+                if self.threads is not None:
+                    m["threads"] = self.threads.after_step(self.step)
                 result.tokens += int(m["tokens"])
                 result.last_loss = m["loss"]
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
