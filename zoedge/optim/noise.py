@@ -22,7 +22,7 @@ Consequences:
 Named variants (:data:`NOISE_KINDS`, :func:`make_noise`; a plugin option such as MeZO's ``noise=``) replace
 the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and unit variance; ``uniform_``
 (e.g. for stochastic rounding) stays U[0, 1) in every variant. Their statistics, checked by
-``tests/test_noise.py`` and compared in training by ``tools/bench_convergence.py --noise``:
+``tests/test_noise.py`` and compared in training by ``tools/bench_convergence.py --opt mezo:noise=KIND``:
 
 * ``gaussian`` (:class:`NoiseSource`, the default): independent N(0, 1) values.
 * ``rademacher`` (:class:`RademacherNoise`): independent ±1 values, each with probability 1/2 (mean 0,

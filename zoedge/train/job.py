@@ -209,6 +209,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
               threads: ThreadChoice) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
+    started = time.perf_counter()
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
@@ -260,7 +261,8 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device,
         "threads": governor.to_dict(),
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
-        "seconds": result.seconds, "steps_per_s": result.steps / result.seconds if result.seconds else None,
+        "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
+        "wall_seconds": time.perf_counter() - started, "steps_per_s": result.steps / result.seconds if result.seconds else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss, "peak_gpu_bytes": peak, "model_dir": str(out / "model"),

@@ -173,6 +173,7 @@ class Trainer:
         self.log = log if self.world.is_main else (lambda message: None)
         self.guard = StepGuard(self.ckpt_dir, self.log)
         self.threads = threads
+        self.eval_seconds = 0.0  # spent in evaluate() (flush included), for the run summary
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -264,9 +265,12 @@ class Trainer:
                 self.opt.finish_phase(phase, [])
 
     def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
+        t0 = time.perf_counter()
         self.flush()
-        return evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
-                        self.world)
+        ev = evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
+                      self.world)
+        self.eval_seconds += time.perf_counter() - t0
+        return ev
 
     def fit(self) -> TrainResult:
         """Train to ``settings.steps`` (from the resumed step), evaluating and checkpointing as configured."""
