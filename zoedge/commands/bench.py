@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     model.close()
     from zoedge.runtime.threads import load_average
     load_end = load_average()
+    load_end = None if load_end is None else round(load_end, 2)
     tokens = args.batch * args.seq
     med = statistics.median(t_str)
     total = sum(t_str)
