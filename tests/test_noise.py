@@ -144,3 +144,11 @@ def test_make_noise_names_the_variants():
         "gaussian": "NoiseSource", "rademacher": "RademacherNoise", "pool": "PoolNoise"}
     with pytest.raises(ValueError, match="gaussian, rademacher, pool"):
         nz.make_noise("lowrank", 0)
+
+
+def test_pool_same_values_with_1_and_4_threads(restore_threads):
+    pools = {}
+    for threads in (1, 4):
+        torch.set_num_threads(threads)
+        pools[threads] = nz.PoolNoise(5).normal_(torch.empty(SHAPE), 3, "w", "z0")
+    assert torch.equal(pools[1], pools[4])
