@@ -148,7 +148,7 @@ class TrainSettings(ScoringOptions):
     batch_size: int = setting(16, "training examples per step", minimum=1)
     schedule: str = setting("constant", "learning-rate schedule: constant, or linear decay to 0 at --steps",
                             choices=("constant", "linear"))
-    eval_every: int = setting(10, "evaluate on the dev set every N steps (0: only before and after)", minimum=0)
+    eval_every: int = setting(15, "evaluate on the dev set every N steps (0: only before and after)", minimum=0)
     save_every: int = setting(0, "write a checkpoint every N steps (0: only at the end)", minimum=0)
     keep_checkpoints: int = setting(2, "checkpoints kept (older ones are deleted)", minimum=1)
 
