@@ -68,7 +68,8 @@ class MeZO(ZOOptimizer):
         weight_decay: λ (decoupled from the ZO estimate; not applied to 1-D tensors).
         q: number of random directions per step (2q passes per residency).
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
-        noise: the direction noise: gaussian, rademacher or pool (see :mod:`zoedge.optim.noise`).
+        noise: the direction noise: gaussian (N(0, 1)), rademacher (±1) or pool (windows of one pre-drawn pool,
+            no per-step draw); statistics in zoedge/optim/noise.py.
     """
 
     def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
