@@ -49,7 +49,7 @@ def command(model: Path, out: Path, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "zoedge.cli", "finetune", "--model", str(model), "--output", str(out),
             "--steps", str(args.steps), "--save-every", str(args.save_every), "--tier", args.tier,
             "--batch-size", "8", "--n-dev", "16", "--n-test", "0", "--eval-every", "0", "--lr", "1e-3",
-            "--eps", "1e-2", "--no-progress", "--no-plot"]
+            "--eps", "1e-2", "--no-progress", "--no-plot", "--threads", "1"]  # bit-equal: one thread count
 
 
 def checkpoints_ok(out: Path) -> tuple[bool, str]:
