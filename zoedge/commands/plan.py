@@ -101,7 +101,7 @@ def detail(plan) -> str:
     for f in plan.fits:
         units = ", ".join(f"{u} {_g(v)}" for u, v in f["lean_by_unit"].items())
         lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
-                     f"{'fits' if f['fits'] else 'no':4s}   lean by unit: {units}; fit: "
+                     f"{'fits' if f['fits'] else 'no':4s} step {f['step_s']:.3f} s (pred.)   lean by unit: {units}; fit: "
                      f"{', '.join(f['lean_units_that_fit']) or 'none'}")
     return "\n".join(lines)
 

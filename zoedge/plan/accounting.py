@@ -32,7 +32,7 @@ hardware and placed on a timeline (:mod:`zoedge.plan.timing`); FLOPs come from
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +449,8 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
                 flops_per_step=float(total_flops), time=time)
     plan.fits = _fits(spec, m, work, hw, sim.peak, chunk_bytes)
+    for f in plan.fits:  # the predicted step of each tier and prefetch depth (today's runtime)
+        f["step_s"] = step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"]), hw, flops).timeline.total
     return plan
 
 
