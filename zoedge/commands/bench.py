@@ -313,7 +313,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     print(f"  where a step's time goes (mean {mean:.3f} s; on this thread, the parts sum to it):", file=human)
     for k, v in parts.items():
         print(f"    {k:40s} {v * 1e3:10.1f} ms/step  ({100 * v / mean:4.1f}%)", file=human)
-    if io:
+    if any(io.values()):
         print("  on the I/O thread, overlapping the above (stalls are the part the compute waited for):", file=human)
         for k, v in io.items():
             print(f"    {k:40s} {v * 1e3:10.1f} ms/step", file=human)
