@@ -140,11 +140,19 @@ def _record(config_json: str, layers: int, passes: int, dense: bool, tier: str, 
     return tuple(ops)
 
 
-def record_schedule(spec: ModelSpec, m: Method, work: Workload) -> list[Op]:
-    """The operations one steady-state step of ``spec`` emits with method ``m`` and ``work``'s tier and prefetch
+def emitted_schedule(config: Any, layers: int, passes: int, dense: bool, tier: str = "ram", prefetch: int = 1,
+                     ram_cache_blocks: int = 0) -> list[Op]:
+    """The operations one steady-state pass of a model of ``config``'s family with ``layers`` decoder layers emits
+    on an accelerator: ``passes`` forward passes per residency, every block updated (written back) when ``dense``
     (recorded on the narrow twin; cached per process)."""
-    return list(_record(spec.config.to_json_string(use_diff=False), spec.layers, m.passes, m.dense, work.tier,
-                        work.prefetch, work.ram_cache_blocks))
+    return list(_record(config.to_json_string(use_diff=False), layers, passes, dense, tier, prefetch,
+                        ram_cache_blocks))
+
+
+def record_schedule(spec: ModelSpec, m: Method, work: Workload) -> list[Op]:
+    """The operations one steady-state step of ``spec`` emits with method ``m`` and ``work``'s tier and prefetch."""
+    return emitted_schedule(spec.config, spec.layers, m.passes, m.dense, work.tier, work.prefetch,
+                            work.ram_cache_blocks)
 
 
 def arithmetic_bytes(spec: ModelSpec, m: Method) -> list[int]:
