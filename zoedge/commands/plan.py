@@ -72,6 +72,13 @@ def _g(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def rates_line(hw) -> str:
+    """The hardware figures every prediction is made with."""
+    return (f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
+            f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, memory {hw.memory_bw / 1e9:.0f} GB/s, PCIe "
+            f"{hw.pcie / 1e9:.0f} GB/s, disk {hw.disk / 1e9:.0f} GB/s read / {hw.disk_write / 1e9:.0f} GB/s write")
+
+
 def detail(plan) -> str:
     """The human-readable table of one plan."""
     hw, w = plan.hardware, plan.work
@@ -81,9 +88,7 @@ def detail(plan) -> str:
              f"{'' if plan.quant == 'none' else ' + ' + plan.quant}, {plan.method.note}",
              f"step: batch {w.batch} x seq {w.seq}, {w.n_scored} scored positions, {w.attention} attention, "
              f"{w.tier} tier, prefetch {w.prefetch}",
-             f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
-             f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, memory {hw.memory_bw / 1e9:.0f} GB/s, PCIe "
-             f"{hw.pcie / 1e9:.0f} GB/s, disk {hw.disk / 1e9:.0f} GB/s read / {hw.disk_write / 1e9:.0f} GB/s write", "",
+             rates_line(hw), "",
              f"{'device memory (GB = 1e9 bytes)':40s} {'today':>10s} {'lean (design)':>14s}"]
     keys = list(dict.fromkeys([*plan.device_long_lived, *plan.lean_long_lived]))
     for k in keys:
@@ -124,7 +129,7 @@ def summary(plans) -> str:
     """One line per model (the README table's columns)."""
     head = (f"{'model':14s} {'params':>8s} {'today':>10s} {'lean (design)':>14s} {'ZO2 (published)':>16s} "
             f"{'host RAM':>10s} {'step (pred.)':>12s} {'bound':>9s}")
-    lines = [head]
+    lines = [rates_line(plans[0].hardware), head]
     for p in plans:
         zo2 = ZO2_GB.get(p.model)
         lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.lean_gpu_peak):>14s} "
