@@ -4,6 +4,11 @@ Tolerance: the ranks all-reduce each pass's (mean loss · count, count) and divi
 their own length, so a pass's loss differs from the one-process mean by floating-point rounding (~1e-7 relative);
 the projected gradient (L+ - L-) / 2ε turns that into ~1e-5 of g, and the weights differ by lr·Δg·z: measured 1.2e-7 at most (fp32 rounding of the updated weights), losses 1.6e-7 relative.
 The ranks themselves must agree bit for bit (they apply the same update from the same all-reduced scalars).
+
+Direction-split mode (``dp_mode="directions"``): every rank computes its directions' passes on the whole batch, as
+one process does, and the gathered losses are copied exactly (float64), so losses and weights are bit-equal to one
+process with the same intra-op thread count (the reference runs with the ranks' one thread: a matrix product's
+summation order may depend on it).
 """
 from __future__ import annotations
 
@@ -32,11 +37,13 @@ def store(tmp_path_factory):
     return root / "store"
 
 
-def make_trainer(store, out, world=None, steps=STEPS, plugin="mezo", **kw):
+def make_trainer(store, out, world=None, steps=STEPS, plugin="mezo", q=1, **kw):
+    from zoedge_plugins.hizoo import HiZOOL
     from zoedge_plugins.loho import LoHO
     from zoedge_plugins.mezo import MeZO
     ex = toy_examples()
-    opt = (MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01) if plugin == "mezo" else
+    opt = (MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01, q=q) if plugin == "mezo" else
+           HiZOOL(seed=3, lr=1e-3) if plugin == "hizoo-l" else
            LoHO(seed=3, lr=1e-3, eps=1e-2, fo_layers="1", fo_lr=0.05))  # the last block trained first-order
     return Trainer(zoedge.load(store), CharTokenizer(), opt, ex,
                    ex[:7], ex[:4], TrainSettings(steps=steps, batch_size=BATCH, seed=3, eval_batch_size=2, **kw),
@@ -156,3 +163,52 @@ def test_first_order_blocks_all_reduce_their_gradients(store, tmp_path):
     assert_close_weights(got, want)
     name = "model.layers.2.mlp.down_proj.weight"  # in the first-order block: moved by the gradient steps
     assert (want[name] - zoedge.load(store).state_dict()[name]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ direction-split mode
+@pytest.mark.parametrize("q", [2, 3])  # 3 directions on 2 ranks: an uneven split (2 and 1)
+def test_direction_split_equals_one_process_bit_for_bit(store, tmp_path, q):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        ref = make_trainer(store, tmp_path / "ref", q=q)
+        ref.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert launch(store, tmp_path / "dp", q=q, dp_mode="directions") == [0, 0]
+    assert losses_of(tmp_path / "dp") == losses_of(tmp_path / "ref")  # exact
+    want = ref.model.state_dict()
+    for r in (0, 1):
+        got = torch.load(tmp_path / "dp" / f"rank{r}.pt", weights_only=True)["weights"]
+        for k in want:
+            assert torch.equal(got[k], want[k]), (r, k)
+    metrics = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["projected_grad"] for m in metrics] == [m["projected_grad"] for m in ref_metrics]
+    assert [m["tokens"] for m in metrics] == [m["tokens"] for m in ref_metrics]  # the whole batch, once
+
+
+def test_direction_split_draws_only_this_ranks_directions(store, tmp_path):
+    from zoedge.train.world import World
+    t = make_trainer(store, tmp_path, World(1, 2), q=3, dp_mode="directions")  # rank 1 of 2: direction 2
+    assert t.split.order == [4, 5] and t.split.visitor.passes == 2
+    assert [t.opt.evaluates(k) for k in range(3)] == [False, False, True]
+    assert t.shares() == {"per_rank_batch": [BATCH, BATCH], "per_rank_directions": [2, 1]}
+    t.opt.begin_step(0)
+    t.model.run(t.split.visitor)  # a visit during a step: draws the step's noise
+    assert {k for k in t.model._workspaces if k.startswith("z")} == {"z2"}  # memory for its own direction only
+
+
+@pytest.mark.parametrize("plugin, q, size, message", [
+    ("mezo", 1, 2, "1 direction(s) per step cannot be split across 2 ranks"),
+    ("mezo", 2, 3, "2 direction(s) per step cannot be split across 3 ranks"),
+    ("hizoo-l", 1, 2, "cannot split its passes by direction"),
+    ("loho", 1, 2, "trains first-order tensors"),
+])
+def test_direction_split_refuses_what_it_cannot_split(store, tmp_path, plugin, q, size, message):
+    from zoedge.errors import ConfigError
+    from zoedge.train.world import World
+    with pytest.raises(ConfigError) as e:
+        make_trainer(store, tmp_path, World(0, size), plugin=plugin, q=q, dp_mode="directions")
+    assert "--dp-mode" in str(e.value) and message in str(e.value), str(e.value)
+    make_trainer(store, tmp_path, World(0, size), plugin=plugin, q=q)  # the batch split takes them all
