@@ -16,6 +16,8 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -212,3 +214,47 @@ def test_direction_split_refuses_what_it_cannot_split(store, tmp_path, plugin, q
         make_trainer(store, tmp_path, World(0, size), plugin=plugin, q=q, dp_mode="directions")
     assert "--dp-mode" in str(e.value) and message in str(e.value), str(e.value)
     make_trainer(store, tmp_path, World(0, size), plugin=plugin, q=q)  # the batch split takes them all
+
+
+# ------------------------------------------------------------------ accelerate launch, end to end
+def test_accelerate_launch_two_cpu_processes_split_directions_like_one_process(tmp_path, monkeypatch):
+    """`accelerate launch --multi_gpu` is torchrun underneath and needs no GPU: 2 CPU processes (gloo), direction-split
+    mode through the command line, bit-equal to one `zoedge finetune` process (both with one thread)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zoedge.cli import main
+    from zoedge.train.demo_task import demo_examples
+    from tests.test_tasks import _tokenizer
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path / "hf")
+    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
+    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(40, seed=1)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["finetune", "--model", str(tmp_path / "hf"), "--train", str(tmp_path / "train.jsonl"), "--batch-size", "4",
+            "--n-train", "24", "--n-dev", "8", "--n-test", "0", "--steps", "3", "--eval-every", "0", "--lr", "1e-3",
+            "--eps", "1e-2", "--opt", "q=2", "--threads", "1", "--no-progress", "--no-plot"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), "--no_python", "zoedge", *args,
+                          "--dp-mode", "directions", "--output", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["per_rank_directions"] == [1, 1]
+    assert summary["per_rank_batch"] == [4, 4] and summary["settings"]["dp_mode"] == "directions"
+    assert losses_of(tmp_path / "two") == losses_of(tmp_path / "one")
+    one, two = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
