@@ -11,11 +11,11 @@ Phases (``--phases``, default all three):
   every block file) to the reference. A resumed prepare's kill is timed from the first change in its blocks
   folder. Kills that land after the manifest was written (the process was exiting) are counted apart.
 * ``ram`` and ``disk``: ``zoedge finetune --tier T`` of a tiny random Llama (the default model's tokenizer),
-  12 steps, a checkpoint every 3. A trial aims its kills at three moments, each run restarted with ``--resume``:
-  before the first checkpoint (a uniform moment between the run folder's appearance and the reference run's
-  first checkpoint), during a checkpoint write (as soon as a ``checkpoints/.tmp-step-*`` folder appears, plus
-  0–20 ms) and after the first checkpoint (a uniform moment after the run has trained a step); then the run
-  finishes. Kills are counted by where they *landed*, read off the run folder right after the kill: a
+  12 steps, a checkpoint every 3. A trial aims up to ``--per-trial`` kills at each of three moments, every
+  restart with ``--resume``: first before the first checkpoint (a uniform moment after the process took the run
+  folder's lock, within the reference run's time from its start-up to its first checkpoint), then alternately
+  during a checkpoint write (as soon as a ``checkpoints/.tmp-step-*`` folder appears, plus 0–20 ms) and after the
+  first checkpoint (a uniform moment after the run has trained a step); then the run finishes. Kills are counted by where they *landed*, read off the run folder right after the kill: a
   ``.tmp-step-*`` folder left behind is a kill during a checkpoint write; otherwise a complete ``step-*``
   folder means after the first checkpoint, none before it. After every kill every ``step-*`` checkpoint must
   load (checksums verified); every final run must succeed and export weights bit-equal to the reference run's.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -68,14 +69,77 @@ def make_model(work: Path, name: str, hidden: int, layers: int, tokenizer: bool)
 
 
 def prepare_command(model: Path, dst: Path) -> list[str]:
-    return [sys.executable, "-m", "zoedge.cli", "prepare", str(model), str(dst), "--no-progress"]
+    return ["prepare", str(model), str(dst), "--no-progress"]
 
 
 def finetune_command(model: Path, out: Path, tier: str, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "zoedge.cli", "finetune", "--model", str(model), "--output", str(out),
+    return ["finetune", "--model", str(model), "--output", str(out),
             "--steps", str(args.steps), "--save-every", str(args.save_every), "--tier", tier,
             "--batch-size", "8", "--n-dev", "16", "--n-test", "0", "--eval-every", "0", "--lr", "1e-3",
             "--eps", "1e-2", "--no-progress", "--no-plot"]
+
+
+# ------------------------------------------------------------------ processes
+def _run_cli(argv: list[str], env: dict[str, str], log: str) -> None:
+    """A forked ``zoedge`` process: the command line's ``main`` with ``env``, output to ``log``."""
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from zoedge.cli import main
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Run:
+    """One ``zoedge`` process, with the part of ``subprocess.Popen``'s interface the phases use."""
+
+    def __init__(self, proc: mp.process.BaseProcess, log: Path) -> None:
+        self.proc, self.log, self.pid = proc, log, proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired("zoedge", timeout or 0)
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)  # kill -9, as a user's power cut or OOM killer would
+        self.proc.join()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def last_lines(self, n: int = 3) -> str:
+        return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-n:]) if self.log.exists() else ""
+
+
+class Launcher:
+    """Starts ``zoedge`` commands as separate processes forked from a server that has already imported torch,
+    transformers and zoedge (``multiprocessing``'s forkserver), so a run's seconds of imports do not dominate the
+    time between kills. Each run is its own process, killed with SIGKILL like any ``zoedge`` command."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.count = env, logs, 0
+        logs.mkdir(parents=True, exist_ok=True)
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["torch", "transformers", "safetensors.torch", "zoedge.cli",
+                                         "zoedge.train.job", "zoedge.store.prepare", "zoedge.commands.finetune",
+                                         "zoedge.commands.prepare"])
+
+    def start(self, argv: list[str]) -> Run:
+        self.count += 1
+        log = self.logs / f"run-{self.count}.log"
+        proc = self.ctx.Process(target=_run_cli, args=(argv, self.env, str(log)), daemon=False)
+        proc.start()
+        return Run(proc, log)
 
 
 # ------------------------------------------------------------------ checks
@@ -122,6 +186,15 @@ def checkpoints_ok(out: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def locked_by(out: Path, pid: int) -> bool:
+    """Whether process ``pid`` holds the run folder (past its start-up: it wrote its pid into the lock file)."""
+    from zoedge.train.run_record import LOCK
+    try:
+        return (out / LOCK).read_text().strip() == str(pid)
+    except OSError:
+        return False
+
+
 def landed(out: Path) -> str:
     """Where a finetune kill landed, read off the run folder."""
     ckpts = out / "checkpoints"
@@ -131,8 +204,7 @@ def landed(out: Path) -> str:
     return "after" if checkpoint_folders(ckpts) else "before"
 
 
-# ------------------------------------------------------------------ processes
-def wait_until(proc: subprocess.Popen, cond: Callable[[], bool], timeout: float, poll: float = 0.002) -> bool:
+def wait_until(proc: Run, cond: Callable[[], bool], timeout: float, poll: float = 0.002) -> bool:
     """Poll ``cond`` until true (True) or the process exits / ``timeout`` passes (False)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -144,21 +216,20 @@ def wait_until(proc: subprocess.Popen, cond: Callable[[], bool], timeout: float,
     return False
 
 
-def kill_after(proc: subprocess.Popen, delay: float) -> bool:
+def kill_after(proc: Run, delay: float) -> bool:
     """SIGKILL ``proc`` after ``delay`` seconds unless it exits first; True when killed."""
     try:
         proc.wait(timeout=max(delay, 0.0))
         return False
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()
         return True
 
 
-def timeline(cmd: list[str], env: dict, marks: dict[str, Callable[[], bool]]) -> dict[str, float]:
-    """Run ``cmd`` uninterrupted; seconds from launch until each mark first held, and ``end``."""
+def timeline(launch: Launcher, argv: list[str], marks: dict[str, Callable[[], bool]]) -> dict[str, float]:
+    """Run ``argv`` uninterrupted; seconds from launch until each mark first held, and ``end``."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = launch.start(argv)
     seen: dict[str, float] = {}
     while proc.poll() is None:
         for k, cond in marks.items():
@@ -166,19 +237,19 @@ def timeline(cmd: list[str], env: dict, marks: dict[str, Callable[[], bool]]) ->
                 seen[k] = time.monotonic() - t0
         time.sleep(0.002)
     if proc.returncode:
-        sys.exit(f"reference run failed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
+        sys.exit(f"reference run failed (exit {proc.returncode}): {proc.last_lines(20)}")
     seen["end"] = time.monotonic() - t0
     return seen
 
 
 # ------------------------------------------------------------------ phases
-def run_prepare(args: argparse.Namespace, work: Path, env: dict, rng: random.Random, tally: Counter,
+def run_prepare(args: argparse.Namespace, work: Path, launch: Launcher, rng: random.Random, tally: Counter,
                 problems: list[str]) -> None:
     from zoedge.store.manifest import MANIFEST_NAME
 
     model = make_model(work, "hf-prepare", hidden=256, layers=8, tokenizer=False)
     ref = work / "store-ref"
-    t = timeline(prepare_command(model, ref), env, {"dst": lambda: (ref / "blocks").is_dir(),
+    t = timeline(launch, prepare_command(model, ref), {"dst": lambda: (ref / "blocks").is_dir(),
                                                    "manifest": lambda: (ref / MANIFEST_NAME).is_file()})
     window = max(t.get("manifest", t["end"]) - t.get("dst", 0.0), 0.05)
     print(f"prepare reference: {t['end']:.1f} s, blocks written from {t.get('dst', 0):.1f} s to "
@@ -192,8 +263,7 @@ def run_prepare(args: argparse.Namespace, work: Path, env: dict, rng: random.Ran
 
             def writing() -> bool:  # the store folder appeared, or (resumed) the blocks folder changed
                 return blocks.is_dir() if before is None else set(os.listdir(blocks)) != before
-            proc = subprocess.Popen(prepare_command(model, dst), env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
+            proc = launch.start(prepare_command(model, dst))
             if k < args.per_trial and wait_until(proc, writing, 300):
                 if kill_after(proc, rng.uniform(0, window)):
                     finished = (dst / MANIFEST_NAME).is_file()
@@ -207,7 +277,7 @@ def run_prepare(args: argparse.Namespace, work: Path, env: dict, rng: random.Ran
             proc.wait()
             if proc.returncode:
                 tally["prepare/failed"] += 1
-                problems.append(f"prepare trial {trial}: exit {proc.returncode}: {proc.stderr.read()[-500:]}")
+                problems.append(f"prepare trial {trial}: exit {proc.returncode}: {proc.last_lines()}")
             break
         same = stores_equal(dst, ref)
         tally["prepare/equal" if same else "prepare/different"] += 1
@@ -219,13 +289,13 @@ def run_prepare(args: argparse.Namespace, work: Path, env: dict, rng: random.Ran
         trial += 1
 
 
-def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, env: dict, rng: random.Random,
+def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, launch: Launcher, rng: random.Random,
                  tally: Counter, problems: list[str]) -> None:
     from safetensors.torch import load_file
 
     ref_out = work / f"ref-{tier}"
     ckpts = ref_out / "checkpoints"
-    t = timeline(finetune_command(model, ref_out, tier, args), env,
+    t = timeline(launch, finetune_command(model, ref_out, tier, args),
                  {"out": lambda: (ref_out / "run.json").is_file(), "ckpt": lambda: any(ckpts.glob("step-*"))})
     ref = load_file(str(ref_out / "model" / "model.safetensors"))
     print(f"{tier} reference: {t['end']:.1f} s; run folder at {t.get('out', 0):.1f} s, first checkpoint at "
@@ -235,13 +305,15 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, e
     trial = 0
     while (any(tally[f"{tier}/{c}"] < args.kills for c in CATEGORIES[tier]) and trial < args.max_trials):
         out, notes = work / f"{tier}-{trial}", []
-        aims = [c for c in ("before", "during-write", "after") if tally[f"{tier}/{c}"] < args.kills]
+        need = {c: args.kills - tally[f"{tier}/{c}"] for c in CATEGORIES[tier]}
+        others = [c for i in range(args.per_trial) for c in ("during-write", "after") if need[c] > i]
+        aims = ["before"] * max(0, min(need["before"], args.per_trial)) + others  # no checkpoint yet, then some
         for k in range(len(aims) + 1):
             cmd = finetune_command(model, out, tier, args) + (["--resume"] if k else [])
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = launch.start(cmd)
             if k < len(aims):
                 aim, killed = aims[k], False
-                if aim == "before" and wait_until(proc, lambda: (out / "run.json").is_file(), 300):
+                if aim == "before" and wait_until(proc, lambda: locked_by(out, proc.pid), 300):
                     killed = kill_after(proc, rng.uniform(0, before_window))
                 elif aim == "during-write" and wait_until(proc, lambda: any((out / "checkpoints").glob(".tmp-step-*")),
                                                           300, poll=0.001):
@@ -270,7 +342,7 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, e
                 proc.wait()
             if proc.returncode != 0:
                 tally[f"{tier}/failed"] += 1
-                why = f"exit {proc.returncode}: {proc.stderr.read().strip().splitlines()[-1:]}"
+                why = f"exit {proc.returncode}: {proc.last_lines()}"
                 notes.append(why)
                 problems.append(f"{tier} trial {trial}: {why}")
             break
@@ -291,7 +363,9 @@ def main() -> int:
     ap.add_argument("--phases", nargs="+", choices=tuple(CATEGORIES), default=list(CATEGORIES),
                     help="what to kill (default: prepare ram disk)")
     ap.add_argument("--kills", type=int, default=20, help="kills wanted per category (default 20)")
-    ap.add_argument("--per-trial", type=int, default=2, help="prepare: kills per trial before it finishes (default 2)")
+    ap.add_argument("--per-trial", type=int, default=4,
+                    help="kills per trial (prepare), or per aim (finetune: before the first checkpoint, during a write, "
+                    "after), before the run may finish (default 4)")
     ap.add_argument("--max-trials", type=int, default=60, help="trials per phase at most (default 60)")
     ap.add_argument("--steps", type=int, default=12, help="finetune steps per run (default 12)")
     ap.add_argument("--save-every", type=int, default=3, help="checkpoint interval (default 3)")
@@ -307,13 +381,14 @@ def main() -> int:
     problems: list[str] = []
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
+    launch = Launcher(env, work / "logs")
     if "prepare" in args.phases:
-        run_prepare(args, work, env, rng, tally, problems)
+        run_prepare(args, work, launch, rng, tally, problems)
     tiers = [p for p in args.phases if p != "prepare"]
     if tiers:
         model = make_model(work, "hf", hidden=32, layers=2, tokenizer=True)
         for tier in tiers:
-            run_finetune(tier, args, model, work, env, rng, tally, problems)
+            run_finetune(tier, args, model, work, launch, rng, tally, problems)
     result = {"phases": args.phases, "kills_wanted": args.kills, "seconds": round(time.monotonic() - t0, 1),
               "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2), "tally": dict(tally),
               "problems": problems}
