@@ -91,7 +91,7 @@ class MeZO(ZOOptimizer):
             torch.add(theta, z[name], alpha=-self.eps if minus else self.eps, out=out[name])
         return out
 
-    def direction_passes(self) -> list[list[int]]:
+    def direction_passes(self) -> list[list[int]] | None:
         """Direction k's passes: 2k (θ + εz_k) and 2k + 1 (θ − εz_k); None for a subclass with other passes."""
         return [[2 * k, 2 * k + 1] for k in range(self.q)] if self.passes == 2 * self.q else None
 

@@ -258,3 +258,24 @@ def test_accelerate_launch_two_cpu_processes_split_directions_like_one_process(t
     assert losses_of(tmp_path / "two") == losses_of(tmp_path / "one")
     one, two = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_direction_split_runs_shared_passes_on_every_rank_and_checks_the_plugins_declaration(store, tmp_path):
+    """A plugin with an unperturbed pass 0 shared by all directions: every rank runs it; a bad declaration is refused."""
+    from zoedge.errors import ConfigError
+    from zoedge.train.world import DirectionSplit, World
+    from zoedge_plugins.mezo import MeZO
+
+    class Centered(MeZO):  # pass 0 at θ, then the ± passes of each direction
+        def __init__(self, *, seed: int = 0, bad: bool = False) -> None:
+            super().__init__(seed=seed, q=3)
+            self.passes, self.bad = 7, bad
+
+        def direction_passes(self):
+            return [[1, 2], [2, 3], [5, 6]] if self.bad else [[1 + 2 * k, 2 + 2 * k] for k in range(3)]
+
+    split = DirectionSplit(Centered(), World(1, 2))  # rank 1 of 2: direction 2
+    assert split.order == [0, 5, 6] and split.visitor.passes == 3
+    assert split.longest == 5  # rank 0: pass 0 and directions 0, 1
+    with pytest.raises(ConfigError, match="must name distinct passes"):
+        DirectionSplit(Centered(bad=True), World(0, 2))

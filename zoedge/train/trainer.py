@@ -223,11 +223,10 @@ class Trainer:
 
     def shares(self) -> dict[str, list[int]]:
         """Each rank's share of a step (for summary.json): examples, and directions when they are split."""
-        out = {"per_rank_batch": [b - a for a, b in self.data_world.shard_bounds(self.s.batch_size)] *
-               (self.world.size // self.data_world.size)}
-        if self.split is not None:
-            out["per_rank_directions"] = [b - a for a, b in self.world.shard_bounds(len(self.split.groups))]
-        return out
+        if self.split is None:
+            return {"per_rank_batch": [b - a for a, b in self.world.shard_bounds(self.s.batch_size)]}
+        return {"per_rank_batch": [self.s.batch_size] * self.world.size,
+                "per_rank_directions": [b - a for a, b in self.world.shard_bounds(len(self.split.groups))]}
 
     # ------------------------------------------------------------------- loop
     def train_step(self) -> dict[str, float]:
