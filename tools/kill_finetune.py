@@ -3,7 +3,7 @@
 
 Phases (``--phases``, default all three):
 
-* ``prepare``: ``zoedge prepare`` of a small random Llama (10 blocks, ~85 MB fp32) is killed at a uniform
+* ``prepare``: ``zoedge prepare`` of a small random Llama (10 blocks, 69 MB fp32) is killed at a uniform
   random moment of its write window (from the store folder's appearance to the end of an uninterrupted
   reference prepare), then re-run (prepare resumes) until it finishes. After every kill the store must either
   be refused cleanly as unfinished (a ``StoreError``, no manifest) or load with every block verified, and every
