@@ -86,11 +86,12 @@ class MeZO(ZOOptimizer):
         self.passes = 2 * q
 
     def draw(self, block: Resident) -> None:
-        """z_k for this step, one draw per residency, reused by the +ε and −ε passes (none when the noise source
-        forms θ ± εz directly, e.g. ``noise=pool``)."""
+        """z_k for this step, one draw per residency, reused by the +ε and −ε passes: only the directions this
+        rank evaluates (direction-split data parallel), and none when the noise source forms θ ± εz directly
+        (e.g. ``noise=pool``)."""
         if self.noise.redraw_is_free:
             return
-        for k in range(self.q):
+        for k in filter(self.evaluates, range(self.q)):
             z = block.workspace(f"z{k}")
             for name in block.tensors:
                 self.noise.normal_(z[name], self.t, name, f"z{k}")
@@ -106,6 +107,10 @@ class MeZO(ZOOptimizer):
         for name, theta in block.tensors.items():
             torch.add(theta, z[name], alpha=alpha, out=out[name])
         return out
+
+    def direction_passes(self) -> list[list[int]] | None:
+        """Direction k's passes: 2k (θ + εz_k) and 2k + 1 (θ − εz_k); None for a subclass with other passes."""
+        return [[2 * k, 2 * k + 1] for k in range(self.q)] if self.passes == 2 * self.q else None
 
     def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
         ls = [float(x) for x in losses]

@@ -269,7 +269,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test)},
         "metrics": str(metrics_path), "plot": None,
-        "world_size": world.size, "per_rank_batch": [b - a for a, b in world.shard_bounds(s.batch_size)],
+        "world_size": world.size, **trainer.shares(),
     }
     if s.plot:
         from zoedge.train.curves import plot_curves
