@@ -17,6 +17,7 @@ import torch
 
 from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.registry import register_optimizer
+from zoedge.runtime.perturbed import Fill
 from zoedge.runtime.streamed import Resident
 
 
@@ -76,19 +77,21 @@ class MeZO(ZOOptimizer):
         self.eps, self.q, self.stochastic_rounding = eps, q, stochastic_rounding
         self.passes = 2 * q
 
+    def z(self, step: int, name: str, k: int) -> Fill:
+        """Direction ``k``'s noise for tensor ``name`` at ``step`` (any row range of it; see
+        :data:`zoedge.runtime.perturbed.Fill`): every draw of a tensor's z, in the passes and in the update, goes
+        through here, so they are the same numbers however they are chunked."""
+        return lambda out, start, total: self.noise.normal_at_(out, step, name, f"z{k}", start, total)
+
     def draw(self, block: Resident) -> None:
-        """z_k for this step, one draw per residency, reused by the +ε and −ε passes."""
+        """z_k for this step, once per residency, reused by the +ε and −ε passes (lean runtimes regenerate it)."""
         for k in range(self.q):
-            z = block.workspace(f"z{k}")
-            for name in block.tensors:
-                self.noise.normal_(z[name], self.t, name, f"z{k}")
+            block.noise(f"z{k}", lambda name, k=k: self.z(self.t, name, k))
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k, minus = divmod(p, 2)
-        z, out = block.workspace(f"z{k}"), block.workspace("scratch")
-        for name, theta in block.tensors.items():
-            torch.add(theta, z[name], alpha=-self.eps if minus else self.eps, out=out[name])
-        return out
+        alpha = -self.eps if minus else self.eps
+        return {name: block.perturbed(name, f"z{k}", self.z(self.t, name, k), alpha) for name in block.tensors}
 
     def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
         ls = [float(x) for x in losses]
@@ -98,16 +101,21 @@ class MeZO(ZOOptimizer):
                       {"projected_grad": sum(gs) / len(gs)})
 
     def apply(self, block: Resident, update: Update) -> None:
-        """θ ← θ − lr((1/q) Σ g_k z_k + λθ); the step's z_k are regenerated one at a time into scratch."""
-        scratch = block.workspace("scratch")
+        """θ ← θ − lr((1/q) Σ g_k z_k + λθ), row chunk by row chunk (the whole tensor unless the runtime is lean);
+        the step's z_k are regenerated one at a time into scratch."""
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
-            directions = ((self.noise.normal_(scratch[name], update.step, name, f"z{k}"), g)
-                          for k, g in enumerate(update["g"]))
-            if self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16):
-                value = theta.float()  # fp32 master of this tensor for the update (allocates; SR path only)
-                mezo_update_(value, directions, self.q, update["lr"], wd)
-                uniform = self.noise.uniform_(torch.empty_like(value), update.step, name, "sr")
-                stochastic_round_(theta, value, uniform)
-            else:
-                mezo_update_(theta, directions, self.q, update["lr"], wd)
+            row = theta[0].numel() if theta.ndim > 1 else 1
+            for a, b in block.chunks(name):
+                part = theta[a:b] if theta.ndim else theta
+                scratch = block.buffer("scratch", name, (a, b))
+                directions = ((self.z(update.step, name, k)(scratch, a * row, theta.numel()), g)
+                              for k, g in enumerate(update["g"]))
+                if self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16):
+                    value = part.float()  # fp32 master of this part for the update (allocates; SR path only)
+                    mezo_update_(value, directions, self.q, update["lr"], wd)
+                    uniform = self.noise.uniform_at_(torch.empty_like(value), update.step, name, "sr", a * row,
+                                                     theta.numel())
+                    stochastic_round_(part, value, uniform)
+                else:
+                    mezo_update_(part, directions, self.q, update["lr"], wd)

@@ -47,15 +47,23 @@ def resident_mezo(model, examples, q):
     return losses, params
 
 
+#: runtime layouts: the CPU's in-place binding (noise drawn once into workspaces), slots with just-in-time
+#: perturbations (the accelerator's default; ``chunk`` small enough that the tied embedding, head and biggest
+#: matrices are formed in several row chunks), slots with workspaces
+LAYOUTS = {"in-place": {}, "lean": dict(in_place=False), "lean-chunked": dict(in_place=False, chunk_bytes=4096),
+           "workspaces": dict(in_place=False, lean=False)}
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("q", [1, 2])
-def test_streamed_mezo_equals_resident(tmp_path, family, q):
+@pytest.mark.parametrize("layout,q", [("in-place", 1), ("in-place", 2), ("lean-chunked", 1), ("lean-chunked", 2),
+                                      ("lean", 1), ("workspaces", 1)])
+def test_streamed_mezo_equals_resident(tmp_path, family, q, layout):
     model = save_tiny(family, tmp_path / "hf")
     zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
     examples = toy_examples()
     ref_losses, ref_params = resident_mezo(model, examples, q)
 
-    streamed = zoedge.load(tmp_path / "store", prefetch=2)
+    streamed = zoedge.load(tmp_path / "store", prefetch=2, **LAYOUTS[layout])
     opt = MeZO(seed=SEED, lr=LR, eps=EPS, weight_decay=WD, q=q)
     trainer = Trainer(streamed, CharTokenizer(), opt, examples, examples[:4], [], 
                       TrainSettings(steps=STEPS, batch_size=BS, seed=SEED), tmp_path / "run", progress=False,

@@ -127,3 +127,49 @@ class NoiseSource:
                device: torch.device | str = "cpu") -> torch.Tensor:
         """Allocate and fill (for small factors and tests)."""
         return self.normal_(torch.empty(shape, dtype=dtype, device=device), step, name, stream)
+
+    # ------------------------------------------------------------------ ranges (just-in-time perturbation)
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Fill ``out`` with elements ``[start, start + out.numel())`` of the chunked N(0, 1) draw of a tensor of
+        ``total`` elements (default: ``out``'s own) for (step, name, stream): a row range of a tensor's noise
+        without drawing the rest (see :meth:`_fill_at`)."""
+        return self._fill_at(out, step, name, stream, start, total, "normal")
+
+    def uniform_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                    total: int | None = None) -> torch.Tensor:
+        """As :meth:`normal_at_`, U[0, 1) noise."""
+        return self._fill_at(out, step, name, stream, start, total, "uniform")
+
+    def _fill_at(self, out: torch.Tensor, step: int, name: str, stream: str, start: int, total: int | None,
+                 kind: str) -> torch.Tensor:
+        """The chunked draw on every device: chunk ``k`` (:data:`CHUNK` elements of the flat layout, the last one
+        shorter) is drawn whole with a generator seeded ``chunk_seed(stream_seed(...), k)``, and the part inside
+        the range is kept. On the CPU the values equal :meth:`normal_` / :meth:`uniform_` of the whole tensor
+        (which draws the same chunks); on an accelerator they differ from those (which fill the whole target
+        from one generator), so a tensor's draws must all go through the ``_at_`` form there. On the meta
+        device the same buffers are allocated and nothing is drawn (device-memory accounting)."""
+        n = out.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        if out.device.type == "cpu" and start == 0 and n == total:
+            return self._fill(out, step, name, stream, kind)  # the whole tensor: the parallel chunked fill
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+        seed = stream_seed(self.run_seed, step, name, stream)
+        gen = None if out.is_meta else self._generators.setdefault(out.device, torch.Generator(out.device))
+        k = start // CHUNK
+        while k * CHUNK < start + n:
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, total)           # the chunk, in the tensor's flat layout
+            a, b = max(lo, start), min(hi, start + n)                   # ... the part inside the range
+            whole = a == lo and b == hi
+            part = flat[a - start:b - start] if whole else torch.empty(hi - lo, dtype=out.dtype, device=out.device)
+            if gen is not None:
+                gen.manual_seed(chunk_seed(seed, k))
+                part.normal_(generator=gen) if kind == "normal" else part.uniform_(generator=gen)
+            if not whole:
+                flat[a - start:b - start].copy_(part[a - lo:b - lo])
+            k += 1
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
+        return out

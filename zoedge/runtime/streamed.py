@@ -35,9 +35,14 @@ from zoedge.errors import ConfigError
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
 from zoedge.runtime.memory import allocate
+from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, dequantize, make_slot
 from zoedge.store.manifest import BlockEntry, Manifest, dtype_of, load_manifest
+
+
+#: lean mode's default row chunk for forming a perturbation or an update (bytes)
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -64,6 +69,53 @@ class Resident:
         """Scratch tensors shaped like this block's tensors, allocated once per key and reused by every block."""
         assert self.runtime is not None
         return self.runtime.workspace(key, self)
+
+    # -- perturbations: the runtime decides where noise and θ + αz live (see docs/architecture.md) ---------------
+    @property
+    def lean(self) -> bool:
+        """True: perturbations are formed just in time per tensor or row chunk (:mod:`zoedge.runtime.perturbed`),
+        nothing block-sized is allocated. False: noise is drawn once per residency into a block-sized workspace
+        and θ + αz formed into another (fewer draws; the CPU's in-place binding)."""
+        return bool(getattr(self.runtime, "lean", False))
+
+    def noise(self, key: str, fill_of: Callable[[str], Fill]) -> None:
+        """This residency's noise ``key`` (e.g. ``"z0"``), tensor ``name``'s given by ``fill_of(name)`` (a
+        :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once; lean mode draws nothing here
+        (:meth:`perturbed` regenerates it where it is used)."""
+        if self.lean:
+            return
+        z = self.workspace(key)
+        for name in self.tensors:
+            fill_of(name)(z[name], 0, z[name].numel())
+
+    def perturbed(self, name: str, key: str, fill: Fill, alpha: float) -> torch.Tensor:
+        """What a pass sees of tensor ``name``: θ + α·z, z being noise ``key`` (``fill``; see :meth:`noise`, which
+        must have been called for ``key`` in this residency). Lean: a :class:`NoisePerturbed` formed by each op
+        that reads it; workspace mode: formed now into the ``scratch`` workspace."""
+        theta = self.tensors[name]
+        if self.lean:
+            assert self.runtime is not None
+            return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
+        return torch.add(theta, self.workspace(key)[name], alpha=alpha, out=self.workspace("scratch")[name])
+
+    def chunks(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges to update tensor ``name`` in (lean: chunks of at most the runtime's ``chunk_bytes``;
+        workspace mode: the whole tensor)."""
+        t = self.tensors[name]
+        if t.ndim == 0 or not self.lean:
+            return [(0, t.shape[0] if t.ndim else 1)]
+        assert self.runtime is not None
+        return list(row_chunks(t.shape, t.element_size(), self.runtime.chunk_bytes))
+
+    def buffer(self, key: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A scratch shaped like rows ``rows`` of tensor ``name`` (default all): lean, a fresh tensor (freed by the
+        caller dropping it); workspace mode, that part of workspace ``key``."""
+        t = self.tensors[name]
+        part = t if rows is None or t.ndim == 0 else t[rows[0]:rows[1]]
+        if self.lean:
+            return torch.empty(part.shape, dtype=t.dtype, device=t.device)
+        ws = self.workspace(key)[name]
+        return ws if rows is None or t.ndim == 0 else ws[rows[0]:rows[1]]
 
 
 class BlockVisitor:
@@ -113,11 +165,15 @@ class StreamedModel:
         in_place: bind blocks in place in the host buffers (no slots, uploads or write-backs). Default: on when
             the device is ``cpu`` and the tier ``ram``; ``False`` streams through slots as on an accelerator (tests
             of the accelerator schedule, traffic counts).
+        lean: perturbations formed just in time per tensor or row chunk, no block-sized noise or scratch
+            workspaces (see :attr:`Resident.lean`). Default: on unless bound in place (where device memory is the
+            host's and one draw per residency is faster).
+        chunk_bytes: lean mode: the largest row chunk a perturbation (or an update) is formed in.
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
                  ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None,
-                 in_place: bool | None = None) -> None:
+                 in_place: bool | None = None, lean: bool | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
         from transformers import AutoConfig
 
         self.store = Path(store)
@@ -151,6 +207,10 @@ class StreamedModel:
             raise ConfigError("in_place", f"True with device {self.device} and tier {tier}",
                               "bind in place only on device cpu with tier ram")
         self.in_place = host_is_device if in_place is None else bool(in_place)
+        self.lean = (not self.in_place) if lean is None else bool(lean)
+        if chunk_bytes < 1:
+            raise ConfigError("chunk_bytes", f"{chunk_bytes}", "use a positive number of bytes (default 64 MiB)")
+        self.chunk_bytes = int(chunk_bytes)
         # Tied weights: the block storing the tensor keeps a dedicated slot until the last user has run.
         self.aliases = dict(self.manifest.tied)
         owners = {self._block_index(self.adapter.block_of(src)) for src in self.aliases.values()}
