@@ -48,8 +48,8 @@ def resident_mezo(model, examples, q):
 
 
 #: runtime layouts: the CPU's in-place binding (noise drawn once into workspaces), slots with just-in-time
-#: perturbations (the accelerator's default; ``chunk`` small enough that the tied embedding, head and biggest
-#: matrices are formed in several row chunks), slots with workspaces
+#: perturbations (the accelerator's default; then with ``chunk_bytes`` small enough that the tied embedding, head
+#: and every matrix are formed in several row chunks), slots with workspaces
 LAYOUTS = {"in-place": {}, "lean": dict(in_place=False), "lean-chunked": dict(in_place=False, chunk_bytes=4096),
            "workspaces": dict(in_place=False, lean=False)}
 
@@ -78,8 +78,16 @@ def test_streamed_mezo_equals_resident(tmp_path, family, q, layout):
         trainer.scheduler.step()
         trainer.step += 1
         got.append(losses)
-    assert got == ref_losses  # identical per-step losses, every pass
     trainer.flush()
     state = streamed.state_dict()
+    if layout == "lean-chunked":
+        # the perturbed weights are the same numbers, but a matrix product over row chunks may round differently
+        # from the whole product (BLAS blocking): close, not necessarily bit-equal; a wrong chunk of noise would
+        # move the losses by far more
+        assert torch.allclose(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        for n, p in ref_params.items():
+            assert torch.allclose(state[n], p, rtol=1e-4, atol=1e-6), n
+        return
+    assert got == ref_losses  # identical per-step losses, every pass
     for n, p in ref_params.items():
         assert torch.equal(state[n], p), n

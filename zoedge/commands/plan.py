@@ -1,5 +1,6 @@
 """``zoedge plan MODEL...``: device memory, host RAM, disk, bytes moved and a predicted step time for a model on
-a GPU, today and under the lean-residency design (see :mod:`zoedge.plan.accounting`)."""
+a GPU, for the runtime (lean: perturbations formed just in time) and its workspace mode, beside the design target of
+streaming units finer than a decoder layer (see :mod:`zoedge.plan.accounting`)."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="predict device memory, host RAM, bytes moved and step time of fine-tuning a model on a GPU",
         description="Plan one training step without the weights: device bytes are counted exactly (long-lived "
         "buffers from the store layout and the runtime's allocation rules, transient tensors by running the "
-        "model's blocks on the meta device); step time is a roofline prediction. Each figure is given for "
-        "today's runtime and for the lean-residency design target (not implemented yet). Several MODELs give "
-        "a one-line-per-model summary.",
+        "model's blocks on the meta device); step time is a roofline prediction. Device figures are given for "
+        "the runtime as it runs on a GPU (lean: perturbations formed just in time per tensor or row chunk, no "
+        "block-sized workspaces) and with lean=False (workspaces); streaming units finer than a decoder layer "
+        "are a design target (not implemented), shown separately. Several MODELs give a one-line-per-model "
+        "summary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s; "
         "a100-80g 80 GiB, 312, PCIe 4.0 ~25; h100 80 GiB, 989, PCIe 5.0 ~50; h200 141 GB, 989, PCIe 5.0 ~52 "
@@ -57,7 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="sdpa: fused kernels (flash / memory-efficient, O(S) memory); eager: S x S scores")
-    p.add_argument("--chunk-mib", type=float, default=64, help="lean design: perturbation chunk size (MiB)")
+    p.add_argument("--chunk-mib", type=float, default=64,
+                   help="lean runtime: the row chunk perturbations and updates are formed in (MiB; default 64, "
+                   "the runtime's chunk_bytes)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the plan(s) as JSON ('-' for stdout)")
     p.set_defaults(command="plan")
 
@@ -78,14 +83,19 @@ def detail(plan) -> str:
              f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
              f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, PCIe {hw.pcie / 1e9:.0f} GB/s, "
              f"disk {hw.disk / 1e9:.0f} GB/s", "",
-             f"{'device memory (GB = 1e9 bytes)':40s} {'today':>10s} {'lean (design)':>14s}"]
-    keys = list(dict.fromkeys([*plan.device_long_lived, *plan.lean_long_lived]))
+             f"{'device memory (GB = 1e9 bytes)':40s} {'lean':>10s} {'workspaces':>11s}"]
+    keys = list(dict.fromkeys([*plan.device_long_lived, *plan.workspace_long_lived]))
     for k in keys:
-        lines.append(f"  {k:38s} {_g(plan.device_long_lived.get(k, 0)):>10s} {_g(plan.lean_long_lived.get(k, 0)):>14s}")
+        lines.append(f"  {k:38s} {_g(plan.device_long_lived.get(k, 0)):>10s} "
+                     f"{_g(plan.workspace_long_lived.get(k, 0)):>11s}")
     lines.append(f"  {'transient (activations, logits, loss)':38s} {_g(plan.transient_peak):>10s} "
-                 f"{_g(plan.transient_peak):>14s}")
-    lines.append(f"  {'peak (zoedge tensors)':38s} {_g(plan.device_peak):>10s} {_g(plan.lean_device_peak):>14s}")
-    lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} {_g(plan.lean_gpu_peak):>14s}")
+                 f"{_g(plan.workspace_transient_peak):>11s}")
+    lines.append(f"  {'peak (zoedge tensors)':38s} {_g(plan.device_peak):>10s} {_g(plan.workspace_device_peak):>11s}")
+    lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} "
+                 f"{_g(plan.workspace_gpu_peak):>11s}")
+    lines.append("  lean = the runtime on a GPU (default); workspaces = lean=False")
+    units = ", ".join(f"{u} {_g(plan.design_gpu_peak[u])}" for u in ("half", "linear"))
+    lines.append(f"  design target, not implemented: streaming units finer than a layer: GPU peak {units}")
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
@@ -94,22 +104,23 @@ def detail(plan) -> str:
               f"{t['transfer_s']:.2f} s, compute {t['compute_s']:.2f} s), {t['tokens_per_s']:.0f} tokens/s",
               "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
     for f in plan.fits:
-        units = ", ".join(f"{u} {_g(v)}" for u, v in f["lean_by_unit"].items())
-        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
-                     f"{'fits' if f['fits'] else 'no':4s}   lean by unit: {units}; fit: "
-                     f"{', '.join(f['lean_units_that_fit']) or 'none'}")
+        units = ", ".join(f"{u} {_g(f['design_by_unit'][u])}" for u in ("half", "linear"))
+        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: lean {_g(f['device_peak']):>9s} "
+                     f"{'fits' if f['fits'] else 'no':4s}  workspaces {_g(f['workspace_device_peak']):>9s} "
+                     f"{'fits' if f['workspace_fits'] else 'no':4s}  finer units (design): {units}")
     return "\n".join(lines)
 
 
 def summary(plans) -> str:
     """One line per model (the README table's columns)."""
-    head = (f"{'model':14s} {'params':>8s} {'today':>10s} {'lean (design)':>14s} {'ZO2 (published)':>16s} "
-            f"{'host RAM':>10s} {'step (pred.)':>12s}")
+    head = (f"{'model':14s} {'params':>8s} {'lean':>10s} {'workspaces':>11s} {'linear units (design)':>22s} "
+            f"{'ZO2 (published)':>16s} {'host RAM':>10s} {'step (pred.)':>12s}")
     lines = [head]
     for p in plans:
         zo2 = ZO2_GB.get(p.model)
-        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.lean_gpu_peak):>14s} "
-                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
+        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.workspace_gpu_peak):>11s} "
+                     f"{_g(p.design_gpu_peak['linear']):>22s} {(f'{zo2:.2f} GB' if zo2 else '-'):>16s} "
+                     f"{_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
     return "\n".join(lines)
 
 
@@ -132,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
-          "device-used adds the CUDA context too); 'lean' is the design target, not implemented yet; step times are "
-          "a roofline.", file=human)
+          "device-used adds the CUDA context too); 'lean' is the runtime on a GPU, 'workspaces' the same with "
+          "lean=False; units finer than a decoder layer are a design target, not implemented; step times are a "
+          "roofline.", file=human)
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)

@@ -21,11 +21,14 @@ the chunk is formed in one piece, so its op is the unchunked one.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from zoedge.optim.noise import CHUNK
 
 #: ``fill(out, start, total)``: elements [start, start + out.numel()) of a tensor's noise, written into ``out``
 Fill = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -36,10 +39,15 @@ _METADATA = {"size", "dim", "stride", "numel", "element_size", "is_contiguous", 
 
 def row_chunks(shape: torch.Size | tuple[int, ...], itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges ``[a, b)`` of a tensor of ``shape`` with at most ``chunk_bytes`` each (at least one row; a 1-D
-    tensor's rows are its elements)."""
+    tensor's rows are its elements). Where a multiple of the noise's own chunks (:data:`zoedge.optim.noise.CHUNK`
+    elements) fits in ``chunk_bytes``, ranges start on noise-chunk boundaries, so forming a range draws only its
+    own noise (otherwise the noise chunks it cuts are drawn whole into a temporary of at most one noise chunk)."""
     rows = shape[0] if len(shape) else 1
-    row_bytes = max(1, itemsize * (int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1))
-    step = max(1, chunk_bytes // row_bytes)
+    row = int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1
+    step = max(1, chunk_bytes // max(1, itemsize * row))
+    aligned = math.lcm(row, CHUNK) // row  # rows per whole number of noise chunks
+    if step >= aligned:
+        step -= step % aligned
     for a in range(0, rows, step):
         yield a, min(rows, a + step)
 

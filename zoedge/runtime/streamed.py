@@ -78,21 +78,23 @@ class Resident:
         and θ + αz formed into another (fewer draws; the CPU's in-place binding)."""
         return bool(getattr(self.runtime, "lean", False))
 
-    def noise(self, key: str, fill_of: Callable[[str], Fill]) -> None:
-        """This residency's noise ``key`` (e.g. ``"z0"``), tensor ``name``'s given by ``fill_of(name)`` (a
-        :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once; lean mode draws nothing here
-        (:meth:`perturbed` regenerates it where it is used)."""
+    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None) -> None:
+        """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
+        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once;
+        lean mode draws nothing here (:meth:`perturbed` regenerates it where it is used)."""
         if self.lean:
             return
         z = self.workspace(key)
-        for name in self.tensors:
+        for name in self.tensors if names is None else names:
             fill_of(name)(z[name], 0, z[name].numel())
 
-    def perturbed(self, name: str, key: str, fill: Fill, alpha: float) -> torch.Tensor:
-        """What a pass sees of tensor ``name``: θ + α·z, z being noise ``key`` (``fill``; see :meth:`noise`, which
-        must have been called for ``key`` in this residency). Lean: a :class:`NoisePerturbed` formed by each op
-        that reads it; workspace mode: formed now into the ``scratch`` workspace."""
-        theta = self.tensors[name]
+    def perturbed(self, name: str, key: str, fill: Fill, alpha: float, base: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """What a pass sees of tensor ``name``: θ + α·z (or ``base`` + α·z, ``base`` shaped like θ), z being noise
+        ``key`` (``fill``; see :meth:`noise`, which must have been called for ``key`` in this residency). Lean: a
+        :class:`NoisePerturbed` formed by each op that reads it; workspace mode: formed now into the ``scratch``
+        workspace."""
+        theta = self.tensors[name] if base is None else base
         if self.lean:
             assert self.runtime is not None
             return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
