@@ -94,16 +94,17 @@ def test_layout_matches_prepared_store(stores):
         assert [b.nbytes for b in from_checkpoint.blocks] == [b.nbytes for b in blocks]
 
 
-@pytest.mark.parametrize("family,q,prefetch,lean", [("opt", 1, 1, True), ("opt", 2, 2, True), ("llama", 1, 1, True),
-                                                    ("qwen2", 1, 2, True), ("opt", 1, 1, False),
-                                                    ("llama", 2, 1, False)])
-def test_plan_equals_measured_cpu_step(stores, family, q, prefetch, lean):
+@pytest.mark.parametrize("family,q,prefetch,lean,unit", [
+    ("opt", 1, 1, True, "layer"), ("opt", 2, 2, True, "layer"), ("llama", 1, 1, True, "layer"),
+    ("qwen2", 1, 2, True, "layer"), ("opt", 1, 1, False, "layer"), ("llama", 2, 1, False, "layer"),
+    ("opt", 1, 1, True, "half"), ("opt", 1, 2, False, "half")])
+def test_plan_equals_measured_cpu_step(stores, family, q, prefetch, lean, unit):
     """The acceptance check at small widths: the peak device bytes counted on a real CPU training step (two
     steps: the second applies the lazy update) equal plan's prediction within 5% (they agree to < 0.1%), for the
-    lean runtime (the GPU's default) and its workspace mode."""
-    work = Workload(batch=3, seq=12, scored=5, prefetch=prefetch)
+    lean runtime (the GPU's default) and its workspace mode, streaming whole layers or half layers."""
+    work = Workload(batch=3, seq=12, scored=5, prefetch=prefetch, unit=unit)
     m = measure_step(stores[family], "cpu", options={"q": q}, batch=3, seq=12, scored=5, steps=2, prefetch=prefetch,
-                     lean=lean)
+                     lean=lean, unit=unit)
     plan = make_plan(model_spec(str(stores[family])), method("mezo", q), work, hardware("rtx4090"))
     peak, live = ((plan.device_peak, plan.device_long_lived) if lean else
                   (plan.workspace_device_peak, plan.workspace_long_lived))
@@ -114,8 +115,8 @@ def test_plan_equals_measured_cpu_step(stores, family, q, prefetch, lean):
 
 
 def test_lean_step_holds_no_workspaces_and_chunks_bound_the_transients(stores):
-    """Lean (the GPU's default): a step holds only the slots, and its transient peak includes the perturbed
-    weights formed just in time: smaller chunks can only lower it, and the plan follows the runtime's chunk."""
+    """Lean (the GPU's default): a step holds only the slots; its transient peak includes the perturbed weights
+    formed just in time, in row chunks, and the plan counts them for the runtime's chunk size."""
     kw = dict(batch=2, seq=10, steps=2)
     lean = measure_step(stores["opt"], "cpu", **kw)
     ws = measure_step(stores["opt"], "cpu", lean=False, **kw)
@@ -123,9 +124,13 @@ def test_lean_step_holds_no_workspaces_and_chunks_bound_the_transients(stores):
     plan = make_plan(model_spec(str(stores["opt"])), method("mezo"), Workload(2, 10), hardware("rtx4090"))
     assert ws.tracked_long_lived - lean.tracked_long_lived == sum(plan.workspace_long_lived.values()) - sum(
         plan.device_long_lived.values()) > 0
+    assert abs(lean.tracked_peak / plan.device_peak - 1) < 0.05
     small = make_plan(model_spec(str(stores["opt"])), method("mezo"), Workload(2, 10), hardware("rtx4090"),
                       chunk_bytes=4096)
-    assert small.transient_peak < plan.transient_peak
+    chunked = measure_step(stores["opt"], "cpu", chunk_bytes=4096, **kw)
+    assert small.transient_peak != plan.transient_peak  # the chunks change what is formed (and the plan sees it)
+    assert abs(chunked.tracked_peak / small.device_peak - 1) < 0.05
+    assert chunked.losses == pytest.approx(lean.losses, rel=1e-5)
 
 
 def test_meta_step_counts_like_the_cpu_step(stores):
@@ -141,7 +146,7 @@ def test_in_place_cpu_step_holds_no_slots(stores):
     the ring's two slots less."""
     from zoedge.store.manifest import load_manifest
     kw = dict(batch=2, seq=10, steps=2)
-    slots = measure_step(stores["llama"], "cpu", **kw)
+    slots = measure_step(stores["llama"], "cpu", lean=False, **kw)  # the in-place binding's workspace mode
     in_place = measure_step(stores["llama"], "cpu", in_place=True, **kw)
     assert in_place.losses == slots.losses
     largest = max(b.nbytes for b in load_manifest(stores["llama"]).blocks)
@@ -178,12 +183,17 @@ def test_opt175b_lean_and_workspaces():
     assert lean_unit_bytes(spec, "linear") == 4 * h * h * 2                           # fc1
     assert lean_unit_bytes(spec, "half") == pytest.approx(8 * h * h * 2, rel=1e-3)     # fc1 + fc2 (+ biases, norm)
     assert lean_unit_bytes(spec, "layer") == pytest.approx(layer, rel=1e-3)
-    assert plan.design_gpu_peak["layer"] == plan.gpu_peak
-    assert plan.design_gpu_peak["linear"] <= 8e9               # design target (finer units): not implemented
-    assert plan.fits[0]["design_units_that_fit"] == ["linear", "half", "layer"]
+    assert plan.gpu_peak_by_unit["layer"] == plan.gpu_peak and plan.runtime_units == ["layer", "half"]
+    half = make_plan(model_spec("opt-175b"), method("mezo"), Workload(1, 2048, unit="half"), hardware("rtx4090"))
+    assert half.device_long_lived["ring slots"] == pytest.approx(2 * 8 * h * h * 2, rel=1e-3)  # 2 MLP halves
+    assert half.gpu_peak == plan.gpu_peak_by_unit["half"] <= 8e9  # the runtime (unit="half"): 6.8 GB
+    assert plan.gpu_peak_by_unit["linear"] <= 8e9               # design target (single Linears): not implemented
+    assert plan.fits[0]["units_that_fit"] == ["linear", "half", "layer"]
     assert plan.host_ram <= 1.05 * plan.stored_bytes
     nf4 = make_plan(model_spec("opt-175b", quant="nf4"), method("lowrank"), Workload(1, 2048), hardware("rtx4090"))
-    assert nf4.design_gpu_peak["linear"] <= 6e9 and nf4.moved["d2h"] == 0
+    assert nf4.gpu_peak_by_unit["linear"] <= 6e9 and nf4.moved["d2h"] == 0  # design target
+    llama = make_plan(model_spec("llama-2-70b"), method("mezo"), Workload(1, 2048), hardware("rtx4090"))
+    assert llama.runtime_units == ["layer"]  # the Llama adapter runs whole layers only
 
 
 def test_roofline_arithmetic():

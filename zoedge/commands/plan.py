@@ -22,9 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "buffers from the store layout and the runtime's allocation rules, transient tensors by running the "
         "model's blocks on the meta device); step time is a roofline prediction. Device figures are given for "
         "the runtime as it runs on a GPU (lean: perturbations formed just in time per tensor or row chunk, no "
-        "block-sized workspaces) and with lean=False (workspaces); streaming units finer than a decoder layer "
-        "are a design target (not implemented), shown separately. Several MODELs give a one-line-per-model "
-        "summary.",
+        "block-sized workspaces) and with lean=False (workspaces), streaming whole decoder layers or (--unit half) "
+        "their attention and MLP halves; single-Linear units are a design target (not implemented), shown "
+        "separately. Several MODELs give a one-line-per-model summary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s; "
         "a100-80g 80 GiB, 312, PCIe 4.0 ~25; h100 80 GiB, 989, PCIe 5.0 ~50; h200 141 GB, 989, PCIe 5.0 ~52 "
@@ -58,6 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default)")
     p.add_argument("--prefetch", type=int, default=1, help="blocks uploaded ahead (default 1)")
     p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
+    p.add_argument("--unit", choices=("layer", "half"), default="layer",
+                   help="streaming unit: layer (a decoder layer) or half (its attention and MLP halves; OPT, ram "
+                   "tier) (default layer)")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="sdpa: fused kernels (flash / memory-efficient, O(S) memory); eager: S x S scores")
     p.add_argument("--chunk-mib", type=float, default=64,
@@ -71,6 +74,13 @@ def _g(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _by_unit(peaks: dict, runtime: list) -> str:
+    done = [f"{u} {_g(peaks[u])}" for u in ("layer", "half", "linear") if u in runtime]
+    design = [f"{u} {_g(peaks[u])}" for u in ("layer", "half", "linear") if u not in runtime]
+    return (f"lean GPU peak by streaming unit: {', '.join(done)} (runtime)"
+            + (f"; {', '.join(design)} (design target, not implemented)" if design else ""))
+
+
 def detail(plan) -> str:
     """The human-readable table of one plan."""
     hw, w = plan.hardware, plan.work
@@ -79,7 +89,7 @@ def detail(plan) -> str:
     lines = [f"{plan.model}: {plan.params / 1e9:.2f} G params, {depth}, {plan.dtype}"
              f"{'' if plan.quant == 'none' else ' + ' + plan.quant}, {plan.method.note}",
              f"step: batch {w.batch} x seq {w.seq}, {w.n_scored} scored positions, {w.attention} attention, "
-             f"{w.tier} tier, prefetch {w.prefetch}",
+             f"{w.tier} tier, prefetch {w.prefetch}, streaming unit {w.unit}",
              f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
              f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, PCIe {hw.pcie / 1e9:.0f} GB/s, "
              f"disk {hw.disk / 1e9:.0f} GB/s", "",
@@ -94,8 +104,7 @@ def detail(plan) -> str:
     lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} "
                  f"{_g(plan.workspace_gpu_peak):>11s}")
     lines.append("  lean = the runtime on a GPU (default); workspaces = lean=False")
-    units = ", ".join(f"{u} {_g(plan.design_gpu_peak[u])}" for u in ("half", "linear"))
-    lines.append(f"  design target, not implemented: streaming units finer than a layer: GPU peak {units}")
+    lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
@@ -104,23 +113,26 @@ def detail(plan) -> str:
               f"{t['transfer_s']:.2f} s, compute {t['compute_s']:.2f} s), {t['tokens_per_s']:.0f} tokens/s",
               "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
     for f in plan.fits:
-        units = ", ".join(f"{u} {_g(f['design_by_unit'][u])}" for u in ("half", "linear"))
-        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: lean {_g(f['device_peak']):>9s} "
+        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']} ({f['unit']}): lean {_g(f['device_peak']):>9s} "
                      f"{'fits' if f['fits'] else 'no':4s}  workspaces {_g(f['workspace_device_peak']):>9s} "
-                     f"{'fits' if f['workspace_fits'] else 'no':4s}  finer units (design): {units}")
+                     f"{'fits' if f['workspace_fits'] else 'no':4s}  lean units that fit: "
+                     f"{', '.join(f['units_that_fit']) or 'none'}")
     return "\n".join(lines)
 
 
 def summary(plans) -> str:
     """One line per model (the README table's columns)."""
-    head = (f"{'model':14s} {'params':>8s} {'lean':>10s} {'workspaces':>11s} {'linear units (design)':>22s} "
-            f"{'ZO2 (published)':>16s} {'host RAM':>10s} {'step (pred.)':>12s}")
+    head = (f"{'model':14s} {'params':>8s} {'lean':>10s} {'lean, half':>11s} {'workspaces':>11s} "
+            f"{'linear units (design)':>22s} {'ZO2 (published)':>16s} {'host RAM':>10s} {'step (pred.)':>12s}")
     lines = [head]
     for p in plans:
         zo2 = ZO2_GB.get(p.model)
-        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.workspace_gpu_peak):>11s} "
-                     f"{_g(p.design_gpu_peak['linear']):>22s} {(f'{zo2:.2f} GB' if zo2 else '-'):>16s} "
-                     f"{_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
+        half = _g(p.gpu_peak_by_unit["half"]) + ("" if "half" in p.runtime_units else "*")
+        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {half:>11s} "
+                     f"{_g(p.workspace_gpu_peak):>11s} {_g(p.gpu_peak_by_unit['linear']):>22s} "
+                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
+    lines.append("(lean: --unit as given; lean, half: the runtime streaming attention/MLP halves; * design target, "
+                 "not implemented for this family)")
     return "\n".join(lines)
 
 
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
                   disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency)
     m = method(args.method, args.q)
-    work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention)
+    work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
     work.check()
     human = sys.stderr if args.json == "-" else sys.stdout
     plans = []
@@ -144,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
           "device-used adds the CUDA context too); 'lean' is the runtime on a GPU, 'workspaces' the same with "
-          "lean=False; units finer than a decoder layer are a design target, not implemented; step times are a "
-          "roofline.", file=human)
+          "lean=False; single-Linear units (and half layers outside OPT) are a design target, not implemented; "
+          "step times are a roofline.", file=human)
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)

@@ -29,11 +29,13 @@ Two runtime modes are planned (``StreamedModel(lean=...)``):
   direction and one scratch for θ ± εz) and one copy of a perturbed tied tensor
   per pass.
 
-Still a **design target**, not implemented: streaming units finer than a
-decoder layer (attention / MLP halves or single Linear matrices, untied
-embeddings and heads in row chunks no larger than the unit) and a quantized base
-multiplied through bitsandbytes (one dequantized matrix at a time):
-:func:`design_long_lived` and the ``design_by_unit`` figures of ``fits``.
+Streaming units (``Workload.unit``, ``StreamedModel(unit=...)``): whole decoder
+layers, or their attention and MLP halves (``half``, for families whose adapter
+runs half layers: OPT), slots sized to the largest unit. Still a **design
+target**, not implemented: single-Linear units (and halves for the other
+families; untied embeddings and heads would stream in row chunks no larger than
+the unit) and a quantized base multiplied through bitsandbytes (one dequantized
+matrix at a time): :func:`unit_long_lived`, ``Plan.gpu_peak_by_unit``.
 
 Step time is a prediction: a roofline per block, ``max(upload / pcie,
 write-back / pcie, disk / disk rate, passes × FLOPs / (flops × efficiency))``,
@@ -215,6 +217,7 @@ class Workload:
     tier: str = "ram"
     attention: str = "sdpa"
     ram_cache_blocks: int = 0
+    unit: str = "layer"
 
     def check(self) -> None:
         for name in ("batch", "seq", "prefetch"):
@@ -226,6 +229,10 @@ class Workload:
             raise ConfigError("--tier", repr(self.tier), "use ram or disk")
         if self.attention not in ("sdpa", "eager"):
             raise ConfigError("--attention", repr(self.attention), "use sdpa or eager")
+        if self.unit not in RUNTIME_UNITS:
+            raise ConfigError("--unit", repr(self.unit), f"use one of {', '.join(RUNTIME_UNITS)}")
+        if self.unit != "layer" and self.tier != "ram":
+            raise ConfigError("--unit", f"{self.unit} with tier {self.tier}", "units finer than a layer: ram tier")
 
     @property
     def n_scored(self) -> int:
@@ -254,22 +261,51 @@ def _tensor_bytes(block: BlockEntry) -> int:
     return sum(t.numel * dtype_of(t.dtype).itemsize for t in block.tensors)
 
 
-def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True) -> dict[str, int]:
+def units(spec: ModelSpec, unit: str = "layer") -> list[BlockEntry]:
+    """The streaming units of the plan's blocks (embed, one layer, head) as the runtime splits them
+    (``StreamedModel(unit=...)``; the same function).
+
+    Raises:
+        ConfigError: the family's adapter cannot split at ``unit``.
+    """
+    from zoedge.adapters import adapter_for
+    from zoedge.runtime.streamed import _split
+
+    return _split(adapter_for(_cut(spec.config, 1, "sdpa"), DTYPES[spec.dtype], "meta"), spec.blocks, unit)[0]
+
+
+def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, unit: str = "layer") -> dict[str, int]:
     """Device buffers the runtime allocates once (by purpose), following ``StreamedModel``'s rules: ``lean`` (the
-    default on an accelerator) or workspace mode (``lean=False``)."""
+    default on an accelerator) or workspace mode (``lean=False``), streaming ``unit``\ s."""
     dedicated = [b for b in spec.blocks if b.name in spec.dedicated]
-    streamed = [b for b in spec.blocks if b.name not in spec.dedicated]
+    streamed = [b for b in units(spec, unit) if b.name not in spec.dedicated]
     out = {
         "ring slots": (prefetch + 1) * (max(b.nbytes for b in streamed) + max(b.dequant_nbytes for b in streamed)),
         "tied-weight slot": sum(b.nbytes + b.dequant_nbytes for b in dedicated),
     }
     if lean:
         return out
-    out["optimizer workspaces"] = m.workspaces * max(_tensor_bytes(b) for b in spec.blocks)
+    out["optimizer workspaces"] = m.workspaces * max(_tensor_bytes(b) for b in units(spec, unit))
     out["tied copies (one per pass)"] = 0
     if m.dense and spec.tied:
         sizes = {t.name: t.numel * dtype_of(t.dtype).itemsize for b in spec.blocks for t in b.tensors}
         out["tied copies (one per pass)"] = m.passes * sum(sizes[src] for src in set(spec.tied.values()))
+    return out
+
+
+#: units the runtime streams (``StreamedModel(unit=...)``)
+RUNTIME_UNITS = ("layer", "half")
+
+
+def runtime_units(spec: ModelSpec) -> list[str]:
+    """The units the runtime can stream this model in (``half`` needs an adapter that runs half layers)."""
+    out = []
+    for u in RUNTIME_UNITS:
+        try:
+            units(spec, u)
+            out.append(u)
+        except ConfigError:
+            pass
     return out
 
 
@@ -290,13 +326,13 @@ def lean_unit_bytes(spec: ModelSpec, unit: str = "linear") -> int:
     return sum(sizes.values())
 
 
-def design_long_lived(spec: ModelSpec, m: Method, prefetch: int, unit: str = "linear") -> dict[str, int]:
-    """Device buffers of the lean runtime with streaming units finer than a decoder layer: a design target, not
-    implemented (``unit="layer"`` is the runtime: :func:`long_lived`). Untied embeddings and heads would stream
-    in row chunks no larger than the unit; a quantized base would multiply through bitsandbytes, which
-    dequantizes one matrix at a time."""
-    if unit == "layer":
-        return long_lived(spec, m, prefetch, lean=True)
+def unit_long_lived(spec: ModelSpec, m: Method, prefetch: int, unit: str = "linear") -> dict[str, int]:
+    """Device buffers of the lean runtime streaming ``unit``\ s: the runtime's own (:func:`long_lived`) where it
+    implements the unit for this model (:func:`runtime_units`), else the design target, not implemented: slots
+    sized to the unit (single matrices for ``linear``; untied embeddings and heads would stream in row chunks no
+    larger than the unit), a quantized base multiplied through bitsandbytes (one dequantized matrix at a time)."""
+    if unit in runtime_units(spec):
+        return long_lived(spec, m, prefetch, lean=True, unit=unit)
     dt = dtype_of(spec.dtype).itemsize
     biggest_matrix = max(t.numel * dt for t in spec.layer_block.tensors)
     return {
@@ -423,8 +459,10 @@ class Plan:
     flops_per_step: float
     time: dict[str, float]
     chunk_bytes: int = CHUNK_BYTES
-    #: GPU peak by streaming unit: ``layer`` is the runtime, finer units a design target (:func:`design_long_lived`)
-    design_gpu_peak: dict[str, int] = field(default_factory=dict)
+    #: lean GPU peak by streaming unit (:func:`unit_long_lived`): the runtime's for ``runtime_units``, a design
+    #: target (not implemented) for the others
+    gpu_peak_by_unit: dict[str, int] = field(default_factory=dict)
+    runtime_units: list[str] = field(default_factory=list)
     fits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -460,8 +498,8 @@ NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; befor
          "runtime's default on an accelerator (lean: perturbations formed just in time); gpu_peak adds the cuBLAS "
          "workspace; NVML device-used adds the CUDA context and the allocator's cache on top",
          "workspace_*: the same runtime with lean=False (block-sized noise and scratch workspaces, tied copies)",
-         "design_gpu_peak: streaming units finer than a decoder layer are a design target, not implemented "
-         "('layer' is the runtime)",
+         "gpu_peak_by_unit: lean GPU peak by streaming unit; units in runtime_units are implemented "
+         "(StreamedModel(unit=...)), the others are a design target, not implemented",
          "step time is a roofline prediction, not a measurement")
 
 
@@ -470,7 +508,7 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     work.check()
     sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes)
     wsim = simulate(spec, work, m.passes, m.loss) if m.dense else sim
-    live = long_lived(spec, m, work.prefetch, lean=True)
+    live = long_lived(spec, m, work.prefetch, lean=True, unit=work.unit)
     blocks = spec.block_list()
     stored = spec.stored_bytes
     biggest = max(b.nbytes for b in spec.blocks)
@@ -506,12 +544,13 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     plan = Plan(spec.label, spec.layers, spec.measured_layers, spec.dtype, spec.quant, m, work, hw,
                 params=sum(t.numel for b in blocks for t in b.tensors), stored_bytes=stored,
                 device_long_lived=live, transient_peak=sim.peak, transient_by_block=sim.block_peaks,
-                workspace_long_lived=long_lived(spec, m, work.prefetch, lean=False),
+                workspace_long_lived=long_lived(spec, m, work.prefetch, lean=False, unit=work.unit),
                 workspace_transient_peak=wsim.peak, host_ram=host, disk=disk,
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
                 flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes)
-    plan.design_gpu_peak = {u: sum(design_long_lived(spec, m, work.prefetch, u).values()) + sim.peak
-                            + hw.cuda_extra for u in LEAN_UNITS}
+    plan.gpu_peak_by_unit = {u: sum(unit_long_lived(spec, m, work.prefetch, u).values()) + sim.peak
+                             + hw.cuda_extra for u in LEAN_UNITS}
+    plan.runtime_units = runtime_units(spec)
     plan.fits = _fits(spec, m, work, hw, sim.peak, wsim.peak)
     return plan
 
@@ -523,9 +562,10 @@ def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: i
     stored, biggest = spec.stored_bytes, max(b.nbytes for b in spec.blocks)
     for tier in ("ram", "disk"):
         for pf in (1, 2, 3):
-            dev = sum(long_lived(spec, m, pf).values()) + transient + hw.cuda_extra
-            ws = sum(long_lived(spec, m, pf, lean=False).values()) + ws_transient + hw.cuda_extra
-            design = {u: sum(design_long_lived(spec, m, pf, u).values()) + transient + hw.cuda_extra
+            unit = work.unit if tier == "ram" else "layer"
+            dev = sum(long_lived(spec, m, pf, unit=unit).values()) + transient + hw.cuda_extra
+            ws = sum(long_lived(spec, m, pf, lean=False, unit=unit).values()) + ws_transient + hw.cuda_extra
+            design = {u: sum(unit_long_lived(spec, m, pf, u).values()) + transient + hw.cuda_extra
                       for u in LEAN_UNITS}
             host = stored if tier == "ram" else (pf + 1 + (1 if m.dense else 0)) * biggest
             host_ok = hw.host_ram is None or host <= hw.host_ram
@@ -533,9 +573,9 @@ def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: i
             def ok(n: int) -> bool:
                 return host_ok and (hw.gpu_memory is None or n <= hw.gpu_memory)
 
-            out.append({"tier": tier, "prefetch": pf, "device_peak": dev, "host_ram": host, "fits": ok(dev),
+            out.append({"tier": tier, "prefetch": pf, "unit": unit, "device_peak": dev, "host_ram": host, "fits": ok(dev),
                         "workspace_device_peak": ws, "workspace_fits": ok(ws),
-                        "design_by_unit": design, "design_units_that_fit": [u for u in LEAN_UNITS if ok(design[u])]})
+                        "by_unit": design, "units_that_fit": [u for u in LEAN_UNITS if ok(design[u])]})
     return out
 
 

@@ -106,7 +106,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
                  options: dict[str, Any] | None = None, batch: int = 1, seq: int = 128, scored: int = 0,
                  steps: int = 1, tier: str = "ram", prefetch: int = 1, attention: str = "sdpa",
                  working_dir: Path | None = None, seed: int = 0, progress: bool = False,
-                 in_place: bool = False, lean: bool | None = None) -> StepMeasurement:
+                 in_place: bool = False, lean: bool | None = None, unit: str = "layer",
+                 chunk_bytes: int | None = None) -> StepMeasurement:
     """Open ``store`` on ``device`` and run ``steps`` training steps under the tracker (see the module docstring).
 
     Args:
@@ -121,6 +122,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
             accelerator's slot layout.
         lean: as :class:`~zoedge.StreamedModel` (default: on unless ``in_place``): perturbations formed just in
             time; ``False`` measures the workspace mode (``zoedge plan``'s ``workspace_*`` figures).
+        unit: streaming unit (``layer`` or ``half``), as :class:`~zoedge.StreamedModel`.
+        chunk_bytes: lean mode's row chunk (default the runtime's).
 
     Returns:
         A :class:`StepMeasurement`.
@@ -142,7 +145,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
     tracker = DeviceMemoryTracker(dev.type, attention)
     with tracker:
         model = StreamedModel(store, device=dev, tier=tier, prefetch=prefetch, working_dir=working_dir,
-                              in_place=in_place, lean=lean)
+                              in_place=in_place, lean=lean, unit=unit,
+                              **({} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}))
         if dev.type == "meta":
             tracker.discount(model.adapter.skeleton.parameters())  # the module skeleton is not device memory
             _storage_identity_on_meta(model)
