@@ -8,8 +8,8 @@ OPT-13B-width step runs for real on the CPU (the device is host memory: about 1.
 4.3 GB with workspaces); the OPT-175B-width step needs 9.2 GB of device buffers in lean mode and 18.9 GB with
 workspaces, beside the 8.5 GB host tier on this shared 24 GB machine, so it runs with the device on ``meta`` (the
 host tier reads the store's real bytes; device buffers and activations are counted, not allocated). Each case is
-measured in both runtime modes: ``lean`` (the default on an accelerator: perturbations formed just in time) and
-``workspaces`` (``lean=False``). Short sequences keep the CPU step short;
+measured in each runtime mode: ``lean`` (the default on an accelerator: perturbations formed just in time, whole
+layers), ``half`` (lean, attention / MLP halves as units) and ``workspaces`` (``lean=False``). Short sequences keep the CPU step short;
 the activations scale with them, the slots and workspaces (most of the peak) do not.
 
 Example::
@@ -40,6 +40,8 @@ from zoedge.plan.measure import measure_step
 from zoedge.plan.shapes import write_checkpoint
 
 CASES = {"opt-13b": dict(layers=4, device="cpu"), "opt-175b": dict(layers=2, device="meta")}
+#: runtime modes: (lean, unit)
+MODES = {"lean": (True, "layer"), "half": (True, "half"), "workspaces": (False, "layer")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64: short, see above)")
     p.add_argument("--device", default=None, help="override the device of every case (cpu or meta)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--modes", nargs="+", default=["lean", "workspaces"], choices=["lean", "workspaces"],
-                   help="runtime modes to measure (default both)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="runtime modes to measure: lean (whole layers), half (lean, attention / MLP halves), "
+                   "workspaces (lean=False) (default all)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -73,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             zoedge.prepare(ckpt, store, dtype="fp16", progress=True, log=print)
             shutil.rmtree(ckpt)
         for mode in args.modes:
-            lean = mode == "lean"
+            lean, unit = MODES[mode]
             t0 = time.perf_counter()
-            m = measure_step(store, device, batch=args.batch, seq=args.seq, steps=2, progress=True, lean=lean)
+            m = measure_step(store, device, batch=args.batch, seq=args.seq, steps=2, progress=True, lean=lean,
+                             unit=unit)
             wall = time.perf_counter() - t0
-            work = Workload(args.batch, args.seq)
+            work = Workload(args.batch, args.seq, unit=unit)
             plan = make_plan(model_spec(str(store)), method("mezo"), work, hardware("rtx4090"))
             full = make_plan(model_spec(name), method("mezo"), work, hardware("rtx4090"))
             peak = plan.device_peak if lean else plan.workspace_device_peak
