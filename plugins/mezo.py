@@ -21,6 +21,7 @@ import torch
 from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.noise import NOISE_KINDS, make_noise
 from zoedge.optim.registry import register_optimizer
+from zoedge.runtime.perturbed import Fill
 from zoedge.runtime.streamed import Resident
 
 
@@ -85,28 +86,30 @@ class MeZO(ZOOptimizer):
         self.eps, self.q, self.stochastic_rounding = eps, q, stochastic_rounding
         self.passes = 2 * q
 
+    def z(self, step: int, name: str, k: int) -> Fill:
+        """Direction ``k``'s noise for tensor ``name`` at ``step`` (any row range of it; see
+        :data:`zoedge.runtime.perturbed.Fill`): every draw of a tensor's z, in the passes and in the update, goes
+        through here, so they are the same numbers however they are chunked."""
+        return lambda out, start, total: self.noise.normal_at_(out, step, name, f"z{k}", start, total)
+
     def draw(self, block: Resident) -> None:
-        """z_k for this step, one draw per residency, reused by the +ε and −ε passes: only the directions this
-        rank evaluates (direction-split data parallel), and none when the noise source forms θ ± εz directly
-        (e.g. ``noise=pool``)."""
+        """z_k for this step, once per residency, reused by the +ε and −ε passes (lean runtimes regenerate it): only
+        the directions this rank evaluates (direction-split data parallel), and none when the noise source forms
+        θ ± εz directly (e.g. ``noise=pool``)."""
         if self.noise.redraw_is_free:
             return
         for k in filter(self.evaluates, range(self.q)):
-            z = block.workspace(f"z{k}")
-            for name in block.tensors:
-                self.noise.normal_(z[name], self.t, name, f"z{k}")
+            block.noise(f"z{k}", lambda name, k=k: self.z(self.t, name, k))
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k, minus = divmod(p, 2)
-        out, alpha = block.workspace("scratch"), -self.eps if minus else self.eps
-        if self.noise.redraw_is_free:
+        alpha = -self.eps if minus else self.eps
+        if self.noise.redraw_is_free and not block.lean:  # θ ± εz straight from the source, no noise workspace
+            out = block.workspace("scratch")
             for name, theta in block.tensors.items():
                 self.noise.add_(out[name], theta, alpha, self.t, name, f"z{k}")
             return out
-        z = block.workspace(f"z{k}")
-        for name, theta in block.tensors.items():
-            torch.add(theta, z[name], alpha=alpha, out=out[name])
-        return out
+        return {name: block.perturbed(name, f"z{k}", self.z(self.t, name, k), alpha) for name in block.tensors}
 
     def direction_passes(self) -> list[list[int]] | None:
         """Direction k's passes: 2k (θ + εz_k) and 2k + 1 (θ − εz_k); None for a subclass with other passes."""
@@ -120,8 +123,8 @@ class MeZO(ZOOptimizer):
                       {"projected_grad": sum(gs) / len(gs)})
 
     def apply(self, block: Resident, update: Update) -> None:
-        """θ ← θ − lr((1/q) Σ g_k z_k + λθ); the step's z_k are regenerated one at a time into scratch."""
-        scratch = block.workspace("scratch")
+        """θ ← θ − lr((1/q) Σ g_k z_k + λθ), row chunk by row chunk (the whole tensor unless the runtime is lean);
+        the step's z_k are regenerated one at a time into scratch."""
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
             sr = self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16)
@@ -131,12 +134,17 @@ class MeZO(ZOOptimizer):
                 for k, g in enumerate(update["g"]):
                     self.noise.add_(theta, theta, -update["lr"] * g / self.q, update.step, name, f"z{k}")
                 continue
-            directions = ((self.noise.normal_(scratch[name], update.step, name, f"z{k}"), g)
-                          for k, g in enumerate(update["g"]))
-            if sr:
-                value = theta.float()  # fp32 master of this tensor for the update (allocates; SR path only)
-                mezo_update_(value, directions, self.q, update["lr"], wd)
-                uniform = self.noise.uniform_(torch.empty_like(value), update.step, name, "sr")
-                stochastic_round_(theta, value, uniform)
-            else:
-                mezo_update_(theta, directions, self.q, update["lr"], wd)
+            row = theta[0].numel() if theta.ndim > 1 else 1
+            for a, b in block.chunks(name):
+                part = theta[a:b] if theta.ndim else theta
+                scratch = block.buffer("scratch", name, (a, b))
+                directions = ((self.z(update.step, name, k)(scratch, a * row, theta.numel()), g)
+                              for k, g in enumerate(update["g"]))
+                if sr:
+                    value = part.float()  # fp32 master of this part for the update (allocates; SR path only)
+                    mezo_update_(value, directions, self.q, update["lr"], wd)
+                    uniform = self.noise.uniform_at_(torch.empty_like(value), update.step, name, "sr", a * row,
+                                                     theta.numel())
+                    stochastic_round_(part, value, uniform)
+                else:
+                    mezo_update_(part, directions, self.q, update["lr"], wd)

@@ -225,8 +225,10 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     from zoedge.train.trainer import _loss_passes
 
     engine_times = OpTimes() if dev.type == "cpu" else None
+    # lean=False: noise is drawn and θ ± εz formed in the optimizer's hooks, where the breakdown times them (the lean
+    # mode, an accelerator's default, forms them inside the forward passes, where they would count twice)
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
-                          engine=SyncEngine(engine_times) if engine_times is not None else None)
+                          engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)

@@ -7,8 +7,10 @@ options (``--opt KEY=VALUE`` on the command line, coerced by annotation); the
 trainer passes ``seed`` itself. A plugin implements three hooks, plus two
 optional ones:
 
-* ``perturb(block, p)`` — the weights pass ``p`` sees (e.g. θ + εz in scratch,
-  or a :class:`~zoedge.optim.lowrank.LowRankPerturbed` view); never modifies
+* ``perturb(block, p)`` — the weights pass ``p`` sees (e.g. θ + εz through
+  ``block.perturbed``, which the runtime forms just in time or in a scratch
+  workspace, see :class:`~zoedge.runtime.streamed.Resident`; or a
+  :class:`~zoedge.optim.lowrank.LowRankPerturbed` view); never modifies
   ``block.tensors``;
 * ``end_step(losses)`` — one fp32 loss per pass → the step's :class:`Update`
   (a value: the scalars ``apply`` needs, plus metrics for the log);

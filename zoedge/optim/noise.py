@@ -119,7 +119,7 @@ _ONE_F32 = 0x3F800000
 def _rademacher_(part: torch.Tensor, gen: torch.Generator) -> None:
     """Fill contiguous 1-D ``part`` with ±1: bit 0 of each byte of 64-bit draws (1 → -1), 8 values per draw."""
     n = part.numel()
-    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(generator=gen)  # 63 random bits each (bit 63 is 0)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=part.device).random_(generator=gen)  # 63 random bits each (bit 63 is 0)
     bits = words.view(torch.uint8)[:n]  # bit 0 of every byte is random, byte 7's included
     if part.dtype == torch.float32:  # sign bit from the draw, exponent of 1.0: three integer passes, no float math
         as_int = part.view(torch.int32)
@@ -183,6 +183,57 @@ class NoiseSource:
         """Allocate and fill (for small factors and tests)."""
         return self.normal_(torch.empty(shape, dtype=dtype, device=device), step, name, stream)
 
+    # ------------------------------------------------------------------ ranges (just-in-time perturbation)
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Fill ``out`` with elements ``[start, start + out.numel())`` of the chunked N(0, 1) draw of a tensor of
+        ``total`` elements (default: ``out``'s own) for (step, name, stream): a row range of a tensor's noise
+        without drawing the rest (see :meth:`_fill_at`)."""
+        return self._fill_at(out, step, name, stream, start, total, "normal")
+
+    def uniform_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                    total: int | None = None) -> torch.Tensor:
+        """As :meth:`normal_at_`, U[0, 1) noise."""
+        return self._fill_at(out, step, name, stream, start, total, "uniform")
+
+    def _fill_at(self, out: torch.Tensor, step: int, name: str, stream: str, start: int, total: int | None,
+                 kind: str) -> torch.Tensor:
+        """The chunked draw on every device: chunk ``k`` (:data:`CHUNK` elements of the flat layout, the last one
+        shorter) is drawn whole with a generator seeded ``chunk_seed(stream_seed(...), k)``, and the part inside
+        the range is kept. On the CPU the values equal :meth:`normal_` / :meth:`uniform_` of the whole tensor
+        (which draws the same chunks); on an accelerator they differ from those (which fill the whole target
+        from one generator), so a tensor's draws must all go through the ``_at_`` form there. On the meta
+        device the same buffers are allocated and nothing is drawn (device-memory accounting)."""
+        n = out.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        if out.device.type == "cpu" and start == 0 and n == total:
+            return self._fill(out, step, name, stream, kind)  # the whole tensor: the parallel chunked fill
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+        seed = stream_seed(self.run_seed, step, name, stream)
+        gen = None if out.is_meta else self._generators.setdefault(out.device, torch.Generator(out.device))
+        k = start // CHUNK
+        while k * CHUNK < start + n:
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, total)           # the chunk, in the tensor's flat layout
+            a, b = max(lo, start), min(hi, start + n)                   # ... the part inside the range
+            whole = a == lo and b == hi
+            part = flat[a - start:b - start] if whole else torch.empty(hi - lo, dtype=out.dtype, device=out.device)
+            if gen is not None:
+                gen.manual_seed(chunk_seed(seed, k))
+                if kind == "normal":
+                    part.normal_(generator=gen)
+                elif kind == "uniform":
+                    part.uniform_(generator=gen)
+                else:
+                    _rademacher_(part, gen)
+            if not whole:
+                flat[a - start:b - start].copy_(part[a - lo:b - lo])
+            k += 1
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
+        return out
+
     def reseeded(self, run_seed: int) -> NoiseSource:
         """The same variant (and options) for another run seed (``self`` when the seed is unchanged)."""
         return self if run_seed == self.run_seed else type(self)(run_seed)
@@ -206,6 +257,11 @@ class RademacherNoise(NoiseSource):
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Fill ``out`` with ±1 noise for (step, name, stream) (chunked and thread-count independent on the CPU)."""
         return self._fill(out, step, name, stream, "rademacher")
+
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Elements ``[start, start + out.numel())`` of the ±1 draw (see :meth:`NoiseSource.normal_at_`)."""
+        return self._fill_at(out, step, name, stream, start, total, "rademacher")
 
 
 #: default pool length of :class:`PoolNoise` (16 MiB of fp32)
@@ -274,6 +330,27 @@ class PoolNoise(NoiseSource):
         flat = out.view(-1) if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device).view(-1)
         for lo, hi, window in self._windows(out, step, name, stream):
             flat[lo:hi].copy_(window)
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
+        return out
+
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Elements ``[start, start + out.numel())`` of the draw of a tensor of ``total`` elements (default:
+        ``out``'s own): the same values as :meth:`normal_` of the whole tensor, copied from the pool windows."""
+        n = out.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        if out.is_meta:
+            return out
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+        pool = self.pool(out.device, out.dtype)
+        for k, off in enumerate(self.offsets(step, name, stream, total)):
+            lo, hi = k * CHUNK, min(total, (k + 1) * CHUNK)
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                flat[a - start:b - start].copy_(pool[off + a - lo:off + b - lo])
         if not out.is_contiguous():
             out.copy_(flat.view(out.shape))
         return out
