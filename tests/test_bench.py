@@ -56,9 +56,9 @@ def test_a_slow_disk_shows_as_io_time_and_stalls(store, tmp_path, monkeypatch):
 
     real = host.read_file_into
 
-    def slow(path, buf):
+    def slow(path, buf, *rest):
         time.sleep(0.03)
-        real(path, buf)
+        real(path, buf, *rest)
 
     monkeypatch.setattr(host, "read_file_into", slow)
     b = _bench(store, tmp_path, "--tier", "disk")

@@ -91,3 +91,20 @@ def test_bad_input_exit_code_and_message(setup, capsys, extra, message):
     tmp, _, base = setup
     assert main(base + ["--steps", "1", "--output", str(tmp / "bad")] + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_disk_tier_run_never_gathers_the_model(setup, monkeypatch):
+    """On the disk tier, checkpoints, the export and --resume stream the weights block by block: a model larger
+    than memory must never be gathered (StreamedModel.state_dict is not called)."""
+    from zoedge.runtime.streamed import StreamedModel
+
+    def gathered(self):
+        raise AssertionError("the whole model was gathered in memory")
+
+    monkeypatch.setattr(StreamedModel, "state_dict", gathered)
+    tmp, _, base = setup
+    out = tmp / "disk"
+    args = base + ["--tier", "disk", "--output", str(out), "--no-plot"]
+    assert main(args + ["--steps", "2", "--save-every", "1"]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    assert main(args + ["--steps", "3", "--resume"]) == 0

@@ -279,6 +279,23 @@ def test_missing_tokenizer_names_directory_and_files(store, tmp_path):
         resolve_store(str(tmp_path / "hf"), progress=False)
 
 
+def test_tokenizer_with_more_ids_than_the_embedding_is_refused(store, tmp_path):
+    from transformers import AutoTokenizer
+
+    from zoedge.train.job import load_tokenizer
+
+    # the fixture's tokenizer has 300 ids, the tiny model's embedding 97 rows
+    with pytest.raises(StoreError, match="has 300 ids but the model's embedding only 97 rows") as info:
+        load_tokenizer(store)
+    assert str(store) in str(info.value)
+    small = AutoTokenizer.from_pretrained(store)
+    assert len(small) == 300
+    edit = json.loads((store / "config.json").read_text())
+    edit["vocab_size"] = 300
+    (store / "config.json").write_text(json.dumps(edit))
+    assert len(load_tokenizer(store)) == 300  # as many rows as ids: accepted
+
+
 def test_eval_cli_refuses_a_corrupt_store(store, capsys):
     victim = store / "blocks" / "0003.layers.2.bin"
     raw = bytearray(victim.read_bytes())

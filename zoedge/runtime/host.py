@@ -7,7 +7,13 @@
   buffers, ahead of use; optionally the first K blocks stay in RAM (with a
   cyclic access pattern a static subset beats an LRU, which would always miss).
   Dense write-backs go to a working copy of the block files, never to the
-  prepared store.
+  prepared store. The working copy is made block by block at each block's
+  first write-back (a write-back replaces the whole block), so a run starts
+  without copying the store. When the blocks do not fit in the memory the
+  system has available, the page cache cannot hold a cycle over them either
+  (an LRU always misses on a cyclic pattern larger than itself): the tier then
+  drops each block's pages after reading it, and flushes and drops them after
+  writing it, so a pass does not push other programs' memory out for nothing.
 
 A tier does not order anything itself: it names the host buffer an upload reads
 (``host[i]`` or ``ring[r]``) and the one a write-back lands in (``host[i]`` or
@@ -19,7 +25,6 @@ waits for the previous disk write, ...) follow from those declared effects.
 from __future__ import annotations
 
 import os
-import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -31,8 +36,27 @@ from zoedge.runtime.schedule import IO, Schedule
 from zoedge.store.manifest import Manifest
 
 
-def read_file_into(path: Path, buf: torch.Tensor) -> None:
-    """Fill ``buf`` (uint8, exact size) from ``path`` without an intermediate copy."""
+def _drop_pages(fd: int) -> None:
+    """Drop the file's clean pages from the page cache (a hint; a no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def read_file_into(path: Path, buf: torch.Tensor, drop_cache: bool = False) -> None:
+    """Fill ``buf`` (uint8, exact size) from ``path`` without an intermediate copy; ``drop_cache``: then drop
+    the file's pages from the page cache."""
     view = memoryview(buf.numpy())
     with open(path, "rb", buffering=0) as f:
         got = 0
@@ -42,12 +66,35 @@ def read_file_into(path: Path, buf: torch.Tensor) -> None:
                 raise StoreError(path, f"file ends after {got} of {len(view)} bytes",
                                  "the store was damaged; re-run `zoedge prepare` into a fresh directory")
             got += n
+        if drop_cache:
+            _drop_pages(f.fileno())
 
 
-def write_file_from(path: Path, buf: torch.Tensor) -> None:
-    """Overwrite ``path`` with ``buf`` (same size) in place; used for working copies only."""
-    with open(path, "r+b", buffering=0) as f:
-        f.write(memoryview(buf.numpy()))
+def write_file_from(path: Path, buf: torch.Tensor, drop_cache: bool = False) -> None:
+    """Overwrite ``path`` with ``buf`` (same size) in place, creating it if missing; used for working copies
+    only. ``drop_cache``: flush the written pages to the disk and drop them from the page cache."""
+    if not path.is_file():  # first write-back of this block: create the working copy's file whole
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb", buffering=0) as f:
+            _write_all(f, buf)
+        os.replace(tmp, path)
+    else:
+        with open(path, "r+b", buffering=0) as f:
+            _write_all(f, buf)
+    if drop_cache:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            _drop_pages(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(f, buf: torch.Tensor) -> None:
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
 
 
 class HostTier(ABC):
@@ -123,37 +170,55 @@ class DiskTier(HostTier):
         manifest: its manifest.
         ring: number of pinned staging buffers (≥ prefetch + 1).
         ram_cache_blocks: keep the first K blocks in RAM permanently.
-        working_dir: if given, block files are copied there once and reads/writes use the copies (dense training
-            on the disk tier); the prepared store is never written.
+        working_dir: if given, dense updates go to copies of the block files there (dense training on the disk
+            tier), each made at its block's first write-back; the prepared store is never written.
+        drop_cache: drop block pages from the page cache after each read and write (see the module docstring);
+            default: when the blocks exceed the memory available now.
     """
 
     def __init__(self, store: Path, manifest: Manifest, ring: int = 2, ram_cache_blocks: int = 0,
-                 working_dir: Path | None = None) -> None:
+                 working_dir: Path | None = None, drop_cache: bool | None = None) -> None:
         super().__init__(store, manifest)
-        self.paths = [store / b.file for b in manifest.blocks]
+        self.store_paths = [store / b.file for b in manifest.blocks]
         self.writable = working_dir is not None
-        if working_dir is not None:
-            self.paths = self._working_copy(working_dir)
+        self.working = self._working_paths(working_dir) if working_dir is not None else None
+        if drop_cache is None:
+            avail = available_memory()
+            drop_cache = avail is not None and sum(b.nbytes for b in manifest.blocks) > avail
+        self.drop_cache = drop_cache
         size = max(b.nbytes for b in manifest.blocks)
         self.ring = [allocate(size, "cpu", "pinned", pinned=True) for _ in range(ring)]
         self.cache = {i: allocate(manifest.blocks[i].nbytes, "cpu", "host", pinned=True)
                       for i in range(min(ram_cache_blocks, len(manifest.blocks)))}
         for i, buf in self.cache.items():
-            read_file_into(self.paths[i], buf)
+            read_file_into(self.path(i), buf)
         self.pending: dict[int, int] = {}  # block -> ring buffer holding (or about to hold) its bytes
         self.next_ring = 0
         self._staging: torch.Tensor | None = None  # D2H target of write-backs, allocated by the first one
 
-    def _working_copy(self, working_dir: Path) -> list[Path]:
+    def _working_paths(self, working_dir: Path) -> list[Path]:
+        """The working copy's file of each block; one of the wrong size (an earlier run of another store) is
+        removed, so that block is read from the store until its first write-back."""
         working_dir.mkdir(parents=True, exist_ok=True)
         out = []
-        for p in self.paths:
+        for b, p in zip(self.manifest.blocks, self.store_paths):
             dst = working_dir / p.name
-            if not dst.is_file() or dst.stat().st_size != p.stat().st_size:
-                shutil.copyfile(p, dst.with_suffix(".tmp"))
-                os.replace(dst.with_suffix(".tmp"), dst)
+            dst.with_suffix(".tmp").unlink(missing_ok=True)  # a first write-back that was interrupted
+            if dst.is_file() and dst.stat().st_size != b.nbytes:
+                dst.unlink()
             out.append(dst)
         return out
+
+    def path(self, i: int) -> Path:
+        """Where block ``i``'s current bytes are: its working copy once written back, else the store."""
+        if self.working is not None and self.working[i].is_file():
+            return self.working[i]
+        return self.store_paths[i]
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every block's current file (see :meth:`path`)."""
+        return [self.path(i) for i in range(len(self.store_paths))]
 
     def _nbytes(self, i: int) -> int:
         return self.manifest.blocks[i].nbytes
@@ -167,9 +232,12 @@ class DiskTier(HostTier):
                                "(read ahead further than the ring holds)")
         self.next_ring = (r + 1) % len(self.ring)
         self.pending[i] = r
-        buf, path = self.ring[r][: self._nbytes(i)], self.paths[i]
+        buf, drop = self.ring[r][: self._nbytes(i)], self.drop_cache
         assert self.schedule is not None
-        self.schedule.emit(IO, "read", f"read {self.manifest.blocks[i].name}", lambda: read_file_into(path, buf),
+        # the file is chosen when the read runs: an earlier write on the same (FIFO) I/O thread may have made the
+        # block's working copy
+        self.schedule.emit(IO, "read", f"read {self.manifest.blocks[i].name}",
+                           lambda: read_file_into(self.path(i), buf, drop),
                            reads=(f"file[{i}]",), writes=(f"ring[{r}]",), block=i, nbytes=buf.numel())
 
     def source(self, i: int) -> tuple[str, torch.Tensor]:
@@ -201,12 +269,14 @@ class DiskTier(HostTier):
 
     def after_writeback(self, i: int, offload: object) -> None:
         name, buf = self.writeback_target(i)
-        path = self.paths[i]
+        drop = self.drop_cache
 
         def write() -> bool:
             if offload.skipped:  # type: ignore[attr-defined]
                 return False
-            write_file_from(path, buf)
+            self.check_writable()
+            assert self.working is not None
+            write_file_from(self.working[i], buf, drop)
             return True
 
         assert self.schedule is not None
@@ -215,11 +285,12 @@ class DiskTier(HostTier):
 
     def read_block(self, i: int) -> torch.Tensor:
         buf = torch.empty(self._nbytes(i), dtype=torch.uint8)
-        read_file_into(self.paths[i], buf)
+        read_file_into(self.path(i), buf, self.drop_cache)
         return buf
 
     def write_block(self, i: int, data: torch.Tensor) -> None:
         self.check_writable()
-        write_file_from(self.paths[i], data)
+        assert self.working is not None
+        write_file_from(self.working[i], data, self.drop_cache)
         if i in self.cache:
             self.cache[i].copy_(data)

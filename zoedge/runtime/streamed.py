@@ -39,6 +39,7 @@ from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, dequantize, make_slot
 from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
+from zoedge.store.safetensors_io import WeightStream
 
 
 #: lean mode's default row chunk for forming a perturbation or an update (bytes)
@@ -423,21 +424,35 @@ class StreamedModel:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All current weights as CPU tensors (quantized ones dequantized), tied aliases included."""
-        from zoedge.store import quant as q
         self.synchronize()
         out: dict[str, torch.Tensor] = {}
-        for i, b in enumerate(self.blocks):
-            host = self._read_block(i)
-            for t in b.tensors:
-                if t.quant == "none":
-                    p = t.parts["data"]
-                    out[t.name] = host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).view(t.shape).clone()
-                else:
-                    parts = {k: host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).view(p.shape)
-                             for k, p in t.parts.items()}
-                    out[t.name] = q.dequantize(t.quant, parts, tuple(t.shape), dtype_of(t.dtype), t.blocksize)
+        for i in range(len(self.blocks)):
+            out.update({k: v.clone() for k, v in self._block_state(i).items()})
         for alias, src in self.aliases.items():
             out[alias] = out[src]
+        return out
+
+    def weight_stream(self) -> WeightStream:
+        """The current weights block by block (tied aliases not repeated), for writing a checkpoint or an export
+        of a model larger than memory: only one block's tensors are held at a time."""
+        self.synchronize()
+        entries = [(t.name, dtype_of(t.parts["data"].dtype if t.quant == "none" else t.dtype), tuple(t.shape))
+                   for b in self.blocks for t in b.tensors]
+        return WeightStream(entries, (self._block_state(i) for i in range(len(self.blocks))))
+
+    def _block_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s tensors (views of its host bytes; quantized ones dequantized), after a synchronize."""
+        from zoedge.store import quant as q
+        host = self._read_block(i)
+        out: dict[str, torch.Tensor] = {}
+        for t in self.blocks[i].tensors:
+            if t.quant == "none":
+                p = t.parts["data"]
+                out[t.name] = host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).view(t.shape)
+            else:
+                parts = {k: host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).view(p.shape)
+                         for k, p in t.parts.items()}
+                out[t.name] = q.dequantize(t.quant, parts, tuple(t.shape), dtype_of(t.dtype), t.blocksize)
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -456,12 +471,13 @@ class StreamedModel:
             for t in b.tensors:
                 if t.quant != "none":
                     continue
-                if t.name not in state or tuple(state[t.name].shape) != tuple(t.shape):
-                    got = tuple(state[t.name].shape) if t.name in state else "missing"
+                value = state[t.name] if t.name in state else None  # read once: ``state`` may load lazily
+                if value is None or tuple(value.shape) != tuple(t.shape):
+                    got = tuple(value.shape) if value is not None else "missing"
                     raise ConfigError(t.name, f"checkpoint tensor is {got}, the model needs {tuple(t.shape)}",
                                       "resume from a checkpoint of the same model")
                 p = t.parts["data"]
-                host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).copy_(state[t.name].reshape(-1))
+                host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).copy_(value.reshape(-1))
             self.tier.write_block(i, host)
 
     def _read_block(self, i: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,3 +346,75 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
                                       f"{_REDOWNLOAD} (the shards belong to different checkpoints)")
             where[name] = file
     return Checkpoint(directory, list(shards.values()), where)
+
+
+# ------------------------------------------------------------------------------------------- streamed writing
+@dataclass
+class WeightStream:
+    """Tensors that arrive a few at a time (e.g. one streamed block each), with their layout known up front.
+
+    ``entries``: (name, dtype, shape) of every tensor, in the order ``chunks`` delivers them; ``chunks``: an
+    iterable of mappings name -> tensor (iterated once).
+    """
+
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    chunks: Iterable[Mapping[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, weights: Mapping[str, torch.Tensor]) -> WeightStream:
+        """All of ``weights`` as one chunk; tied aliases (a tensor sharing an earlier one's storage) dropped."""
+        unique: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in weights.items():
+            if v.data_ptr() not in seen or v.numel() == 0:
+                seen.add(v.data_ptr())
+                unique[k] = v
+        return cls([(k, v.dtype, tuple(v.shape)) for k, v in unique.items()], [unique])
+
+
+def write_streamed(path: str | Path, weights: WeightStream, metadata: dict[str, str] | None = None,
+                   check: Callable[[Mapping[str, torch.Tensor]], None] | None = None) -> None:
+    """Write a safetensors file chunk by chunk, so memory holds one chunk, not the file's tensors.
+
+    Args:
+        path: the file to write (created or truncated; callers write into a temporary name and rename).
+        weights: the tensors; the header is written first from ``weights.entries``.
+        metadata: the header's ``__metadata__``.
+        check: called on each chunk before its bytes are written (e.g. refuse non-finite weights).
+
+    Raises:
+        ValueError: a chunk's tensor does not match the next entry (name, dtype or shape), or tensors are
+            missing at the end.
+    """
+    codes = {dt: code for code, dt in _DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})} if metadata else {}
+    offset = 0
+    for name, dtype, shape in weights.entries:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-aligned
+    expected = iter(weights.entries)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for chunk in weights.chunks:
+            if check is not None:
+                check(chunk)
+            _write_chunk(f, chunk, expected, path)
+            del chunk  # before the next one is produced: one chunk in memory at a time
+    missing = [e[0] for e in expected]
+    if missing:
+        raise ValueError(f"{path}: the chunks ended before the tensors {missing[:3]}...")
+
+
+def _write_chunk(f, chunk: Mapping[str, torch.Tensor], expected, path) -> None:
+    for name, t in chunk.items():
+        want = next(expected, None)
+        if want is None or (name, t.dtype, tuple(t.shape)) != (want[0], want[1], tuple(want[2])):
+            raise ValueError(f"{path}: got tensor {name} {t.dtype} {tuple(t.shape)}, expected {want}")
+        view = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            done += f.write(view[done:])

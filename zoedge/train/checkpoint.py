@@ -25,14 +25,17 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zoedge.errors import StoreError
+from zoedge.store.safetensors_io import WeightStream, write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +96,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] | WeightStream, state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
 
     Args:
         root: ``<output>/checkpoints``.
         step: completed steps.
-        weights: tensor name -> CPU tensor (tied aliases are dropped: safetensors refuses shared storage).
+        weights: tensor name -> CPU tensor (tied aliases are dropped: safetensors refuses shared storage), or a
+            :class:`~zoedge.store.safetensors_io.WeightStream` (a streamed model's blocks one at a time, so a
+            model larger than memory is checkpointed holding one block).
         state: JSON-able dict; tensors anywhere inside go to ``optimizer.safetensors``.
 
     Raises:
@@ -112,20 +117,16 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
 
     name = f"step-{step:08d}"
     json_state, tensors = split_tensors(state)
-    check_finite_weights(weights, f"checkpoint {name}", root)
+    stream = weights if isinstance(weights, WeightStream) else WeightStream.of(weights)
     check_finite_weights(tensors, f"checkpoint {name} (optimizer state)", root)
     tmp, final = root / f".tmp-{name}", root / name
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        unique: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for k, v in weights.items():  # drop tied aliases (same storage)
-            if v.data_ptr() not in seen or v.numel() == 0:
-                seen.add(v.data_ptr())
-                unique[k] = v.contiguous()
-        save_file(unique, str(tmp / "model.safetensors"))
+        # each chunk is checked before it is written; a non-finite one stops the write and the folder goes
+        write_streamed(tmp / "model.safetensors", stream,
+                       check=lambda chunk: check_finite_weights(chunk, f"checkpoint {name}", root))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         json_state = {**json_state, CHECKSUMS: {f: _sha256(tmp / f) for f in TENSOR_FILES}}
         (tmp / "state.json").write_text(json.dumps(json_state, indent=1))
@@ -146,6 +147,9 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         raise StoreError(root, f"cannot write checkpoint {name} ({reason})",
                          "free disk space or fix permissions, then re-run with --resume; the previous "
                          "checkpoint is intact") from None
+    except BaseException:  # e.g. a non-finite block found halfway: nothing of this checkpoint is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -217,15 +221,40 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read (weights, state) from a checkpoint folder.
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """A checkpoint's weights, each read from its file when looked up (a model larger than memory is restored
+    one tensor at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise StoreError(self.path, f"unreadable tensor {key} ({e})", "delete this folder to resume from the "
+                             "previous checkpoint, or start without --resume") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load_checkpoint(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
+    """Read (weights, state) from a checkpoint folder; the weights are read lazily (:class:`LazyWeights`).
 
     Raises:
         StoreError: files missing, unreadable or not matching their checksums (names the file and what to do).
     """
     verify_checkpoint(path)
     try:
-        weights = load_file(str(path / "model.safetensors"))
+        weights = LazyWeights(path / "model.safetensors")
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
         raise StoreError(path, f"unreadable checkpoint ({e})",

@@ -143,14 +143,16 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None) 
     Raises:
         TrainingError: a weight is not finite (nothing is written).
     """
-    from safetensors.torch import save_file
-    weights = {k: v for k, v in model.state_dict().items() if k not in model.aliases}
-    check_finite_weights(weights, f"the exported model {out}", ckpt_dir)
+    from zoedge.store.safetensors_io import write_streamed
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    try:  # block by block: a model larger than memory is exported holding one block
+        write_streamed(tmp / "model.safetensors", model.weight_stream(), metadata={"format": "pt"},
+                       check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for name in SIDE_FILES:
         if (model.store / name).is_file():
             shutil.copyfile(model.store / name, tmp / name)
@@ -166,12 +168,18 @@ def load_tokenizer(store: Path) -> Any:
     Raises:
         StoreError: the store has no usable tokenizer files.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(store)
+        tok = AutoTokenizer.from_pretrained(store)
     except (OSError, ValueError) as e:
         raise StoreError(store, f"has no usable tokenizer ({str(e).splitlines()[0]})",
                          "copy tokenizer.json and tokenizer_config.json of the model into it") from None
+    rows = getattr(AutoConfig.from_pretrained(store), "vocab_size", None)
+    if rows is not None and len(tok) > rows:  # ids past the embedding would fail deep inside the first pass
+        raise StoreError(store, f"its tokenizer has {len(tok)} ids but the model's embedding only {rows} rows "
+                         "(the tokenizer of another model?)",
+                         "copy the tokenizer files of the model's own checkpoint into it")
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ class Trainer:
             state["first_order"] = self.fo.state_dict()
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:  # every rank holds the same state: one writes it
-            path = save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), state, self.s.keep_checkpoints)
+            path = save_checkpoint(self.ckpt_dir, self.step, self.model.weight_stream(), state, self.s.keep_checkpoints)
         self.world.barrier()
         return path
 
