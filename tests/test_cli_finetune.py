@@ -108,3 +108,29 @@ def test_disk_tier_run_never_gathers_the_model(setup, monkeypatch):
     assert main(args + ["--steps", "2", "--save-every", "1"]) == 0
     assert (out / "model" / "model.safetensors").is_file()
     assert main(args + ["--steps", "3", "--resume"]) == 0
+
+
+def test_half_units_train_bit_equal_to_layers(setup, capsys):
+    """`--unit half` (OPT: attention and MLP halves stream as separate units) trains to the same weights as whole
+    layers; the Llama family, whose adapter runs whole layers only, is refused naming the option."""
+    from transformers import OPTConfig
+
+    tmp, _, base = setup
+    torch.manual_seed(0)
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=320, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=64))
+    opt.save_pretrained(tmp / "opt")
+    _tokenizer(bos=True).save_pretrained(tmp / "opt")
+    opt_base = [a if a != str(tmp / "hf") else str(tmp / "opt") for a in base] + ["--steps", "2", "--threads", "1"]
+    runs = {}
+    for unit in ("layer", "half"):
+        assert main(opt_base + ["--unit", unit, "--output", str(tmp / unit)]) == 0
+        runs[unit] = ([json.loads(line)["loss"] for line in (tmp / unit / "metrics.jsonl").read_text().splitlines()],
+                      load_file(str(tmp / unit / "model" / "model.safetensors")))
+        assert json.loads((tmp / unit / "summary.json").read_text())["settings"]["unit"] == unit
+    assert runs["half"][0] == runs["layer"][0]
+    assert runs["half"][1].keys() == runs["layer"][1].keys()
+    assert all(torch.equal(runs["half"][1][k], runs["layer"][1][k]) for k in runs["layer"][1])
+    capsys.readouterr()
+    assert main(base + ["--steps", "1", "--unit", "half", "--output", str(tmp / "llama-half")]) == 2
+    assert "--unit" in capsys.readouterr().err

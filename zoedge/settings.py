@@ -96,6 +96,9 @@ class ModelOptions(Settings):
     tier: str = setting("ram", "where the blocks wait between uses: ram (all in host memory) or disk "
                         "(read ahead from the store; trained weights go to OUTPUT/working)", choices=("ram", "disk"))
     prefetch: int = setting(1, "blocks uploaded (and read, for --tier disk) ahead of the one computing", minimum=1)
+    unit: str = setting("layer", "what streams through a device slot: layer (a decoder layer) or half (OPT: its "
+                        "attention and MLP halves as separate units, smaller slots; ram tier, no first-order "
+                        "blocks; results bit-equal to layer)", choices=("layer", "half"))
     dtype: str = setting("fp32", "precision of the prepared store (and of the compute)", choices=("fp32", "bf16", "fp16"))
 
     def check_more(self) -> None:
@@ -159,7 +162,7 @@ class TrainSettings(ScoringOptions):
 
 #: Settings a resumed run may change freely (they do not change the trained weights).
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
-                         "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
+                         "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
                          "dp_mode"})
 
 

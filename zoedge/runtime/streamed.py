@@ -201,9 +201,9 @@ class StreamedModel:
         if names != self.adapter.block_names():
             raise ConfigError(self.store, f"blocks {names[:3]}... do not match the config", "re-run `zoedge prepare`")
         if unit not in UNITS:
-            raise ConfigError("unit", repr(unit), f"use one of {', '.join(UNITS)}")
+            raise ConfigError("--unit", repr(unit), f"use one of {', '.join(UNITS)}")
         if unit != "layer" and tier != "ram":
-            raise ConfigError("unit", f"{unit!r} with tier {tier}", "stream units finer than a layer from the ram tier")
+            raise ConfigError("--unit", f"{unit!r} with tier {tier}", "stream units finer than a layer from the ram tier (--tier ram)")
         self.unit = unit
         # The streaming units: the stored blocks, or parts of them (each a contiguous span of its block's bytes).
         self.blocks, spans = _split(self.adapter, self.manifest.blocks, unit)
@@ -370,8 +370,8 @@ class StreamedModel:
             Per pass, ``head_fn(p, logits)`` or the logits.
         """
         if self.unit != "layer" and getattr(visitor, "first_order", None) is not None:
-            raise ConfigError("unit", f"{self.unit!r} with first-order blocks",
-                              "first-order blocks train whole layers: use unit='layer'")
+            raise ConfigError("--unit", f"{self.unit!r} with first-order blocks",
+                              "first-order blocks train whole layers: use --unit layer")
         state = _PassState(self, visitor, head_fn)
         if inputs is not None:
             inputs = inputs.to(self.device)
@@ -503,13 +503,13 @@ def _split(adapter: Adapter, blocks: Sequence[BlockEntry], unit: str
         try:
             parts = adapter.split(b.name, list(by_name), unit)
         except NotImplementedError as e:
-            raise ConfigError("unit", repr(unit), f"{e}; use unit='layer'") from None
+            raise ConfigError("--unit", repr(unit), f"{e}; use --unit layer") from None
         starts = [min(p.offset for n in names for p in by_name[n].parts.values()) for _, names in parts]
         ends = [*starts[1:], b.nbytes]
         for (name, names), a, z in zip(parts, starts, ends):
             if any(not (a <= p.offset and p.offset + p.nbytes <= z) for n in names for p in by_name[n].parts.values()):
-                raise ConfigError("unit", f"{unit!r}: the tensors of {name} are not contiguous in the store's layout",
-                                  "use unit='layer'")
+                raise ConfigError("--unit", f"{unit!r}: the tensors of {name} are not contiguous in the store's layout",
+                                  "use --unit layer")
             tensors = [TensorEntry(t.name, t.dtype, t.shape, t.quant, t.blocksize,
                                    {k: Part(p.dtype, p.shape, p.offset - a, p.nbytes) for k, p in t.parts.items()})
                        for t in (by_name[n] for n in names)]

@@ -241,7 +241,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
-                               working_dir=working)) as model:
+                               working_dir=working, unit=s.unit)) as model:
         tok = load_tokenizer(store)
         on_device = model.device.type != "cpu"
         if on_device:
@@ -374,7 +374,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     if summary is not None and not s.other_split:
         check_run_split(splits, summary, s, given)
     store = resolve_store(s.model, progress=s.progress)
-    with closing(StreamedModel(store, s.device, s.tier, s.prefetch)) as model:
+    with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
         tok = load_tokenizer(store)
         t0 = time.perf_counter()
         res: dict[str, Any] = {name: asdict(evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress,
