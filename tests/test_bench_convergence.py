@@ -74,3 +74,9 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
     first = capsys.readouterr().out
     assert bench.main(["--from-json", str(out)]) == 0
     assert capsys.readouterr().out == first  # the redraw prints the same table
+    # --max-seconds stops a run after the step that crosses it, and evaluates there
+    argv[argv.index("--budget") + 1] = "100"
+    argv = argv[:argv.index("--opt")] + ["--opt", "mezo", "--max-seconds", "1e-6", "--json", str(out)]
+    assert bench.main(argv) == 0
+    (stopped,) = json.loads(out.read_text())["results"]
+    assert stopped["steps"] == 1 and [p["passes"] for p in stopped["curve"]] == [0, 2]

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="ZO learning rate given to every plugin (option lr)")
     p.add_argument("--budget", type=int, default=400, help="training forward passes per optimizer")
     p.add_argument("--eval-every", type=int, default=80, help="forward passes between dev evaluations")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="also stop an optimizer after this much training wall time (0: no limit), then evaluate")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=200)
@@ -135,7 +137,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         evaluate()
         moved["up"] = moved["down"] = 0
-        while passes < args.budget:
+        while passes < args.budget and not 0 < args.max_seconds <= seconds:
             t0, c0 = time.perf_counter(), time.process_time()
             m = t.train_step()
             seconds += time.perf_counter() - t0
@@ -147,9 +149,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                 evaluate()
                 moved["up"], moved["down"] = up, down  # eval traffic is not training traffic
                 next_eval += args.eval_every
+        if curve[-1]["passes"] != passes:  # stopped by --max-seconds between evaluations
+            evaluate()
         fo = t.fo.memory() if t.fo is not None else {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"optimizer": args.one, "options": options, "steps": steps, "passes": passes, "train_seconds": seconds,
-            "train_cpu_seconds": cpu_seconds, "curve": curve, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "train_cpu_seconds": cpu_seconds, "curve": curve, "peak_rss_bytes": peak,
             "up_bytes_per_step": moved["up"] / steps, "down_bytes_per_step": moved["down"] / steps,
             "fo_memory": fo}
 
@@ -255,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         child = list(argv if argv is not None else sys.argv[1:])
         load_before = os.getloadavg()[0]
         results = run_all(args, specs, child)
-        header = (f"task {args.task}, budget {args.budget} forward passes, batch {args.batch_size}, "
+        limit = f" or {args.max_seconds:.0f} s" if args.max_seconds else ""
+        header = (f"task {args.task}, budget {args.budget} forward passes{limit}, batch {args.batch_size}, "
                   f"{args.n_train} train / {args.n_dev} dev, seed {args.seed}, ZO lr {args.lr} unless given, "
                   f"{args.threads or 'default'} thread(s) x {min(args.jobs, len(specs))} run(s) at once; "
                   f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
