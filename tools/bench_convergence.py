@@ -36,6 +36,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,11 @@ def accuracy_within(curve: list[dict[str, float]], key: str, limit: float) -> fl
     return [p for p in curve if p[key] <= limit * (1 + 1e-9)][-1]["dev_accuracy"]
 
 
+def mib(value: float | None, unit: int = 2**20, fmt: str = ".0f", suffix: str = "") -> str:
+    """``value / unit`` formatted, or "—" where a record lacks it (a run rebuilt from its progress log)."""
+    return "—" if value is None else f"{value / unit:{fmt}}{suffix}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: the curves' summary, then what it took each optimizer to reach the reference's accuracy."""
     ref = results[0]
@@ -184,8 +190,8 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"({r['train_cpu_seconds']:.0f}) | {r['train_seconds'] / r['passes']:.2f} "
                      f"({r['train_cpu_seconds'] / r['passes']:.2f}) | "
                      f"{accuracy_within(c, 'cpu_seconds', ref_cpu):.3f} / {accuracy_within(c, 'seconds', ref_wall):.3f}"
-                     f" | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['up_bytes_per_step'] / 2**20:.0f} / "
-                     f"{r['down_bytes_per_step'] / 2**20:.0f} |")
+                     f" | {mib(r['peak_rss_bytes'], 2**30, '.2f', ' GiB')} | {mib(r['up_bytes_per_step'])} / "
+                     f"{mib(r['down_bytes_per_step'])} |")
     lines += ["", f"steps to target: first evaluation at or above {ref['optimizer']}'s final dev accuracy {target:.3f}",
               "", "| optimizer | passes | steps | train s | CPU s | passes vs reference |", "|---|---|---|---|---|---|"]
     ref_hit = first_reach(ref["curve"], target)
@@ -210,19 +216,20 @@ def plot(results: list[dict[str, Any]], path: Path, title: str = "") -> None:
         return
     keys = (("passes", "training forward passes"), ("cpu_seconds", "training CPU time (s)"),
             ("seconds", "training wall time (s)"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, len(keys), figsize=(15, 5.2))
     for r in results:
         c = r["curve"]
         for ax, (key, label) in zip(axes, keys):
             ax.plot([x[key] for x in c], [x["dev_accuracy"] for x in c], marker="o", label=r["optimizer"])
             ax.set_xlabel(label)
-    if title:
-        fig.suptitle(title, fontsize=10)
     for ax in axes:
         ax.set_ylabel("dev accuracy")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(textwrap.fill(title, 170), fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 + 0.025 * ((len(results) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=120)
 
 
