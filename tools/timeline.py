@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Predicted step time of a streamed pass on a GPU, from the schedule zoedge really emits.
 
-How: a *narrow twin* of the model (same family, layer count and tied embeddings, tiny width, random weights)
-is prepared and run once on the CPU, recording the operations the runtime emits (the schedule does not
-depend on the width). Each operation is then costed at the real model's size: its block's bytes over the
+How: a *narrow twin* of the model (same family, layer count and tied embeddings, tiny width, zero weights)
+is prepared and streamed, recording the operations the runtime emits without executing them (the schedule
+does not depend on the width; :func:`zoedge.plan.timing.emitted_schedule`, as ``zoedge plan`` does). Each operation is then costed at the real model's size: its block's bytes over the
 link's bandwidth, its block's forward FLOPs (``FlopCounterMode`` on a meta-device copy of the real model, for
 ``--batch`` x ``--seq``) times the passes per residency over the GPU's throughput. The second of two
 recorded passes is placed on the upload / compute / offload lanes (:mod:`zoedge.runtime.timeline`): the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 try:
@@ -35,8 +34,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-import zoedge
-from zoedge.runtime.engines import SyncEngine
+from zoedge.plan.timing import emitted_schedule
 from zoedge.runtime.timeline import PRESETS, Costs, Hardware, block_flops, predict
 
 MODELS = {
@@ -45,7 +43,6 @@ MODELS = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, num_hidden_layers=30, tie_word_embeddings=True),
 }
-NARROW = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
 H200_RESIDENT = dict(model="llama2-7b", layers=6, batch=8, seq=512, seconds=0.0240)  # measured, see docstring
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -112,33 +109,11 @@ def block_bytes(cfg, dtype: str) -> list[int]:
     return out
 
 
-class _Train(zoedge.BlockVisitor):
-    def __init__(self, passes: int) -> None:
-        self.passes = passes
-
-    def on_resident(self, block):
-        block.mark_dirty()
-
-
-def record(args: argparse.Namespace, root: Path):
-    """The operations of one steady-state pass of the narrow twin."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model_config(args.model, args.layers, **NARROW)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "hf")
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
-    work = {"working_dir": root / "work"} if args.tier == "disk" else {}
-    m = zoedge.load(root / "store", tier=args.tier, prefetch=args.prefetch, engine=SyncEngine(),
-                    in_place=False, **work)  # the accelerator's schedule
-    visitor = _Train(args.passes) if args.train else type("Passes", (zoedge.BlockVisitor,), {"passes": args.passes})()
-    ids = torch.randint(2, 60, (2, 5))
-    m.run(visitor, ids)
-    ops = m.schedule.record()
-    m.run(visitor, ids)
-    m.synchronize()
-    m.close()
-    return ops
+def record(args: argparse.Namespace):
+    """The operations of one steady-state pass, as the runtime emits them (the narrow twin of
+    :mod:`zoedge.plan.timing`, which ``zoedge plan`` costs the same way)."""
+    return emitted_schedule(model_config(args.model, args.layers), args.layers, args.passes, args.train, args.tier,
+                            args.prefetch)
 
 
 def draw(tl, path: Path, title: str) -> None:
@@ -172,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_config(args.model, args.layers)
     names = _block_names(cfg)
     flops, nbytes = block_flops(cfg, names, args.batch, args.seq), block_bytes(cfg, args.dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        ops = record(args, Path(tmp))
+    ops = record(args)
     tl = predict(ops, Costs(hw, flops, passes=args.passes, block_bytes=nbytes))
     compute = args.passes * sum(flops) / (hw.tflops * 1e12)
     moved = sum(nbytes) * (2 if args.train else 1)

@@ -19,13 +19,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="predict device memory, host RAM, bytes moved and step time of fine-tuning a model on a GPU",
         description="Plan one training step without the weights: device bytes are counted exactly (long-lived "
         "buffers from the store layout and the runtime's allocation rules, transient tensors by running the "
-        "model's blocks on the meta device); step time is a roofline prediction. Each figure is given for "
+        "model's blocks on the meta device); step time is predicted by placing the schedule the runtime emits "
+        "for the step (uploads, compute, write-backs, disk reads and writes) on a timeline at the hardware's rates "
+        "(zoedge.plan.timing), with its critical path. Each figure is given for "
         "today's runtime and for the lean-residency design target (not implemented yet). Several MODELs give "
         "a one-line-per-model summary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s; "
-        "a100-80g 80 GiB, 312, PCIe 4.0 ~25; h100 80 GiB, 989, PCIe 5.0 ~50; h200 141 GB, 989, PCIe 5.0 ~52 "
-        "(measured). Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --method lowrank\n"
+        epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s, "
+        "memory 1008 GB/s; a100-80g 80 GiB, 312, PCIe 4.0 ~25, 2039; h100 80 GiB, 989, PCIe 5.0 ~50, 3350; h200 141 "
+        "GB, 989, PCIe 5.0 ~52 (measured by zoedge), 4800. Disk: NVMe Gen4, 7 GB/s read, 5 GB/s write. Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --method lowrank\n"
         "  zoedge plan opt-1.3b opt-13b opt-175b --json plan.json")
     p.add_argument("models", metavar="MODEL", nargs="+",
                    help="named shape (opt-1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
@@ -36,6 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pcie-gbps", type=float, default=None, metavar="GB/S",
                    help="override the effective pinned host-to-device rate (GB/s)")
     p.add_argument("--disk-gbps", type=float, default=None, metavar="GB/S", help="disk read rate (default 7 GB/s)")
+    p.add_argument("--disk-write-gbps", type=float, default=None, metavar="GB/S",
+                   help="disk write rate: dense write-backs on the disk tier (default 5 GB/s)")
+    p.add_argument("--gpu-mem-gbps", type=float, default=None, metavar="GB/S",
+                   help="override the GPU's memory bandwidth (GB/s): costs the noise, perturbation and update work")
     p.add_argument("--host-ram", type=float, default=None, metavar="GIB", help="host RAM available (GiB; "
                    "default: not checked)")
     p.add_argument("--efficiency", type=float, default=None, metavar="F",
@@ -66,6 +72,13 @@ def _g(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def rates_line(hw) -> str:
+    """The hardware figures every prediction is made with."""
+    return (f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
+            f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, memory {hw.memory_bw / 1e9:.0f} GB/s, PCIe "
+            f"{hw.pcie / 1e9:.0f} GB/s, disk {hw.disk / 1e9:.0f} GB/s read / {hw.disk_write / 1e9:.0f} GB/s write")
+
+
 def detail(plan) -> str:
     """The human-readable table of one plan."""
     hw, w = plan.hardware, plan.work
@@ -75,9 +88,7 @@ def detail(plan) -> str:
              f"{'' if plan.quant == 'none' else ' + ' + plan.quant}, {plan.method.note}",
              f"step: batch {w.batch} x seq {w.seq}, {w.n_scored} scored positions, {w.attention} attention, "
              f"{w.tier} tier, prefetch {w.prefetch}",
-             f"hardware: {hw.name}: {'' if hw.gpu_memory is None else _g(hw.gpu_memory) + ', '}"
-             f"{hw.gpu_flops / 1e12:.1f} TFLOP/s x {hw.efficiency}, PCIe {hw.pcie / 1e9:.0f} GB/s, "
-             f"disk {hw.disk / 1e9:.0f} GB/s", "",
+             rates_line(hw), "",
              f"{'device memory (GB = 1e9 bytes)':40s} {'today':>10s} {'lean (design)':>14s}"]
     keys = list(dict.fromkeys([*plan.device_long_lived, *plan.lean_long_lived]))
     for k in keys:
@@ -90,26 +101,40 @@ def detail(plan) -> str:
     lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
-              f"predicted step (roofline, not measured): {t['step_s']:.2f} s ({t['bound']}-bound: transfer "
-              f"{t['transfer_s']:.2f} s, compute {t['compute_s']:.2f} s), {t['tokens_per_s']:.0f} tokens/s",
+              *time_lines(t),
               "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
     for f in plan.fits:
         units = ", ".join(f"{u} {_g(v)}" for u, v in f["lean_by_unit"].items())
         lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
-                     f"{'fits' if f['fits'] else 'no':4s}   lean by unit: {units}; fit: "
+                     f"{'fits' if f['fits'] else 'no':4s} step {f['step_s']:.3f} s (pred.)   lean by unit: {units}; fit: "
                      f"{', '.join(f['lean_units_that_fit']) or 'none'}")
     return "\n".join(lines)
+
+
+def time_lines(t: dict) -> list[str]:
+    """The predicted step: total, what bounds it (the critical path by kind), stalls, the roofline beside it."""
+    crit = ", ".join(f"{k} {v:.3f} s" for k, v in t["critical_path_s"].items() if v > 0)
+    busy = ", ".join(f"{k} {v:.3f} s" for k, v in t["busy_s"].items() if v > 0)
+    return [f"predicted step (timeline of the runtime's schedule at the rates above; not measured): {t['step_s']:.3f} s, "
+            f"{t['tokens_per_s']:.0f} tokens/s, {t['bound']}-bound",
+            f"  critical path: {crit}",
+            f"  busy per queue: {busy}; transfer/compute overlap {t['overlap_s']:.3f} s; compute stalled "
+            f"{t['compute_stall_s']:.3f} s",
+            f"  of the compute: forward passes {t['forward_s']:.3f} s, noise + perturbation + update "
+            f"{t['arithmetic_s']:.3f} s (bytes / memory bandwidth); roofline sum of max(transfer, compute) per "
+            f"block {t['roofline_s']:.3f} s"]
 
 
 def summary(plans) -> str:
     """One line per model (the README table's columns)."""
     head = (f"{'model':14s} {'params':>8s} {'today':>10s} {'lean (design)':>14s} {'ZO2 (published)':>16s} "
-            f"{'host RAM':>10s} {'step (pred.)':>12s}")
-    lines = [head]
+            f"{'host RAM':>10s} {'step (pred.)':>12s} {'bound':>9s}")
+    lines = [rates_line(plans[0].hardware), head]
     for p in plans:
         zo2 = ZO2_GB.get(p.model)
         lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.lean_gpu_peak):>14s} "
-                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s")
+                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s "
+                     f"{p.time['bound']:>9s}")
     return "\n".join(lines)
 
 
@@ -120,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.plan.hardware import hardware
 
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
-                  disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency)
+                  disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,
+                  disk_write_gbps=args.disk_write_gbps, memory_gbps=args.gpu_mem_gbps)
     m = method(args.method, args.q)
     work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention)
     work.check()
@@ -132,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
-          "device-used adds the CUDA context too); 'lean' is the design target, not implemented yet; step times are "
-          "a roofline.", file=human)
+          "device-used adds the CUDA context too); 'lean' is the design target, not implemented yet; step times "
+          "place the runtime's schedule on a timeline at the stated rates (zoedge/plan/timing.py).", file=human)
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)

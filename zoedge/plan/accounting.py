@@ -25,16 +25,14 @@ slot and no copies, and a quantized base multiplies through bitsandbytes, which
 dequantizes one matrix at a time for multi-token inputs. Its transient tensors
 are today's.
 
-Step time is a prediction: a roofline per block, ``max(upload / pcie,
-write-back / pcie, disk / disk rate, passes × FLOPs / (flops × efficiency))``,
-summed over blocks (copies overlap compute on separate streams; H2D and D2H
-overlap each other). FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
-on the same meta run.
+Step time is a prediction: the runtime's schedule for the step, costed on the
+hardware and placed on a timeline (:mod:`zoedge.plan.timing`); FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode`` on the same meta run.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ import torch
 
 from zoedge.errors import ConfigError
 from zoedge.plan.hardware import GiB, Hardware
+from zoedge.plan.timing import step_time
 from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
 QUANTS = ("none", "int8", "nf4")
@@ -382,7 +381,7 @@ class Plan:
     disk: int
     moved: dict[str, int]
     flops_per_step: float
-    time: dict[str, float]
+    time: dict[str, Any]
     fits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -417,7 +416,8 @@ class Plan:
 NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; before allocator rounding); gpu_peak adds "
          "the cuBLAS workspace; NVML device-used adds the CUDA context and the allocator's cache on top",
          "lean_* figures are the lean-residency design target, not yet implemented",
-         "step time is a roofline prediction, not a measurement")
+         "time: the step's predicted timeline (zoedge.plan.timing: the runtime's schedule costed at the hardware's "
+         "rates), not a measurement; roofline_s is the per-block max(transfer, compute) bound beside it")
 
 
 def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = 64 * 2**20) -> Plan:
@@ -440,23 +440,8 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     disk_read = (stored - sum(b.nbytes for b in blocks[:work.ram_cache_blocks])) if work.tier == "disk" else 0
     disk_write = d2h if work.tier == "disk" else 0
     flops = {"embed": sim.flops["embed"], "layer": sim.flops["layer"], "head": sim.flops["head"]}
-    rate = hw.gpu_flops * hw.efficiency
-    t_total, t_transfer, t_compute = 0.0, 0.0, 0.0
-    for b in blocks:
-        kind = "layer" if b.name.startswith("layers.") else b.name
-        up = b.nbytes / hw.pcie
-        down = (b.nbytes / hw.pcie) if (m.dense and all(t.quant == "none" for t in b.tensors)) else 0.0
-        dsk = (b.nbytes * (2 if (m.dense and work.tier == "disk") else 1) / hw.disk) if work.tier == "disk" else 0.0
-        comp = m.passes * flops[kind] / rate
-        move = max(up, down, dsk)
-        t_total += max(move, comp)
-        t_transfer += move
-        t_compute += comp
     total_flops = m.passes * sum(flops["layer" if b.name.startswith("layers.") else b.name] for b in blocks)
-    tokens = work.batch * work.seq
-    time = {"step_s": t_total, "transfer_s": t_transfer, "compute_s": t_compute,
-            "tokens_per_s": tokens / t_total if t_total else 0.0,
-            "bound": "transfer" if t_transfer >= t_compute else "compute"}
+    time = step_time(spec, m, work, hw, flops).to_dict()
     plan = Plan(spec.label, spec.layers, spec.measured_layers, spec.dtype, spec.quant, m, work, hw,
                 params=sum(t.numel for b in blocks for t in b.tensors), stored_bytes=stored,
                 device_long_lived=live, lean_long_lived=lean, transient_peak=sim.peak,
@@ -464,6 +449,8 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
                 flops_per_step=float(total_flops), time=time)
     plan.fits = _fits(spec, m, work, hw, sim.peak, chunk_bytes)
+    for f in plan.fits:  # the predicted step of each tier and prefetch depth (today's runtime)
+        f["step_s"] = step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"]), hw, flops).timeline.total
     return plan
 
 

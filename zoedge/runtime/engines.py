@@ -17,8 +17,9 @@ a pass: the caller is about to read what compute produced), ``synchronize()`` (e
 from __future__ import annotations
 
 import random
+import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from zoedge.runtime.schedule import COMPUTE, IO, QUEUES, Op
@@ -66,21 +67,50 @@ class _IOThread:
             self.pool.shutdown(wait=True)
 
 
-class SyncEngine(Engine):
-    """CPU: upload, compute and offload run inline in emission order (a pass costs what the plain loop
-    costs); disk I/O runs ahead on one thread and a device operation host-waits for the I/O it needs."""
+class OpTimes:
+    """Where a :class:`SyncEngine`'s time goes: wall seconds per operation kind (``read`` and ``write`` on the I/O
+    thread, ``upload``, ``compute``, ``offload`` on the calling thread) and ``stall``, the time the calling thread
+    waited for disk I/O. Each key is written by one thread only; read the figures after ``synchronize``."""
 
     def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    def timed(self, op: Op) -> None:
+        t0 = time.perf_counter()
+        try:
+            op.run()
+        finally:
+            self.seconds[op.kind] += time.perf_counter() - t0
+
+
+class SyncEngine(Engine):
+    """CPU: upload, compute and offload run inline in emission order (a pass costs what the plain loop
+    costs); disk I/O runs ahead on one thread and a device operation host-waits for the I/O it needs.
+
+    Args:
+        times: if given, every operation's wall time and every host wait is added to it (``zoedge bench``).
+    """
+
+    def __init__(self, times: OpTimes | None = None) -> None:
         self.io = _IOThread()
+        self.times = times
 
     def issue(self, op: Op) -> None:
+        run = op.run if self.times is None else (lambda: self.times.timed(op))
         if op.queue == IO:
-            op.done = self.io.submit(op.run)
+            op.done = self.io.submit(run)
             return
-        for w in op.waits:
-            if w.producer.queue == IO:
-                w.producer.done.result()
-        op.run()
+        io = [w.producer for w in op.waits if w.producer.queue == IO]
+        if io:
+            t0 = time.perf_counter()
+            for producer in io:
+                producer.done.result()
+            if self.times is not None:
+                self.times.seconds["stall"] += time.perf_counter() - t0
+        run()
 
     def synchronize(self) -> None:
         self.io.drain()

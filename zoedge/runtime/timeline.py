@@ -125,17 +125,21 @@ class Costs:
         passes: forward passes per residency (MeZO: 2q); 0 for a flush (no forward).
         block_bytes: bytes per block, overriding each operation's own (a narrow twin's schedule costed at the real
             model's size).
+        compute_extra_s: seconds added to each block's compute operation (e.g. a method's elementwise noise,
+            perturbation and update work, costed by the caller).
     """
 
     hardware: Hardware
     block_flops: Sequence[float]
     passes: int = 1
     block_bytes: Sequence[int] | None = None
+    compute_extra_s: Sequence[float] | None = None
 
     def __call__(self, op: Op) -> float:
         hw = self.hardware
         if op.kind == "compute":
-            return self.passes * self.block_flops[op.block] / (hw.tflops * 1e12)
+            extra = self.compute_extra_s[op.block] if self.compute_extra_s is not None else 0.0
+            return self.passes * self.block_flops[op.block] / (hw.tflops * 1e12) + extra
         nbytes = self.block_bytes[op.block] if self.block_bytes is not None else op.nbytes
         rate = {"read": hw.disk_read_gbps, "write": hw.disk_write_gbps, "upload": hw.upload_gbps,
                 "offload": hw.offload_gbps}[op.kind]
