@@ -130,7 +130,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         passes, steps, seconds, cpu_seconds, next_eval = 0, 0, 0.0, 0.0, args.eval_every
 
         def evaluate() -> None:
+            up, down = moved["up"], moved["down"]
             e = t.evaluate(dev, "dev")
+            moved["up"], moved["down"] = up, down  # eval traffic is not training traffic
             curve.append({"passes": passes, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
                           "dev_accuracy": e.accuracy, "dev_loss": e.loss})
             print(f"[{args.one}] {passes} passes, {seconds:.0f} s ({cpu_seconds:.0f} CPU s): dev accuracy "
@@ -146,9 +148,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             steps += 1
             passes += len(t.last_losses) + int(m.get("projection_passes", 0))
             if passes >= next_eval or passes >= args.budget:
-                up, down = moved["up"], moved["down"]
                 evaluate()
-                moved["up"], moved["down"] = up, down  # eval traffic is not training traffic
                 next_eval += args.eval_every
         if curve[-1]["passes"] != passes:  # stopped by --max-seconds between evaluations
             evaluate()
