@@ -30,6 +30,7 @@ from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.first_order import FOSettings
 from zoedge.optim.lowrank import LowRankPerturbed
 from zoedge.optim.registry import register_optimizer
+from zoedge.runtime.perturbed import Fill
 from zoedge.runtime.streamed import Resident
 from zoedge.store.manifest import BlockEntry
 
@@ -97,16 +98,17 @@ class HZO(ZOOptimizer):
         return t.ndim == 2 or self.vector == "dense"
 
     # --------------------------------------------------------------- hooks
+    def z(self, step: int, name: str) -> Fill:
+        """A 1-D tensor's dense noise (any range of it: the lean runtime forms it just in time)."""
+        return lambda out, start, total: self.noise.normal_at_(out, step, name, "z0", start, total)
+
     def draw(self, block: Resident) -> None:
-        z = block.workspace("z0")
-        for name, t in block.tensors.items():
-            if t.ndim != 2 and self._trains(name, t):
-                self.noise.normal_(z[name], self.t, name, "z0")
+        dense = [n for n, t in block.tensors.items() if t.ndim != 2 and self._trains(n, t)]
+        block.noise("z0", lambda name: self.z(self.t, name), dense)
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k = p - (self.passes - 2)          # with a first-order pass first: pass 0 is unperturbed
         sign = 0.0 if k < 0 else (1.0 if k == 0 else -1.0)
-        z, out = block.workspace("z0"), block.workspace("scratch")
         seen: dict[str, torch.Tensor] = {}
         for name, t in block.tensors.items():
             if not self._trains(name, t):
@@ -119,15 +121,10 @@ class HZO(ZOOptimizer):
                     continue
                 factor = u.mul_(sign * self.eps) if a is None else (a + sign * self.eps * u)
                 seen[name] = LowRankPerturbed(t, factor.to(t.dtype), v.to(t.dtype), 1.0)
-            elif sign or name in self.d:
-                o = out[name].copy_(t)
-                if name in self.d:
-                    o.add_(self.d[name].to(t.dtype))
-                if sign:
-                    o.add_(z[name], alpha=sign * self.eps)
-                seen[name] = o
             else:
-                seen[name] = t
+                base = t + self.d[name].to(t.dtype) if name in self.d else t  # 1-D: small
+                seen[name] = block.perturbed(name, "z0", self.z(self.t, name), sign * self.eps, base) if sign \
+                    else base
         return seen
 
     def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
@@ -137,7 +134,6 @@ class HZO(ZOOptimizer):
 
     def apply(self, block: Resident, update: Update) -> None:
         c = -update["lr"] * update["g"]
-        scratch = block.workspace("z0")
         for name, t in block.tensors.items():
             if not self._trains(name, t):
                 continue
@@ -151,7 +147,7 @@ class HZO(ZOOptimizer):
                         a = self.a[name] = torch.zeros_like(u)
                     a.add_(u, alpha=c / self.rank)
             else:
-                z = self.noise.normal_(scratch[name], update.step, name, "z0")
+                z = self.z(update.step, name)(block.buffer("z0", name), 0, t.numel())
                 if self.factors == "off":
                     t.add_(z, alpha=c)
                 else:

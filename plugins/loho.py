@@ -29,6 +29,7 @@ from zoedge.optim.first_order import FOSettings
 from zoedge.optim.noise import stream_seed
 from zoedge.optim.registry import register_optimizer
 from zoedge.optim.sparse_delta import SparseDeltaWeight, sample_entries
+from zoedge.runtime.perturbed import Fill
 from zoedge.runtime.streamed import Resident
 from zoedge.store.manifest import BlockEntry, dtype_of
 from zoedge_plugins.mezo import MeZO, mezo_update_
@@ -127,12 +128,18 @@ class LoHO(MeZO):
         return FOSettings(self.fo_optimizer, self.fo_lr, self.fo_weight_decay)
 
     # ---------------------------------------------------------------- hooks
-    def draw(self, block: Resident) -> None:
-        super().draw(block)
-        z = block.workspace("z0")
-        for name in block.tensors:
-            if name in self.entries:  # FO entries are not ZO-perturbed
-                z[name].view(-1)[self.entries[name]] = 0
+    def z(self, step: int, name: str, k: int) -> Fill:
+        """MeZO's z with the FO entries zeroed (they are not ZO-perturbed)."""
+        fill, entries = super().z(step, name, k), self.entries.get(name)
+        if entries is None:
+            return fill
+
+        def masked(out: torch.Tensor, start: int, total: int) -> torch.Tensor:
+            fill(out, start, total)
+            inside = entries[(entries >= start) & (entries < start + out.numel())] - start
+            out.view(-1)[inside] = 0
+            return out
+        return masked
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         if not self.chosen:
@@ -155,12 +162,9 @@ class LoHO(MeZO):
         if not self.entries:
             return super().apply(block, update)
         # MeZO's update with the step's z zeroed on the FO entries, then Δ merged into the weight
-        scratch = block.workspace("scratch")
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
-            z = self.noise.normal_(scratch[name], update.step, name, "z0")
-            if name in self.entries:
-                z.view(-1)[self.entries[name]] = 0
+            z = self.z(update.step, name, 0)(block.buffer("scratch", name), 0, theta.numel())
             mezo_update_(theta, [(z, update["g"][0])], 1, update["lr"], wd)
             if name in self.delta:
                 with torch.no_grad():

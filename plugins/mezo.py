@@ -5,6 +5,9 @@ two passes θ ± εz_k, projected gradient g_k = (L₊ − L₋) / (2ε). The up
 θ ← θ − η ( (1/q) Σ_k g_k z_k + λθ ) is applied lazily when the block is next
 resident (λ skipped for 1-D tensors: biases and norm weights).
 
+Noise: ``noise=gaussian`` (default), ``rademacher`` (±1) or ``pool`` (windows of one pre-drawn pool: no
+per-step draw, no noise workspace); their statistics are in :mod:`zoedge.optim.noise`.
+
 Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
 ``stochastic_rounding=True`` computes it in fp32 and rounds stochastically
 (noise stream ``sr``) so tiny updates are not lost on average.
@@ -16,7 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from zoedge.optim.api import Update, ZOOptimizer
+from zoedge.optim.noise import NOISE_KINDS, make_noise
 from zoedge.optim.registry import register_optimizer
+from zoedge.runtime.perturbed import Fill
 from zoedge.runtime.streamed import Resident
 
 
@@ -64,31 +69,51 @@ class MeZO(ZOOptimizer):
         weight_decay: λ (decoupled from the ZO estimate; not applied to 1-D tensors).
         q: number of random directions per step (2q passes per residency).
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
+        noise: the direction noise: gaussian (N(0, 1)), rademacher (±1) or pool (windows of one pre-drawn pool,
+            no per-step draw); statistics in zoedge/optim/noise.py.
     """
 
     def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False, noise: str = "gaussian") -> None:
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if q < 1:
             raise ValueError(f"q must be >= 1, got {q}")
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")
         super().__init__(seed=seed, lr=lr, weight_decay=weight_decay)
+        self.noise = make_noise(noise, seed)
         self.eps, self.q, self.stochastic_rounding = eps, q, stochastic_rounding
         self.passes = 2 * q
 
+    def z(self, step: int, name: str, k: int) -> Fill:
+        """Direction ``k``'s noise for tensor ``name`` at ``step`` (any row range of it; see
+        :data:`zoedge.runtime.perturbed.Fill`): every draw of a tensor's z, in the passes and in the update, goes
+        through here, so they are the same numbers however they are chunked."""
+        return lambda out, start, total: self.noise.normal_at_(out, step, name, f"z{k}", start, total)
+
     def draw(self, block: Resident) -> None:
-        """z_k for this step, one draw per residency, reused by the +ε and −ε passes."""
-        for k in range(self.q):
-            z = block.workspace(f"z{k}")
-            for name in block.tensors:
-                self.noise.normal_(z[name], self.t, name, f"z{k}")
+        """z_k for this step, once per residency, reused by the +ε and −ε passes (lean runtimes regenerate it): only
+        the directions this rank evaluates (direction-split data parallel), and none when the noise source forms
+        θ ± εz directly (e.g. ``noise=pool``)."""
+        if self.noise.redraw_is_free:
+            return
+        for k in filter(self.evaluates, range(self.q)):
+            block.noise(f"z{k}", lambda name, k=k: self.z(self.t, name, k))
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k, minus = divmod(p, 2)
-        z, out = block.workspace(f"z{k}"), block.workspace("scratch")
-        for name, theta in block.tensors.items():
-            torch.add(theta, z[name], alpha=-self.eps if minus else self.eps, out=out[name])
-        return out
+        alpha = -self.eps if minus else self.eps
+        if self.noise.redraw_is_free and not block.lean:  # θ ± εz straight from the source, no noise workspace
+            out = block.workspace("scratch")
+            for name, theta in block.tensors.items():
+                self.noise.add_(out[name], theta, alpha, self.t, name, f"z{k}")
+            return out
+        return {name: block.perturbed(name, f"z{k}", self.z(self.t, name, k), alpha) for name in block.tensors}
+
+    def direction_passes(self) -> list[list[int]] | None:
+        """Direction k's passes: 2k (θ + εz_k) and 2k + 1 (θ − εz_k); None for a subclass with other passes."""
+        return [[2 * k, 2 * k + 1] for k in range(self.q)] if self.passes == 2 * self.q else None
 
     def end_step(self, losses: Sequence[torch.Tensor]) -> Update:
         ls = [float(x) for x in losses]
@@ -98,16 +123,28 @@ class MeZO(ZOOptimizer):
                       {"projected_grad": sum(gs) / len(gs)})
 
     def apply(self, block: Resident, update: Update) -> None:
-        """θ ← θ − lr((1/q) Σ g_k z_k + λθ); the step's z_k are regenerated one at a time into scratch."""
-        scratch = block.workspace("scratch")
+        """θ ← θ − lr((1/q) Σ g_k z_k + λθ), row chunk by row chunk (the whole tensor unless the runtime is lean);
+        the step's z_k are regenerated one at a time into scratch."""
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
-            directions = ((self.noise.normal_(scratch[name], update.step, name, f"z{k}"), g)
-                          for k, g in enumerate(update["g"]))
-            if self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16):
-                value = theta.float()  # fp32 master of this tensor for the update (allocates; SR path only)
-                mezo_update_(value, directions, self.q, update["lr"], wd)
-                uniform = self.noise.uniform_(torch.empty_like(value), update.step, name, "sr")
-                stochastic_round_(theta, value, uniform)
-            else:
-                mezo_update_(theta, directions, self.q, update["lr"], wd)
+            sr = self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16)
+            if self.noise.redraw_is_free and not sr:  # same op order as mezo_update_, z read from the source
+                if wd:
+                    theta.mul_(1.0 - update["lr"] * wd)
+                for k, g in enumerate(update["g"]):
+                    self.noise.add_(theta, theta, -update["lr"] * g / self.q, update.step, name, f"z{k}")
+                continue
+            row = theta[0].numel() if theta.ndim > 1 else 1
+            for a, b in block.chunks(name):
+                part = theta[a:b] if theta.ndim else theta
+                scratch = block.buffer("scratch", name, (a, b))
+                directions = ((self.z(update.step, name, k)(scratch, a * row, theta.numel()), g)
+                              for k, g in enumerate(update["g"]))
+                if sr:
+                    value = part.float()  # fp32 master of this part for the update (allocates; SR path only)
+                    mezo_update_(value, directions, self.q, update["lr"], wd)
+                    uniform = self.noise.uniform_at_(torch.empty_like(value), update.step, name, "sr", a * row,
+                                                     theta.numel())
+                    stochastic_round_(part, value, uniform)
+                else:
+                    mezo_update_(part, directions, self.q, update["lr"], wd)

@@ -38,10 +38,12 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert main(base + ["--steps", "2", "--output", str(out), "--save-every", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dev_before"]["accuracy"] is not None
-    assert summary["threads"]["source"] == "affinity" and summary["threads"]["threads"] >= 1  # the choice is recorded
+    assert summary["threads"]["source"].startswith(("affinity", "idle cores")) and summary["threads"]["threads"] >= 1  # the choice is recorded
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    assert {"loss", "lr", "projected_grad", "seconds", "tokens"} <= set(metrics[0])
+    assert {"loss", "lr", "projected_grad", "seconds", "tokens", "threads"} <= set(metrics[0])
+    assert summary["threads"]["final_threads"] == metrics[-1]["threads"] and "changes" in summary["threads"]
+    assert 0 < summary["eval_seconds"] < summary["wall_seconds"]
     # the output is a transformers model directory holding the trained weights
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
     trained = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))

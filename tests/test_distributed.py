@@ -4,6 +4,11 @@ Tolerance: the ranks all-reduce each pass's (mean loss · count, count) and divi
 their own length, so a pass's loss differs from the one-process mean by floating-point rounding (~1e-7 relative);
 the projected gradient (L+ - L-) / 2ε turns that into ~1e-5 of g, and the weights differ by lr·Δg·z: measured 1.2e-7 at most (fp32 rounding of the updated weights), losses 1.6e-7 relative.
 The ranks themselves must agree bit for bit (they apply the same update from the same all-reduced scalars).
+
+Direction-split mode (``dp_mode="directions"``): every rank computes its directions' passes on the whole batch, as
+one process does, and the gathered losses are copied exactly (float64), so losses and weights are bit-equal to one
+process with the same intra-op thread count (the reference runs with the ranks' one thread: a matrix product's
+summation order may depend on it).
 """
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,11 +39,13 @@ def store(tmp_path_factory):
     return root / "store"
 
 
-def make_trainer(store, out, world=None, steps=STEPS, plugin="mezo", **kw):
+def make_trainer(store, out, world=None, steps=STEPS, plugin="mezo", q=1, **kw):
+    from zoedge_plugins.hizoo import HiZOOL
     from zoedge_plugins.loho import LoHO
     from zoedge_plugins.mezo import MeZO
     ex = toy_examples()
-    opt = (MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01) if plugin == "mezo" else
+    opt = (MeZO(seed=3, lr=1e-3, eps=1e-2, weight_decay=0.01, q=q) if plugin == "mezo" else
+           HiZOOL(seed=3, lr=1e-3) if plugin == "hizoo-l" else
            LoHO(seed=3, lr=1e-3, eps=1e-2, fo_layers="1", fo_lr=0.05))  # the last block trained first-order
     return Trainer(zoedge.load(store), CharTokenizer(), opt, ex,
                    ex[:7], ex[:4], TrainSettings(steps=steps, batch_size=BATCH, seed=3, eval_batch_size=2, **kw),
@@ -156,3 +165,117 @@ def test_first_order_blocks_all_reduce_their_gradients(store, tmp_path):
     assert_close_weights(got, want)
     name = "model.layers.2.mlp.down_proj.weight"  # in the first-order block: moved by the gradient steps
     assert (want[name] - zoedge.load(store).state_dict()[name]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ direction-split mode
+@pytest.mark.parametrize("q", [2, 3])  # 3 directions on 2 ranks: an uneven split (2 and 1)
+def test_direction_split_equals_one_process_bit_for_bit(store, tmp_path, q):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        ref = make_trainer(store, tmp_path / "ref", q=q)
+        ref.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert launch(store, tmp_path / "dp", q=q, dp_mode="directions") == [0, 0]
+    assert losses_of(tmp_path / "dp") == losses_of(tmp_path / "ref")  # exact
+    want = ref.model.state_dict()
+    for r in (0, 1):
+        got = torch.load(tmp_path / "dp" / f"rank{r}.pt", weights_only=True)["weights"]
+        for k in want:
+            assert torch.equal(got[k], want[k]), (r, k)
+    metrics = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["projected_grad"] for m in metrics] == [m["projected_grad"] for m in ref_metrics]
+    assert [m["tokens"] for m in metrics] == [m["tokens"] for m in ref_metrics]  # the whole batch, once
+
+
+def test_direction_split_draws_only_this_ranks_directions(store, tmp_path):
+    from zoedge.train.world import World
+    t = make_trainer(store, tmp_path, World(1, 2), q=3, dp_mode="directions")  # rank 1 of 2: direction 2
+    assert t.split.order == [4, 5] and t.split.visitor.passes == 2
+    assert [t.opt.evaluates(k) for k in range(3)] == [False, False, True]
+    assert t.shares() == {"per_rank_batch": [BATCH, BATCH], "per_rank_directions": [2, 1]}
+    t.opt.begin_step(0)
+    t.model.run(t.split.visitor)  # a visit during a step: draws the step's noise
+    assert {k for k in t.model._workspaces if k.startswith("z")} == {"z2"}  # memory for its own direction only
+
+
+@pytest.mark.parametrize("plugin, q, size, message", [
+    ("mezo", 1, 2, "1 direction(s) per step cannot be split across 2 ranks"),
+    ("mezo", 2, 3, "2 direction(s) per step cannot be split across 3 ranks"),
+    ("hizoo-l", 1, 2, "cannot split its passes by direction"),
+    ("loho", 1, 2, "trains first-order tensors"),
+])
+def test_direction_split_refuses_what_it_cannot_split(store, tmp_path, plugin, q, size, message):
+    from zoedge.errors import ConfigError
+    from zoedge.train.world import World
+    with pytest.raises(ConfigError) as e:
+        make_trainer(store, tmp_path, World(0, size), plugin=plugin, q=q, dp_mode="directions")
+    assert "--dp-mode" in str(e.value) and message in str(e.value), str(e.value)
+    make_trainer(store, tmp_path, World(0, size), plugin=plugin, q=q)  # the batch split takes them all
+
+
+# ------------------------------------------------------------------ accelerate launch, end to end
+def test_accelerate_launch_two_cpu_processes_split_directions_like_one_process(tmp_path, monkeypatch):
+    """`accelerate launch --multi_gpu` is torchrun underneath and needs no GPU: 2 CPU processes (gloo), direction-split
+    mode through the command line, bit-equal to one `zoedge finetune` process (both with one thread)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zoedge.cli import main
+    from zoedge.train.demo_task import demo_examples
+    from tests.test_tasks import _tokenizer
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path / "hf")
+    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
+    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(40, seed=1)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["finetune", "--model", str(tmp_path / "hf"), "--train", str(tmp_path / "train.jsonl"), "--batch-size", "4",
+            "--n-train", "24", "--n-dev", "8", "--n-test", "0", "--steps", "3", "--eval-every", "0", "--lr", "1e-3",
+            "--eps", "1e-2", "--opt", "q=2", "--threads", "1", "--no-progress", "--no-plot"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), "--no_python", "zoedge", *args,
+                          "--dp-mode", "directions", "--output", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["per_rank_directions"] == [1, 1]
+    assert summary["per_rank_batch"] == [4, 4] and summary["settings"]["dp_mode"] == "directions"
+    assert losses_of(tmp_path / "two") == losses_of(tmp_path / "one")
+    one, two = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_direction_split_runs_shared_passes_on_every_rank_and_checks_the_plugins_declaration(store, tmp_path):
+    """A plugin with an unperturbed pass 0 shared by all directions: every rank runs it; a bad declaration is refused."""
+    from zoedge.errors import ConfigError
+    from zoedge.train.world import DirectionSplit, World
+    from zoedge_plugins.mezo import MeZO
+
+    class Centered(MeZO):  # pass 0 at θ, then the ± passes of each direction
+        def __init__(self, *, seed: int = 0, bad: bool = False) -> None:
+            super().__init__(seed=seed, q=3)
+            self.passes, self.bad = 7, bad
+
+        def direction_passes(self):
+            return [[1, 2], [2, 3], [5, 6]] if self.bad else [[1 + 2 * k, 2 + 2 * k] for k in range(3)]
+
+    split = DirectionSplit(Centered(), World(1, 2))  # rank 1 of 2: direction 2
+    assert split.order == [0, 5, 6] and split.visitor.passes == 3
+    assert split.longest == 5  # rank 0: pass 0 and directions 0, 1
+    with pytest.raises(ConfigError, match="must name distinct passes"):
+        DirectionSplit(Centered(bad=True), World(0, 2))

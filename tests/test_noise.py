@@ -53,3 +53,102 @@ def test_values_do_not_depend_on_the_target_layout():
     contiguous = src.normal_(torch.empty(300, 200), 0, "w", "z0")
     strided = torch.empty(200, 300).t()
     assert torch.equal(src.normal_(strided, 0, "w", "z0"), contiguous)
+
+
+# ------------------------------------------------------------------------------------ named variants
+def test_rademacher_is_plus_minus_one_with_fair_bits_in_every_byte(restore_threads):
+    torch.set_num_threads(1)
+    z = nz.RademacherNoise(3).normal_(torch.empty(1 << 22), 0, "w", "z0")
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / n ** 0.5              # mean 0 (5 sigma)
+    assert float(z.square().mean()) == 1.0                   # variance 1, exactly
+    # every value comes from bit 0 of one byte of a 64-bit draw: each byte position (incl. the top byte,
+    # whose bit 63 is always 0) must be fair, and neighbours uncorrelated
+    by_byte = z.view(-1, 8).mean(0)
+    assert by_byte.abs().max() < 5 / (n / 8) ** 0.5, by_byte
+    assert abs(float((z[1:] * z[:-1]).mean())) < 5 / n ** 0.5
+    # another step / tensor / stream is another draw
+    other = nz.RademacherNoise(3).normal_(torch.empty(1 << 22), 1, "w", "z0")
+    assert abs(float((z * other).mean())) < 5 / n ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rademacher_same_values_with_1_2_and_4_threads(restore_threads, dtype):
+    draws = {}
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        draws[threads] = nz.RademacherNoise(5).normal_(torch.empty(SHAPE, dtype=dtype), 3, "w", "z0")
+    assert torch.equal(draws[1], draws[2]) and torch.equal(draws[1], draws[4])
+    assert set(draws[1].unique().float().tolist()) == {-1.0, 1.0}
+    # uniform_ stays U[0, 1) (stochastic rounding) in every variant
+    u = nz.RademacherNoise(5).uniform_(torch.empty(1000), 3, "w", "sr")
+    assert torch.equal(u, nz.NoiseSource(5).uniform_(torch.empty(1000), 3, "w", "sr"))
+
+
+def test_flat_spectrum_pool_moments_and_autocorrelation():
+    size = 1 << 14
+    pool = nz.flat_spectrum_pool(11, size).double()
+    assert abs(float(pool.mean())) < 1e-6
+    assert float(pool.square().mean()) == pytest.approx(1.0, abs=1e-6)
+    # circular autocorrelation (mean over offsets o of pool[o] * pool[o + d]): -1/(size-1) at every lag d != 0
+    spec = torch.fft.rfft(pool)
+    acf = torch.fft.irfft(spec.abs().square(), n=size) / size
+    assert float(acf[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float((acf[1:] + 1 / (size - 1)).abs().max()) < 1e-6
+    # marginal close to N(0, 1): fourth moment ~3, about 68% within one standard deviation
+    assert 2.8 < float(pool.pow(4).mean()) < 3.2
+    assert 0.66 < float((pool.abs() < 1).double().mean()) < 0.70
+    # a plain normal draw does not have that flat autocorrelation (the test can fail)
+    white = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    white_acf = torch.fft.irfft(torch.fft.rfft(white).abs().square(), n=size) / size
+    assert float((white_acf[1:] + 1 / (size - 1)).abs().max()) > 1e-3
+
+
+def test_pool_reads_windows_at_per_segment_offsets_and_add_is_fused():
+    src = nz.PoolNoise(2)
+    pool = src.pool()
+    assert pool.numel() == src.size + nz.CHUNK and torch.equal(pool[src.size:], pool[:nz.CHUNK])
+    z = src.normal_(torch.empty(SHAPE), 4, "w", "z0").view(-1)
+    offsets = src.offsets(4, "w", "z0", z.numel())
+    assert len(offsets) == 4 and len(set(offsets)) == 4 and all(0 <= o < src.size for o in offsets)
+    for k, o in enumerate(offsets):
+        part = z[k * nz.CHUNK:(k + 1) * nz.CHUNK]
+        assert torch.equal(part, pool[o:o + part.numel()]), k
+    assert src.offsets(5, "w", "z0", z.numel()) != offsets and src.offsets(4, "v", "z0", z.numel()) != offsets
+    theta = torch.randn(SHAPE)
+    out = src.add_(torch.empty(SHAPE), theta, 0.25, 4, "w", "z0")
+    assert torch.equal(out, torch.add(theta, z.view(SHAPE), alpha=0.25))
+    before = theta.clone()
+    src.add_(theta, theta, -0.5, 4, "w", "z0")  # in place
+    assert torch.equal(theta, torch.add(before, z.view(SHAPE), alpha=-0.5))
+    # a strided target gets the values of the contiguous layout
+    assert torch.equal(src.normal_(torch.empty(SHAPE[::-1]).t(), 4, "w", "z0"), z.view(SHAPE))
+    # bf16 and resumes: the same pool from the same seed
+    assert torch.equal(src.reseeded(3).reseeded(2).pool(), pool)
+    assert src.reseeded(2) is src
+
+
+def test_pool_over_random_offsets_has_zero_mean_and_identity_covariance():
+    """Averaged over draws (steps), E[z_i] ~ 0, E[z_i^2] ~ 1, E[z_i z_j] ~ 0: what SPSA needs of its noise."""
+    src = nz.PoolNoise(9)
+    draws = torch.stack([src.normal(torch.Size([64]), t, "w", "z0") for t in range(4000)]).double()
+    assert draws.mean(0).abs().max() < 5 / 4000 ** 0.5
+    cov = draws.T @ draws / 4000
+    assert (cov.diagonal() - 1).abs().max() < 0.15
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 6 / 4000 ** 0.5
+
+
+def test_make_noise_names_the_variants():
+    assert {k: type(nz.make_noise(k, 0)).__name__ for k in nz.NOISE_KINDS} == {
+        "gaussian": "NoiseSource", "rademacher": "RademacherNoise", "pool": "PoolNoise"}
+    with pytest.raises(ValueError, match="gaussian, rademacher, pool"):
+        nz.make_noise("lowrank", 0)
+
+
+def test_pool_same_values_with_1_and_4_threads(restore_threads):
+    pools = {}
+    for threads in (1, 4):
+        torch.set_num_threads(threads)
+        pools[threads] = nz.PoolNoise(5).normal_(torch.empty(SHAPE), 3, "w", "z0")
+    assert torch.equal(pools[1], pools[4])

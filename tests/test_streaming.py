@@ -98,3 +98,30 @@ def test_disk_tier_never_writes_the_store(family_store):
         m.run(Scale())
     m.close()
     assert before == {p.name: p.read_bytes() for p in (store / "blocks").iterdir()}
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_half_layer_units_equal_whole_layers(tmp_path, in_place):
+    """OPT streamed in attention / MLP halves (two units per decoder layer): the same logits, bit for bit, as whole
+    layers, with slots sized to the larger half; families that cannot split and the disk tier are clear errors."""
+    from zoedge.errors import ConfigError
+    save_tiny("opt", tmp_path / "hf")
+    zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
+    ids, mask = batch()
+    whole = zoedge.load(tmp_path / "store", in_place=in_place)
+    half = zoedge.load(tmp_path / "store", in_place=in_place, unit="half")
+    assert [b.name for b in half.blocks][1:3] == ["layers.0.attn", "layers.0.mlp"]
+    assert len(half.blocks) == len(whole.blocks) + whole.config.num_hidden_layers
+    assert torch.equal(half(ids, mask), whole(ids, mask))
+    sel = torch.tensor([5, 9, 26])
+    assert torch.equal(half(ids, mask, select=sel), whole(ids, mask, select=sel))
+    if not in_place:
+        layer = whole.blocks[1].nbytes
+        assert max(s.raw.numel() for s in half.ring) < layer == max(s.raw.numel() for s in whole.ring)
+    assert all(torch.equal(half.state_dict()[k], v) for k, v in whole.state_dict().items())
+    with pytest.raises(ConfigError, match="ram tier"):
+        zoedge.load(tmp_path / "store", tier="disk", unit="half")
+    save_tiny("llama", tmp_path / "llama")
+    zoedge.prepare(tmp_path / "llama", tmp_path / "llama-store", progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match="whole decoder layers"):
+        zoedge.load(tmp_path / "llama-store", unit="half")

@@ -2,18 +2,21 @@
 """Data-parallel ZO step time and bytes communicated per step, 1 rank against N ranks, launched by torchrun.
 
 Builds a random Llama-shaped model (``--hidden``, ``--layers``; fp32 store in a temporary directory), then for
-each world size in ``--ranks`` runs ``torchrun --nproc-per-node N`` on this script's worker: MeZO on a small
-classification task with global batch ``--batch`` (split across ranks), ``--warmup`` untimed steps, then
-``--steps`` timed ones. ``--configs`` lists ``RANKSxTHREADS`` (torch threads per rank; the default 1x1 1x2 2x1
-compares one process on one and on both cores with two processes of one thread). Prints per configuration
-the median step time, its ratio to the first configuration, and the payload
-bytes this rank all-reduced per step (``World.bytes_reduced``; a ring all-reduce sends about 2(N-1)/N times the
-payload per rank).
+each configuration runs ``torchrun --nproc-per-node N`` on this script's worker: MeZO with ``--q`` directions on
+a small classification task with global batch ``--batch``, ``--warmup`` untimed steps, then ``--steps`` timed
+ones. ``--configs`` lists ``RANKSxTHREADS[:MODE]`` (torch threads per rank; MODE ``batch``, the default, splits
+the batch across ranks, ``directions`` splits the q directions, ``--dp-mode``); the default 1x1 1x2 2x1 compares
+one process on one and on both cores with two processes of one thread. Prints per configuration the median step
+time, its ratio to the first configuration, the payload bytes this rank exchanged per step
+(``World.bytes_reduced``: the all-reduced vector, or the all-gathered vectors of every rank; a ring all-reduce
+sends about 2(N-1)/N times the payload per rank), the bytes of rank 0's streaming workspaces (noise and scratch
+buffers, one block each) and its peak RSS.
 
 Examples::
 
     python tools/bench_dist.py                          # hidden 256, 4 layers, batch 16, 1x1 1x2 2x1
     python tools/bench_dist.py --configs 1x4 4x1 --batch 32
+    python tools/bench_dist.py --q 4 --configs 1x1 2x1 2x1:directions
 """
 from __future__ import annotations
 
@@ -57,12 +60,13 @@ def worker(args: argparse.Namespace) -> None:
     from zoedge.train.trainer import Trainer, TrainSettings
     from zoedge.train.world import World
     from zoedge_plugins.mezo import MeZO
+    import resource
     world = World.from_env("cpu", check_every=0)
     torch.set_num_threads(args.threads)
     ex = examples()
-    t = Trainer(zoedge.load(args.store), CharTokenizer(), MeZO(seed=0, lr=1e-4, eps=1e-3), ex, ex[:4], [],
-                TrainSettings(steps=args.warmup + args.steps, batch_size=args.batch), Path(args.out),
-                progress=False, log=lambda s: None, world=world)
+    t = Trainer(zoedge.load(args.store), CharTokenizer(), MeZO(seed=0, lr=1e-4, eps=1e-3, q=args.q), ex, ex[:4], [],
+                TrainSettings(steps=args.warmup + args.steps, batch_size=args.batch, dp_mode=args.mode),
+                Path(args.out), progress=False, log=lambda s: None, world=world)
     for _ in range(args.warmup):
         t.train_step()
     times, b0 = [], world.bytes_reduced
@@ -71,18 +75,22 @@ def worker(args: argparse.Namespace) -> None:
         t.train_step()
         times.append(time.perf_counter() - t0)
     if world.is_main:
+        workspace = sum(b.numel() * b.element_size() for b in t.model._workspaces.values())
         print(json.dumps({"ranks": world.size, "times": times,
-                          "bytes_per_step": (world.bytes_reduced - b0) / args.steps,
-                          "per_rank_batch": [b - a for a, b in world.shard_bounds(args.batch)]}), flush=True)
+                          "bytes_per_step": (world.bytes_reduced - b0) / args.steps, **t.shares(),
+                          "workspace_bytes": workspace,
+                          "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
     world.close()
 
 
 def launch(config: str, args: argparse.Namespace, root: Path) -> dict:
-    """One ``torchrun --standalone --nproc-per-node N`` of the worker (config ``NxT``); rank 0's figures."""
-    n, threads = (int(x) for x in config.split("x"))
+    """One ``torchrun --standalone --nproc-per-node N`` of the worker (config ``NxT[:MODE]``); rank 0's figures."""
+    shape, _, mode = config.partition(":")
+    n, threads = (int(x) for x in shape.split("x"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
            "--worker", "--store", str(root / "store"), "--out", str(root / f"out{n}"), "--threads", str(threads),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--q", str(args.q), "--mode", mode or "batch"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -98,6 +106,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--q", type=int, default=1, help="MeZO directions per step (default 1)")
+    ap.add_argument("--mode", default="batch", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="launches per world size, in alternating order")
@@ -123,20 +133,23 @@ def main() -> None:
         params = sum(p.stat().st_size for p in (root / "store" / "blocks").iterdir()) / 4
         print(f"model: Llama-shaped, hidden {args.hidden}, {args.layers} layers (~{params / 1e6:.1f} M fp32 "
               f"parameters); MeZO, global batch {args.batch}; median of "
-              f"{args.steps} steps x {args.rounds} launches")
+              f"{args.steps} steps x {args.rounds} launches; q = {args.q}")
         runs: dict[str, list[dict]] = {c: [] for c in args.configs}
         for k in range(args.rounds):  # alternate the order so that drift of a shared machine hits all alike
             for c in (args.configs if k % 2 == 0 else args.configs[::-1]):
                 runs[c].append(launch(c, args, root))
-        print(f"| ranks x threads | per-rank batch | step time (s) | vs {args.configs[0]} | bytes all-reduced per step "
-              "(payload) |")
-        print("|---|---|---|---|---|")
+        print(f"| ranks x threads: mode | per-rank batch | per-rank directions | step time (s) | vs {args.configs[0]} | "
+              "bytes exchanged per step (payload) | workspaces (MiB) | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
         base = None
         for n in args.configs:
             step_s = statistics.median([t for r in runs[n] for t in r["times"]])
             base = base or step_s
             r = runs[n][0]
-            print(f"| {n} | {r['per_rank_batch']} | {step_s:.3f} | {step_s / base:.2f} | {r['bytes_per_step']:.0f} |",
+            dirs = r.get("per_rank_directions", [args.q] * r["ranks"])
+            label = n if ":" in n else f"{n}:batch"
+            print(f"| {label} | {r['per_rank_batch']} | {dirs} | {step_s:.3f} | {step_s / base:.2f} | "
+                  f"{r['bytes_per_step']:.0f} | {r['workspace_bytes'] / 2**20:.1f} | {r['max_rss_bytes'] / 2**20:.0f} |",
                   flush=True)
 
 if __name__ == "__main__":

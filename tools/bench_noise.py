@@ -1,9 +1,12 @@
-"""Chunked counter-based noise: time to fill N fp32 values with 1 thread and with T threads, alternating, same run.
+"""Noise variants: time to fill N fp32 values with 1 thread and with T threads, alternating, same run.
 
     nice python tools/bench_noise.py --numel 134515008 --threads 2 --repeat 5
 
-(134515008 = the parameters of SmolLM2-135M.) Prints the median time per fill for each thread count and the
-speed-up; the values are checked to be bit-identical.
+(134515008 = the parameters of SmolLM2-135M.) For each variant of :mod:`zoedge.optim.noise` (``gaussian``,
+``rademacher``, ``pool``) prints the median time of ``normal_`` (materialising the noise) per thread count and
+the speed-up, and, as the yardstick every variant pays anyway, one ``out = θ + εz`` pass (``add_``: for
+``pool`` read straight from the pool, which is all a pool step costs; for the others the pass alone, after the
+draw). The values are checked to be bit-identical across thread counts.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 
 import torch
 
-from zoedge.optim.noise import NoiseSource
+from zoedge.optim.noise import NOISE_KINDS, make_noise
 
 
 def main() -> None:
@@ -21,23 +24,37 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=134_515_008)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--kinds", default=",".join(NOISE_KINDS), help="comma-separated variants (default: all)")
     args = ap.parse_args()
-    out = torch.empty(args.numel)
-    src = NoiseSource(0)
-    times: dict[int, list[float]] = {1: [], args.threads: []}
-    ref = None
-    for r in range(args.repeat):
-        for n in ((1, args.threads) if r % 2 == 0 else (args.threads, 1)):
-            torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            src.normal_(out, 0, "w", "z0")
-            times[n].append(time.perf_counter() - t0)
-            head = out[:1000].clone()
-            ref = head if ref is None else ref
-            assert torch.equal(head, ref)
-    one, many = statistics.median(times[1]), statistics.median(times[args.threads])
-    print(f"{args.numel} fp32 normals: 1 thread {one:.3f} s, {args.threads} threads {many:.3f} s, "
-          f"speed-up {one / many:.2f}x ({args.repeat} alternating rounds)")
+    out, theta = torch.empty(args.numel), torch.randn(args.numel)
+    counts = (1, args.threads) if args.threads != 1 else (1,)
+    for kind in args.kinds.split(","):
+        src = make_noise(kind, 0)
+        src.normal_(torch.empty(16), 0, "warm", "z0")  # a pool is built here, not in the timings
+        fill: dict[int, list[float]] = {n: [] for n in counts}
+        add: dict[int, list[float]] = {n: [] for n in counts}
+        ref = None
+        for r in range(args.repeat):
+            for n in (counts if r % 2 == 0 else counts[::-1]):
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                src.normal_(out, 0, "w", "z0")
+                fill[n].append(time.perf_counter() - t0)
+                head = out[:1000].clone()
+                ref = head if ref is None else ref
+                assert torch.equal(head, ref), (kind, n)
+                t0 = time.perf_counter()
+                if src.redraw_is_free:
+                    src.add_(out, theta, 1e-3, 0, "w", "z0")
+                else:
+                    torch.add(theta, out, alpha=1e-3, out=out)
+                add[n].append(time.perf_counter() - t0)
+        med = {n: statistics.median(v) for n, v in fill.items()}
+        line = f"{kind:10s} normal_: " + ", ".join(f"{n} thread(s) {med[n]:.3f} s" for n in counts)
+        if len(counts) > 1:
+            line += f", speed-up {med[1] / med[args.threads]:.2f}x"
+        line += "; θ+εz pass: " + ", ".join(f"{n} thread(s) {statistics.median(add[n]):.3f} s" for n in counts)
+        print(f"{line}  ({args.numel} fp32 values, {args.repeat} alternating rounds)", flush=True)
 
 
 if __name__ == "__main__":

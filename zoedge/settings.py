@@ -148,14 +148,19 @@ class TrainSettings(ScoringOptions):
     batch_size: int = setting(16, "training examples per step", minimum=1)
     schedule: str = setting("constant", "learning-rate schedule: constant, or linear decay to 0 at --steps",
                             choices=("constant", "linear"))
-    eval_every: int = setting(10, "evaluate on the dev set every N steps (0: only before and after)", minimum=0)
+    eval_every: int = setting(15, "evaluate on the dev set every N steps (0: only before and after)", minimum=0)
     save_every: int = setting(0, "write a checkpoint every N steps (0: only at the end)", minimum=0)
     keep_checkpoints: int = setting(2, "checkpoints kept (older ones are deleted)", minimum=1)
+    dp_mode: str = setting("batch", "with several ranks (torchrun): split each step's batch across them (batch), "
+                           "or, for optimizers with several directions per step (e.g. --opt q=4), split the "
+                           "directions, each rank evaluating its share on the whole batch (directions)",
+                           choices=("batch", "directions"))
 
 
 #: Settings a resumed run may change freely (they do not change the trained weights).
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
-                         "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads"})
+                         "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
+                         "dp_mode"})
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from zoedge.adapters.base import EMBED, HEAD, Adapter, Context, layer_index
+from zoedge.adapters.base import EMBED, HEAD, UNITS, Adapter, Context, layer_index, layer_part
 from zoedge.adapters.llama import LlamaFamilyAdapter
 from zoedge.adapters.opt import OPTAdapter
 from zoedge.errors import ConfigError
@@ -32,4 +32,5 @@ def adapter_for(config: PretrainedConfig, dtype: torch.dtype, device: torch.devi
                       f"use one of {supported_model_types()}, or add an adapter (see zoedge/adapters/base.py)")
 
 
-__all__ = ["ADAPTERS", "EMBED", "HEAD", "Adapter", "Context", "adapter_for", "layer_index", "supported_model_types"]
+__all__ = ["ADAPTERS", "EMBED", "HEAD", "UNITS", "Adapter", "Context", "adapter_for", "layer_index", "layer_part",
+           "supported_model_types"]

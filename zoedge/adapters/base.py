@@ -26,12 +26,21 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 EMBED, HEAD = "embed", "head"
 _LAYER = re.compile(r"^layers\.(\d+)$")
+_PART = re.compile(r"^layers\.(\d+)\.(\w+)$")
+#: streaming-unit granularities: a whole decoder layer, or its attention and MLP halves
+UNITS = ("layer", "half")
 
 
 def layer_index(block: str) -> int | None:
-    """The decoder layer number of a block name, or None for embed/head."""
+    """The decoder layer number of a block name, or None for embed/head (and for a part of a layer)."""
     m = _LAYER.match(block)
     return int(m.group(1)) if m else None
+
+
+def layer_part(unit: str) -> tuple[int, str] | None:
+    """``("layers.3.attn")`` -> ``(3, "attn")``: the layer and part of a streaming unit finer than a layer."""
+    m = _PART.match(unit)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 @dataclass
@@ -110,6 +119,23 @@ class Adapter(ABC):
         names = [n for n in self.expected_shapes() if self.block_of(n) == block]
         names += [alias for alias in self.tied() if self.block_of(alias) == block]
         return names
+
+    def split(self, block: str, names: list[str], unit: str) -> list[tuple[str, list[str]]]:
+        """The streaming units of ``block`` (stored tensors ``names``, in store order) at granularity ``unit``, in
+        execution order: (unit name, its tensors). ``"layer"``: the block itself. ``"half"`` (families that run
+        :meth:`run` on ``layers.<i>.attn`` / ``layers.<i>.mlp``): a decoder layer's attention half (the tensors
+        :meth:`is_attention` names, with their norm) and MLP half; embed and head stay whole."""
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        if unit == "layer" or layer_index(block) is None:
+            return [(block, list(names))]
+        attn = [n for n in names if self.is_attention(n)]
+        return [(f"{block}.attn", attn), (f"{block}.mlp", [n for n in names if n not in attn])]
+
+    def is_attention(self, tensor: str) -> bool:
+        """Whether a decoder-layer tensor belongs to the attention half (see :meth:`split`). Families that cannot
+        run half layers raise."""
+        raise NotImplementedError(f"{type(self).__name__} streams whole decoder layers only")
 
     # ---------------------------------------------------------------- running
     @abstractmethod

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from zoedge.adapters.base import EMBED, HEAD, Adapter, Context, layer_index
+from zoedge.adapters.base import EMBED, HEAD, Adapter, Context, layer_index, layer_part
 
 _D = "model.decoder"
 
@@ -36,6 +36,9 @@ class OPTAdapter(Adapter):
             return HEAD
         return None
 
+    def is_attention(self, tensor: str) -> bool:
+        return ".self_attn" in tensor  # self_attn.* and self_attn_layer_norm.*
+
     def begin(self, input_ids, attention_mask, position_ids=None, select=None) -> Context:
         if position_ids is None:
             position_ids = self.default_positions(input_ids, attention_mask)
@@ -59,6 +62,9 @@ class OPTAdapter(Adapter):
         i = layer_index(block)
         if i is not None:
             return self.call(f"{_D}.layers.{i}", tensors, (x,), ctx.layer_kwargs[i])
+        part = layer_part(block)
+        if part is not None:
+            return self._half(*part, tensors, x, ctx)
         if block == HEAD:
             if dec.final_layer_norm is not None:
                 x = self.call(f"{_D}.final_layer_norm", tensors, (x,))
@@ -66,3 +72,33 @@ class OPTAdapter(Adapter):
                 x = self.call(f"{_D}.project_out", tensors, (x,))
             return self.call("lm_head", tensors, (self.select_rows(x, ctx.select),))
         raise KeyError(f"unknown block {block!r}")
+
+    def _half(self, i: int, part: str, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, ctx: Context
+              ) -> torch.Tensor:
+        """One half of ``OPTDecoderLayer.forward`` (eval mode: dropout is the identity), op for op, so two halves
+        give the whole layer's numbers."""
+        layer = self.skeleton.get_submodule(f"{_D}.layers.{i}")
+        path, kw = f"{_D}.layers.{i}", ctx.layer_kwargs[i]
+        if part == "attn":
+            residual = x
+            if layer.do_layer_norm_before:
+                x = self.call(f"{path}.self_attn_layer_norm", tensors, (x,))
+            x, _ = self.call(f"{path}.self_attn", tensors, (),
+                             {"hidden_states": x, "position_ids": kw["position_ids"],
+                              "attention_mask": kw["attention_mask"]})
+            x = residual + x
+            if not layer.do_layer_norm_before:
+                x = self.call(f"{path}.self_attn_layer_norm", tensors, (x,))
+            return x
+        if part == "mlp":
+            shape = x.shape
+            x = x.reshape(-1, x.size(-1))
+            residual = x
+            if layer.do_layer_norm_before:
+                x = self.call(f"{path}.final_layer_norm", tensors, (x,))
+            x = self.call(f"{path}.fc2", tensors, (layer.activation_fn(self.call(f"{path}.fc1", tensors, (x,))),))
+            x = (residual + x).view(shape)
+            if not layer.do_layer_norm_before:
+                x = self.call(f"{path}.final_layer_norm", tensors, (x,))
+            return x
+        raise KeyError(f"unknown unit layers.{i}.{part}")

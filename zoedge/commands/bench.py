@@ -166,21 +166,21 @@ def resident_forwards(model: Any, batch: Any, passes: int = 2):
     return step
 
 
-def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0):
-    """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code)."""
+def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian"):
+    """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code),
+    with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool)."""
     import torch
 
-    from zoedge.optim.noise import NoiseSource
+    from zoedge.optim.noise import make_noise
 
-    noise = NoiseSource(seed)
+    source = make_noise(noise, seed)
     params = list(model.named_parameters())  # tied weights appear once
     state = {"t": 0}
     loss = resident_loss(model, batch)
 
     def perturb(scale: float, t: int) -> None:
         for n, p in params:
-            buf = noise.normal_(torch.empty_like(p), t, n, "z0")
-            p.add_(buf, alpha=scale)
+            source.add_(p, p, scale, t, n, "z0")
 
     @torch.no_grad()
     def step() -> float:
@@ -225,11 +225,14 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     from zoedge.train.trainer import _loss_passes
 
     engine_times = OpTimes() if dev.type == "cpu" else None
+    # lean=False: noise is drawn and θ ± εz formed in the optimizer's hooks, where the breakdown times them (the lean
+    # mode, an accelerator's default, forms them inside the forward passes, where they would count twice)
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
-                          engine=SyncEngine(engine_times) if engine_times is not None else None)
+                          engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
+    noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant
     visitor = TimedVisitor(opt, dev)
     state = {"t": 0}
     spent = {"passes": 0.0, "bookkeeping": 0.0}
@@ -258,7 +261,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         hf.load_state_dict(model.state_dict(), strict=False)
         hf.tie_weights()
         hf.to(dev)
-        resident_step = resident_mezo(hf, batch.to(dev))
+        resident_step = resident_mezo(hf, batch.to(dev), noise=noise_kind)
         forwards = resident_forwards(hf, batch.to(dev), opt.passes)
 
     def timed(fn) -> float:
@@ -291,6 +294,9 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
             t_fwd.append(timed(forwards))
     model.synchronize()  # the last step's disk writes count in its I/O time
     model.close()
+    from zoedge.runtime.threads import load_average
+    load_end = load_average()
+    load_end = None if load_end is None else round(load_end, 2)
     tokens = args.batch * args.seq
     med = statistics.median(t_str)
     mean = sum(t_str) / len(t_str)
@@ -299,13 +305,14 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     parts, io = breakdown(mean, spent["passes"] / n, spent["bookkeeping"] / n, visitor, noise.seconds / n,
                           {k: v / n for k, v in engine_times.seconds.items()} if engine_times else None)
     result: dict[str, Any] = {
-        "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "batch": args.batch,
+        "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "noise": noise_kind,
+        "load_average_end": load_end, "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
         "breakdown_s": parts, "io_thread_s": io}
-    print(f"{args.store} on {dev}: {args.optimizer}, batch {args.batch} x seq {args.seq}, "
+    print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
-          f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)})",
+          f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)} at start, {load_end} at the end)",
           file=human)
     if threads.warning:
         print(f"  warning: {threads.warning}", file=human)

@@ -1,5 +1,6 @@
 """``zoedge plan MODEL...``: device memory, host RAM, disk, bytes moved and a predicted step time for a model on
-a GPU, today and under the lean-residency design (see :mod:`zoedge.plan.accounting`)."""
+a GPU, for the runtime (lean: perturbations formed just in time) and its workspace mode, beside the design target of
+streaming units finer than a decoder layer (see :mod:`zoedge.plan.accounting`)."""
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "buffers from the store layout and the runtime's allocation rules, transient tensors by running the "
         "model's blocks on the meta device); step time is predicted by placing the schedule the runtime emits "
         "for the step (uploads, compute, write-backs, disk reads and writes) on a timeline at the hardware's rates "
-        "(zoedge.plan.timing), with its critical path. Each figure is given for "
-        "today's runtime and for the lean-residency design target (not implemented yet). Several MODELs give "
-        "a one-line-per-model summary.",
+        "(zoedge.plan.timing), with its critical path. Device figures are given for "
+        "the runtime as it runs on a GPU (lean: perturbations formed just in time per tensor or row chunk, no "
+        "block-sized workspaces) and with lean=False (workspaces), streaming whole decoder layers or (--unit half) "
+        "their attention and MLP halves; single-Linear units are a design target (not implemented), shown "
+        "separately. Several MODELs give a one-line-per-model summary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s, "
         "memory 1008 GB/s; a100-80g 80 GiB, 312, PCIe 4.0 ~25, 2039; h100 80 GiB, 989, PCIe 5.0 ~50, 3350; h200 141 "
@@ -61,15 +64,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default)")
     p.add_argument("--prefetch", type=int, default=1, help="blocks uploaded ahead (default 1)")
     p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
+    p.add_argument("--unit", choices=("layer", "half"), default="layer",
+                   help="streaming unit: layer (a decoder layer) or half (its attention and MLP halves; OPT, ram "
+                   "tier) (default layer)")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="sdpa: fused kernels (flash / memory-efficient, O(S) memory); eager: S x S scores")
-    p.add_argument("--chunk-mib", type=float, default=64, help="lean design: perturbation chunk size (MiB)")
+    p.add_argument("--chunk-mib", type=float, default=64,
+                   help="lean runtime: the row chunk perturbations and updates are formed in (MiB; default 64, "
+                   "the runtime's chunk_bytes)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the plan(s) as JSON ('-' for stdout)")
     p.set_defaults(command="plan")
 
 
 def _g(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def _by_unit(peaks: dict, runtime: list) -> str:
+    done = [f"{u} {_g(peaks[u])}" for u in ("layer", "half", "linear") if u in runtime]
+    design = [f"{u} {_g(peaks[u])}" for u in ("layer", "half", "linear") if u not in runtime]
+    return (f"lean GPU peak by streaming unit: {', '.join(done)} (runtime)"
+            + (f"; {', '.join(design)} (design target, not implemented)" if design else ""))
 
 
 def rates_line(hw) -> str:
@@ -87,16 +102,20 @@ def detail(plan) -> str:
     lines = [f"{plan.model}: {plan.params / 1e9:.2f} G params, {depth}, {plan.dtype}"
              f"{'' if plan.quant == 'none' else ' + ' + plan.quant}, {plan.method.note}",
              f"step: batch {w.batch} x seq {w.seq}, {w.n_scored} scored positions, {w.attention} attention, "
-             f"{w.tier} tier, prefetch {w.prefetch}",
+             f"{w.tier} tier, prefetch {w.prefetch}, streaming unit {w.unit}",
              rates_line(hw), "",
-             f"{'device memory (GB = 1e9 bytes)':40s} {'today':>10s} {'lean (design)':>14s}"]
-    keys = list(dict.fromkeys([*plan.device_long_lived, *plan.lean_long_lived]))
+             f"{'device memory (GB = 1e9 bytes)':40s} {'lean':>10s} {'workspaces':>11s}"]
+    keys = list(dict.fromkeys([*plan.device_long_lived, *plan.workspace_long_lived]))
     for k in keys:
-        lines.append(f"  {k:38s} {_g(plan.device_long_lived.get(k, 0)):>10s} {_g(plan.lean_long_lived.get(k, 0)):>14s}")
+        lines.append(f"  {k:38s} {_g(plan.device_long_lived.get(k, 0)):>10s} "
+                     f"{_g(plan.workspace_long_lived.get(k, 0)):>11s}")
     lines.append(f"  {'transient (activations, logits, loss)':38s} {_g(plan.transient_peak):>10s} "
-                 f"{_g(plan.transient_peak):>14s}")
-    lines.append(f"  {'peak (zoedge tensors)':38s} {_g(plan.device_peak):>10s} {_g(plan.lean_device_peak):>14s}")
-    lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} {_g(plan.lean_gpu_peak):>14s}")
+                 f"{_g(plan.workspace_transient_peak):>11s}")
+    lines.append(f"  {'peak (zoedge tensors)':38s} {_g(plan.device_peak):>10s} {_g(plan.workspace_device_peak):>11s}")
+    lines.append(f"  {'peak on the GPU (+ cuBLAS workspace)':38s} {_g(plan.gpu_peak):>10s} "
+                 f"{_g(plan.workspace_gpu_peak):>11s}")
+    lines.append("  lean = the runtime on a GPU (default); workspaces = lean=False")
+    lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
@@ -104,10 +123,10 @@ def detail(plan) -> str:
               *time_lines(t),
               "", "fits (GPU peak <= GPU memory, host tier <= host RAM):"]
     for f in plan.fits:
-        units = ", ".join(f"{u} {_g(v)}" for u, v in f["lean_by_unit"].items())
-        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']}: today {_g(f['device_peak']):>9s} "
-                     f"{'fits' if f['fits'] else 'no':4s} step {f['step_s']:.3f} s (pred.)   lean by unit: {units}; fit: "
-                     f"{', '.join(f['lean_units_that_fit']) or 'none'}")
+        lines.append(f"  {f['tier']:4s} prefetch {f['prefetch']} ({f['unit']}): lean {_g(f['device_peak']):>9s} "
+                     f"{'fits' if f['fits'] else 'no':4s}  workspaces {_g(f['workspace_device_peak']):>9s} "
+                     f"{'fits' if f['workspace_fits'] else 'no':4s}  step {f['step_s']:.3f} s (pred.)  lean units "
+                     f"that fit: {', '.join(f['units_that_fit']) or 'none'}")
     return "\n".join(lines)
 
 
@@ -127,14 +146,19 @@ def time_lines(t: dict) -> list[str]:
 
 def summary(plans) -> str:
     """One line per model (the README table's columns)."""
-    head = (f"{'model':14s} {'params':>8s} {'today':>10s} {'lean (design)':>14s} {'ZO2 (published)':>16s} "
-            f"{'host RAM':>10s} {'step (pred.)':>12s} {'bound':>9s}")
+    head = (f"{'model':14s} {'params':>8s} {'lean':>10s} {'lean, half':>11s} {'workspaces':>11s} "
+            f"{'linear units (design)':>22s} {'ZO2 (published)':>16s} {'host RAM':>10s} {'step (pred.)':>12s} "
+            f"{'bound':>9s}")
     lines = [rates_line(plans[0].hardware), head]
     for p in plans:
         zo2 = ZO2_GB.get(p.model)
-        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {_g(p.lean_gpu_peak):>14s} "
+        half = _g(p.gpu_peak_by_unit["half"]) + ("" if "half" in p.runtime_units else "*")
+        lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {half:>11s} "
+                     f"{_g(p.workspace_gpu_peak):>11s} {_g(p.gpu_peak_by_unit['linear']):>22s} "
                      f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s "
                      f"{p.time['bound']:>9s}")
+    lines.append("(lean: --unit as given; lean, half: the runtime streaming attention/MLP halves; * design target, "
+                 "not implemented for this family)")
     return "\n".join(lines)
 
 
@@ -148,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                   disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,
                   disk_write_gbps=args.disk_write_gbps, memory_gbps=args.gpu_mem_gbps)
     m = method(args.method, args.q)
-    work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention)
+    work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
     work.check()
     human = sys.stderr if args.json == "-" else sys.stdout
     plans = []
@@ -158,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
-          "device-used adds the CUDA context too); 'lean' is the design target, not implemented yet; step times "
-          "place the runtime's schedule on a timeline at the stated rates (zoedge/plan/timing.py).", file=human)
+          "device-used adds the CUDA context too); 'lean' is the runtime on a GPU, 'workspaces' the same with "
+          "lean=False; single-Linear units (and half layers outside OPT) are a design target, not implemented; "
+          "step times place the runtime's schedule on a timeline at the stated rates (zoedge/plan/timing.py).",
+          file=human)
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)

@@ -7,8 +7,10 @@ options (``--opt KEY=VALUE`` on the command line, coerced by annotation); the
 trainer passes ``seed`` itself. A plugin implements three hooks, plus two
 optional ones:
 
-* ``perturb(block, p)`` — the weights pass ``p`` sees (e.g. θ + εz in scratch,
-  or a :class:`~zoedge.optim.lowrank.LowRankPerturbed` view); never modifies
+* ``perturb(block, p)`` — the weights pass ``p`` sees (e.g. θ + εz through
+  ``block.perturbed``, which the runtime forms just in time or in a scratch
+  workspace, see :class:`~zoedge.runtime.streamed.Resident`; or a
+  :class:`~zoedge.optim.lowrank.LowRankPerturbed` view); never modifies
   ``block.tensors``;
 * ``end_step(losses)`` — one fp32 loss per pass → the step's :class:`Update`
   (a value: the scalars ``apply`` needs, plus metrics for the log);
@@ -43,7 +45,15 @@ Other shapes of method use the same hooks:
   step t's batch before the step, each followed by ``finish_phase``;
 * first-order blocks (LoHO, HZO): ``fo_blocks`` names blocks that stay resident
   with ``requires_grad`` and are trained by a torch optimizer on the
-  unperturbed pass ``fo_pass`` (see :mod:`zoedge.optim.first_order`).
+  unperturbed pass ``fo_pass`` (see :mod:`zoedge.optim.first_order`);
+* several independent directions per step (MeZO with q > 1): ``direction_passes()``
+  lists each direction's passes, so that data-parallel ranks can split the
+  directions instead of the batch (``--dp-mode directions``, see
+  :mod:`zoedge.train.world`): each rank streams :meth:`ZOOptimizer.only_directions`'s
+  view (its directions' passes only; ``draw`` may skip the noise of the
+  directions :meth:`ZOOptimizer.evaluates` says are elsewhere), the ranks
+  gather the passes' losses, and every rank's ``end_step`` and ``apply`` see
+  all of them, exactly as in one process.
 
 State is keyed by tensor name (streamed tensors are not resident objects):
 ``plugin_state()`` / ``load_plugin_state()`` hold tensors and JSON scalars.
@@ -100,7 +110,8 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     REQUIRED_HOOKS: ClassVar[tuple[str, ...]] = ("perturb", "end_step", "apply")
     #: the framework's own methods: a plugin overriding one is refused by the registry
     FRAMEWORK_METHODS: ClassVar[tuple[str, ...]] = ("on_resident", "pass_tensors", "finish_step", "flushed",
-                                                    "apply_pending", "state_dict", "load_state_dict")
+                                                    "apply_pending", "state_dict", "load_state_dict",
+                                                    "only_directions", "evaluates")
     #: forward passes per step, all run while each block is resident
     passes: int = 2
     #: the unperturbed pass that first-order blocks train on (``None``: the plugin has no FO blocks)
@@ -122,6 +133,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         self._visited: set[str] = set()    # blocks resident during the step in progress
         self._in_step = False
         self.first_order: Any = None       # zoedge.optim.first_order.FirstOrder, attached by the trainer
+        self._directions: frozenset[int] | None = None  # directions this process evaluates (None: all)
 
     # ------------------------------------------------------------ plugin hooks
     @property
@@ -178,6 +190,15 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         """The torch optimizer of the first-order blocks (default: SGD, lr 1e-4)."""
         return FOSettings()
 
+    def direction_passes(self) -> list[list[int]] | None:
+        """The passes of each of a step's independent directions, for direction-split data parallelism.
+
+        Entry k lists the passes that evaluate direction k: their losses depend on direction k's noise only (and
+        on passes in no entry, e.g. an unperturbed pass, which every rank runs). ``end_step`` and ``apply`` must
+        use every direction's losses and regenerate every direction's noise, as they do in one process. Default
+        ``None``: the passes cannot be split (``--dp-mode directions`` refuses the plugin)."""
+        return None
+
     def plugin_state(self) -> dict[str, Any]:
         """Plugin state to checkpoint: tensors (keyed by name) and JSON-able values."""
         return {}
@@ -225,6 +246,40 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         if self.first_order is not None and block.name in self.first_order.blocks:
             return self.first_order.tensors(block, p == self.fo_pass)
         return self.perturb(block, p)
+
+    def evaluates(self, k: int) -> bool:
+        """Whether this process evaluates direction ``k`` (False only for directions other ranks evaluate in the
+        direction-split mode): ``draw`` may skip the noise of the others."""
+        return self._directions is None or k in self._directions
+
+    def only_directions(self, directions: Sequence[int]) -> tuple[BlockVisitor, list[int]]:
+        """Evaluate only ``directions`` of every step (direction-split data parallelism, :mod:`zoedge.train.world`).
+
+        Returns:
+            (the visitor to stream for a step's passes, the plugin's pass behind each of its passes): passes of
+            ``directions`` and passes of no direction, in the plugin's order. The losses of all the plugin's
+            passes, gathered from every rank, go to :meth:`finish_step`.
+
+        Raises:
+            PluginError: the plugin declares no :meth:`direction_passes` (or an invalid one), or ``directions``
+                are not among them.
+        """
+        who = f"optimizer '{self.name or type(self).__name__}'"
+        groups = self.direction_passes()
+        if groups is None:
+            raise PluginError(who, "cannot split its passes by direction (it declares no direction_passes())",
+                              "use --dp-mode batch with this optimizer, or implement direction_passes() in it")
+        flat = [p for g in groups for p in g]
+        if len(set(flat)) != len(flat) or not all(0 <= p < self.passes for p in flat):
+            raise PluginError(who, f"direction_passes() {groups} must name distinct passes in 0..{self.passes - 1}",
+                              "fix the plugin's direction_passes()")
+        bad = [k for k in directions if not 0 <= k < len(groups)]
+        if bad:
+            raise PluginError(who, f"has {len(groups)} direction(s); asked for {bad}", "split 0..q-1 only")
+        mine = {p for k in directions for p in groups[k]} | (set(range(self.passes)) - set(flat))
+        self._directions = frozenset(directions)
+        order = sorted(mine)
+        return _SomePasses(self, order), order
 
     @property
     def grad_pass(self) -> int | None:  # read by the runtime: the pass that runs under autograd
@@ -287,7 +342,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         self.seed = int(state["seed"])
-        self.noise = NoiseSource(self.seed)
+        self.noise = self.noise.reseeded(self.seed)  # the same noise variant
         self.steps_done = int(state["steps_done"])
         pend = state.get("pending")
         if pend is None:
@@ -296,3 +351,22 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
             self._pending = Update(dict(pend["data"]), dict(pend["metrics"]), int(pend["step"]))
             self._owed, self._applied = set(pend["owed"]), set(pend["applied"])
         self.load_plugin_state(state.get("plugin", {}))
+
+
+class _SomePasses(BlockVisitor):
+    """A view of an optimizer that runs only some of its passes (renumbered 0..n-1): one rank's directions."""
+
+    grad_pass = None  # first-order blocks are refused in the direction-split mode
+
+    def __init__(self, opt: ZOOptimizer, passes: Sequence[int]) -> None:
+        self.opt, self.order = opt, list(passes)
+        self.passes = len(self.order)
+
+    def on_resident(self, block: Resident) -> None:
+        self.opt.on_resident(block)
+
+    def pass_tensors(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
+        return self.opt.pass_tensors(block, self.order[p])
+
+    def on_passes_done(self, block: Resident) -> None:
+        self.opt.on_passes_done(block)

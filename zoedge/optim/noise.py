@@ -18,6 +18,29 @@ Consequences:
 * values are reproducible per device type and dtype: CPU and CUDA generators
   produce different numbers for the same seed, and a bf16 target is filled
   directly in bf16 (not an fp32 draw rounded).
+
+Named variants (:data:`NOISE_KINDS`, :func:`make_noise`; a plugin option such as MeZO's ``noise=``) replace
+the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and unit variance; ``uniform_``
+(e.g. for stochastic rounding) stays U[0, 1) in every variant. Their statistics, checked by
+``tests/test_noise.py`` and compared in training by ``tools/bench_convergence.py --opt mezo:noise=KIND``:
+
+* ``gaussian`` (:class:`NoiseSource`, the default): independent N(0, 1) values.
+* ``rademacher`` (:class:`RademacherNoise`): independent ±1 values, each with probability 1/2 (mean 0,
+  variance 1, fourth moment 1 instead of 3: every direction has norm exactly √n). One 64-bit draw gives 8
+  values (bit 0 of each byte), so it fills about 5x faster than ``normal_`` on a CPU.
+* ``pool`` (:class:`PoolNoise`): no per-step draw at all. One pool of ``size`` values is drawn once per run;
+  each :data:`CHUNK`-element segment of a tensor's flattened layout reads the pool at its own random offset
+  (a pure function of (seed, step, tensor, stream, segment)). The pool has a flat spectrum: a normal draw
+  whose Fourier magnitudes are set to one and whose mean (DC term) is set to zero, scaled to unit mean
+  square. Hence, over the random offsets and conditionally on the pool: E[z_i] = 0 exactly, E[z_i²] = 1,
+  and E[z_i z_j] = -1/(size - 1) for two positions of one segment (0 across segments), at every lag: the
+  SPSA estimate keeps E[z zᵀ] ≈ I as with Gaussian noise. Caveats: the values are not independent. A
+  segment is one of only ``size`` windows of one fixed pool (the directions explored are far fewer than
+  with fresh noise); two draws whose offsets are close share values, shifted (uncorrelated in expectation,
+  since the pool's autocorrelation is flat, but identical numbers); and each value's marginal law is the
+  pool's empirical one (close to N(0, 1): the pool is a sum of many random phases). Perturbing and
+  updating read the pool directly (:meth:`PoolNoise.add_`), so a step does no noise generation and needs
+  no noise workspace.
 """
 from __future__ import annotations
 
@@ -67,7 +90,12 @@ class _Chunks:
         def one(k: int) -> None:
             part = flat[k * CHUNK:(k + 1) * CHUNK]
             gen = self._gen().manual_seed(chunk_seed(seed, k))
-            part.normal_(generator=gen) if kind == "normal" else part.uniform_(generator=gen)
+            if kind == "normal":
+                part.normal_(generator=gen)
+            elif kind == "uniform":
+                part.uniform_(generator=gen)
+            else:
+                _rademacher_(part, gen)
 
         threads = min(torch.get_num_threads(), len(chunks))
         if threads <= 1:
@@ -83,6 +111,22 @@ class _Chunks:
 
 
 _CHUNKS = _Chunks()
+
+#: the bit pattern of the fp32 value 1.0 (a set sign bit makes it -1.0)
+_ONE_F32 = 0x3F800000
+
+
+def _rademacher_(part: torch.Tensor, gen: torch.Generator) -> None:
+    """Fill contiguous 1-D ``part`` with ±1: bit 0 of each byte of 64-bit draws (1 → -1), 8 values per draw."""
+    n = part.numel()
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=part.device).random_(generator=gen)  # 63 random bits each (bit 63 is 0)
+    bits = words.view(torch.uint8)[:n]  # bit 0 of every byte is random, byte 7's included
+    if part.dtype == torch.float32:  # sign bit from the draw, exponent of 1.0: three integer passes, no float math
+        as_int = part.view(torch.int32)
+        as_int.copy_(bits)
+        as_int.bitwise_left_shift_(31).bitwise_or_(_ONE_F32)  # the shift keeps bit 0 alone
+    else:
+        part.copy_(bits.bitwise_and(1)).mul_(-2).add_(1)
 
 
 class NoiseSource:
@@ -102,10 +146,21 @@ class NoiseSource:
             gen = self._generators[device] = torch.Generator(device)
         return gen.manual_seed(stream_seed(self.run_seed, step, name, stream))
 
+    #: the variant's name (:data:`NOISE_KINDS`)
+    kind: str = "gaussian"
+    #: True when :meth:`add_` costs no more than one pass over the tensor (no draw): then a plugin may skip
+    #: materialising the noise in a workspace and form θ + αz straight from the source on every pass
+    redraw_is_free: bool = False
+
     def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str) -> torch.Tensor:
         if out.device.type != "cpu":
             gen = self._generator(out.device, step, name, stream)
-            return out.normal_(generator=gen) if kind == "normal" else out.uniform_(generator=gen)
+            if kind == "normal":
+                return out.normal_(generator=gen)
+            if kind == "uniform":
+                return out.uniform_(generator=gen)
+            return out.copy_(torch.randint(0, 2, out.shape, generator=gen, device=out.device,
+                                           dtype=torch.int8)).mul_(-2).add_(1)
         seed = stream_seed(self.run_seed, step, name, stream)
         if out.is_contiguous():
             _CHUNKS.fill(out.view(-1), seed, kind)
@@ -127,3 +182,201 @@ class NoiseSource:
                device: torch.device | str = "cpu") -> torch.Tensor:
         """Allocate and fill (for small factors and tests)."""
         return self.normal_(torch.empty(shape, dtype=dtype, device=device), step, name, stream)
+
+    # ------------------------------------------------------------------ ranges (just-in-time perturbation)
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Fill ``out`` with elements ``[start, start + out.numel())`` of the chunked N(0, 1) draw of a tensor of
+        ``total`` elements (default: ``out``'s own) for (step, name, stream): a row range of a tensor's noise
+        without drawing the rest (see :meth:`_fill_at`)."""
+        return self._fill_at(out, step, name, stream, start, total, "normal")
+
+    def uniform_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                    total: int | None = None) -> torch.Tensor:
+        """As :meth:`normal_at_`, U[0, 1) noise."""
+        return self._fill_at(out, step, name, stream, start, total, "uniform")
+
+    def _fill_at(self, out: torch.Tensor, step: int, name: str, stream: str, start: int, total: int | None,
+                 kind: str) -> torch.Tensor:
+        """The chunked draw on every device: chunk ``k`` (:data:`CHUNK` elements of the flat layout, the last one
+        shorter) is drawn whole with a generator seeded ``chunk_seed(stream_seed(...), k)``, and the part inside
+        the range is kept. On the CPU the values equal :meth:`normal_` / :meth:`uniform_` of the whole tensor
+        (which draws the same chunks); on an accelerator they differ from those (which fill the whole target
+        from one generator), so a tensor's draws must all go through the ``_at_`` form there. On the meta
+        device the same buffers are allocated and nothing is drawn (device-memory accounting)."""
+        n = out.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        if out.device.type == "cpu" and start == 0 and n == total:
+            return self._fill(out, step, name, stream, kind)  # the whole tensor: the parallel chunked fill
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+        seed = stream_seed(self.run_seed, step, name, stream)
+        gen = None if out.is_meta else self._generators.setdefault(out.device, torch.Generator(out.device))
+        k = start // CHUNK
+        while k * CHUNK < start + n:
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, total)           # the chunk, in the tensor's flat layout
+            a, b = max(lo, start), min(hi, start + n)                   # ... the part inside the range
+            whole = a == lo and b == hi
+            part = flat[a - start:b - start] if whole else torch.empty(hi - lo, dtype=out.dtype, device=out.device)
+            if gen is not None:
+                gen.manual_seed(chunk_seed(seed, k))
+                if kind == "normal":
+                    part.normal_(generator=gen)
+                elif kind == "uniform":
+                    part.uniform_(generator=gen)
+                else:
+                    _rademacher_(part, gen)
+            if not whole:
+                flat[a - start:b - start].copy_(part[a - lo:b - lo])
+            k += 1
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
+        return out
+
+    def reseeded(self, run_seed: int) -> NoiseSource:
+        """The same variant (and options) for another run seed (``self`` when the seed is unchanged)."""
+        return self if run_seed == self.run_seed else type(self)(run_seed)
+
+    def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """``out = theta + alpha * z`` with z this source's ``normal_`` noise for (step, name, stream).
+
+        ``out`` may be ``theta`` (in place). This class draws z into ``buffer`` (shaped like ``theta``; allocated
+        when None) and adds it; :class:`PoolNoise` reads its pool directly. Returns ``out``.
+        """
+        z = self.normal_(torch.empty_like(theta) if buffer is None else buffer, step, name, stream)
+        return torch.add(theta, z, alpha=alpha, out=out)
+
+
+class RademacherNoise(NoiseSource):
+    """Independent ±1 noise (mean 0, variance 1) in place of N(0, 1): see the module docstring."""
+
+    kind = "rademacher"
+
+    def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
+        """Fill ``out`` with ±1 noise for (step, name, stream) (chunked and thread-count independent on the CPU)."""
+        return self._fill(out, step, name, stream, "rademacher")
+
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Elements ``[start, start + out.numel())`` of the ±1 draw (see :meth:`NoiseSource.normal_at_`)."""
+        return self._fill_at(out, step, name, stream, start, total, "rademacher")
+
+
+#: default pool length of :class:`PoolNoise` (16 MiB of fp32)
+POOL_SIZE = 1 << 22
+
+
+def flat_spectrum_pool(seed: int, size: int) -> torch.Tensor:
+    """``size`` fp32 values with zero mean, unit mean square and circular autocorrelation -1/(size-1) at every
+    non-zero lag: a normal draw whose real FFT keeps its phases, with every magnitude set to one and the DC
+    term to zero (see the module docstring)."""
+    if size < 2 or size % 2:
+        raise ValueError(f"pool size must be an even number >= 2, got {size}")
+    x = torch.empty(size, dtype=torch.float64).normal_(generator=torch.Generator().manual_seed(seed))
+    spec = torch.fft.rfft(x)
+    spec = spec / spec.abs().clamp_min(1e-300)
+    spec[0] = 0.0
+    spec[-1] = spec[-1].real.sign()  # the Nyquist term of a real signal is real: ±1
+    pool = torch.fft.irfft(spec, n=size)
+    pool -= pool.mean()
+    pool /= pool.square().mean().sqrt()
+    return pool.float()
+
+
+class PoolNoise(NoiseSource):
+    """Noise read from one pre-drawn pool at per-segment random offsets: see the module docstring.
+
+    Args:
+        run_seed: the run's seed (the pool and every offset derive from it).
+        size: pool length (even, at least :data:`CHUNK`; memory: ``size + CHUNK`` values per device and dtype).
+    """
+
+    kind = "pool"
+    redraw_is_free = True
+
+    def __init__(self, run_seed: int, size: int = POOL_SIZE) -> None:
+        super().__init__(run_seed)
+        if size < CHUNK or size % 2:
+            raise ValueError(f"pool size must be an even number >= {CHUNK}, got {size}")
+        self.size = size
+        self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def reseeded(self, run_seed: int) -> NoiseSource:
+        return self if run_seed == self.run_seed else PoolNoise(run_seed, self.size)
+
+    def pool(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The pool followed by a copy of its first :data:`CHUNK` values (so every window is contiguous)."""
+        key = (torch.device(device), dtype)
+        if key not in self._pools:
+            base = flat_spectrum_pool(stream_seed(self.run_seed, -1, "pool", "pool"), self.size)
+            self._pools[key] = torch.cat([base, base[:CHUNK]]).to(device=key[0], dtype=dtype)
+        return self._pools[key]
+
+    def offsets(self, step: int, name: str, stream: str, numel: int) -> list[int]:
+        """Pool offset of each :data:`CHUNK`-element segment of a draw (uniform in [0, size))."""
+        gen = torch.Generator().manual_seed(stream_seed(self.run_seed, step, name, stream))
+        return torch.randint(0, self.size, ((numel + CHUNK - 1) // CHUNK,), generator=gen).tolist()
+
+    def _windows(self, like: torch.Tensor, step: int, name: str, stream: str):
+        pool, n = self.pool(like.device, like.dtype), like.numel()
+        for k, off in enumerate(self.offsets(step, name, stream, n)):
+            lo, hi = k * CHUNK, min(n, (k + 1) * CHUNK)
+            yield lo, hi, pool[off:off + hi - lo]
+
+    def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
+        """Copy this draw's pool windows into ``out`` (values of its contiguous layout, like the other kinds)."""
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device).view(-1)
+        for lo, hi, window in self._windows(out, step, name, stream):
+            flat[lo:hi].copy_(window)
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
+        return out
+
+    def normal_at_(self, out: torch.Tensor, step: int, name: str, stream: str, start: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+        """Elements ``[start, start + out.numel())`` of the draw of a tensor of ``total`` elements (default:
+        ``out``'s own): the same values as :meth:`normal_` of the whole tensor, copied from the pool windows."""
+        n = out.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        if out.is_meta:
+            return out
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+        pool = self.pool(out.device, out.dtype)
+        for k, off in enumerate(self.offsets(step, name, stream, total)):
+            lo, hi = k * CHUNK, min(total, (k + 1) * CHUNK)
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                flat[a - start:b - start].copy_(pool[off + a - lo:off + b - lo])
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
+        return out
+
+    def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """``out = theta + alpha * z`` reading the pool windows directly: one pass, no draw, no buffer."""
+        if not (out.is_contiguous() and theta.is_contiguous()):
+            return super().add_(out, theta, alpha, step, name, stream, buffer)
+        o, t = out.view(-1), theta.view(-1)
+        for lo, hi, window in self._windows(theta, step, name, stream):
+            torch.add(t[lo:hi], window, alpha=alpha, out=o[lo:hi])
+        return out
+
+
+#: the named noise variants (see the module docstring)
+NOISE_KINDS: dict[str, type[NoiseSource]] = {"gaussian": NoiseSource, "rademacher": RademacherNoise,
+                                             "pool": PoolNoise}
+
+
+def make_noise(kind: str, run_seed: int) -> NoiseSource:
+    """The noise source of variant ``kind`` for a run.
+
+    Raises:
+        ValueError: an unknown kind (the plugin turns it into an error naming its option).
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise {kind!r}: use one of {', '.join(NOISE_KINDS)}")
+    return NOISE_KINDS[kind](run_seed)

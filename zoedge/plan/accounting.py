@@ -6,24 +6,36 @@ computes it:
 * **long-lived buffers**, from the block layout ``zoedge prepare`` produces (the
   same layout function, so sizes match byte for byte) and the runtime's
   allocation rules (``zoedge/runtime/streamed.py``): a ring of ``prefetch + 1``
-  slots sized to the largest streamed block (plus its dequantization area), a
-  dedicated slot for a block holding a tied tensor, the optimizer's block-sized
-  workspaces (MeZO: one noise buffer per direction and one scratch for θ ± εz),
-  and one copy of a perturbed tied tensor per pass;
+  slots sized to the largest streamed block (plus its dequantization area) and a
+  dedicated slot for a block holding a tied tensor;
 * **transient tensors** of the step (hidden states of every pass, masks,
-  activations, attention, logits at the scored positions, the loss), measured
-  by running the adapter's blocks on the meta device under
-  :class:`~zoedge.plan.tracker.DeviceMemoryTracker`, the way ``StreamedModel.run``
-  runs them (two decoder layers stand for all: every layer has the same shapes).
+  activations, attention, logits at the scored positions, the loss, and the
+  perturbed weights formed just in time), measured by running the adapter's
+  blocks on the meta device under :class:`~zoedge.plan.tracker.DeviceMemoryTracker`,
+  the way ``StreamedModel.run`` runs them (two decoder layers stand for all:
+  every layer has the same shapes), with the weights a dense method's pass sees
+  wrapped as the runtime wraps them (:class:`~zoedge.runtime.perturbed.NoisePerturbed`,
+  row chunks of ``chunk_bytes``).
 
-The **lean residency** column is a design target (finer streaming units,
-just-in-time perturbation, no tied copies), *not yet implemented*: single Linear matrices stream through the ring (attention / MLP
-halves or whole layers as alternatives; untied embeddings and heads in row
-chunks no larger than the unit), perturbations are
-built per row chunk (two ``chunk``-sized buffers), a tied embedding keeps one
-slot and no copies, and a quantized base multiplies through bitsandbytes, which
-dequantizes one matrix at a time for multi-token inputs. Its transient tensors
-are today's.
+Two runtime modes are planned (``StreamedModel(lean=...)``):
+
+* **lean** (the default on an accelerator and whenever blocks stream through
+  slots): perturbations θ ± εz are formed per tensor or row chunk right before
+  the op that reads them, from range-addressable noise; the tied embedding is
+  perturbed where it is read (embed and head) with no per-pass copy. No
+  block-sized workspace exists.
+* **workspaces** (``lean=False``; the CPU's in-place binding uses it without the
+  slots): the optimizer's block-sized workspaces (MeZO: one noise buffer per
+  direction and one scratch for θ ± εz) and one copy of a perturbed tied tensor
+  per pass.
+
+Streaming units (``Workload.unit``, ``StreamedModel(unit=...)``): whole decoder
+layers, or their attention and MLP halves (``half``, for families whose adapter
+runs half layers: OPT), slots sized to the largest unit. Still a **design
+target**, not implemented: single-Linear units (and halves for the other
+families; untied embeddings and heads would stream in row chunks no larger than
+the unit) and a quantized base multiplied through bitsandbytes (one dequantized
+matrix at a time): :func:`unit_long_lived`, ``Plan.gpu_peak_by_unit``.
 
 Step time is a prediction: the runtime's schedule for the step, costed on the
 hardware and placed on a timeline (:mod:`zoedge.plan.timing`); FLOPs come from
@@ -41,6 +53,7 @@ import torch
 from zoedge.errors import ConfigError
 from zoedge.plan.hardware import GiB, Hardware
 from zoedge.plan.timing import step_time
+from zoedge.runtime.streamed import CHUNK_BYTES
 from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
 QUANTS = ("none", "int8", "nf4")
@@ -50,10 +63,10 @@ QUANTS = ("none", "int8", "nf4")
 class Method:
     """What an optimizer asks of the device, as far as memory and time go.
 
-    ``workspaces``: block-sized device buffers it allocates through ``Resident.workspace``;
-    ``dense``: it perturbs every tensor densely (perturbed tied tensors are copied once per pass today) and
-    writes updated blocks back; ``loss``: the head reduces the logits to the training loss (a plain forward
-    returns them).
+    ``workspaces``: block-sized device buffers it allocates through ``Resident.workspace`` in workspace mode
+    (none in lean mode); ``dense``: it perturbs every tensor densely (in workspace mode perturbed tied tensors
+    are copied once per pass; lean mode forms them just in time) and writes updated blocks back; ``loss``: the
+    head reduces the logits to the training loss (a plain forward returns them).
     """
 
     name: str
@@ -75,7 +88,7 @@ def method(name: str, q: int = 1) -> Method:
     if q < 1:
         raise ConfigError("--q", f"{q}", "use 1 or more directions")
     table = {
-        "mezo": Method("mezo", 2 * q, q + 1, True, f"MeZO, q={q}: {q} noise workspace(s) + 1 scratch"),
+        "mezo": Method("mezo", 2 * q, q + 1, True, f"MeZO, q={q} (workspace mode: {q} noise workspace(s) + 1 scratch)"),
         "lowrank": Method("lowrank", 2 * q, 0, False, f"low-rank ZO, q={q}: factors only (not counted)"),
         "forward": Method("forward", 1, 0, False, "one forward pass, logits returned", loss=False),
     }
@@ -203,6 +216,7 @@ class Workload:
     tier: str = "ram"
     attention: str = "sdpa"
     ram_cache_blocks: int = 0
+    unit: str = "layer"
 
     def check(self) -> None:
         for name in ("batch", "seq", "prefetch"):
@@ -214,6 +228,10 @@ class Workload:
             raise ConfigError("--tier", repr(self.tier), "use ram or disk")
         if self.attention not in ("sdpa", "eager"):
             raise ConfigError("--attention", repr(self.attention), "use sdpa or eager")
+        if self.unit not in RUNTIME_UNITS:
+            raise ConfigError("--unit", repr(self.unit), f"use one of {', '.join(RUNTIME_UNITS)}")
+        if self.unit != "layer" and self.tier != "ram":
+            raise ConfigError("--unit", f"{self.unit} with tier {self.tier}", "units finer than a layer: ram tier")
 
     @property
     def n_scored(self) -> int:
@@ -242,19 +260,51 @@ def _tensor_bytes(block: BlockEntry) -> int:
     return sum(t.numel * dtype_of(t.dtype).itemsize for t in block.tensors)
 
 
-def long_lived(spec: ModelSpec, m: Method, prefetch: int) -> dict[str, int]:
-    """Device buffers today's runtime allocates once (by purpose), following ``StreamedModel``'s rules."""
+def units(spec: ModelSpec, unit: str = "layer") -> list[BlockEntry]:
+    """The streaming units of the plan's blocks (embed, one layer, head) as the runtime splits them
+    (``StreamedModel(unit=...)``; the same function).
+
+    Raises:
+        ConfigError: the family's adapter cannot split at ``unit``.
+    """
+    from zoedge.adapters import adapter_for
+    from zoedge.runtime.streamed import _split
+
+    return _split(adapter_for(_cut(spec.config, 1, "sdpa"), DTYPES[spec.dtype], "meta"), spec.blocks, unit)[0]
+
+
+def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, unit: str = "layer") -> dict[str, int]:
+    """Device buffers the runtime allocates once (by purpose), following ``StreamedModel``'s rules: ``lean`` (the
+    default on an accelerator) or workspace mode (``lean=False``), streaming units (``unit``)."""
     dedicated = [b for b in spec.blocks if b.name in spec.dedicated]
-    streamed = [b for b in spec.blocks if b.name not in spec.dedicated]
+    streamed = [b for b in units(spec, unit) if b.name not in spec.dedicated]
     out = {
         "ring slots": (prefetch + 1) * (max(b.nbytes for b in streamed) + max(b.dequant_nbytes for b in streamed)),
         "tied-weight slot": sum(b.nbytes + b.dequant_nbytes for b in dedicated),
-        "optimizer workspaces": m.workspaces * max(_tensor_bytes(b) for b in spec.blocks),
-        "tied copies (one per pass)": 0,
     }
+    if lean:
+        return out
+    out["optimizer workspaces"] = m.workspaces * max(_tensor_bytes(b) for b in units(spec, unit))
+    out["tied copies (one per pass)"] = 0
     if m.dense and spec.tied:
         sizes = {t.name: t.numel * dtype_of(t.dtype).itemsize for b in spec.blocks for t in b.tensors}
         out["tied copies (one per pass)"] = m.passes * sum(sizes[src] for src in set(spec.tied.values()))
+    return out
+
+
+#: units the runtime streams (``StreamedModel(unit=...)``)
+RUNTIME_UNITS = ("layer", "half")
+
+
+def runtime_units(spec: ModelSpec) -> list[str]:
+    """The units the runtime can stream this model in (``half`` needs an adapter that runs half layers)."""
+    out = []
+    for u in RUNTIME_UNITS:
+        try:
+            units(spec, u)
+            out.append(u)
+        except ConfigError:
+            pass
     return out
 
 
@@ -275,15 +325,18 @@ def lean_unit_bytes(spec: ModelSpec, unit: str = "linear") -> int:
     return sum(sizes.values())
 
 
-def lean_long_lived(spec: ModelSpec, m: Method, prefetch: int, chunk_bytes: int,
-                    unit: str = "linear") -> dict[str, int]:
-    """Device buffers of the lean-residency design (not implemented yet; see the module docstring)."""
+def unit_long_lived(spec: ModelSpec, m: Method, prefetch: int, unit: str = "linear") -> dict[str, int]:
+    """Device buffers of the lean runtime streaming units (``unit``): the runtime's own (:func:`long_lived`) where it
+    implements the unit for this model (:func:`runtime_units`), else the design target, not implemented: slots
+    sized to the unit (single matrices for ``linear``; untied embeddings and heads would stream in row chunks no
+    larger than the unit), a quantized base multiplied through bitsandbytes (one dequantized matrix at a time)."""
+    if unit in runtime_units(spec):
+        return long_lived(spec, m, prefetch, lean=True, unit=unit)
     dt = dtype_of(spec.dtype).itemsize
     biggest_matrix = max(t.numel * dt for t in spec.layer_block.tensors)
     return {
         "ring slots": (prefetch + 1) * lean_unit_bytes(spec, unit),
         "tied-weight slot": sum(b.nbytes for b in spec.blocks if b.name in spec.dedicated),
-        "perturbation chunks": 2 * min(chunk_bytes, biggest_matrix) if m.dense else 0,
         "dequantized matrix (bitsandbytes)": biggest_matrix if spec.quant != "none" else 0,
     }
 
@@ -298,9 +351,14 @@ class Simulation:
     flops: dict[str, int]
 
 
-def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True) -> Simulation:
+def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, perturbed: bool = False,
+             chunk_bytes: int = CHUNK_BYTES) -> Simulation:
     """Run embed, two decoder layers and the head on the meta device as ``StreamedModel.run`` does (every pass,
-    the trainer's loss at the head) and count the transient bytes; see the module docstring."""
+    the trainer's loss at the head) and count the transient bytes; see the module docstring. ``perturbed``: every
+    pass sees every weight as the lean runtime's just-in-time θ + εz (a dense method), formed in row chunks of
+    ``chunk_bytes``."""
+    from zoedge.optim.noise import NoiseSource
+    from zoedge.runtime.perturbed import NoisePerturbed
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoedge.adapters import EMBED, HEAD, adapter_for
@@ -316,6 +374,17 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True) ->
         weights[alias] = weights[src]
     batch = synthetic_batch(config.vocab_size, work.batch, work.seq, work.scored)
     blocks = adapter.block_names()
+    noise = NoiseSource(0)  # on meta it allocates what a real draw allocates and draws nothing
+
+    def seen(p: int) -> dict[str, torch.Tensor]:  # what pass p's blocks see (the runtime's perturb of MeZO)
+        if not perturbed:
+            return weights
+        out = {n: NoisePerturbed(t, lambda o, a, n_, n=n: noise.normal_at_(o, 0, n, "z0", a, n_), 1.0, chunk_bytes)
+               for n, t in weights.items() if n not in adapter.tied()}
+        out.update({alias: out[src] for alias, src in adapter.tied().items()})  # the head reads the embed's
+        return out
+
+    views = [seen(p) for p in range(passes)]
     peaks: dict[str, int] = {}
     flops: dict[str, int] = {}
     with DeviceMemoryTracker("meta", work.attention) as tracker:
@@ -328,9 +397,10 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True) ->
             ctx = adapter.begin(dev.input_ids, dev.attention_mask, None, dev.target_index if loss else None)
             states: list[Any] = [dev.input_ids] * passes
             for block in blocks:
-                w = {n: weights[n] for n in adapter.tensors_of(block)}
+                names = adapter.tensors_of(block)
                 with tracker.section() as sec:
                     for p in range(passes):
+                        w = {n: views[p][n] for n in names}
                         if p == 0:
                             with FlopCounterMode(display=False) as fc:
                                 states[p] = adapter.run(block, w, states[p], ctx)
@@ -361,7 +431,11 @@ def _cut(config: Any, layers: int, attention: str) -> Any:
 # ------------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Plan:
-    """Everything ``zoedge plan`` reports; bytes and seconds. ``to_dict`` is the JSON form."""
+    """Everything ``zoedge plan`` reports; bytes and seconds. ``to_dict`` is the JSON form.
+
+    ``device_long_lived`` / ``transient_peak`` / ``device_peak``: the runtime as it runs on an accelerator (lean
+    mode); ``workspace_*``: the same runtime with ``lean=False``.
+    """
 
     model: str
     layers: int
@@ -374,14 +448,20 @@ class Plan:
     params: int
     stored_bytes: int
     device_long_lived: dict[str, int]
-    lean_long_lived: dict[str, int]
     transient_peak: int
     transient_by_block: dict[str, int]
+    workspace_long_lived: dict[str, int]
+    workspace_transient_peak: int
     host_ram: int
     disk: int
     moved: dict[str, int]
     flops_per_step: float
     time: dict[str, Any]
+    chunk_bytes: int = CHUNK_BYTES
+    #: lean GPU peak by streaming unit (:func:`unit_long_lived`): the runtime's for ``runtime_units``, a design
+    #: target (not implemented) for the others
+    gpu_peak_by_unit: dict[str, int] = field(default_factory=dict)
+    runtime_units: list[str] = field(default_factory=list)
     fits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -389,8 +469,8 @@ class Plan:
         return sum(self.device_long_lived.values()) + self.transient_peak
 
     @property
-    def lean_device_peak(self) -> int:
-        return sum(self.lean_long_lived.values()) + self.transient_peak
+    def workspace_device_peak(self) -> int:
+        return sum(self.workspace_long_lived.values()) + self.workspace_transient_peak
 
     @property
     def gpu_peak(self) -> int:
@@ -398,14 +478,14 @@ class Plan:
         return self.device_peak + self.hardware.cuda_extra
 
     @property
-    def lean_gpu_peak(self) -> int:
-        return self.lean_device_peak + self.hardware.cuda_extra
+    def workspace_gpu_peak(self) -> int:
+        return self.workspace_device_peak + self.hardware.cuda_extra
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["method"], d["work"], d["hardware"] = asdict(self.method), asdict(self.work), self.hardware.to_dict()
-        d["device_peak"], d["lean_device_peak"] = self.device_peak, self.lean_device_peak
-        d["gpu_peak"], d["lean_gpu_peak"] = self.gpu_peak, self.lean_gpu_peak
+        d["device_peak"], d["workspace_device_peak"] = self.device_peak, self.workspace_device_peak
+        d["gpu_peak"], d["workspace_gpu_peak"] = self.gpu_peak, self.workspace_gpu_peak
         d["notes"] = NOTES
         return d
 
@@ -413,19 +493,22 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
 
-NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; before allocator rounding); gpu_peak adds "
-         "the cuBLAS workspace; NVML device-used adds the CUDA context and the allocator's cache on top",
-         "lean_* figures are the lean-residency design target, not yet implemented",
+NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; before allocator rounding) with the "
+         "runtime's default on an accelerator (lean: perturbations formed just in time); gpu_peak adds the cuBLAS "
+         "workspace; NVML device-used adds the CUDA context and the allocator's cache on top",
+         "workspace_*: the same runtime with lean=False (block-sized noise and scratch workspaces, tied copies)",
+         "gpu_peak_by_unit: lean GPU peak by streaming unit; units in runtime_units are implemented "
+         "(StreamedModel(unit=...)), the others are a design target, not implemented",
          "time: the step's predicted timeline (zoedge.plan.timing: the runtime's schedule costed at the hardware's "
          "rates), not a measurement; roofline_s is the per-block max(transfer, compute) bound beside it")
 
 
-def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = 64 * 2**20) -> Plan:
+def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES) -> Plan:
     """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring)."""
     work.check()
-    sim = simulate(spec, work, m.passes, m.loss)
-    live = long_lived(spec, m, work.prefetch)
-    lean = lean_long_lived(spec, m, work.prefetch, chunk_bytes)
+    sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes)
+    wsim = simulate(spec, work, m.passes, m.loss) if m.dense else sim
+    live = long_lived(spec, m, work.prefetch, lean=True, unit=work.unit)
     blocks = spec.block_list()
     stored = spec.stored_bytes
     biggest = max(b.nbytes for b in spec.blocks)
@@ -433,7 +516,8 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
         host = stored
     else:
         cached = sum(b.nbytes for b in blocks[:work.ram_cache_blocks])
-        host = (work.prefetch + 1) * biggest + biggest + cached  # read ring + write-back staging + RAM cache
+        staging = biggest if m.dense else 0  # allocated only when something is written back
+        host = (work.prefetch + 1) * biggest + staging + cached  # read ring + write-back staging + RAM cache
     disk = stored * (2 if (work.tier == "disk" and m.dense) else 1)  # + the working copy of dense disk runs
     h2d = stored
     d2h = sum(b.nbytes for b in blocks if all(t.quant == "none" for t in b.tensors)) if m.dense else 0
@@ -444,34 +528,42 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     time = step_time(spec, m, work, hw, flops).to_dict()
     plan = Plan(spec.label, spec.layers, spec.measured_layers, spec.dtype, spec.quant, m, work, hw,
                 params=sum(t.numel for b in blocks for t in b.tensors), stored_bytes=stored,
-                device_long_lived=live, lean_long_lived=lean, transient_peak=sim.peak,
-                transient_by_block=sim.block_peaks, host_ram=host, disk=disk,
+                device_long_lived=live, transient_peak=sim.peak, transient_by_block=sim.block_peaks,
+                workspace_long_lived=long_lived(spec, m, work.prefetch, lean=False, unit=work.unit),
+                workspace_transient_peak=wsim.peak, host_ram=host, disk=disk,
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
-                flops_per_step=float(total_flops), time=time)
-    plan.fits = _fits(spec, m, work, hw, sim.peak, chunk_bytes)
-    for f in plan.fits:  # the predicted step of each tier and prefetch depth (today's runtime)
-        f["step_s"] = step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"]), hw, flops).timeline.total
+                flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes)
+    plan.gpu_peak_by_unit = {u: sum(unit_long_lived(spec, m, work.prefetch, u).values()) + sim.peak
+                             + hw.cuda_extra for u in LEAN_UNITS}
+    plan.runtime_units = runtime_units(spec)
+    plan.fits = _fits(spec, m, work, hw, sim.peak, wsim.peak)
+    for f in plan.fits:  # the predicted step of each tier and prefetch depth
+        f["step_s"] = step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"], unit=f["unit"]), hw,
+                                flops).timeline.total
     return plan
 
 
-def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: int, chunk: int) -> list[dict]:
-    """Which tier and prefetch depth fit the GPU and host RAM (today's runtime and the lean design)."""
+def _fits(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, transient: int, ws_transient: int) -> list[dict]:
+    """Which tier and prefetch depth fit the GPU and host RAM (the runtime, its workspace mode, and the design
+    target's finer units)."""
     out = []
     stored, biggest = spec.stored_bytes, max(b.nbytes for b in spec.blocks)
     for tier in ("ram", "disk"):
         for pf in (1, 2, 3):
-            dev = sum(long_lived(spec, m, pf).values()) + transient + hw.cuda_extra
-            lean = {u: sum(lean_long_lived(spec, m, pf, chunk, u).values()) + transient + hw.cuda_extra
-                    for u in LEAN_UNITS}
-            host = stored if tier == "ram" else (pf + 2) * biggest
+            unit = work.unit if tier == "ram" else "layer"
+            dev = sum(long_lived(spec, m, pf, unit=unit).values()) + transient + hw.cuda_extra
+            ws = sum(long_lived(spec, m, pf, lean=False, unit=unit).values()) + ws_transient + hw.cuda_extra
+            design = {u: sum(unit_long_lived(spec, m, pf, u).values()) + transient + hw.cuda_extra
+                      for u in LEAN_UNITS}
+            host = stored if tier == "ram" else (pf + 1 + (1 if m.dense else 0)) * biggest
             host_ok = hw.host_ram is None or host <= hw.host_ram
-            gpu_ok = hw.gpu_memory is None or dev <= hw.gpu_memory
-            out.append({"tier": tier, "prefetch": pf, "device_peak": dev, "host_ram": host, "fits": gpu_ok and host_ok,
-                        "lean_device_peak": lean["linear"],
-                        "lean_fits": host_ok and (hw.gpu_memory is None or lean["linear"] <= hw.gpu_memory),
-                        "lean_by_unit": lean,
-                        "lean_units_that_fit": [u for u in LEAN_UNITS
-                                                if host_ok and (hw.gpu_memory is None or lean[u] <= hw.gpu_memory)]})
+
+            def ok(n: int) -> bool:
+                return host_ok and (hw.gpu_memory is None or n <= hw.gpu_memory)
+
+            out.append({"tier": tier, "prefetch": pf, "unit": unit, "device_peak": dev, "host_ram": host, "fits": ok(dev),
+                        "workspace_device_peak": ws, "workspace_fits": ok(ws),
+                        "by_unit": design, "units_that_fit": [u for u in LEAN_UNITS if ok(design[u])]})
     return out
 
 

@@ -10,8 +10,9 @@ workspaces, activations, logits.
 * ``device="cpu"``: a real step on the CPU. The device *is* host memory here,
   so the host tier's buffers (``ALLOCATIONS`` purposes ``host`` and ``pinned``)
   are subtracted from the tracked peak. Blocks stream through slots as on an
-  accelerator (``in_place=False``; what ``zoedge plan`` predicts), unless
-  ``in_place=True`` measures the CPU runtime's own in-place binding.
+  accelerator (``in_place=False``, lean perturbations: what ``zoedge plan``
+  predicts; ``lean=False``: its workspace figures), unless ``in_place=True``
+  measures the CPU runtime's own in-place binding.
 * ``device="meta"``: the host tier reads the store's real bytes, the device
   side allocates and computes nothing (losses are not computed: the step's
   scalars are fed as 0). Counts real-width steps that do not fit this machine.
@@ -105,7 +106,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
                  options: dict[str, Any] | None = None, batch: int = 1, seq: int = 128, scored: int = 0,
                  steps: int = 1, tier: str = "ram", prefetch: int = 1, attention: str = "sdpa",
                  working_dir: Path | None = None, seed: int = 0, progress: bool = False,
-                 in_place: bool = False) -> StepMeasurement:
+                 in_place: bool = False, lean: bool | None = None, unit: str = "layer",
+                 chunk_bytes: int | None = None) -> StepMeasurement:
     """Open ``store`` on ``device`` and run ``steps`` training steps under the tracker (see the module docstring).
 
     Args:
@@ -118,6 +120,10 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         attention: ``sdpa`` (fused kernels) or ``eager``; on meta this decides how attention is counted.
         in_place: on ``cpu`` with the ``ram`` tier: bind blocks in the host buffers (no slots) instead of the
             accelerator's slot layout.
+        lean: as :class:`~zoedge.StreamedModel` (default: on unless ``in_place``): perturbations formed just in
+            time; ``False`` measures the workspace mode (``zoedge plan``'s ``workspace_*`` figures).
+        unit: streaming unit (``layer`` or ``half``), as :class:`~zoedge.StreamedModel`.
+        chunk_bytes: lean mode's row chunk (default the runtime's).
 
     Returns:
         A :class:`StepMeasurement`.
@@ -139,7 +145,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
     tracker = DeviceMemoryTracker(dev.type, attention)
     with tracker:
         model = StreamedModel(store, device=dev, tier=tier, prefetch=prefetch, working_dir=working_dir,
-                              in_place=in_place)
+                              in_place=in_place, lean=lean, unit=unit,
+                              **({} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}))
         if dev.type == "meta":
             tracker.discount(model.adapter.skeleton.parameters())  # the module skeleton is not device memory
             _storage_identity_on_meta(model)

@@ -142,7 +142,7 @@ class DiskTier(HostTier):
             read_file_into(self.paths[i], buf)
         self.pending: dict[int, int] = {}  # block -> ring buffer holding (or about to hold) its bytes
         self.next_ring = 0
-        self.staging = allocate(size, "cpu", "pinned", pinned=True)  # D2H target of write-backs
+        self._staging: torch.Tensor | None = None  # D2H target of write-backs, allocated by the first one
 
     def _working_copy(self, working_dir: Path) -> list[Path]:
         working_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +189,15 @@ class DiskTier(HostTier):
         if i in self.cache:
             return f"host[{i}]", self.cache[i]
         return "staging", self.staging[: self._nbytes(i)]
+
+    @property
+    def staging(self) -> torch.Tensor:
+        """The write-back staging buffer (sized to the largest block), allocated when a pass that may write back is
+        first emitted: a read-only run (forward, eval) never holds it."""
+        if self._staging is None:
+            self._staging = allocate(max(self._nbytes(i) for i in range(len(self.paths))), "cpu", "pinned",
+                                     pinned=True)
+        return self._staging
 
     def after_writeback(self, i: int, offload: object) -> None:
         name, buf = self.writeback_target(i)

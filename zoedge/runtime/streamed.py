@@ -30,14 +30,19 @@ from typing import Any
 
 import torch
 
-from zoedge.adapters import EMBED, HEAD, Adapter, adapter_for
+from zoedge.adapters import EMBED, HEAD, UNITS, Adapter, adapter_for
 from zoedge.errors import ConfigError
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
 from zoedge.runtime.memory import allocate
+from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, dequantize, make_slot
-from zoedge.store.manifest import BlockEntry, Manifest, dtype_of, load_manifest
+from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
+
+
+#: lean mode's default row chunk for forming a perturbation or an update (bytes)
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -64,6 +69,55 @@ class Resident:
         """Scratch tensors shaped like this block's tensors, allocated once per key and reused by every block."""
         assert self.runtime is not None
         return self.runtime.workspace(key, self)
+
+    # -- perturbations: the runtime decides where noise and θ + αz live (see docs/architecture.md) ---------------
+    @property
+    def lean(self) -> bool:
+        """True: perturbations are formed just in time per tensor or row chunk (:mod:`zoedge.runtime.perturbed`),
+        nothing block-sized is allocated. False: noise is drawn once per residency into a block-sized workspace
+        and θ + αz formed into another (fewer draws; the CPU's in-place binding)."""
+        return bool(getattr(self.runtime, "lean", False))
+
+    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None) -> None:
+        """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
+        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once;
+        lean mode draws nothing here (:meth:`perturbed` regenerates it where it is used)."""
+        if self.lean:
+            return
+        z = self.workspace(key)
+        for name in self.tensors if names is None else names:
+            fill_of(name)(z[name], 0, z[name].numel())
+
+    def perturbed(self, name: str, key: str, fill: Fill, alpha: float, base: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """What a pass sees of tensor ``name``: θ + α·z (or ``base`` + α·z, ``base`` shaped like θ), z being noise
+        ``key`` (``fill``; see :meth:`noise`, which must have been called for ``key`` in this residency). Lean: a
+        :class:`NoisePerturbed` formed by each op that reads it; workspace mode: formed now into the ``scratch``
+        workspace."""
+        theta = self.tensors[name] if base is None else base
+        if self.lean:
+            assert self.runtime is not None
+            return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
+        return torch.add(theta, self.workspace(key)[name], alpha=alpha, out=self.workspace("scratch")[name])
+
+    def chunks(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges to update tensor ``name`` in (lean: chunks of at most the runtime's ``chunk_bytes``;
+        workspace mode: the whole tensor)."""
+        t = self.tensors[name]
+        if t.ndim == 0 or not self.lean:
+            return [(0, t.shape[0] if t.ndim else 1)]
+        assert self.runtime is not None
+        return list(row_chunks(t.shape, t.element_size(), self.runtime.chunk_bytes))
+
+    def buffer(self, key: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A scratch shaped like rows ``rows`` of tensor ``name`` (default all): lean, a fresh tensor (freed by the
+        caller dropping it); workspace mode, that part of workspace ``key``."""
+        t = self.tensors[name]
+        part = t if rows is None or t.ndim == 0 else t[rows[0]:rows[1]]
+        if self.lean:
+            return torch.empty(part.shape, dtype=t.dtype, device=t.device)
+        ws = self.workspace(key)[name]
+        return ws if rows is None or t.ndim == 0 else ws[rows[0]:rows[1]]
 
 
 class BlockVisitor:
@@ -113,11 +167,19 @@ class StreamedModel:
         in_place: bind blocks in place in the host buffers (no slots, uploads or write-backs). Default: on when
             the device is ``cpu`` and the tier ``ram``; ``False`` streams through slots as on an accelerator (tests
             of the accelerator schedule, traffic counts).
+        lean: perturbations formed just in time per tensor or row chunk, no block-sized noise or scratch
+            workspaces (see :attr:`Resident.lean`). Default: on unless bound in place (where device memory is the
+            host's and one draw per residency is faster).
+        chunk_bytes: lean mode: the largest row chunk a perturbation (or an update) is formed in.
+        unit: the streaming unit: ``layer`` (a stored block) or ``half`` (a decoder layer's attention and MLP
+            halves as separate units, named ``layers.<i>.attn`` / ``.mlp``: slots sized to the larger half; ram
+            tier; families whose adapter runs half layers; plugins without first-order blocks).
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
                  ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None,
-                 in_place: bool | None = None) -> None:
+                 in_place: bool | None = None, lean: bool | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 unit: str = "layer") -> None:
         from transformers import AutoConfig
 
         self.store = Path(store)
@@ -134,12 +196,21 @@ class StreamedModel:
         self.config = AutoConfig.from_pretrained(self.store)
         self.dtype = dtype_of(self.manifest.dtype)
         self.adapter: Adapter = adapter_for(self.config, self.dtype, self.device, where=str(self.store / "config.json"))
-        self.blocks: list[BlockEntry] = self.manifest.blocks
-        names = [b.name for b in self.blocks]
+        names = [b.name for b in self.manifest.blocks]
         if names != self.adapter.block_names():
             raise ConfigError(self.store, f"blocks {names[:3]}... do not match the config", "re-run `zoedge prepare`")
+        if unit not in UNITS:
+            raise ConfigError("unit", repr(unit), f"use one of {', '.join(UNITS)}")
+        if unit != "layer" and tier != "ram":
+            raise ConfigError("unit", f"{unit!r} with tier {tier}", "stream units finer than a layer from the ram tier")
+        self.unit = unit
+        # The streaming units: the stored blocks, or parts of them (each a contiguous span of its block's bytes).
+        self.blocks, spans = _split(self.adapter, self.manifest.blocks, unit)
         if tier == "ram":
             self.tier: HostTier = RamTier(self.store, self.manifest)
+            if unit != "layer":  # each unit's host buffer is a view of its span of the block's buffer
+                assert isinstance(self.tier, RamTier)
+                self.tier.buffers = [self.tier.buffers[j][a:b] for j, a, b in spans]
         elif tier == "disk":
             self.tier = DiskTier(self.store, self.manifest, ring=prefetch + 1, ram_cache_blocks=ram_cache_blocks,
                                  working_dir=working_dir)
@@ -151,6 +222,10 @@ class StreamedModel:
             raise ConfigError("in_place", f"True with device {self.device} and tier {tier}",
                               "bind in place only on device cpu with tier ram")
         self.in_place = host_is_device if in_place is None else bool(in_place)
+        self.lean = (not self.in_place) if lean is None else bool(lean)
+        if chunk_bytes < 1:
+            raise ConfigError("chunk_bytes", f"{chunk_bytes}", "use a positive number of bytes (default 64 MiB)")
+        self.chunk_bytes = int(chunk_bytes)
         # Tied weights: the block storing the tensor keeps a dedicated slot until the last user has run.
         self.aliases = dict(self.manifest.tied)
         owners = {self._block_index(self.adapter.block_of(src)) for src in self.aliases.values()}
@@ -293,6 +368,9 @@ class StreamedModel:
         Returns:
             Per pass, ``head_fn(p, logits)`` or the logits.
         """
+        if self.unit != "layer" and getattr(visitor, "first_order", None) is not None:
+            raise ConfigError("unit", f"{self.unit!r} with first-order blocks",
+                              "first-order blocks train whole layers: use unit='layer'")
         state = _PassState(self, visitor, head_fn)
         if inputs is not None:
             inputs = inputs.to(self.device)
@@ -392,6 +470,36 @@ class StreamedModel:
     def close(self) -> None:
         self.engine.close()
         self.tier.close()
+
+
+def _split(adapter: Adapter, blocks: Sequence[BlockEntry], unit: str
+           ) -> tuple[list[BlockEntry], list[tuple[int, int, int]]]:
+    """The streaming units of ``blocks`` at granularity ``unit`` (see :meth:`Adapter.split`): unit entries whose
+    part offsets are relative to the unit's span, and each span as (block index, start, end) in the block's bytes.
+
+    Raises:
+        ConfigError: the adapter cannot split its layers, or a unit's tensors are not contiguous in the store.
+    """
+    units: list[BlockEntry] = []
+    spans: list[tuple[int, int, int]] = []
+    for j, b in enumerate(blocks):
+        by_name = {t.name: t for t in b.tensors}
+        try:
+            parts = adapter.split(b.name, list(by_name), unit)
+        except NotImplementedError as e:
+            raise ConfigError("unit", repr(unit), f"{e}; use unit='layer'") from None
+        starts = [min(p.offset for n in names for p in by_name[n].parts.values()) for _, names in parts]
+        ends = [*starts[1:], b.nbytes]
+        for (name, names), a, z in zip(parts, starts, ends):
+            if any(not (a <= p.offset and p.offset + p.nbytes <= z) for n in names for p in by_name[n].parts.values()):
+                raise ConfigError("unit", f"{unit!r}: the tensors of {name} are not contiguous in the store's layout",
+                                  "use unit='layer'")
+            tensors = [TensorEntry(t.name, t.dtype, t.shape, t.quant, t.blocksize,
+                                   {k: Part(p.dtype, p.shape, p.offset - a, p.nbytes) for k, p in t.parts.items()})
+                       for t in (by_name[n] for n in names)]
+            units.append(b if len(parts) == 1 else BlockEntry(name, b.file, z - a, "", tensors))
+            spans.append((j, a, z))
+    return units, spans
 
 
 def _nbytes(numel: int, dtype: str) -> int:

@@ -35,7 +35,7 @@ import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.runtime.streamed import StreamedModel
-from zoedge.runtime.threads import ThreadChoice, apply_threads, choose_threads
+from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
 from zoedge.store.atomic import atomic_write_bytes
@@ -209,6 +209,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
               threads: ThreadChoice) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
+    started = time.perf_counter()
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
@@ -237,8 +238,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         on_device = model.device.type != "cpu"
         if on_device:
             torch.accelerator.reset_peak_memory_stats(model.device)
+        governor = ThreadGovernor(threads, log=log_stderr if world.is_main else (lambda message: None))
         trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
-                          progress=s.progress, world=world)
+                          progress=s.progress, world=world, threads=governor)
         if resume_from is not None:
             trainer.resume()
             run_record.apply_resumed_changes(trainer, record, s, options)
@@ -257,16 +259,17 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     summary = {
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device,
-        "threads": threads.to_dict(),
+        "threads": governor.to_dict(),
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
-        "seconds": result.seconds, "steps_per_s": result.steps / result.seconds if result.seconds else None,
+        "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
+        "wall_seconds": time.perf_counter() - started, "steps_per_s": result.steps / result.seconds if result.seconds else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss, "peak_gpu_bytes": peak, "model_dir": str(out / "model"),
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test)},
         "metrics": str(metrics_path), "plot": None,
-        "world_size": world.size, "per_rank_batch": [b - a for a, b in world.shard_bounds(s.batch_size)],
+        "world_size": world.size, **trainer.shares(),
     }
     if s.plot:
         from zoedge.train.curves import plot_curves

@@ -30,12 +30,13 @@ from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, StreamedModel
+from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.guard import StepGuard
 from zoedge.train.tasks import Example
-from zoedge.train.world import World, state_checksum
+from zoedge.train.world import DirectionSplit, World, state_checksum
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "Evaluation", "evaluate", "batch_indices", "log_stderr"]
 
@@ -132,18 +133,20 @@ class Trainer:
         output: run directory (checkpoints, metrics, final model, summary).
         metrics_path: JSONL file of per-step metrics (default ``output/metrics.jsonl``).
         world: the ranks of a data-parallel run (default: this process alone); see :mod:`zoedge.train.world`.
+        threads: re-evaluates the CPU thread count every few steps (see :mod:`zoedge.runtime.threads`).
     """
 
     def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
                  dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
                  metrics_path: Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] = log_stderr, world: World | None = None) -> None:
+                 log: Callable[[str], None] = log_stderr, world: World | None = None,
+                 threads: ThreadGovernor | None = None) -> None:
         settings.check()
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
                             f"use --batch-size {len(train)} or less, or give more training data")
         self.world = world or World()
-        if settings.batch_size < self.world.size:
+        if settings.batch_size < self.world.size and settings.dp_mode == "batch":
             raise ConfigError("--batch-size", f"{settings.batch_size} is smaller than the {self.world.size} ranks "
                               "(the global batch is split across ranks)",
                               f"use --batch-size {self.world.size} or more, or fewer ranks")
@@ -152,10 +155,16 @@ class Trainer:
         self.fo: FirstOrder | None = None
         if fo_blocks or fo_extra:
             who = optimizer.name or type(optimizer).__name__
+            if settings.dp_mode == "directions":
+                raise ConfigError(f"--dp-mode directions with optimizer '{who}'", "it trains first-order tensors "
+                                  "(their gradient needs the batch split)", "use --dp-mode batch (the default)")
             if optimizer.fo_pass is None:
                 raise ConfigError(f"optimizer '{who}'", "trains first-order tensors but declares no fo_pass",
                                   "set fo_pass to the plugin's unperturbed pass")
             self.fo = optimizer.first_order = FirstOrder(model, fo_blocks, optimizer.fo_settings(), who, fo_extra)
+        # --dp-mode directions: every rank takes the whole batch and its share of the directions (DirectionSplit)
+        self.split = DirectionSplit(optimizer, self.world) if settings.dp_mode == "directions" else None
+        self.data_world = self.world if self.split is None else World()  # the ranks the batch is split across
         self.model, self.tok, self.opt = model, tokenizer, optimizer
         self.train, self.dev, self.test = list(train), list(dev), list(test)
         self.s = settings
@@ -169,6 +178,8 @@ class Trainer:
         self.progress = progress and self.world.is_main
         self.log = log if self.world.is_main else (lambda message: None)
         self.guard = StepGuard(self.ckpt_dir, self.log)
+        self.threads = threads
+        self.eval_seconds = 0.0  # spent in evaluate() (flush included), for the run summary
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -215,19 +226,29 @@ class Trainer:
                 extra += [p.detach() for p in self.fo.extra.values()]
             self.world.check_consistent(state_checksum(self.model, extra), when)
 
+    def shares(self) -> dict[str, list[int]]:
+        """Each rank's share of a step (for summary.json): examples, and directions when they are split."""
+        if self.split is None:
+            return {"per_rank_batch": [b - a for a, b in self.world.shard_bounds(self.s.batch_size)]}
+        return {"per_rank_batch": [self.s.batch_size] * self.world.size,
+                "per_rank_directions": [b - a for a, b in self.world.shard_bounds(len(self.split.groups))]}
+
     # ------------------------------------------------------------------- loop
     def train_step(self) -> dict[str, float]:
         """One ZO step on batch ``self.step``; returns its metrics."""
-        idx = self.world.shard(batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step))
+        idx = self.data_world.shard(batch_indices(len(self.train), self.s.batch_size, self.s.seed, self.step))
         batch = collate(self.tok, [self.train[i] for i in idx], self.s.max_length, share_prompts=True)
         lr = self.opt.lr
         t0 = time.perf_counter()
         self.world.step = self.step
         self.run_extra_phases(batch)
         self.opt.begin_step(self.step)
-        losses = [loss for loss, _ in _loss_passes(self.model, self.opt, batch)]
-        # the one host sync of the step (and, across ranks, the one all-reduce: global-batch means)
-        values, total, (tokens,) = self.world.mean_losses(losses, loss_count(batch), [batch.n_tokens])
+        losses = [loss for loss, _ in _loss_passes(self.model, self.split.visitor if self.split else self.opt, batch)]
+        # the one host sync of the step (and, across ranks, the one collective: global-batch means of the passes,
+        # or, with the directions split, every rank's passes gathered)
+        values, total, (tokens,) = self.data_world.mean_losses(losses, loss_count(batch), [batch.n_tokens])
+        if self.split is not None:
+            values = self.split.gather(values)
         if self.fo is not None and self.opt.grad_pass is not None:
             if self.world.size > 1:  # the gradient of the global mean: local share, summed over ranks
                 self.fo.step(losses[self.opt.grad_pass] * (loss_count(batch) / total), self.world.all_reduce_grads)
@@ -254,15 +275,18 @@ class Trainer:
                 flushed = True
             if phase.passes:
                 losses = [loss for loss, _ in _loss_passes(self.model, phase, batch)]
-                self.opt.finish_phase(phase, list(self.world.mean_losses(losses, loss_count(batch))[0]))
+                self.opt.finish_phase(phase, list(self.data_world.mean_losses(losses, loss_count(batch))[0]))
             else:  # a visit-only stream (e.g. writing the phase's result into the weights)
                 self.model.run(phase)
                 self.opt.finish_phase(phase, [])
 
     def evaluate(self, examples: Sequence[Example], desc: str) -> Evaluation:
+        t0 = time.perf_counter()
         self.flush()
-        return evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
-                        self.world)
+        ev = evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
+                      self.world)
+        self.eval_seconds += time.perf_counter() - t0
+        return ev
 
     def fit(self) -> TrainResult:
         """Train to ``settings.steps`` (from the resumed step), evaluating and checkpointing as configured."""
@@ -282,6 +306,8 @@ class Trainer:
         with open(self.metrics_path if self.world.is_main else os.devnull, "a") as mf:  # rank 0 writes
             while self.step < self.s.steps:
                 m = self.train_step()
+                if self.threads is not None:
+                    m["threads"] = self.threads.after_step(self.step)
                 result.tokens += int(m["tokens"])
                 result.last_loss = m["loss"]
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:

@@ -15,6 +15,15 @@ process group (``nccl`` when training on CUDA, ``gloo`` otherwise). With no
 such variables (or a world of one) nothing is initialised and every method is
 the identity, so single-process runs are unchanged bit for bit.
 
+With ``--dp-mode directions`` (plugins with q > 1 independent directions per
+step, such as MeZO with ``--opt q=4``) the ranks split the *directions* instead
+(:class:`DirectionSplit`): rank r evaluates directions ``shard_bounds(q)[r]``
+(contiguous, sizes differing by at most one) on the whole batch, the ranks
+all-gather their passes' losses (one padded float64 vector each), and every
+rank hands all the losses to the plugin, which regenerates every direction's
+noise in ``apply``: each rank computes exactly what one process computes, bit
+for bit.
+
 Only rank 0 writes (checkpoints, metrics, summary, exported model); every rank
 reads the same checkpoint on resume. Every ``check_every`` steps the ranks
 compare an exact integer checksum of the trained state (:func:`state_checksum`)
@@ -165,6 +174,23 @@ class World:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def all_gather(self, values: torch.Tensor, length: int) -> list[torch.Tensor]:
+        """Every rank's float64 CPU vector (each at most ``length`` long; padded for the collective), in rank order.
+
+        Returns:
+            one float64 CPU vector per rank (the identity in a world of one), each as long as the rank's own.
+        """
+        if self.size == 1:
+            return [values.double()]
+        buf = torch.full((length + 1,), float("nan"), dtype=torch.float64)
+        buf[0] = values.numel()
+        buf[1:1 + values.numel()] = values.double()
+        mine = buf.to(self.device)
+        got = [torch.empty_like(mine) for _ in range(self.size)]
+        self._collective("all_gather of pass losses", lambda d: d.all_gather(got, mine))
+        self.bytes_reduced += mine.numel() * mine.element_size() * self.size
+        return [g.cpu()[1:1 + int(g[0])] for g in got]
+
     def barrier(self) -> None:
         if self.size > 1:
             self._collective("barrier", lambda d: d.barrier())
@@ -230,6 +256,63 @@ class World:
             raise TrainingError(f"rank {self.rank}, step {self.step}", f"{what} failed: {who} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                                 RESUME_HINT) from e
+
+
+class DirectionSplit:
+    """Direction-split data parallelism: each rank evaluates its share of a step's directions on the whole batch.
+
+    Rank r takes directions ``world.shard_bounds(q)[r]`` of the plugin's ``direction_passes()`` (uneven q / N
+    splits differ by one direction) and streams :meth:`ZOOptimizer.only_directions`'s view: those directions'
+    passes, plus the passes of no direction (every rank runs them). :meth:`gather` puts every rank's pass losses
+    back in the plugin's pass order, so ``end_step`` sees exactly the losses of one process.
+
+    Args:
+        optimizer: a built plugin (:class:`~zoedge.optim.api.ZOOptimizer`).
+        world: the ranks.
+
+    Raises:
+        ConfigError: the plugin cannot split its passes, trains first-order blocks, or has fewer directions than
+            there are ranks; each message names ``--dp-mode`` and the fix.
+    """
+
+    def __init__(self, optimizer: Any, world: World) -> None:
+        from zoedge.errors import PluginError
+        who = f"--dp-mode directions with optimizer '{optimizer.name or type(optimizer).__name__}'"
+        groups = optimizer.direction_passes()
+        if groups is None:
+            raise ConfigError(who, "the plugin cannot split its passes by direction (it declares no "
+                              "direction_passes())", "use --dp-mode batch (the default) with this optimizer")
+        if world.size > len(groups):
+            raise ConfigError(who, f"{len(groups)} direction(s) per step cannot be split across {world.size} ranks",
+                              f"use --opt q={world.size} or more, fewer ranks, or --dp-mode batch")
+        self.world, self.passes, self.groups = world, optimizer.passes, groups
+        a, b = world.shard_bounds(len(groups))[world.rank]
+        try:
+            self.visitor, self.order = optimizer.only_directions(range(a, b))
+        except PluginError as e:
+            raise ConfigError(who, str(e), "use --dp-mode batch with this optimizer") from e
+        self.directions = range(a, b)
+        # the longest share of passes: the most directions' passes plus the passes of no direction
+        shared = self.passes - sum(len(g) for g in groups)
+        self.longest = max(sum(len(g) for g in groups[x:y]) for x, y in world.shard_bounds(len(groups))) + shared
+
+    def gather(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's pass losses (means over the whole batch) → every pass's loss, fp32, in the plugin's order.
+
+        Each rank sends ``(pass, loss)`` pairs (float64: exact for both); a pass every rank ran (no direction)
+        takes rank 0's value, the same as the others' (same weights, same batch).
+        """
+        local = torch.stack([x.detach() for x in losses]).float().cpu()
+        pairs = torch.stack([torch.tensor(self.order, dtype=torch.float64), local.double()], 1).reshape(-1)
+        out, seen = torch.zeros(self.passes), torch.zeros(self.passes, dtype=torch.bool)
+        for got in reversed(self.world.all_gather(pairs, 2 * self.longest)):  # rank 0 last: its shared passes win
+            index, values = got.view(-1, 2).unbind(1)
+            out[index.long()], seen[index.long()] = values.float(), True
+        if not seen.all():
+            raise TrainingError(f"rank {self.world.rank}, step {self.world.step}",
+                                f"no rank evaluated passes {(~seen).nonzero().flatten().tolist()}",
+                                "every rank must run the same zoedge version, options and world size")
+        return out
 
 
 def launched_rank() -> int:
