@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from zoedge.errors import DataError
 from zoedge.train.batching import (Batch, candidate_loss, collate, select_targets,
                                    token_logprobs_from_logits)
-from zoedge.train.demo_task import demo_examples
+from zoedge.train.demo_task import codes_examples, demo_examples
 from zoedge.train.tasks import (TASKS, Example, builtin_task, detect_task, load_jsonl, split,
                                 task_format)
 
@@ -269,6 +269,19 @@ def test_builtin_demo_is_deterministic_unique_balanced() -> None:
         demo_examples(1100, weights=(1, 0, 0, 0))
 
 
+def test_builtin_codes_is_the_demo_reviews_under_arbitrary_label_words() -> None:
+    codes, demo = builtin_task("codes", n=2500, seed=7), builtin_task("demo", n=2500, seed=7)
+    assert codes == builtin_task("codes", n=2500, seed=7) != builtin_task("codes", n=2500, seed=8)
+    assert all(c.prompt.endswith(" Answer:") and c.candidates == (" A", " B") for c in codes)
+    # the same reviews, labels (" A" = negative = 0) and order as the demo task: only the question changes
+    assert [(c.prompt.removesuffix(" Answer:"), c.label) for c in codes] == \
+        [(d.prompt.removesuffix(" It was"), d.label) for d in demo]
+    assert sum(c.label for c in codes) == 1250 and len({c.prompt for c in codes}) == 2500
+    assert codes_examples(50, seed=0, weights=(0, 0, 1, 0))[0].prompt.count(" not ") == 1
+    with pytest.raises(DataError, match="exceeds the unique sentences"):
+        codes_examples(1100, weights=(1, 0, 0, 0))
+
+
 def test_demo_sentence_kinds() -> None:
     negated = demo_examples(50, seed=0, weights=(0, 0, 1, 0))
     assert all(" not " in e.prompt for e in negated)
@@ -421,21 +434,28 @@ def test_loss_on_tiny_llama_matches_full_logits(tok_bos: Any) -> None:
 
 
 @pytest.mark.slow
-def test_demo_zero_shot_on_default_model(smollm2_dir: Path) -> None:
-    """SmolLM2-135M-Instruct is clearly above chance on the demo task but not perfect."""
+def test_builtin_zero_shot_on_default_model(smollm2_dir: Path) -> None:
+    """SmolLM2-135M-Instruct is clearly above chance on the demo task but not perfect, and at chance on the
+    codes task (the label words say nothing: it must learn them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    test = split(builtin_task("demo", n=2500, seed=0), seed=0).test[:300]
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(test), 100):
-            b = collate(tokenizer, test[i:i + 100])
-            out = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                              position_ids=b.position_ids())
-            lp = token_logprobs_from_logits(model.lm_head(select_targets(out.last_hidden_state, b)),
-                                            b.target_ids)
-            correct += int((candidate_loss(lp, b)[1] == b.labels).sum())
-    acc = correct / len(test)
-    assert 0.6 < acc < 0.9, acc
+
+    def accuracy(task: str, n: int) -> float:
+        test = split(builtin_task(task, n=2500, seed=0), seed=0).test[:n]
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(test), 100):
+                b = collate(tokenizer, test[i:i + 100])
+                out = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                  position_ids=b.position_ids())
+                lp = token_logprobs_from_logits(model.lm_head(select_targets(out.last_hidden_state, b)),
+                                                b.target_ids)
+                correct += int((candidate_loss(lp, b)[1] == b.labels).sum())
+        return correct / len(test)
+
+    demo = accuracy("demo", 300)
+    assert 0.6 < demo < 0.9, demo
+    codes = accuracy("codes", 200)
+    assert 0.4 <= codes <= 0.6, codes

@@ -124,7 +124,7 @@ class ScoringOptions(Settings):
 class DataOptions(ScoringOptions):
     """The task and its split; finetune and eval share these, so both carve the same split."""
 
-    task: str | None = setting(None, "built-in task (demo), or the layout of the JSONL files (sst2, rte, cb, "
+    task: str | None = setting(None, "built-in task (demo, codes), or the layout of the JSONL files (sst2, rte, cb, "
                                "boolq, copa, wic, generic, generation; detected when omitted)", type=str)
     train: str | None = setting(None, "JSONL file to train on and to carve missing dev/test splits from "
                                 "(default: the built-in task)", type=str, metavar="FILE")

@@ -14,6 +14,13 @@ clearly above chance zero-shot but not perfect, leaving room for fine-tuning:
 
 Labels are balanced (alternating before the final shuffle) and every prompt is
 unique, so any disjoint split of the list has no sentence in two splits.
+
+The built-in ``codes`` task (:func:`codes_examples`) asks for the same
+sentiment under label words the model cannot guess: ``"{review} Answer:"`` ->
+" A" (negative) / " B" (positive). SmolLM2-135M-Instruct is at chance
+zero-shot (it answers " A" to everything); the mapping must be learned, which
+first-order training does in tens of steps and dense ZO only slowly -- the
+harder task of the convergence benchmark (README "Benchmarks").
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from zoedge.errors import DataError
 from zoedge.train.tasks import Example
 
 CANDIDATES = (" terrible", " great")
+CODE_CANDIDATES = (" A", " B")  # negative, positive: nothing in the words tells which is which
 
 # (noun phrase, verb) -- the verb agrees with the noun.
 _SUBJECTS: tuple[tuple[str, str], ...] = (
@@ -94,6 +102,22 @@ def demo_examples(n: int = 2500, seed: int = 0,
     Raises:
         DataError: ``n`` < 1, bad weights, or ``n`` beyond the unique sentences available.
     """
+    return [Example(f"{review} It was", CANDIDATES, label) for review, label in _reviews(n, seed, weights)]
+
+
+def codes_examples(n: int = 2500, seed: int = 0,
+                   weights: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)) -> list[Example]:
+    """The ``codes`` task: the demo reviews (same sentences, labels and order for the same arguments)
+    with prompt ``"{review} Answer:"`` and arbitrary label words (" A" = negative, " B" = positive).
+
+    Raises:
+        DataError: as :func:`demo_examples`.
+    """
+    return [Example(f"{review} Answer:", CODE_CANDIDATES, label) for review, label in _reviews(n, seed, weights)]
+
+
+def _reviews(n: int, seed: int, weights: tuple[float, ...]) -> list[tuple[str, int]]:
+    """``n`` unique (review, label) pairs, labels balanced, in a seeded random order."""
     if n < 1:
         raise DataError("demo task n", f"is {n}", "ask for at least one example")
     if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
@@ -101,7 +125,7 @@ def demo_examples(n: int = 2500, seed: int = 0,
                         f"give {len(KINDS)} non-negative weights for {KINDS}")
     rng = random.Random(f"zoedge-demo:{seed}")
     seen: set[str] = set()
-    out: list[Example] = []
+    out: list[tuple[str, int]] = []
     attempts = 0
     while len(out) < n:
         attempts += 1
@@ -110,10 +134,10 @@ def demo_examples(n: int = 2500, seed: int = 0,
                             "ask for fewer examples")
         label = len(out) % 2
         kind = rng.choices(KINDS, weights)[0]
-        prompt = f"{_sentence(rng, kind, label)} It was"
-        if prompt in seen:
+        review = _sentence(rng, kind, label)
+        if review in seen:
             continue
-        seen.add(prompt)
-        out.append(Example(prompt, CANDIDATES, label))
+        seen.add(review)
+        out.append((review, label))
     rng.shuffle(out)
     return out

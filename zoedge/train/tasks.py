@@ -338,14 +338,15 @@ def load_jsonl(path: str | Path, task: str | None = None) -> list[Example]:
 # ----------------------------------------------------------------------------
 # Built-in generated tasks
 
-BUILTIN_TASKS: tuple[str, ...] = ("demo",)
+BUILTIN_TASKS: tuple[str, ...] = ("demo", "codes")
 
 
 def builtin_task(name: str = "demo", n: int = 2500, seed: int = 0) -> list[Example]:
     """Generate a built-in task (no files needed); see :mod:`zoedge.train.demo_task`.
 
     Args:
-        name: one of :data:`BUILTIN_TASKS`.
+        name: one of :data:`BUILTIN_TASKS`: ``demo`` (sentiment of generated reviews, " terrible" /
+            " great") or ``codes`` (the same reviews under label words the model cannot guess, " A" / " B").
         n: number of unique examples (enough for the default 1000/500/1000 split).
         seed: generator seed; the same (name, n, seed) gives the same list.
 
@@ -355,8 +356,9 @@ def builtin_task(name: str = "demo", n: int = 2500, seed: int = 0) -> list[Examp
     Raises:
         DataError: unknown name or bad ``n``.
     """
-    if name != "demo":
-        raise DataError(f"built-in task {name!r}", "does not exist", f"use one of {BUILTIN_TASKS}")
-    from zoedge.train.demo_task import demo_examples  # late import: demo_task imports Example
+    from zoedge.train.demo_task import codes_examples, demo_examples  # late import: demo_task imports Example
 
-    return demo_examples(n, seed)
+    generators = {"demo": demo_examples, "codes": codes_examples}
+    if name not in generators:
+        raise DataError(f"built-in task {name!r}", "does not exist", f"use one of {BUILTIN_TASKS}")
+    return generators[name](n, seed)
