@@ -69,8 +69,6 @@ def predicted(args: argparse.Namespace) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from zoedge.plan.measure import measure_step
     from zoedge.runtime.threads import apply_threads, choose_threads
 

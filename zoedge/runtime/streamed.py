@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from zoedge.adapters import EMBED, HEAD, UNITS, Adapter, adapter_for
+from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.errors import ConfigError
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
