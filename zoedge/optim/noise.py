@@ -89,13 +89,7 @@ class _Chunks:
 
         def one(k: int) -> None:
             part = flat[k * CHUNK:(k + 1) * CHUNK]
-            gen = self._gen().manual_seed(chunk_seed(seed, k))
-            if kind == "normal":
-                part.normal_(generator=gen)
-            elif kind == "uniform":
-                part.uniform_(generator=gen)
-            else:
-                _rademacher_(part, gen)
+            _draw_(part, self._gen().manual_seed(chunk_seed(seed, k)), kind)
 
         threads = min(torch.get_num_threads(), len(chunks))
         if threads <= 1:
@@ -114,6 +108,16 @@ _CHUNKS = _Chunks()
 
 #: the bit pattern of the fp32 value 1.0 (a set sign bit makes it -1.0)
 _ONE_F32 = 0x3F800000
+
+
+def _draw_(part: torch.Tensor, gen: torch.Generator, kind: str) -> None:
+    """Fill contiguous 1-D ``part`` from ``gen``: ``normal`` N(0, 1), ``uniform`` U[0, 1) or ``rademacher`` ±1."""
+    if kind == "normal":
+        part.normal_(generator=gen)
+    elif kind == "uniform":
+        part.uniform_(generator=gen)
+    else:
+        _rademacher_(part, gen)
 
 
 def _rademacher_(part: torch.Tensor, gen: torch.Generator) -> None:
@@ -220,13 +224,7 @@ class NoiseSource:
             whole = a == lo and b == hi
             part = flat[a - start:b - start] if whole else torch.empty(hi - lo, dtype=out.dtype, device=out.device)
             if gen is not None:
-                gen.manual_seed(chunk_seed(seed, k))
-                if kind == "normal":
-                    part.normal_(generator=gen)
-                elif kind == "uniform":
-                    part.uniform_(generator=gen)
-                else:
-                    _rademacher_(part, gen)
+                _draw_(part, gen.manual_seed(chunk_seed(seed, k)), kind)
             if not whole:
                 flat[a - start:b - start].copy_(part[a - lo:b - lo])
             k += 1
