@@ -24,6 +24,8 @@ from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from zoedge.errors import ConfigError
+
 EMBED, HEAD = "embed", "head"
 _LAYER = re.compile(r"^layers\.(\d+)$")
 _PART = re.compile(r"^layers\.(\d+)\.(\w+)$")
@@ -129,13 +131,17 @@ class Adapter(ABC):
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         if unit == "layer" or layer_index(block) is None:
             return [(block, list(names))]
-        attn = [n for n in names if self.is_attention(n)]
+        sides = {n: self.is_attention(n) for n in names}
+        if None in sides.values():
+            raise ConfigError("--unit", repr(unit), f"{type(self).__name__} streams whole decoder layers only; "
+                              "use --unit layer")
+        attn = [n for n in names if sides[n]]
         return [(f"{block}.attn", attn), (f"{block}.mlp", [n for n in names if n not in attn])]
 
-    def is_attention(self, tensor: str) -> bool:
-        """Whether a decoder-layer tensor belongs to the attention half (see :meth:`split`). Families that cannot
-        run half layers raise."""
-        raise NotImplementedError(f"{type(self).__name__} streams whole decoder layers only")
+    def is_attention(self, tensor: str) -> bool | None:
+        """Whether a decoder-layer tensor belongs to the attention half (see :meth:`split`); ``None`` (this
+        default) for families whose :meth:`run` takes whole decoder layers only."""
+        return None
 
     # ---------------------------------------------------------------- running
     @abstractmethod

@@ -500,10 +500,7 @@ def _split(adapter: Adapter, blocks: Sequence[BlockEntry], unit: str
     spans: list[tuple[int, int, int]] = []
     for j, b in enumerate(blocks):
         by_name = {t.name: t for t in b.tensors}
-        try:
-            parts = adapter.split(b.name, list(by_name), unit)
-        except NotImplementedError as e:
-            raise ConfigError("--unit", repr(unit), f"{e}; use --unit layer") from None
+        parts = adapter.split(b.name, list(by_name), unit)
         starts = [min(p.offset for n in names for p in by_name[n].parts.values()) for _, names in parts]
         ends = [*starts[1:], b.nbytes]
         for (name, names), a, z in zip(parts, starts, ends):

@@ -165,17 +165,12 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
             starts.append(len(head))
             row_example.append(i)
 
-    R = len(rows)
-    T = max(len(r) for r in rows)
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((R, T), dtype=torch.long)
+    input_ids, attention_mask = _left_padded(rows, pad_id, pad_to_multiple_of)
+    T = input_ids.shape[1]
     target_index: list[int] = []
     target_row: list[int] = []
     for r, (ids, start) in enumerate(zip(rows, starts)):
         offset = T - len(ids)  # left padding
-        input_ids[r, offset:] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[r, offset:] = 1
         n_cand = len(ids) - start
         base = r * T + offset + start - 1  # position predicting the first candidate token
         target_index.extend(range(base, base + n_cand))
@@ -194,6 +189,19 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
         kind=examples[0].kind,
         n_tokens=sum(len(r) for r in rows),
     )
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, pad_to_multiple_of: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [R, T] of token rows padded on the left to the longest row, rounded up to a
+    multiple of ``pad_to_multiple_of``."""
+    T = max(len(r) for r in rows)
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, T - len(ids):] = 1
+    return input_ids, attention_mask
 
 
 def _collate_shared(examples: Sequence[Example], prompts: list[list[int]], prefix: list[int],
@@ -217,17 +225,12 @@ def _collate_shared(examples: Sequence[Example], prompts: list[list[int]], prefi
                                 "raise max_length")
             p_ids = p_ids[:keep] + p_ids[keep + over:]
         input_rows.append(p_ids)
-    E = len(input_rows)
-    T = max(len(r) for r in input_rows)
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((E, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((E, T), dtype=torch.long)
+    input_ids, attention_mask = _left_padded(input_rows, pad_id, pad_to_multiple_of)
+    T = input_ids.shape[1]
     target_index: list[int] = []
     target_ids: list[int] = []
     row_example: list[int] = []
-    for e, (ids, ex) in enumerate(zip(input_rows, examples)):
-        input_ids[e, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[e, T - len(ids):] = 1
+    for e, ex in enumerate(examples):
         for cand in ex.candidates:
             target_index.append(e * T + T - 1)  # the last prompt position predicts the candidate token
             target_ids.append(cand_ids[cand][0])
