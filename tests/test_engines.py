@@ -7,7 +7,8 @@ reads stale or overwritten bytes.
 
 CI cost (2-core box): a tiny tied Llama (2 layers, hidden 32), sessions of a few passes. Per configuration
 200 seeded interleavings + the adversarial one; 12 dense MeZO configurations (ram/disk x prefetch 1-3 x
-q 1-2) and 6 int8 configurations (ram/disk x prefetch 1-3, a visitor that updates the unquantized blocks).
+q 1-2) and 6 int8 configurations (ram/disk x prefetch 1-3, a visitor that updates the unquantized blocks);
+and the CPU's disk tier bound in place (compute on the ring buffers, written back from them): 3 configurations.
 """
 from __future__ import annotations
 
@@ -73,9 +74,14 @@ class Config:
 
 CONFIGS = [Config(t, p, "none", q) for t in ("ram", "disk") for p in (1, 2, 3) for q in (1, 2)]
 CONFIGS += [Config(t, p, "int8") for t in ("ram", "disk") for p in (1, 2, 3)]
+# The CPU default with the disk tier: blocks bound in the ring buffers their disk reads filled, written back to
+# disk from there (the ring buffer's reuse waits for the compute; the disk write for the compute that updated it).
+DISK_IN_PLACE = [Config("disk", 1, "none", 2, in_place=True), Config("disk", 2, "none", 1, in_place=True),
+                 Config("disk", 1, "int8", in_place=True)]
+CONFIGS += DISK_IN_PLACE
 # The CPU default with the RAM tier: blocks bound in the host buffers, compute only (no waits to explore, but
 # the results must equal the slot path's bit for bit).
-IN_PLACE = [Config("ram", 1, "none", 2, in_place=True), Config("ram", 1, "int8", in_place=True)]
+IN_PLACE = [Config("ram", 1, "none", 2, in_place=True), Config("ram", 1, "int8", in_place=True), *DISK_IN_PLACE[:2]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,7 +156,8 @@ def equal(a, b) -> bool:
 def test_interleavings_equal_sync(sessions, cfg):
     ref, ops = sessions.run(SyncEngine(), record=True)
     assert find_races(ops) == []
-    assert any(op.kind == "offload" and not op.skipped for op in ops), "the session must write blocks back"
+    if not cfg.in_place:
+        assert any(op.kind == "offload" and not op.skipped for op in ops), "the session must write blocks back"
     if cfg.tier == "disk":
         assert any(op.kind == "write" and not op.skipped for op in ops)
     engines = [SimulatedEngine(adversarial=True)] + [SimulatedEngine(seed=s) for s in range(INTERLEAVINGS)]
@@ -164,8 +171,9 @@ def test_interleavings_equal_sync(sessions, cfg):
 
 @pytest.mark.parametrize("cfg", IN_PLACE, ids=str)
 def test_in_place_binding_equals_the_slot_path(stores, cfg, tmp_path):
-    """Bound in place, a session emits only compute operations (no upload, slot or write-back), its updates land
-    in the host buffers, and every result equals the slot path's, bit for bit."""
+    """Bound in place, a session emits only compute operations (no upload, slot or device-to-host write-back; the
+    disk tier adds its disk reads and writes), its updates land in the host buffers (the disk tier's ring buffers),
+    and every result equals the slot path's, bit for bit."""
     slots = Sessions(stores[cfg.quant], Config(cfg.tier, cfg.prefetch, cfg.quant, cfg.q), tmp_path / "slots")
     try:
         ref, _ = slots.run(SyncEngine())
@@ -175,8 +183,11 @@ def test_in_place_binding_equals_the_slot_path(stores, cfg, tmp_path):
     try:
         assert s.model.in_place and not s.model.ring and not s.model.dedicated
         got, ops = s.run(SyncEngine(), record=True)
-        assert {op.queue for op in ops} == {"compute"} and find_races(ops) == []
-        assert any("host[" in b for op in ops for b in op.writes), "updates are declared on the host buffers"
+        queues = {"compute", "io"} if cfg.tier == "disk" else {"compute"}
+        assert {op.queue for op in ops} == queues and find_races(ops) == []
+        host = "ring[" if cfg.tier == "disk" else "host["
+        assert any(host in b for op in ops if op.queue == "compute" for b in op.writes), \
+            "updates are declared on the host buffers"
         assert equal(got, ref)
         for k in range(3):
             again, _ = s.run(SimulatedEngine(seed=k))
@@ -185,14 +196,15 @@ def test_in_place_binding_equals_the_slot_path(stores, cfg, tmp_path):
         s.model.close()
 
 
-def test_in_place_needs_cpu_and_ram(stores):
+def test_in_place_needs_cpu(stores):
     with pytest.raises(zoedge.ConfigError, match="in_place"):
-        zoedge.load(stores["none"], tier="disk", in_place=True)
-    m = zoedge.load(stores["none"])
-    try:
-        assert m.in_place  # the CPU default
-    finally:
-        m.close()
+        zoedge.load(stores["none"], device="meta", in_place=True)
+    for tier in ("ram", "disk"):
+        m = zoedge.load(stores["none"], tier=tier)
+        try:
+            assert m.in_place  # the CPU default
+        finally:
+            m.close()
 
 
 # ------------------------------------------------------------------------------------- mutation
@@ -252,12 +264,31 @@ def _bytes_changed(sessions: Sessions) -> tuple[list, list[Op], dict[int, set[st
     return ref, ops, engine.changed, engine.syncs
 
 
-def _can_change_data(consumer: Op, wait, changed: dict[int, set[str]], syncs: list[tuple[int, Op]]) -> bool:
+def _rewritten_unread(op: Op, ops: list[Op]) -> bool:
+    """``op`` writes only files that a later operation rewrites before any operation reads them: what it wrote
+    never reaches a result (a block the disk tier keeps in RAM is read from its file only after a sync)."""
+    files = [b for b in op.writes if b.startswith("file[")]
+    if not files or len(files) != len(op.writes):
+        return False
+    later = [o for o in ops if o.seq > op.seq]
+    for b in files:
+        nxt = next((o for o in later if b in o.reads or b in o.writes), None)
+        if nxt is None or b in nxt.reads:
+            return False
+    return True
+
+
+def _can_change_data(consumer: Op, wait, changed: dict[int, set[str]], syncs: list[tuple[int, Op]],
+                     ops: list[Op]) -> bool:
     """The wait protects a write that changed bytes in the reference run (RAW/WAW: the producer's write;
     WAR: the consumer's overwrite), and nothing else orders the two: the caller reads each pass's results
     (a host sync on the compute queue) before it starts the next pass, which orders every operation that
-    the pass's last compute waited for before everything emitted after it. (Such a wait still matters to a
-    caller that enqueues passes without reading their results; the checker covers it.)"""
+    the pass's last compute waited for before everything emitted after it; and what the consumer writes
+    reaches a result (not a disk write that the next one rewrites before the file is read). (Such a wait
+    still matters to a caller that enqueues passes without reading their results, or that reads the file
+    between; the checker covers it.)"""
+    if all(h == "RAW" for _, h in wait.reasons) and _rewritten_unread(consumer, ops):
+        return False
     for emitted, last in syncs:
         if emitted <= consumer.seq and (wait.producer is last or wait.producer.happens_before(last)):
             return False
@@ -295,10 +326,22 @@ EXPECTED_KINDS = {
         "offload -> write: staging RAW",  # the disk write persists what the write-back copied
         "write -> offload: staging WAR",  # the staging buffer is reused after the disk write
     },
+    # Disk, bound in place (the CPU): compute host-waits for the disk read into its ring buffer, the ring buffer
+    # is read into again only after the compute on it (and, FIFO on the I/O thread, after its disk write), the disk
+    # write persists what the compute updated. The tied embedding's owner stays in RAM (host[0]); its next update
+    # waits for its disk write through a later block's read (FIFO after that write), so no wait of its own.
+    "disk-in-place": {
+        "read -> compute: ring RAW",
+        "read -> compute: ring WAW",  # (the same wait) compute updates the ring buffer in place
+        "compute -> read: ring WAR",  # the ring buffer's reuse
+        "compute -> write: ring RAW",
+        "compute -> write: host RAW",
+    },
 }
 
 
-@pytest.mark.parametrize("cfg", [Config("ram", 1, q=1), Config("disk", 2, q=1)], ids=str)
+@pytest.mark.parametrize("cfg", [Config("ram", 1, q=1), Config("disk", 2, q=1), Config("disk", 1, q=1, in_place=True)],
+                         ids=str)
 def test_every_wait_is_needed(sessions, cfg):
     """Remove each wait of a session in turn: the checker reports the race on the wait's buffer, and when
     the wait protects bytes that change (and the caller's sync between passes does not order the two), a
@@ -307,7 +350,8 @@ def test_every_wait_is_needed(sessions, cfg):
     assert find_races(ops) == []
     waits = [(op, w) for op in ops for w in op.waits]
     kinds = {k for op, w in waits for k in _kinds(op, w)}
-    assert kinds == EXPECTED_KINDS[cfg.tier], f"wait kinds changed: {sorted(kinds)}"
+    assert kinds == EXPECTED_KINDS[cfg.tier + ("-in-place" if cfg.in_place else "")], \
+        f"wait kinds changed: {sorted(kinds)}"
     removed, data_changing, unchanged = [], 0, []
     for op, w in waits:
         op.waits.remove(w)
@@ -317,7 +361,7 @@ def test_every_wait_is_needed(sessions, cfg):
             op.waits.append(w)
         assert any(r.buffer in w.buffers for r in races), f"checker missed the removal of: {describe(op, w)}"
         removed.append(describe(op, w))
-        if not _can_change_data(op, w, changed, syncs):
+        if not _can_change_data(op, w, changed, syncs, ops):
             unchanged.append(describe(op, w))
             continue
         data_changing += 1
@@ -365,13 +409,15 @@ def test_accelerator_device_without_one_is_a_clear_error(stores):
         zoedge.load(stores["none"], device="cuda")
 
 
-def test_cpu_default_engine_and_checker_on_a_forward(stores):
-    m = zoedge.load(stores["none"], tier="disk", prefetch=2)
+@pytest.mark.parametrize("in_place", [None, False])
+def test_cpu_default_engine_and_checker_on_a_forward(stores, in_place):
+    m = zoedge.load(stores["none"], tier="disk", prefetch=2, in_place=in_place)
     try:
         assert isinstance(m.engine, SyncEngine)
         ops = m.schedule.record()
         m(*batch(b=2, t=6))
-        assert {op.queue for op in ops} == {"io", "upload", "compute"}  # a plain forward writes nothing back
+        # a plain forward writes nothing back; the CPU's default computes in the ring buffers (no uploads)
+        assert {op.queue for op in ops} == ({"io", "compute"} if in_place is None else {"io", "upload", "compute"})
         assert find_races(ops) == []
     finally:
         m.close()

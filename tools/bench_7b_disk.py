@@ -251,10 +251,11 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
     for k in args.depths:
         base = args.work / f"{args.dtype}-{k}l"
         src, store, working = base / "src", base / "store", base / "working"
-        synth("llama-2-7b", k, args.dtype, src)
-        prepare(src, store, args.dtype)
+        if not (store / "manifest.json").is_file() or (store / ".prepare-in-progress").exists():
+            synth("llama-2-7b", k, args.dtype, src)
+            prepare(src, store, args.dtype)
         verify(store)
-        shutil.rmtree(src)
+        shutil.rmtree(src, ignore_errors=True)
         res["depths"].append(measure_depth(store, working, args))
         if args.json:  # what is measured so far survives a later failure
             args.json.parent.mkdir(parents=True, exist_ok=True)

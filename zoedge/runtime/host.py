@@ -5,7 +5,9 @@
   store of dense methods: write-backs land in these buffers.
 * :class:`DiskTier` reads blocks with ``readinto`` into a fixed ring of pinned
   buffers, ahead of use; optionally the first K blocks stay in RAM (with a
-  cyclic access pattern a static subset beats an LRU, which would always miss).
+  cyclic access pattern a static subset beats an LRU, which would always miss),
+  and so do the blocks named ``resident`` (the CPU's in-place binding keeps a
+  tied weight's owner there: the head reads it after the ring has moved on).
   Dense write-backs go to a working copy of the block files, never to the
   prepared store. The working copy is made block by block at each block's
   first write-back (a write-back replaces the whole block), so a run starts
@@ -21,11 +23,26 @@ A tier does not order anything itself: it names the host buffer an upload reads
 :class:`~zoedge.runtime.schedule.Schedule`; the waits (a ring buffer is refilled
 only after the upload out of it completed, a write-back into the staging buffer
 waits for the previous disk write, ...) follow from those declared effects.
+
+On the CPU the device is the host, and the streamed model binds each block in
+place in the buffer :meth:`HostTier.source` names (see
+:mod:`zoedge.runtime.streamed`): with the disk tier, compute reads and updates
+the ring buffer the block was read into, the disk write persists that same
+buffer, and the ring buffer is read into again only after both (the read's
+write-after-read waits on the compute and, on the FIFO I/O queue, follows the
+write). No slot and no staging buffer exist then.
+
+Durability: the working copy is a run's scratch state, not its crash-safety
+mechanism (checkpoints are, :mod:`zoedge.train.checkpoint`: a resume restores
+every weight from the last checkpoint). A disk write therefore does not sync
+for durability; with ``drop_cache`` it flushes the block's pages only so that
+they can be dropped from the page cache.
 """
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -123,8 +140,13 @@ class HostTier(ABC):
     def check_writable(self) -> None:
         """Raise if dense updates cannot be stored (called before the first byte is written back)."""
 
-    def after_writeback(self, i: int, offload: object) -> None:
-        """The write-back ``offload`` of block ``i`` is emitted: emit what persists it (disk tier)."""
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        """Every host buffer :meth:`source` may name, whole (the CPU binds blocks in them in place)."""
+        return {}
+
+    def persist(self, i: int, buffer: tuple[str, torch.Tensor], changed: Callable[[], bool]) -> None:
+        """Block ``i``'s updated bytes are in ``buffer`` (name, tensor) once the operations emitted so far have run:
+        emit what persists them (disk tier: a disk write), skipped when ``changed()`` is False when it runs."""
 
     @abstractmethod
     def read_block(self, i: int) -> torch.Tensor:
@@ -152,6 +174,9 @@ class RamTier(HostTier):
     def source(self, i: int) -> tuple[str, torch.Tensor]:
         return f"host[{i}]", self.buffers[i]
 
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        return {f"host[{i}]": buf for i, buf in enumerate(self.buffers)}
+
     def writeback_target(self, i: int) -> tuple[str, torch.Tensor]:
         return f"host[{i}]", self.buffers[i]
 
@@ -170,6 +195,7 @@ class DiskTier(HostTier):
         manifest: its manifest.
         ring: number of pinned staging buffers (≥ prefetch + 1).
         ram_cache_blocks: keep the first K blocks in RAM permanently.
+        resident: further blocks kept in RAM permanently (the CPU's in-place binding: tied weights' owners).
         working_dir: if given, dense updates go to copies of the block files there (dense training on the disk
             tier), each made at its block's first write-back; the prepared store is never written.
         drop_cache: drop block pages from the page cache after each read and write (see the module docstring);
@@ -177,7 +203,8 @@ class DiskTier(HostTier):
     """
 
     def __init__(self, store: Path, manifest: Manifest, ring: int = 2, ram_cache_blocks: int = 0,
-                 working_dir: Path | None = None, drop_cache: bool | None = None) -> None:
+                 working_dir: Path | None = None, drop_cache: bool | None = None,
+                 resident: Iterable[int] = ()) -> None:
         super().__init__(store, manifest)
         self.store_paths = [store / b.file for b in manifest.blocks]
         self.writable = working_dir is not None
@@ -186,10 +213,11 @@ class DiskTier(HostTier):
             avail = available_memory()
             drop_cache = avail is not None and sum(b.nbytes for b in manifest.blocks) > avail
         self.drop_cache = drop_cache
-        size = max(b.nbytes for b in manifest.blocks)
-        self.ring = [allocate(size, "cpu", "pinned", pinned=True) for _ in range(ring)]
-        self.cache = {i: allocate(manifest.blocks[i].nbytes, "cpu", "host", pinned=True)
-                      for i in range(min(ram_cache_blocks, len(manifest.blocks)))}
+        kept = sorted(set(range(min(ram_cache_blocks, len(manifest.blocks)))) | set(resident))
+        streamed = [b.nbytes for i, b in enumerate(manifest.blocks) if i not in kept]
+        size = max(streamed, default=0)  # the ring holds only the blocks not kept in RAM
+        self.ring = [allocate(size, "cpu", "pinned", pinned=True) for _ in range(ring)] if streamed else []
+        self.cache = {i: allocate(manifest.blocks[i].nbytes, "cpu", "host", pinned=True) for i in kept}
         for i, buf in self.cache.items():
             read_file_into(self.path(i), buf)
         self.pending: dict[int, int] = {}  # block -> ring buffer holding (or about to hold) its bytes
@@ -228,7 +256,7 @@ class DiskTier(HostTier):
             return
         r = self.next_ring
         if r in self.pending.values():
-            raise RuntimeError(f"disk tier: ring buffer {r} refilled before its block was uploaded "
+            raise RuntimeError(f"disk tier: ring buffer {r} refilled before its block was used "
                                "(read ahead further than the ring holds)")
         self.next_ring = (r + 1) % len(self.ring)
         self.pending[i] = r
@@ -246,6 +274,10 @@ class DiskTier(HostTier):
         self.read_ahead(i)
         r = self.pending.pop(i)
         return f"ring[{r}]", self.ring[r][: self._nbytes(i)]
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        return {**{f"ring[{r}]": buf for r, buf in enumerate(self.ring)},
+                **{f"host[{i}]": buf for i, buf in self.cache.items()}}
 
     def check_writable(self) -> None:
         """The prepared store is read-only: writes need a working copy."""
@@ -267,12 +299,12 @@ class DiskTier(HostTier):
                                      pinned=True)
         return self._staging
 
-    def after_writeback(self, i: int, offload: object) -> None:
-        name, buf = self.writeback_target(i)
+    def persist(self, i: int, buffer: tuple[str, torch.Tensor], changed: Callable[[], bool]) -> None:
+        name, buf = buffer
         drop = self.drop_cache
 
         def write() -> bool:
-            if offload.skipped:  # type: ignore[attr-defined]
+            if not changed():
                 return False
             self.check_writable()
             assert self.working is not None

@@ -14,9 +14,17 @@ synchronously on CPU, on streams and events on an accelerator, or in simulated i
 (:mod:`zoedge.runtime.engines`, :mod:`zoedge.runtime.accelerator`). The host never synchronises in the
 loop; the caller syncs once when it reads the step's losses.
 
-On the CPU with the RAM tier the device *is* the host: blocks are bound in place (their tensors are views
-of the tier's host buffers), so a pass has no uploads, no slots and no write-backs; an update lands in the
-host buffer directly. The compute operations then declare ``host[i]`` as what they read and write.
+On the CPU the device *is* the host: blocks are bound in place (their tensors are views of the host buffer
+the tier holds them in), so a pass has no uploads, no slots and no device-to-host write-backs. With the RAM
+tier an update lands in the block's host buffer (``host[i]``) and stays there. With the disk tier a block is
+bound in the ring buffer its disk read filled (``ring[r]``; tied weights' owners stay in RAM, ``host[i]``),
+its update lands there and the I/O thread writes that buffer to the working copy::
+
+    io       : read(i+1) ... write(i-1) read(i+2) ... write(i) read(i+3) ...
+    compute  :      passes(i) ............ passes(i+1) ........
+
+The ring buffer of block i is read into again only after compute(i) (write-after-read) and write(i) (FIFO on
+the I/O queue) have run; compute(i) waits for read(i) (read-after-write).
 
 A *visitor* (the optimizer plugin, seen through the trainer) decides what each
 pass of a residency sees: :class:`BlockVisitor` documents the hooks.
@@ -165,9 +173,10 @@ class StreamedModel:
         engine: what executes the schedule (default: :class:`~zoedge.runtime.engines.SyncEngine` on CPU and meta,
             :class:`~zoedge.runtime.accelerator.AcceleratorEngine` otherwise; tests pass a
             :class:`~zoedge.runtime.engines.SimulatedEngine`).
-        in_place: bind blocks in place in the host buffers (no slots, uploads or write-backs). Default: on when
-            the device is ``cpu`` and the tier ``ram``; ``False`` streams through slots as on an accelerator (tests
-            of the accelerator schedule, traffic counts).
+        in_place: bind blocks in place in the host buffers (no slots, uploads or device-to-host write-backs; the
+            disk tier's ring buffers are computed on and written back from). Default: on when the device is
+            ``cpu``; ``False`` streams through slots as on an accelerator (tests of the accelerator schedule,
+            traffic counts).
         lean: perturbations formed just in time per tensor or row chunk, no block-sized noise or scratch
             workspaces (see :attr:`Resident.lean`). Default: on unless bound in place (where device memory is the
             host's and one draw per residency is faster).
@@ -207,38 +216,37 @@ class StreamedModel:
         self.unit = unit
         # The streaming units: the stored blocks, or parts of them (each a contiguous span of its block's bytes).
         self.blocks, spans = _split(self.adapter, self.manifest.blocks, unit)
+        if tier not in ("ram", "disk"):
+            raise ConfigError("--tier", f"unknown value {tier!r}", "use ram or disk")
+        host_is_device = self.device.type == "cpu"
+        if in_place and not host_is_device:
+            raise ConfigError("in_place", f"True with device {self.device}", "bind in place only on device cpu")
+        self.in_place = host_is_device if in_place is None else bool(in_place)
+        # Tied weights: the block storing the tensor keeps a dedicated slot (bound in place: stays in RAM) until
+        # the last user has run.
+        self.aliases = dict(self.manifest.tied)
+        owners = {self._block_index(self.adapter.block_of(src)) for src in self.aliases.values()}
         if tier == "ram":
             self.tier: HostTier = RamTier(self.store, self.manifest)
             if unit != "layer":  # each unit's host buffer is a view of its span of the block's buffer
                 assert isinstance(self.tier, RamTier)
                 self.tier.buffers = [self.tier.buffers[j][a:b] for j, a, b in spans]
-        elif tier == "disk":
-            self.tier = DiskTier(self.store, self.manifest, ring=prefetch + 1, ram_cache_blocks=ram_cache_blocks,
-                                 working_dir=working_dir)
         else:
-            raise ConfigError("--tier", f"unknown value {tier!r}", "use ram or disk")
+            self.tier = DiskTier(self.store, self.manifest, ring=prefetch + 1, ram_cache_blocks=ram_cache_blocks,
+                                 working_dir=working_dir, resident=owners if self.in_place else ())
         self.tier.attach(self.schedule)
-        host_is_device = self.device.type == "cpu" and isinstance(self.tier, RamTier)
-        if in_place and not host_is_device:
-            raise ConfigError("in_place", f"True with device {self.device} and tier {tier}",
-                              "bind in place only on device cpu with tier ram")
-        self.in_place = host_is_device if in_place is None else bool(in_place)
         self.lean = (not self.in_place) if lean is None else bool(lean)
         if chunk_bytes < 1:
             raise ConfigError("chunk_bytes", f"{chunk_bytes}", "use a positive number of bytes (default 64 MiB)")
         self.chunk_bytes = int(chunk_bytes)
-        # Tied weights: the block storing the tensor keeps a dedicated slot until the last user has run.
-        self.aliases = dict(self.manifest.tied)
-        owners = {self._block_index(self.adapter.block_of(src)) for src in self.aliases.values()}
         self.dedicated: dict[int, Slot] = {}
         self.ring: list[Slot] = []
-        self.in_host: list[Slot] = []
+        self.in_host: dict[str, Slot] = {}  # in place: host buffer name -> the slot binding blocks in it
         if self.in_place:
             # One dequantisation area serves every block: only the compute queue touches it, in FIFO order.
             dq = max(b.dequant_nbytes for b in self.blocks)
             dequant = allocate(dq, self.device, "slot") if dq else None
-            assert isinstance(self.tier, RamTier)
-            self.in_host = [Slot(0, buf, dequant) for buf in self.tier.buffers]
+            self.in_host = {name: Slot(0, buf, dequant) for name, buf in self.tier.named_buffers().items()}
         else:
             self.dedicated = {i: self._new_slot([self.blocks[i]], i) for i in sorted(owners)}
             ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
@@ -280,8 +288,6 @@ class StreamedModel:
         return keep
 
     def _slot_for(self, i: int) -> Slot:
-        if self.in_place:
-            return self.in_host[i]
         if i in self.dedicated:
             return self.dedicated[i]
         ring_pos = i - sum(1 for d in self.dedicated if d < i)
@@ -314,18 +320,25 @@ class StreamedModel:
 
         op = self.schedule.emit(OFFLOAD, "offload", f"offload {self.blocks[i].name}", write_back,
                                 reads=(f"slot[{slot.index}]",), writes=(name,), block=i, nbytes=target.numel())
-        self.tier.after_writeback(i, op)
+        self.tier.persist(i, (name, target), lambda: not op.skipped)
 
     def _bytes_of(self, i: int) -> str:
-        """The buffer compute reads block ``i``'s bytes from: its slot, or its host buffer when bound in place."""
+        """The buffer compute reads a tied owner's bytes from: its slot, or its host buffer when bound in place."""
         return f"host[{i}]" if self.in_place else f"slot[{self._slot_for(i).index}]"
 
     def _compute(self, i: int, visitor: BlockVisitor, pass_state: _PassState, writes_back: bool) -> Op:
-        """Emit block ``i``'s residency: dequantise, the visitor's hooks, its forward passes."""
-        block, slot = self.blocks[i], self._slot_for(i)
-        reads, writes = [self._bytes_of(i)], []
+        """Emit block ``i``'s residency: dequantise, the visitor's hooks, its forward passes; bound in place, then
+        the persisting of its update from the host buffer it was computed in (disk tier)."""
+        block = self.blocks[i]
+        if self.in_place:  # the block's bytes are where the tier holds them: compute there
+            where, host = self.tier.source(i)
+            slot = self.in_host[where]
+        else:
+            slot = self._slot_for(i)
+            where = f"slot[{slot.index}]"
+        reads, writes = [where], []
         if writes_back:
-            writes.append(self._bytes_of(i))
+            writes.append(where)
         if slot.dequant is not None and any(t.quant != "none" for t in block.tensors):
             writes.append(f"dequant[{slot.index}]")
         tied_here = [src for alias, src in self.aliases.items() if self.adapter.block_of(alias) == block.name]
@@ -345,12 +358,18 @@ class StreamedModel:
             if res.dirty and len(res.writable) != len(res.tensors):
                 raise ConfigError(block.name, "a dense update changed a quantized block",
                                   "use a low-rank optimizer with a quantized store, or prepare with --quant none")
+            if res.dirty and self.in_place:  # the update is in the host buffer: refuse before it is persisted
+                self.tier.check_writable()
             if pass_state.compute:
                 pass_state.forward(i, res)
             visitor.on_passes_done(res)
 
-        return self.schedule.emit(COMPUTE, "compute", f"compute {block.name}", run, reads=reads, writes=writes,
-                                  block=i)
+        op = self.schedule.emit(COMPUTE, "compute", f"compute {block.name}", run, reads=reads, writes=writes,
+                                block=i)
+        if self.in_place and writes_back:
+            residents = pass_state.residents
+            self.tier.persist(i, (where, host), lambda: i not in residents or residents[i].dirty)
+        return op
 
     def run(self, visitor: BlockVisitor, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None,
@@ -384,6 +403,8 @@ class StreamedModel:
         issued = 0
         for i, block in enumerate(self.blocks):
             if self.in_place:  # the block's bytes are where compute reads them: an update lands in place
+                for j in range(i, min(i + self.prefetch + 1, n)):  # disk reads ahead, as many as the ring holds
+                    self.tier.read_ahead(j)
                 self._compute(i, visitor, state, updates and any(t.quant == "none" for t in block.tensors))
                 continue
             while issued < min(i + self.prefetch + 1, n):
