@@ -99,6 +99,39 @@ def test_page_cache_policy(store, tmp_path, monkeypatch):
     assert torch.equal(results[1], results[None]) and torch.equal(results[1], results[1 << 40])
 
 
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cpu_training_holds_the_ring_and_no_slot_or_staging(store, tmp_path, prefetch):
+    """On the CPU a disk-tier training run computes in the ring buffers its disk reads fill and writes back from
+    them: it allocates the ring (prefetch + 1 buffers, sized to the largest streamed block), the tied embedding's
+    owner in RAM and the optimizer's workspaces, and no slot and no staging buffer."""
+    from collections import Counter
+
+    from tests.tiny import CharTokenizer, toy_examples
+    from zoedge.runtime.memory import ALLOCATIONS
+    from zoedge.train.trainer import TrainSettings, Trainer
+    from zoedge_plugins.mezo import MeZO
+
+    count, nbytes = Counter(ALLOCATIONS.count), Counter(ALLOCATIONS.nbytes)
+    m = zoedge.load(store, tier="disk", working_dir=tmp_path / "w", prefetch=prefetch)
+    ex = toy_examples(8)
+    trainer = Trainer(m, CharTokenizer(), MeZO(seed=0, lr=1e-2, eps=1e-2), ex, ex[:2], [],
+                      TrainSettings(steps=2, batch_size=2, seed=0, max_length=32), tmp_path / "run", progress=False,
+                      log=lambda s: None)
+    for _ in range(2):
+        trainer.train_step()
+    trainer.flush()
+    m.synchronize()
+    new = {k: ALLOCATIONS.count[k] - count[k] for k in ALLOCATIONS.count if ALLOCATIONS.count[k] > count[k]}
+    assert new == {"pinned": prefetch + 1, "host": 1, "workspace": new.get("workspace", 0)}, new
+    owner = {m._block_index(m.adapter.block_of(src)) for src in m.aliases.values()}
+    assert m.aliases and set(m.tier.cache) == owner  # the tiny Llama ties its embedding
+    largest = max(b.nbytes for i, b in enumerate(m.blocks) if i not in owner)
+    assert ALLOCATIONS.nbytes["pinned"] - nbytes["pinned"] == (prefetch + 1) * largest
+    assert m.tier._staging is None and not m.ring and not m.dedicated
+    assert len(list((tmp_path / "w").iterdir())) == len(m.blocks)  # every updated block was written back
+    m.close()
+
+
 # ------------------------------------------------------------------ checkpoints and exports, block by block
 def test_write_streamed_round_trip_and_order(tmp_path):
     from safetensors.torch import load_file

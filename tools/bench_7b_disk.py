@@ -3,9 +3,10 @@
 fine-tuning run of the full 32-layer checkpoint, which is larger than this machine's RAM.
 
 ``layers``: synthetic 7B-width checkpoints of two depths (default 1 and 3 decoder layers, ``zoedge synth``),
-prepared; per depth, in one process: the streamed MeZO step on the disk tier with a working copy (what
-``zoedge finetune --tier disk`` runs), the step's two forward passes alone on the resident model (the compute
-floor), and one decoder layer's disk read (cold: its pages dropped first) and write-back (written and fsynced)
+prepared (a prepared store left by ``--keep`` is reused); per depth, in one process: the streamed MeZO step
+(``--noise``: its direction noise) on the disk tier with a working copy (what ``zoedge finetune --tier disk``
+runs: on the CPU, blocks computed in place in the ring buffers their disk reads fill), the step's two forward
+passes alone on the resident model (the compute floor), and one decoder layer's disk read (cold: its pages dropped first) and write-back (written and fsynced)
 of the working copy. Per layer = the difference between the depths divided by the layers added; the check is
 ``step per layer <= 1.1 * max(two forwards per layer, read + write-back of a layer)``.
 
@@ -192,7 +193,7 @@ def measure_depth(store: Path, working: Path, args: argparse.Namespace) -> dict[
     model = StreamedModel(store, "cpu", tier="disk", prefetch=args.prefetch, working_dir=working, engine=engine)
     # a few layers fit in the page cache, the full model does not: read and write as the full model does
     model.tier.drop_cache = not args.page_cache
-    opt = build("mezo", {}, seed=0)
+    opt = build("mezo", {"noise": args.noise}, seed=0)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
     n_layers = model.config.num_hidden_layers
 
@@ -246,7 +247,7 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
     threads = choose_threads(args.threads, "disk")
     apply_threads(threads)
     res: dict[str, Any] = {"part": "layers", "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-                           "page_cache": args.page_cache,
+                           "page_cache": args.page_cache, "noise": args.noise,
                            "threads": threads.to_dict(), "uptime_start": uptime(), "depths": []}
     for k in args.depths:
         base = args.work / f"{args.dtype}-{k}l"
@@ -275,7 +276,8 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_layers(res: dict[str, Any]) -> None:
-    print(f"\nLlama-2-7B width, {res['dtype']}, disk tier + working copy, MeZO, batch {res['batch']} x seq {res['seq']}, "
+    print(f"\nLlama-2-7B width, {res['dtype']}, disk tier + working copy, MeZO ({res.get('noise', 'gaussian')} noise), "
+          f"batch {res['batch']} x seq {res['seq']}, "
           f"{res['threads']['threads']} threads\n  load: {res['uptime_start']}\n        {res['uptime_end']}")
     print("| layers | MeZO step (median) | two forwards, resident | compute waited for I/O | I/O thread busy "
           "(read / write) | one layer: cold read / write+fsync |")
@@ -466,6 +468,8 @@ def main() -> int:
     lp.add_argument("--warmup", type=int, default=1)
     lp.add_argument("--prefetch", type=int, default=1)
     lp.add_argument("--scored", type=int, default=4, help="scored positions per step (default 4: one per row)")
+    lp.add_argument("--noise", choices=("gaussian", "rademacher", "pool"), default="gaussian",
+                    help="MeZO's direction noise (zoedge/optim/noise.py; default gaussian)")
     lp.add_argument("--page-cache", action="store_true",
                     help="let the few-layer store sit in the page cache (default: drop its pages after each read "
                     "and write, as the disk tier does for a store larger than the available memory)")
