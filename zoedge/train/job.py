@@ -277,6 +277,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test)},
         "metrics": str(metrics_path), "plot": None,
+        "checkpoint_weights": trainer.checkpoint_choice, "replay": trainer.replayed,
         "world_size": world.size, **trainer.shares(),
     }
     if s.plot:
