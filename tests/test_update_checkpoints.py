@@ -15,6 +15,7 @@ from zoedge.optim.registry import build
 from zoedge.train import trainer as trainer_module
 from zoedge.train.checkpoint import latest_checkpoint
 from zoedge.train.trainer import TrainSettings, Trainer
+from tests.test_cli_finetune import setup  # noqa: F401 (a fixture: a tiny model with a tokenizer and data)
 from tests.tiny import CharTokenizer, save_tiny, toy_examples
 
 STEPS, SAVE_AT = 4, 2
@@ -179,3 +180,26 @@ def test_updates_after_a_checkpoint_of_weights_without_log_is_refused(stores, tm
         make(stores["llama", 0], tmp_path, checkpoint_weights="updates").resume()
     auto = make(stores["llama", 0], tmp_path, checkpoint_weights="auto")
     assert auto.resume() and auto.checkpoint_kind() == "full"
+
+
+def test_cli_run_with_updates_checkpoints_resumes_and_reports(setup, capsys):
+    """`zoedge finetune --checkpoint-weights updates` on the disk tier: small checkpoints, --resume replays them,
+    summary.json says which kind and what the replay cost; the export equals an uninterrupted run's."""
+    from safetensors.torch import load_file
+    from zoedge.cli import main
+    tmp, _, base = setup
+    base = base + ["--tier", "disk", "--eval-every", "0", "--n-dev", "4", "--n-test", "0", "--no-plot"]
+    assert main(base + ["--steps", "3", "--output", str(tmp / "straight")]) == 0
+    out = tmp / "run"
+    assert main(base + ["--steps", "2", "--output", str(out), "--checkpoint-weights", "updates"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint_weights"] == {"setting": "updates", "kind": "updates",
+                                             "reason": "--checkpoint-weights updates"}
+    assert not (out / "checkpoints" / "step-00000002" / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(base + ["--steps", "3", "--output", str(out), "--checkpoint-weights", "updates", "--resume"]) == 0
+    assert "replaying 2 update(s)" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["replay"]["updates"] == 2 and summary["replay"]["seconds"] > 0
+    a, b = load_file(str(tmp / "straight" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
