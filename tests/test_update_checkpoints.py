@@ -184,15 +184,17 @@ def test_updates_after_a_checkpoint_of_weights_without_log_is_refused(stores, tm
 
 def test_cli_run_with_updates_checkpoints_resumes_and_reports(setup, capsys):
     """`zoedge finetune --checkpoint-weights updates` on the disk tier: small checkpoints, --resume replays them,
-    summary.json says which kind and what the replay cost; the export equals an uninterrupted run's."""
+    summary.json says which kind and what the replay cost; the export equals an uninterrupted run's (--no-export
+    writes none)."""
     from safetensors.torch import load_file
     from zoedge.cli import main
     tmp, _, base = setup
     base = base + ["--tier", "disk", "--eval-every", "0", "--n-dev", "4", "--n-test", "0", "--no-plot"]
     assert main(base + ["--steps", "3", "--output", str(tmp / "straight")]) == 0
     out = tmp / "run"
-    assert main(base + ["--steps", "2", "--output", str(out), "--checkpoint-weights", "updates"]) == 0
+    assert main(base + ["--steps", "2", "--output", str(out), "--checkpoint-weights", "updates", "--no-export"]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["model_dir"] is None and not (out / "model").exists()  # --no-export: no copy of the weights
     assert summary["checkpoint_weights"] == {"setting": "updates", "kind": "updates",
                                              "reason": "--checkpoint-weights updates"}
     assert not (out / "checkpoints" / "step-00000002" / "model.safetensors").exists()

@@ -169,7 +169,7 @@ class TrainSettings(ScoringOptions):
 #: (``checkpoint_weights`` too: the trainer refuses ``updates`` after a checkpoint that carries no update log.)
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
                          "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
-                         "dp_mode", "checkpoint_weights"})
+                         "dp_mode", "checkpoint_weights", "export"})
 
 
 @dataclass
@@ -190,6 +190,9 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     output: str = setting("runs/finetune", "run directory: checkpoints/, metrics.jsonl, model/, summary.json, "
                           "curves.png", metavar="DIR")
     resume: bool = setting(False, "continue the run in --output from its newest intact checkpoint")
+    export: bool = setting(True, "write the fine-tuned model to OUTPUT/model at the end",
+                           no="do not write OUTPUT/model (one copy of the weights less on disk, e.g. a model larger "
+                           "than the free disk; the last checkpoint keeps the run)")
     allow_changes: bool = setting(False, "with --resume: accept settings that differ from the checkpointed "
                                   "run's (they are recorded in summary.json)")
     metrics: str | None = setting(None, "per-step JSONL (default: OUTPUT/metrics.jsonl)", type=str, metavar="FILE")
