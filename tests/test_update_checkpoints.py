@@ -176,7 +176,7 @@ def test_updates_after_a_checkpoint_of_weights_without_log_is_refused(stores, tm
     run.train_step()
     path = run.save()
     assert "updates" not in json.loads((path / "state.json").read_text())  # a full run's checkpoint: as before
-    with pytest.raises(ConfigError, match="without the log"):
+    with pytest.raises(ConfigError, match="written with full"):
         make(stores["llama", 0], tmp_path, checkpoint_weights="updates").resume()
     auto = make(stores["llama", 0], tmp_path, checkpoint_weights="auto")
     assert auto.resume() and auto.checkpoint_kind() == "full"
@@ -205,3 +205,23 @@ def test_cli_run_with_updates_checkpoints_resumes_and_reports(setup, capsys):
     assert summary["replay"]["updates"] == 2 and summary["replay"]["seconds"] > 0
     a, b = load_file(str(tmp / "straight" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a changed plugin option would replay the log with the new value: refused, naming it
+    capsys.readouterr()
+    record = (out / "run.json").read_text()
+    assert main(base + ["--steps", "4", "--output", str(out), "--resume", "--allow-changes", "--eps", "0.02"]) == 2
+    assert "--eps 0.02" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == record  # refused before the run record changed
+
+
+def test_no_replay_across_changed_plugin_options(stores, tmp_path):
+    """--allow-changes of a plugin option or the seed: the plugin would replay old updates with new values."""
+    run = make(stores["llama", 0], tmp_path / "u", checkpoint_weights="updates")
+    run.train_step()
+    run.save()
+    with pytest.raises(ConfigError, match="--opt q=2"):
+        make(stores["llama", 0], tmp_path / "u", checkpoint_weights="updates").resume(["--opt q=2"])
+    run = make(stores["llama", 0], tmp_path / "a", checkpoint_weights="auto")
+    run.train_step()
+    run.save()  # the weights, with the log (auto)
+    again = make(stores["llama", 0], tmp_path / "a", checkpoint_weights="auto")
+    assert again.resume(["--seed 9"]) and again.updates is None and again.checkpoint_kind() == "full"

@@ -251,7 +251,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
                           progress=s.progress, world=world, threads=governor)
         if resume_from is not None:
-            trainer.resume()
+            trainer.resume(run_record.update_meaning_changes(record))
             run_record.apply_resumed_changes(trainer, record, s, options)
             if world.is_main:
                 run_record.truncate_metrics(metrics_path, trainer.step)

@@ -42,7 +42,7 @@ from zoedge.train.batching import Batch, candidate_loss, collate, length_batches
 from zoedge.train.checkpoint import free_disk, latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.guard import StepGuard
 from zoedge.train.tasks import Example
-from zoedge.train.update_log import UpdateLog, store_identity
+from zoedge.train.update_log import UpdateLog, changed_replay_error, store_identity
 from zoedge.train.world import DirectionSplit, World, state_checksum
 
 #: ``--checkpoint-weights auto`` writes the weights when the free disk holds a full checkpoint times this, plus
@@ -265,14 +265,19 @@ class Trainer:
         self.checkpoint_choice = {"setting": setting, "kind": kind, "reason": reason}
         return kind
 
-    def resume(self) -> bool:
+    def resume(self, changed: Sequence[str] = ()) -> bool:
         """Load the newest complete checkpoint if there is one; True when resumed. A checkpoint of updates is
         replayed onto the base store (see :mod:`zoedge.train.update_log`).
 
+        Args:
+            changed: settings this resume changes (``--allow-changes``) that change what a logged update means
+                (plugin options, the seed): the plugin would replay the log with the new values, so a log is
+                neither replayed nor continued across them.
+
         Raises:
             StoreError: a checkpoint of updates made to another store.
-            ConfigError: a checkpoint of updates with a plugin that cannot replay them, or
-                ``--checkpoint-weights updates`` after a checkpoint that has no update log.
+            ConfigError: a checkpoint of updates with a plugin that cannot replay them or with ``changed``
+                settings, or ``--checkpoint-weights updates`` after a checkpoint that has no usable update log.
         """
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
@@ -287,6 +292,8 @@ class Trainer:
                 raise ConfigError(path, f"holds a log of updates, not weights, and optimizer '{who}' cannot replay "
                                   f"it: {self.not_replayable or 'the log is missing'}",
                                   "resume with the checkpointed run's optimizer and options, or start a fresh run")
+            if changed:
+                raise changed_replay_error(path, changed)
             log.check_base(self.model.store, path)
             self.log(f"replaying {len(log)} update(s) onto {len(self.model.blocks)} block(s) "
                      f"({log.cost(self.model)} block updates) from the store {self.model.store}")
@@ -298,12 +305,13 @@ class Trainer:
             self.fo.reload(self.model)
             self.fo.load_state_dict(state["first_order"])
         # the log continues only from this store (a checkpoint of weights may carry none)
-        keep = (log is not None and self.updates is not None
+        keep = (log is not None and self.updates is not None and not changed
                 and log.base.get("manifest_sha256") == self.updates.base["manifest_sha256"])
         self.updates = log if keep else None
         if self.s.checkpoint_weights == "updates" and self.updates is None:
             raise ConfigError("--checkpoint-weights updates", f"the run resumes from {path}, a checkpoint of "
-                              "weights without the log of updates since the store",
+                              "weights without a log of updates since the store that this run can continue "
+                              + (f"(changed: {', '.join(changed)})" if changed else "(written with full)"),
                               "resume with --checkpoint-weights full or auto (a log of updates starts with the run)")
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")

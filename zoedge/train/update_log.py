@@ -35,6 +35,14 @@ def store_identity(store: Path) -> dict[str, str]:
     return {"store": str(store), "manifest_sha256": hashlib.sha256((store / MANIFEST_NAME).read_bytes()).hexdigest()}
 
 
+def changed_replay_error(checkpoint: Path, changed: Sequence[str]) -> ConfigError:
+    """The refusal to replay a log after ``--allow-changes`` of settings that change what an update means."""
+    return ConfigError(f"--allow-changes ({', '.join(changed)})", f"{checkpoint} holds a log of updates, replayed by "
+                       "the optimizer with its current options and seed: changed ones would rebuild other weights",
+                       "resume with the run's settings; change them at a resume from a checkpoint of weights "
+                       "(--checkpoint-weights full)")
+
+
 class UpdateLog:
     """Every update since the base store, in order.
 
