@@ -77,7 +77,8 @@ def test_resume_from_updates_is_bit_equal(stores, tmp_path, family, tier):
     if family == "llama":  # the same as a resume from a checkpoint of the weights
         got_full, from_full, _ = interrupted(store, tmp_path / "full", tier, "full")
         assert got_full == got
-        assert (latest_checkpoint(tmp_path / "full" / "checkpoints") / "model.safetensors").is_file()  # type: ignore[operator]
+        full = latest_checkpoint(tmp_path / "full" / "checkpoints")
+        assert full is not None and (full / "model.safetensors").is_file()
         others.append(from_full.model.state_dict())
     b = resumed.model.state_dict()
     for a in others:
@@ -203,7 +204,8 @@ def test_cli_run_with_updates_checkpoints_resumes_and_reports(setup, capsys):
     assert "replaying 2 update(s)" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["replay"]["updates"] == 2 and summary["replay"]["seconds"] > 0
-    a, b = load_file(str(tmp / "straight" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    a = load_file(str(tmp / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a changed plugin option would replay the log with the new value: refused, naming it
     capsys.readouterr()
