@@ -10,6 +10,12 @@ passes alone on the resident model (the compute floor), and one decoder layer's 
 of the working copy. Per layer = the difference between the depths divided by the layers added; the check is
 ``step per layer <= 1.1 * max(two forwards per layer, read + write-back of a layer)``.
 
+``paths``: on one synthetic checkpoint (``--layers``, default 3), in one process, alternating steps of the
+CPU's disk-tier step as it is (blocks computed in place in the ring buffers, workspace mode) and as it was
+before the CPU bound the ring in place (``in_place=False``: streamed through slots as on an accelerator, ring →
+slot → staging copies, lean perturbations); per path the median step and where its time goes (noise draws,
+hooks, the engine's operations, waits for the disk).
+
 ``e2e``: ``zoedge synth llama-2-7b`` at full depth (fp32: 27 GB), ``zoedge prepare`` (the source is deleted
 once the store is verified, to bound the disk used), then ``zoedge finetune --tier disk`` on the demo task a
 few steps in a child process whose peak RSS (``wait4``) is compared with the store's size (target <= 0.25),
@@ -26,6 +32,7 @@ as JSON to ``--json``.
 Examples (2-core CPU; the e2e run takes about an hour)::
 
     python tools/bench_7b_disk.py layers --depths 1 3 --json docs/measurements/cpu-2026-11-30/layers_fp32.json
+    python tools/bench_7b_disk.py paths --layers 3 --steps 2
     python tools/bench_7b_disk.py e2e --layers 32 --steps 3 --json docs/measurements/cpu-2026-11-30/e2e_fp32.json
     python tools/bench_7b_disk.py e2e --layers 4 --steps 4 --resume-check --json ...
 """
@@ -241,6 +248,101 @@ def measure_depth(store: Path, working: Path, args: argparse.Namespace) -> dict[
             "layer_io": io, "uptime": uptime()}
 
 
+def prepared_store(k: int, args: argparse.Namespace) -> Path:
+    """The prepared, verified ``k``-layer store under ``--work`` (synthesized and prepared unless kept)."""
+    base = args.work / f"{args.dtype}-{k}l"
+    src, store = base / "src", base / "store"
+    if not (store / "manifest.json").is_file() or (store / ".prepare-in-progress").exists():
+        synth("llama-2-7b", k, args.dtype, src)
+        prepare(src, store, args.dtype)
+    verify(store)
+    shutil.rmtree(src, ignore_errors=True)
+    return store
+
+
+def run_paths(args: argparse.Namespace) -> dict[str, Any]:
+    """See the module docstring (``paths``)."""
+    import torch
+
+    from zoedge.commands.bench import TimedNoise, TimedVisitor
+    from zoedge.optim.registry import build
+    from zoedge.plan.accounting import synthetic_batch
+    from zoedge.runtime.engines import OpTimes, SyncEngine
+    from zoedge.runtime.streamed import StreamedModel
+    from zoedge.runtime.threads import apply_threads, choose_threads
+    from zoedge.train.trainer import _loss_passes
+
+    threads = choose_threads(args.threads, "disk")
+    apply_threads(threads)
+    store = prepared_store(args.layers, args)
+    res: dict[str, Any] = {"part": "paths", "dtype": args.dtype, "layers": args.layers, "batch": args.batch,
+                           "seq": args.seq, "noise": args.noise, "threads": threads.to_dict(), "uptime_start": uptime()}
+    paths = {"ring in place": {}, "slots (before)": {"in_place": False}}
+    runs = []
+    for name, kw in paths.items():
+        working = args.work / f"{args.dtype}-{args.layers}l" / f"working-{len(runs)}"
+        shutil.rmtree(working, ignore_errors=True)
+        times = OpTimes()
+        model = StreamedModel(store, "cpu", tier="disk", working_dir=working, engine=SyncEngine(times), **kw)
+        model.tier.drop_cache = not args.page_cache
+        opt = build("mezo", {"noise": args.noise}, seed=0)
+        opt.noise = TimedNoise(opt.noise)
+        runs.append({"name": name, "model": model, "opt": opt, "visitor": TimedVisitor(opt, model.device),
+                     "times": times, "working": working, "t": 0, "steps": []})
+    batch = synthetic_batch(runs[0]["model"].config.vocab_size, args.batch, args.seq, args.scored)
+
+    def step(r: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        r["opt"].begin_step(r["t"])
+        losses = [loss for loss, _ in _loss_passes(r["model"], r["visitor"], batch)]
+        r["opt"].finish_step(list(torch.stack(losses).float()))
+        r["model"].synchronize()  # this step's disk writes count in it
+        r["t"] += 1
+        return time.perf_counter() - t0
+
+    for r in runs:
+        for _ in range(args.warmup):
+            step(r)
+        r["times"].reset(), r["visitor"].reset()
+        r["opt"].noise.seconds = 0.0
+    for k in range(args.steps):  # alternate the order: a load change affects both alike
+        for r in (runs if k % 2 == 0 else runs[::-1]):
+            r["steps"].append(step(r))
+            log(f"  {r['name']}: step {len(r['steps'])}/{args.steps}: {r['steps'][-1]:.2f} s")
+    res["paths"] = {}
+    for r in runs:
+        n = len(r["steps"])
+        e = {k: v / n for k, v in r["times"].seconds.items()}
+        hooks = {k: v / n for k, v in r["visitor"].times.items()}
+        res["paths"][r["name"]] = {
+            "step_s": r["steps"], "median_step_s": statistics.median(r["steps"]),
+            "noise_s": r["opt"].noise.seconds / n, "hooks_s": hooks,
+            "compute_s": e.get("compute", 0.0), "copies_s": e.get("upload", 0.0) + e.get("offload", 0.0),
+            "waited_for_disk_s": e.get("stall", 0.0), "io_thread_s": {"read": e.get("read", 0.0), "write": e.get("write", 0.0)}}
+        r["model"].close()
+        shutil.rmtree(r["working"], ignore_errors=True)
+    res["ratio_in_place_to_slots"] = (res["paths"]["ring in place"]["median_step_s"]
+                                      / res["paths"]["slots (before)"]["median_step_s"])
+    res["uptime_end"] = uptime()
+    if not args.keep:
+        shutil.rmtree(args.work / f"{args.dtype}-{args.layers}l")
+    return res
+
+
+def print_paths(res: dict[str, Any]) -> None:
+    print(f"\nLlama-2-7B width, {res['layers']} layers, {res['dtype']}, disk tier + working copy, MeZO "
+          f"({res['noise']} noise), batch {res['batch']} x seq {res['seq']}, {res['threads']['threads']} threads\n"
+          f"  load: {res['uptime_start']}\n        {res['uptime_end']}")
+    print("| path | MeZO step (median) | noise draws | rest of the compute (forwards, θ ± εz, update) | copies "
+          "| waited for disk | I/O thread (read / write) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, p in res["paths"].items():  # every noise draw runs inside a compute operation (hook or forward)
+        print(f"| {name} | {p['median_step_s']:.2f} s | {p['noise_s']:.2f} s | {p['compute_s'] - p['noise_s']:.2f} s | "
+              f"{p['copies_s']:.2f} s | {p['waited_for_disk_s']:.2f} s | "
+              f"{p['io_thread_s']['read']:.2f} / {p['io_thread_s']['write']:.2f} s |")
+    print(f"in place / slots: {res['ratio_in_place_to_slots']:.3f}")
+
+
 def run_layers(args: argparse.Namespace) -> dict[str, Any]:
     from zoedge.runtime.threads import apply_threads, choose_threads
 
@@ -251,12 +353,7 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
                            "threads": threads.to_dict(), "uptime_start": uptime(), "depths": []}
     for k in args.depths:
         base = args.work / f"{args.dtype}-{k}l"
-        src, store, working = base / "src", base / "store", base / "working"
-        if not (store / "manifest.json").is_file() or (store / ".prepare-in-progress").exists():
-            synth("llama-2-7b", k, args.dtype, src)
-            prepare(src, store, args.dtype)
-        verify(store)
-        shutil.rmtree(src, ignore_errors=True)
+        store, working = prepared_store(k, args), base / "working"
         res["depths"].append(measure_depth(store, working, args))
         if args.json:  # what is measured so far survives a later failure
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +550,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = ap.add_subparsers(dest="part", required=True)
-    for name in ("layers", "e2e"):
+    for name in ("layers", "paths", "e2e"):
         p = sub.add_parser(name)
         p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
         p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_7b", help="where the big files go")
@@ -464,15 +561,17 @@ def main() -> int:
         p.add_argument("--seq", type=int, default=32, help="tokens per row (layers) / --max-length (e2e)")
     lp = sub.choices["layers"]
     lp.add_argument("--depths", type=int, nargs=2, default=[1, 3])
-    lp.add_argument("--steps", type=int, default=3)
-    lp.add_argument("--warmup", type=int, default=1)
     lp.add_argument("--prefetch", type=int, default=1)
-    lp.add_argument("--scored", type=int, default=4, help="scored positions per step (default 4: one per row)")
-    lp.add_argument("--noise", choices=("gaussian", "rademacher", "pool"), default="gaussian",
-                    help="MeZO's direction noise (zoedge/optim/noise.py; default gaussian)")
-    lp.add_argument("--page-cache", action="store_true",
-                    help="let the few-layer store sit in the page cache (default: drop its pages after each read "
-                    "and write, as the disk tier does for a store larger than the available memory)")
+    sub.choices["paths"].add_argument("--layers", type=int, default=3)
+    for p in (lp, sub.choices["paths"]):
+        p.add_argument("--steps", type=int, default=3)
+        p.add_argument("--warmup", type=int, default=1)
+        p.add_argument("--scored", type=int, default=4, help="scored positions per step (default 4: one per row)")
+        p.add_argument("--noise", choices=("gaussian", "rademacher", "pool"), default="gaussian",
+                       help="MeZO's direction noise (zoedge/optim/noise.py; default gaussian)")
+        p.add_argument("--page-cache", action="store_true",
+                       help="let the few-layer store sit in the page cache (default: drop its pages after each read "
+                       "and write, as the disk tier does for a store larger than the available memory)")
     ep = sub.choices["e2e"]
     ep.add_argument("--layers", type=int, default=32)
     ep.add_argument("--steps", type=int, default=3)
@@ -487,9 +586,10 @@ def main() -> int:
     if args.part == "e2e" and args.resume_check and not args.save_every:
         args.save_every = max(1, args.steps // 2)
     args.work.mkdir(parents=True, exist_ok=True)
-    res = run_layers(args) if args.part == "layers" else run_e2e(args)
+    run, show = {"layers": (run_layers, print_layers), "paths": (run_paths, print_paths), "e2e": (run_e2e, print_e2e)}[args.part]
+    res = run(args)
     res["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    (print_layers if args.part == "layers" else print_e2e)(res)
+    show(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1) + "\n")
