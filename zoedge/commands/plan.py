@@ -117,7 +117,8 @@ def detail(plan) -> str:
     lines.append("  lean = the runtime on a GPU (default); workspaces = lean=False")
     lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
-    lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
+    lines += ["", f"host RAM {_g(plan.host_ram)} ({plan.host_ram / plan.stored_bytes:.3f} x the stored bytes), disk "
+              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
               *time_lines(t),

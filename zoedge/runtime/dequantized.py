@@ -18,8 +18,8 @@ dequantisation):
 A low-rank view over it (:class:`~zoedge.optim.lowrank.LowRankPerturbed`) computes its base product through this
 one, so a low-rank plugin on a quantized store never forms the dequantized matrix whole (unless it fits a chunk).
 
-The subclass's own storage is one NaN element broadcast to the shape: code that reads it with subclass dispatch
-disabled gets NaNs, never plausible numbers.
+The subclass's own storage is one NaN element (shared by every view on a device) broadcast to the shape: code
+that reads it with subclass dispatch disabled gets NaNs, never plausible numbers.
 """
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ def row_chunks(shape: torch.Size | tuple[int, ...], itemsize: int, chunk_bytes: 
         yield a, min(rows, a + step)
 
 
+_POISONS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _poison(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One NaN of ``dtype`` on ``device``, shared by every view (its storage; created once)."""
+    key = (device, dtype)
+    if key not in _POISONS:
+        _POISONS[key] = torch.full((), float("nan"), dtype=dtype, device=device)
+    return _POISONS[key]
+
+
 class Dequantized(torch.Tensor):
     """A quantized tensor's values, formed by the op that reads them (see the module docstring)."""
 
@@ -68,8 +79,7 @@ class Dequantized(torch.Tensor):
         q.check_parts(kind, parts, shape, blocksize)
         if kind == "none" or len(shape) != 2:
             raise ValueError(f"Dequantized views int8 / nf4 matrices, got {kind} {shape}")
-        stub = torch.full((), float("nan"), dtype=dtype, device=parts["data"].device).expand(shape)
-        out = torch.Tensor._make_subclass(cls, stub)
+        out = torch.Tensor._make_subclass(cls, _poison(parts["data"].device, dtype).expand(shape))
         out.kind, out.parts, out.blocksize, out.chunk_bytes, out.label = kind, parts, blocksize, chunk_bytes, label
         return out
 
