@@ -501,8 +501,8 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
     return Simulation(peak, {"embed": peaks[EMBED], "layer": max(v for k, v in peaks.items() if k.startswith("layers.")),
                              "head": peaks[HEAD]},
                       {"embed": flops[EMBED], "layer": layer_sum(flops, sum), "head": flops[HEAD]},
-                      {"embed": state.get(EMBED, 0), "layer": layer_sum(state, sum) if state else 0,
-                       "head": state.get(HEAD, 0)})
+                      {"embed": state.get(EMBED, 0), "layer": layer_sum(state, sum), "head": state.get(HEAD, 0)}
+                      if opt is not None else {})
 
 
 def _cut(config: Any, layers: int, attention: str) -> Any:

@@ -110,7 +110,12 @@ class Dequantized(torch.Tensor):
         name = getattr(func, "__name__", "")
         if name in _METADATA or name == "__get__":  # shape, dtype, device, ...: nothing formed
             with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+            if not (name == "__get__" and isinstance(out, torch.Tensor)):
+                return out
+            # a property that is a tensor (.T, .mT, .data): of the values
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(args[0].materialize(), *args[1:], **kwargs)
         if func is F.linear:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
