@@ -6,8 +6,11 @@ computes it:
 * **long-lived buffers**, from the block layout ``zoedge prepare`` produces (the
   same layout function, so sizes match byte for byte) and the runtime's
   allocation rules (``zoedge/runtime/streamed.py``): a ring of ``prefetch + 1``
-  slots sized to the largest streamed block (plus its dequantization area) and a
-  dedicated slot for a block holding a tied tensor;
+  slots sized to the largest streamed block (an int8 / nf4 store's quantized
+  bytes: quantized tensors stay quantized in the slots), a dedicated slot for a
+  block holding a tied tensor, and a plugin's state (the low-rank method's
+  factors: what the plugin's own hooks allocate per block in the simulation,
+  times the depth);
 * **transient tensors** of the step (hidden states of every pass, masks,
   activations, attention, logits at the scored positions, the loss, and the
   perturbed weights formed just in time), measured by running the adapter's
@@ -15,7 +18,11 @@ computes it:
   the way ``StreamedModel.run`` runs them (two decoder layers stand for all:
   every layer has the same shapes), with the weights a dense method's pass sees
   wrapped as the runtime wraps them (:class:`~zoedge.runtime.perturbed.NoisePerturbed`,
-  row chunks of ``chunk_bytes``).
+  row chunks of ``chunk_bytes``), quantized matrices bound as the runtime binds
+  them (:class:`~zoedge.runtime.dequantized.Dequantized`: each expanded at the op
+  that reads it, one matrix or ``chunk_bytes`` row chunk at a time), and for the
+  low-rank method the HZO plugin's own hooks deciding what each pass sees
+  (:class:`~zoedge.optim.lowrank.LowRankPerturbed` over the stored weights).
 
 Two runtime modes are planned (``StreamedModel(lean=...)``):
 
@@ -34,8 +41,7 @@ layers, or their attention and MLP halves (``half``, for families whose adapter
 runs half layers: OPT), slots sized to the largest unit. Still a **design
 target**, not implemented: single-Linear units (and halves for the other
 families; untied embeddings and heads would stream in row chunks no larger than
-the unit) and a quantized base multiplied through bitsandbytes (one dequantized
-matrix at a time): :func:`unit_long_lived`, ``Plan.gpu_peak_by_unit``.
+the unit): :func:`unit_long_lived`, ``Plan.gpu_peak_by_unit``.
 
 Step time is a prediction: the runtime's schedule for the step, costed on the
 hardware and placed on a timeline (:mod:`zoedge.plan.timing`); FLOPs come from
