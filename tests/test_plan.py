@@ -89,12 +89,13 @@ def test_meta_layer_counts_what_the_cpu_layer_allocates():
 # ------------------------------------------------------------------------------------- plan vs measured
 def test_layout_matches_prepared_store(stores):
     from zoedge.store.manifest import load_manifest
-    for family, store in stores.items():
+    for name, store in stores.items():  # fp32 stores and int8 / nf4 ones
         man = load_manifest(store)
-        blocks, tied = layout(model_spec(str(store)).config, "fp32")
+        blocks, tied = layout(model_spec(str(store)).config, "fp32", man.quant)
         assert [b.nbytes for b in blocks] == [man.blocks[0].nbytes, man.blocks[1].nbytes, man.blocks[-1].nbytes]
         assert tied == man.tied
-        from_checkpoint = model_spec(str(store.parent / family), dtype="fp32")  # the HF checkpoint it came from
+        family = name.split("-")[0]  # the HF checkpoint it came from
+        from_checkpoint = model_spec(str(store.parent / family), dtype="fp32", quant=man.quant)
         assert [b.nbytes for b in from_checkpoint.blocks] == [b.nbytes for b in blocks]
 
 
