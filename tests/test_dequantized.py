@@ -168,3 +168,27 @@ def test_quantized_slots_hold_the_stored_bytes_and_no_unit_sized_dequantisation(
         m(ids)
     assert tr.largest == max(matrices) < layer.dequant_nbytes
     m.close()
+
+
+def test_low_rank_view_forms_a_perturbed_bias_at_its_op(tmp_path):
+    """The low-rank base product runs with subclass dispatch on, so a bias formed at the op (HZO's dense
+    perturbation of 1-D tensors, lean on a GPU) is perturbed: lean HZO through slots takes the same steps as the
+    workspace mode bound in place (before, the lean run read the unperturbed bias under the low-rank weight)."""
+    save_tiny("opt", tmp_path / "hf", layers=2)
+    zoedge.prepare(tmp_path / "hf", tmp_path / "store", dtype="fp32", progress=False, log=lambda s: None)
+
+    def steps(**kw):
+        m = zoedge.load(tmp_path / "store", **kw)
+        assert m.lean == (not m.in_place)
+        opt = build("hzo", {"nu": 100, "lr": 1e-2, "eps": 1e-2}, seed=5)
+        b = synthetic_batch(m.config.vocab_size, 2, 8, 5, seed=1)
+        out = []
+        for t in range(2):
+            opt.begin_step(t)
+            values = [loss.float() for loss, _ in _loss_passes(m, opt, b)]
+            opt.finish_step(values)
+            out += [float(v) for v in values]
+        m.close()
+        return out
+
+    assert steps() == steps(in_place=False)

@@ -592,6 +592,9 @@ NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; befor
          "workspace_*: the same runtime with lean=False (block-sized noise and scratch workspaces, tied copies)",
          "gpu_peak_by_unit: lean GPU peak by streaming unit; units in runtime_units are implemented "
          "(StreamedModel(unit=...)), the others are a design target, not implemented",
+         "int8/nf4 stores: the slots hold the quantized bytes; each matrix is expanded at its op, one matrix or "
+         "chunk_bytes row chunk at a time (in the transient); lowrank: the HZO plugin's own hooks run on the meta "
+         "device, its factors counted as 'optimizer state (factors)'",
          "time: the step's predicted timeline (zoedge.plan.timing: the runtime's schedule costed at the hardware's "
          "rates), not a measurement; roofline_s is the per-block max(transfer, compute) bound beside it")
 
