@@ -102,7 +102,11 @@ class DiZO(MeZO):
         gamma_lr: learning rate η_γ of γ.
         tau: clip range of γ: [(1 − τ) t, (1 + τ) t].
         project: comma-separated name fragments of the projected weights (2-D only).
+
+    Not replayable: the projection phases write the weights outside ``apply``, so its checkpoints hold the weights.
     """
+
+    replayable = False
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  cycle: int = 50, iters: int = 10, mu: float = 0.2, gamma_lr: float = 10.0, tau: float = 0.2,

@@ -43,6 +43,9 @@ class HiZOOL(ZOOptimizer):
         estimator: "unbiased" (the paper's estimator, mean diag(A) on a quadratic) or "public" (the public
             code's |c| H z²).
         factored: keep H of 2-D weights as row/column factors (HiZOO-L); False keeps it dense (HiZOO).
+
+    Not replayable (``replayable`` stays False): ``apply`` reads the Hessian estimate, plugin state that evolves
+    step by step, so its checkpoints hold the weights.
     """
 
     passes = 3

@@ -50,6 +50,9 @@ class HZO(ZOOptimizer):
         fo_optimizer: sgd, adamw or adamw8bit (bitsandbytes).
         fo_lr: first-order learning rate.
         freeze: comma-separated name fragments of tensors left untouched (e.g. "embed"; for a LoRA export).
+
+    Not replayable (``replayable`` stays False): factor merges at flushes and the first-order tail change the
+    weights outside ``apply``, so its checkpoints hold the weights.
     """
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, rank: int = 4, nu: int = 50,

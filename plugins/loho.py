@@ -53,7 +53,12 @@ class LoHO(MeZO):
         fo_lr: first-order learning rate.
         fo_weight_decay: first-order weight decay (inter mode).
         fo_budget_mb: memory budget of the first-order part for fo_layers=auto (MiB).
+
+    Not replayable: first-order blocks and sparse deltas are trained outside ``apply``, so its checkpoints hold
+    the weights.
     """
+
+    replayable = False
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  fo_layers: str = "2", mode: Literal["inter", "intra"] = "inter", intra_p: float = 0.1,

@@ -71,7 +71,14 @@ class MeZO(ZOOptimizer):
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
         noise: the direction noise: gaussian (N(0, 1)), rademacher (±1) or pool (windows of one pre-drawn pool,
             no per-step draw); statistics in zoedge/optim/noise.py.
+
+    Replayable (``replayable = True``): a checkpoint may hold the log of updates instead of the weights
+    (``--checkpoint-weights updates``); subclasses that change weights elsewhere set it back to False.
     """
+
+    #: its weights are the base after ``apply`` of each logged update: checkpoints may hold the updates only
+    #: (``apply`` reads the update and options fixed at construction; noise is regenerated from (seed, step))
+    replayable = True
 
     def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
                  stochastic_rounding: bool = False, noise: str = "gaussian") -> None:

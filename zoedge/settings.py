@@ -154,6 +154,11 @@ class TrainSettings(ScoringOptions):
     eval_every: int = setting(15, "evaluate on the dev set every N steps (0: only before and after)", minimum=0)
     save_every: int = setting(0, "write a checkpoint every N steps (0: only at the end)", minimum=0)
     keep_checkpoints: int = setting(2, "checkpoints kept (older ones are deleted)", minimum=1)
+    checkpoint_weights: str = setting("auto", "what a checkpoint holds: full (the weights), updates (the log of "
+                                      "updates since the store, a few KB, replayed onto the store on --resume; "
+                                      "replayable optimizers such as mezo only) or auto (full when the optimizer "
+                                      "is not replayable or a full checkpoint fits the free disk with a margin, "
+                                      "else updates)", choices=("full", "updates", "auto"))
     dp_mode: str = setting("batch", "with several ranks (torchrun): split each step's batch across them (batch), "
                            "or, for optimizers with several directions per step (e.g. --opt q=4), split the "
                            "directions, each rank evaluating its share on the whole batch (directions)",
@@ -161,9 +166,10 @@ class TrainSettings(ScoringOptions):
 
 
 #: Settings a resumed run may change freely (they do not change the trained weights).
+#: (``checkpoint_weights`` too: the trainer refuses ``updates`` after a checkpoint that carries no update log.)
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
                          "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
-                         "dp_mode"})
+                         "dp_mode", "checkpoint_weights", "export"})
 
 
 @dataclass
@@ -184,6 +190,9 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     output: str = setting("runs/finetune", "run directory: checkpoints/, metrics.jsonl, model/, summary.json, "
                           "curves.png", metavar="DIR")
     resume: bool = setting(False, "continue the run in --output from its newest intact checkpoint")
+    export: bool = setting(True, "write the fine-tuned model to OUTPUT/model at the end",
+                           no="do not write OUTPUT/model (one copy of the weights less on disk, e.g. a model larger "
+                           "than the free disk; the last checkpoint keeps the run)")
     allow_changes: bool = setting(False, "with --resume: accept settings that differ from the checkpointed "
                                   "run's (they are recorded in summary.json)")
     metrics: str | None = setting(None, "per-step JSONL (default: OUTPUT/metrics.jsonl)", type=str, metavar="FILE")

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
           f"test accuracy after {acc(s['test_after'])}\n"
           f"{s['steps_this_run']} steps in {s['seconds']:.1f} s ({s['steps_per_s'] or 0:.2f} steps/s, "
           f"{s['tokens_per_s'] or 0:.0f} tokens/s); peak memory {peak}\n"
-          f"model: {s['model_dir']}  summary: {settings.output}/summary.json"
+          f"model: {s['model_dir'] or 'not exported (--no-export)'}  summary: {settings.output}/summary.json"
           + (f"  curves: {s['plot']}" if s["plot"] else ""), file=sys.stderr)
     from zoedge.train.job import json_safe
     print(json.dumps(json_safe({k: s[k] for k in ("dev_before", "dev_after", "test_after", "steps", "seconds")}),

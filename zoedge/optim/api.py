@@ -59,6 +59,17 @@ State is keyed by tensor name (streamed tensors are not resident objects):
 ``plugin_state()`` / ``load_plugin_state()`` hold tensors and JSON scalars.
 The class is a ``torch.optim.Optimizer`` over one empty placeholder so that
 ``param_groups`` (``lr``) and torch's LR schedulers work unchanged.
+
+Replay (checkpoints without weights; the storage remark of *Fine-Tuning Language
+Models with Just Forward Passes*): a plugin whose streamed weights after step t
+are exactly the base weights after ``apply`` of updates 1..t, in order, block by
+block (nothing else ever writes ``block.tensors``; ``apply`` reads only the
+``Update`` and options fixed at construction) sets ``replayable = True``. The
+trainer then may checkpoint the log of updates instead of the weights, and
+:meth:`ZOOptimizer.replay` rebuilds the weights from the base store on resume
+(see :mod:`zoedge.train.update_log`). The default is False: a subclass that
+changes weights elsewhere (extra phases, factor merges, first-order blocks) or
+whose ``apply`` reads evolving plugin state must not claim it.
 """
 from __future__ import annotations
 
@@ -111,7 +122,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     #: the framework's own methods: a plugin overriding one is refused by the registry
     FRAMEWORK_METHODS: ClassVar[tuple[str, ...]] = ("on_resident", "pass_tensors", "finish_step", "flushed",
                                                     "apply_pending", "state_dict", "load_state_dict",
-                                                    "only_directions", "evaluates")
+                                                    "only_directions", "evaluates", "replay")
     #: forward passes per step, all run while each block is resident
     passes: int = 2
     #: the unperturbed pass that first-order blocks train on (``None``: the plugin has no FO blocks)
@@ -119,6 +130,9 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     #: dense methods change ``block.tensors`` in ``apply`` (the framework marks the block dirty); methods
     #: that keep their update elsewhere (factors) set False and call ``block.mark_dirty()`` themselves if needed
     dense: ClassVar[bool] = True
+    #: the streamed weights are a pure function of the base and the applied updates (see the module docstring):
+    #: checkpoints may hold the update log instead of the weights
+    replayable: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-6, **defaults: Any) -> None:
         self._placeholder = torch.zeros(0)
@@ -289,6 +303,30 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     def pending(self) -> Update | None:
         """The update not yet applied to every block that owes it (read-only)."""
         return self._pending
+
+    @property
+    def owed(self) -> frozenset[str]:
+        """The blocks the pending update is owed to (those resident during its step; read-only)."""
+        return frozenset(self._owed) if self._pending is not None else frozenset()
+
+    def replay(self, block: Resident, updates: Sequence[Update]) -> None:
+        """Apply logged ``updates`` to ``block`` in their order, through ``apply`` (resume from a checkpoint of
+        updates: ``block`` holds the base weights). Only with no pending update, and only for replayable plugins.
+
+        Raises:
+            PluginError: the plugin is not replayable, or an update is pending.
+        """
+        who = f"optimizer '{self.name or type(self).__name__}'"
+        if not self.replayable:
+            raise PluginError(who, "is not replayable (its weights are not a pure function of the base and its "
+                              "updates)", "checkpoint its weights (--checkpoint-weights full)")
+        if self._pending is not None:
+            raise PluginError(who, f"has the update of step {self._pending.step} pending during a replay",
+                              "replay before the first step of the resumed run")
+        for update in updates:
+            self.apply(block, update)
+        if updates and self.dense:
+            block.mark_dirty()
 
     def finish_step(self, losses: Sequence[torch.Tensor]) -> dict[str, float]:
         """Called by the trainer after the step's passes: ``end_step``, then the update becomes pending.

@@ -137,6 +137,11 @@ class HostTier(ABC):
     def close(self) -> None:
         """Release resources."""
 
+    @abstractmethod
+    def reset_to_base(self) -> None:
+        """Make every block's bytes the prepared store's again, dropping trained changes (resume by replaying
+        logged updates onto the base, :mod:`zoedge.train.update_log`); call with nothing in flight."""
+
 
 class RamTier(HostTier):
     """All blocks resident in (pinned, when an accelerator is present) host memory, each at its exact size."""
@@ -148,6 +153,7 @@ class RamTier(HostTier):
             buf = allocate(b.nbytes, "cpu", "host", pinned=True)
             read_file_into(store / b.file, buf)
             self.buffers.append(buf)
+        self.block_buffers = list(self.buffers)  # whole blocks (``buffers`` may become views of units within them)
 
     def source(self, i: int) -> tuple[str, torch.Tensor]:
         return f"host[{i}]", self.buffers[i]
@@ -160,6 +166,11 @@ class RamTier(HostTier):
 
     def write_block(self, i: int, data: torch.Tensor) -> None:
         self.buffers[i].copy_(data)
+
+    def reset_to_base(self) -> None:
+        """Read the store into the host buffers again (in place: slots bound to them stay valid)."""
+        for b, buf in zip(self.manifest.blocks, self.block_buffers):
+            read_file_into(self.store / b.file, buf)
 
 
 class DiskTier(HostTier):
@@ -294,3 +305,13 @@ class DiskTier(HostTier):
         write_file_from(self.working[i], data, self.drop_cache)
         if i in self.cache:
             self.cache[i].copy_(data)
+
+    def reset_to_base(self) -> None:
+        """Remove the working copy's block files (the store is read until each block's next write-back) and
+        re-read the RAM-cached blocks from the store."""
+        if self.working is not None:
+            for w in self.working:
+                w.unlink(missing_ok=True)
+                w.with_suffix(".tmp").unlink(missing_ok=True)
+        for i, buf in self.cache.items():
+            read_file_into(self.store_paths[i], buf)

@@ -479,6 +479,12 @@ class StreamedModel:
                 host[p.offset:p.offset + p.nbytes].view(dtype_of(p.dtype)).copy_(value.reshape(-1))
             self.tier.write_block(i, host)
 
+    def reset_to_base(self) -> None:
+        """Make the weights the prepared store's again (the host tier drops trained changes; the store itself is
+        never written): the start of a replay of logged updates."""
+        self.synchronize()
+        self.tier.reset_to_base()
+
     def _read_block(self, i: int) -> torch.Tensor:
         return self.tier.read_block(i)
 

@@ -8,6 +8,10 @@ Layout under ``<output>/checkpoints/``::
         state.json                 trainer + optimizer JSON state; written last inside the folder
     latest                         the name of the newest complete checkpoint
 
+A checkpoint of *updates* (``state.json`` key ``"weights": "updates"``) has no
+``model.safetensors``: its state holds the log of every update since the base
+store instead, replayed onto the store on resume (:mod:`zoedge.train.update_log`).
+
 A checkpoint is written into ``.tmp-step-N``, every file fsynced, then the
 folder is renamed and ``latest`` replaced atomically. A SIGKILL at any moment
 leaves either the old ``latest`` (pointing at a complete folder) or the new
@@ -43,6 +47,9 @@ LATEST = "latest"
 TENSOR_KEY = "__tensor__"
 CHECKSUMS = "checksums"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+#: state.json key of the checkpoint's kind: absent for full weights, UPDATES for a checkpoint of updates
+WEIGHTS = "weights"
+UPDATES = "updates"
 #: keys every checkpoint's state.json holds (written by the trainer)
 REQUIRED_STATE = ("step", "optimizer", "scheduler")
 
@@ -96,8 +103,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] | WeightStream, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] | WeightStream | None,
+                    state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
 
     Args:
@@ -105,7 +112,8 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
         step: completed steps.
         weights: tensor name -> CPU tensor (tied aliases are dropped: safetensors refuses shared storage), or a
             :class:`~zoedge.store.safetensors_io.WeightStream` (a streamed model's blocks one at a time, so a
-            model larger than memory is checkpointed holding one block).
+            model larger than memory is checkpointed holding one block); None: a checkpoint of updates (no
+            ``model.safetensors``; ``state`` holds what rebuilds the weights).
         state: JSON-able dict; tensors anywhere inside go to ``optimizer.safetensors``.
 
     Raises:
@@ -117,7 +125,10 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
 
     name = f"step-{step:08d}"
     json_state, tensors = split_tensors(state)
-    stream = weights if isinstance(weights, WeightStream) else WeightStream.of(weights)
+    if weights is None:
+        json_state[WEIGHTS] = UPDATES
+    files = _tensor_files(json_state)
+    stream = None if weights is None else weights if isinstance(weights, WeightStream) else WeightStream.of(weights)
     check_finite_weights(tensors, f"checkpoint {name} (optimizer state)", root)
     tmp, final = root / f".tmp-{name}", root / name
     try:
@@ -125,10 +136,11 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         # each chunk is checked before it is written; a non-finite one stops the write and the folder goes
-        write_streamed(tmp / "model.safetensors", stream,
-                       check=lambda chunk: check_finite_weights(chunk, f"checkpoint {name}", root))
+        if stream is not None:
+            write_streamed(tmp / "model.safetensors", stream,
+                           check=lambda chunk: check_finite_weights(chunk, f"checkpoint {name}", root))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        json_state = {**json_state, CHECKSUMS: {f: _sha256(tmp / f) for f in TENSOR_FILES}}
+        json_state = {**json_state, CHECKSUMS: {f: _sha256(tmp / f) for f in files}}
         (tmp / "state.json").write_text(json.dumps(json_state, indent=1))
         for f in tmp.iterdir():
             _fsync_file(f)
@@ -156,8 +168,17 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
     return final
 
 
-def _complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in (*TENSOR_FILES, "state.json"))
+def free_disk(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (or would: its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _tensor_files(state: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tensor files a checkpoint with this state has."""
+    return ("optimizer.safetensors",) if state.get(WEIGHTS) == UPDATES else TENSOR_FILES
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -167,12 +188,15 @@ def verify_checkpoint(path: Path) -> None:
         StoreError: naming the folder and what is wrong.
     """
     fix = "delete this folder to resume from the previous checkpoint, or start without --resume"
-    if not _complete(path):
-        missing = [f for f in (*TENSOR_FILES, "state.json") if not (path / f).is_file()]
-        raise StoreError(path, f"incomplete checkpoint (missing {', '.join(missing)})", fix)
+    if not (path / "state.json").is_file():
+        raise StoreError(path, "incomplete checkpoint (missing state.json)", fix)
     state = _read_state(path)
+    files = _tensor_files(state)
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise StoreError(path, f"incomplete checkpoint (missing {', '.join(missing)})", fix)
     for f, digest in (state.get(CHECKSUMS) or {}).items():
-        if f in TENSOR_FILES and _sha256(path / f) != digest:
+        if f in files and _sha256(path / f) != digest:
             raise StoreError(path / f, "does not match the checksum recorded in state.json (truncated or damaged)",
                              fix)
 
@@ -246,19 +270,20 @@ class LazyWeights(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
 
-def load_checkpoint(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
-    """Read (weights, state) from a checkpoint folder; the weights are read lazily (:class:`LazyWeights`).
+def load_checkpoint(path: Path) -> tuple[Mapping[str, torch.Tensor] | None, dict[str, Any]]:
+    """Read (weights, state) from a checkpoint folder; the weights are read lazily (:class:`LazyWeights`), None
+    for a checkpoint of updates.
 
     Raises:
         StoreError: files missing, unreadable or not matching their checksums (names the file and what to do).
     """
     verify_checkpoint(path)
+    state = _read_state(path)
     try:
-        weights = LazyWeights(path / "model.safetensors")
+        weights = None if state.get(WEIGHTS) == UPDATES else LazyWeights(path / "model.safetensors")
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
         raise StoreError(path, f"unreadable checkpoint ({e})",
                          "delete this folder to resume from the previous checkpoint, or start without --resume") from None
-    state = _read_state(path)
     state.pop(CHECKSUMS, None)
     return weights, join_tensors(state, tensors)

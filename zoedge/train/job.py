@@ -11,7 +11,8 @@ A finetune run owns its ``--output`` directory::
     checkpoints/     see :mod:`zoedge.train.checkpoint`
     metrics.jsonl    one line per step (a resume drops the lines past its checkpoint)
     working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint
-    model/           the exported Hugging Face model (written last, never with non-finite weights)
+    model/           the exported Hugging Face model (written last, never with non-finite weights; not with
+                     --no-export, which removes an earlier one)
     curves.png       dev accuracy and training loss against steps
     summary.json     every effective setting, the split, the results
 
@@ -250,15 +251,17 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
                           progress=s.progress, world=world, threads=governor)
         if resume_from is not None:
-            trainer.resume()
+            trainer.resume(run_record.update_meaning_changes(record))
             run_record.apply_resumed_changes(trainer, record, s, options)
             if world.is_main:
                 run_record.truncate_metrics(metrics_path, trainer.step)
         start_step = trainer.step
         result = trainer.fit()
         test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-        if world.is_main:  # every rank holds the same weights: one writes
+        if world.is_main and s.export:  # every rank holds the same weights: one writes
             export_model(model, out / "model", ckpts)
+        elif world.is_main:  # an earlier run's model would not be this run's
+            shutil.rmtree(out / "model", ignore_errors=True)
         peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
     if not world.is_main:
         world.barrier()  # until rank 0 has written the outputs
@@ -273,10 +276,12 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "wall_seconds": time.perf_counter() - started, "steps_per_s": result.steps / result.seconds if result.seconds else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
-        "last_train_loss": result.last_loss, "peak_gpu_bytes": peak, "model_dir": str(out / "model"),
+        "last_train_loss": result.last_loss, "peak_gpu_bytes": peak,
+        "model_dir": str(out / "model") if s.export else None,
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test)},
         "metrics": str(metrics_path), "plot": None,
+        "checkpoint_weights": trainer.checkpoint_choice, "replay": trainer.replayed,
         "world_size": world.size, **trainer.shares(),
     }
     if s.plot:

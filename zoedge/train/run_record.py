@@ -25,6 +25,8 @@ from typing import Any
 from zoedge.errors import ConfigError
 from zoedge.settings import RESUME_FREE, FinetuneSettings, flag, to_dict
 from zoedge.store.atomic import atomic_write_bytes
+from zoedge.train.checkpoint import UPDATES, WEIGHTS
+from zoedge.train.update_log import changed_replay_error
 
 RECORD = "run.json"
 LOCK = ".lock"
@@ -130,11 +132,26 @@ def reconcile(out: Path, s: FinetuneSettings, options: dict[str, Any], resume_fr
                           f"the command differs from the checkpointed run: {listing}",
                           "repeat the run's settings (see OUTPUT/run.json), or add --allow-changes to continue "
                           "with the new values (recorded in summary.json)")
-    step = json.loads((resume_from / "state.json").read_text())["step"]
+    state = json.loads((resume_from / "state.json").read_text())
+    meaning = [_spell(k, b) for k, (a, b) in changed.items() if _changes_updates(k)]
+    if meaning and state.get(WEIGHTS) == UPDATES:  # checked before run.json is rewritten
+        raise changed_replay_error(resume_from, meaning)
+    step = state["step"]
     record["resumes"].append({"step": step, "changed": changed})
     record["settings"] = now
     _write(out, record)
     return record
+
+
+def update_meaning_changes(record: dict[str, Any]) -> list[str]:
+    """Settings the latest resume changed that change what a logged update means (plugin options, the seed): a
+    log of updates is not replayed or continued across them (see :meth:`zoedge.train.trainer.Trainer.resume`)."""
+    changed = record["resumes"][-1]["changed"] if record.get("resumes") else {}
+    return [_spell(k, b) for k, (a, b) in changed.items() if _changes_updates(k)]
+
+
+def _changes_updates(name: str) -> bool:
+    return name.startswith("opt ") or name == "seed"
 
 
 def apply_resumed_changes(trainer: Any, record: dict[str, Any], s: FinetuneSettings, options: dict[str, Any]) -> None:

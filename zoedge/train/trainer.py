@@ -11,10 +11,16 @@ Data order is a pure function of (seed, step): batch t holds the examples at
 positions [t·B, (t+1)·B) of the concatenation of per-epoch permutations drawn
 from ``seed``. Resume therefore needs only the step number, and N steps
 straight equal N/2 + resume + N/2 bit for bit (CPU, fp32).
+
+A checkpoint holds the weights, or, for a replayable plugin, the log of
+every update since the base store (``--checkpoint-weights``, see
+:meth:`Trainer.checkpoint_kind` and :mod:`zoedge.train.update_log`): resuming
+from it replays the log onto the store, bit-equal to the weights it replaces.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -33,10 +39,16 @@ from zoedge.runtime.streamed import BlockVisitor, StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
-from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from zoedge.train.checkpoint import free_disk, latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.guard import StepGuard
 from zoedge.train.tasks import Example
+from zoedge.train.update_log import UpdateLog, changed_replay_error, store_identity
 from zoedge.train.world import DirectionSplit, World, state_checksum
+
+#: ``--checkpoint-weights auto`` writes the weights when the free disk holds a full checkpoint times this, plus
+#: FULL_MARGIN_BYTES (other files grow meanwhile: metrics, the final export)
+FULL_MARGIN = 1.1
+FULL_MARGIN_BYTES = 2**30
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "Evaluation", "evaluate", "batch_indices", "log_stderr"]
 
@@ -172,6 +184,7 @@ class Trainer:
         self.ckpt_dir = self.output / "checkpoints"
         self.metrics_path = metrics_path or self.output / "metrics.jsonl"
         self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
+        self.all_blocks = frozenset(b.name for b in model.blocks)
         self.step = 0
         self.last_plugin_metrics: dict[str, float] = {}  # the plugin's metrics of the last step (progress bar)
         self.last_losses: list[float] = []                # the last step's loss per pass
@@ -180,6 +193,26 @@ class Trainer:
         self.guard = StepGuard(self.ckpt_dir, self.log)
         self.threads = threads
         self.eval_seconds = 0.0  # spent in evaluate() (flush included), for the run summary
+        # checkpoints of updates: the log of every update since the base store (None: checkpoints hold weights)
+        self.not_replayable = self._not_replayable()
+        if settings.checkpoint_weights == "updates" and self.not_replayable:
+            who = optimizer.name or type(optimizer).__name__
+            raise ConfigError("--checkpoint-weights updates", f"optimizer '{who}' cannot be checkpointed as "
+                              f"updates: {self.not_replayable}",
+                              "use --checkpoint-weights full, or auto (which writes the weights for it)")
+        self.updates: UpdateLog | None = None
+        if settings.checkpoint_weights != "full" and not self.not_replayable:
+            self.updates = UpdateLog(store_identity(model.store))
+        self.checkpoint_choice: dict[str, Any] = {}  # the last checkpoint's kind and why (for summary.json)
+        self.replayed: dict[str, Any] | None = None  # what the resume's replay cost (for summary.json)
+
+    def _not_replayable(self) -> str:
+        """Why this run's weights cannot be rebuilt from the base store and the update log ("" when they can)."""
+        if not self.opt.replayable:
+            return "its weights are not a pure function of the base and its updates (its replayable is False)"
+        if self.fo is not None:
+            return "it trains first-order blocks (their weights are not in the update log)"
+        return ""
 
     # ------------------------------------------------------------------ state
     def flush(self) -> None:
@@ -188,30 +221,98 @@ class Trainer:
         self.opt.flushed()
 
     def save(self) -> Path:
-        """Flush and write a checkpoint of the current step."""
+        """Flush and write a checkpoint of the current step: the weights, or the update log (see
+        :meth:`checkpoint_kind`)."""
         self.flush()
+        kind = self.checkpoint_kind()
         state = {"step": self.step, "settings": asdict(self.s), "optimizer": self.opt.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
         if self.fo is not None:
             state["first_order"] = self.fo.state_dict()
+        if self.updates is not None:
+            state["updates"] = self.updates.state()
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:  # every rank holds the same state: one writes it
-            path = save_checkpoint(self.ckpt_dir, self.step, self.model.weight_stream(), state, self.s.keep_checkpoints)
+            weights = self.model.weight_stream() if kind == "full" else None
+            path = save_checkpoint(self.ckpt_dir, self.step, weights, state, self.s.keep_checkpoints)
         self.world.barrier()
         return path
 
-    def resume(self) -> bool:
-        """Load the newest complete checkpoint if there is one; True when resumed."""
+    def checkpoint_kind(self) -> str:
+        """What the next checkpoint holds, "full" (the weights) or "updates" (the update log), by
+        ``--checkpoint-weights``; ``auto``: the weights when the run cannot be replayed or a full checkpoint fits
+        the free disk of the checkpoint folder with a margin (:data:`FULL_MARGIN`), else the updates. The choice
+        and its reason are logged when the kind changes and kept in :attr:`checkpoint_choice`."""
+        setting = self.s.checkpoint_weights
+        if setting == "full":
+            kind, reason = "full", "--checkpoint-weights full"
+        elif self.updates is None:  # auto (updates was refused at construction or resume)
+            why = self.not_replayable or "the run resumed from a checkpoint of weights without an update log"
+            kind, reason = "full", f"auto: the updates cannot be replayed ({why})"
+        elif setting == "updates":
+            kind, reason = "updates", "--checkpoint-weights updates"
+        else:
+            size = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.model.weight_stream().entries)
+            need, free = int(size * FULL_MARGIN) + FULL_MARGIN_BYTES, free_disk(self.ckpt_dir)
+            where = f"{_gb(free)} free in {self.ckpt_dir}"
+            if free >= need:
+                kind, reason = "full", f"auto: a full checkpoint ({_gb(size)}) fits the {where} with a margin"
+            else:
+                kind, reason = "updates", (f"auto: a full checkpoint ({_gb(size)}, {_gb(need)} with a margin) does "
+                                           f"not fit the {where}")
+        if kind != self.checkpoint_choice.get("kind"):
+            self.log(f"checkpoints hold {'the weights' if kind == 'full' else 'the update log'} ({reason})")
+        self.checkpoint_choice = {"setting": setting, "kind": kind, "reason": reason}
+        return kind
+
+    def resume(self, changed: Sequence[str] = ()) -> bool:
+        """Load the newest complete checkpoint if there is one; True when resumed. A checkpoint of updates is
+        replayed onto the base store (see :mod:`zoedge.train.update_log`).
+
+        Args:
+            changed: settings this resume changes (``--allow-changes``) that change what a logged update means
+                (plugin options, the seed): the plugin would replay the log with the new values, so a log is
+                neither replayed nor continued across them.
+
+        Raises:
+            StoreError: a checkpoint of updates made to another store.
+            ConfigError: a checkpoint of updates with a plugin that cannot replay them or with ``changed``
+                settings, or ``--checkpoint-weights updates`` after a checkpoint that has no usable update log.
+        """
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             return False
         weights, state = load_checkpoint(path)
-        self.model.load_state_dict(weights)
-        self.opt.load_state_dict(state["optimizer"])
+        self.opt.load_state_dict(state["optimizer"])  # first: a replay regenerates noise from the restored seed
         self.scheduler.load_state_dict(state["scheduler"])
+        log = UpdateLog.from_state(state["updates"]) if "updates" in state else None
+        if weights is None:
+            if self.not_replayable or log is None:
+                who = self.opt.name or type(self.opt).__name__
+                raise ConfigError(path, f"holds a log of updates, not weights, and optimizer '{who}' cannot replay "
+                                  f"it: {self.not_replayable or 'the log is missing'}",
+                                  "resume with the checkpointed run's optimizer and options, or start a fresh run")
+            if changed:
+                raise changed_replay_error(path, changed)
+            log.check_base(self.model.store, path)
+            self.log(f"replaying {len(log)} update(s) onto {len(self.model.blocks)} block(s) "
+                     f"({log.cost(self.model)} block updates) from the store {self.model.store}")
+            self.replayed = log.replay(self.model, self.opt, path)
+            self.log(f"replayed {self.replayed['block_updates']} block updates in {self.replayed['seconds']:.1f} s")
+        else:
+            self.model.load_state_dict(weights)
         if self.fo is not None:
             self.fo.reload(self.model)
             self.fo.load_state_dict(state["first_order"])
+        # the log continues only from this store (a checkpoint of weights may carry none)
+        keep = (log is not None and self.updates is not None and not changed
+                and log.base.get("manifest_sha256") == self.updates.base["manifest_sha256"])
+        self.updates = log if keep else None
+        if self.s.checkpoint_weights == "updates" and self.updates is None:
+            raise ConfigError("--checkpoint-weights updates", f"the run resumes from {path}, a checkpoint of "
+                              "weights without a log of updates since the store that this run can continue "
+                              + (f"(changed: {', '.join(changed)})" if changed else "(written with full)"),
+                              "resume with --checkpoint-weights full or auto (a log of updates starts with the run)")
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
         self.check_consistent(f"resume from {path}")  # every rank must have read the same checkpoint
@@ -257,6 +358,9 @@ class Trainer:
         self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
         self.guard.check(self.step + 1, values.tolist(), metrics, lr)  # before the update is applied or saved
+        if self.updates is not None:
+            owed = self.opt.owed
+            self.updates.record(self.opt.pending, None if owed == self.all_blocks else owed)  # type: ignore[arg-type]
         self.last_plugin_metrics = metrics
         self.scheduler.step()
         self.step += 1
@@ -330,3 +434,7 @@ class Trainer:
         result.after = asdict(ev)
         self.log(f"dev after: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
         return result
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
