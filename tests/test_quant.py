@@ -257,3 +257,22 @@ def test_cuda_dequantize_into_matches_cpu(kind: str, dtype: torch.dtype) -> None
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before  # written in place, nothing allocated
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(18, 16), (48, 80), (96, 576), (33, 64)])
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_dequantize_rows_equals_the_whole_tensor(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Any row range, aligned to the quantization blocks or straddling them, expands to exactly the whole
+    tensor's values (the just-in-time expansion of the runtime is bit-equal to a whole-tensor one)."""
+    if not _ok_shape(kind, shape):
+        pytest.skip("nf4 needs an even element count")
+    bs = q.DEFAULT_BLOCKSIZE[kind]
+    parts = q.quantize(_weight(shape), kind, bs)
+    whole = q.dequantize(kind, parts, shape, dtype, bs)
+    rows = shape[0]
+    for a, b in [(0, rows), (0, 1), (1, 2), (rows - 1, rows), (3, rows - 2), (2, 7), (5, 6)]:
+        got = q.dequantize_rows(kind, parts, shape, dtype, bs, a, b)
+        assert got.shape == (b - a, *shape[1:]) and torch.equal(got, whole[a:b]), (a, b)
+    s0, e0 = q.row_span(kind, shape, bs, 1, 2)
+    assert s0 % bs == 0 and s0 <= shape[1] and e0 >= 2 * shape[1] and e0 - s0 <= shape[1] + 2 * bs

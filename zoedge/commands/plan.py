@@ -50,7 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--efficiency", type=float, default=None, metavar="F",
                    help="fraction of peak FLOP/s a forward reaches (default 0.5, calibrated on an H200)")
     p.add_argument("--method", choices=("mezo", "lowrank", "forward"), default="mezo",
-                   help="mezo: the shipped dense MeZO plugin; lowrank: a low-rank plugin (factors, no write-back); forward: one plain forward returning the logits")
+                   help="mezo: the shipped dense MeZO plugin; lowrank: the HZO plugin in factor mode (low-rank "
+                   "perturbations, its factors counted, no write-back; over an int8/nf4 store each matrix is expanded "
+                   "just in time at its op); forward: one plain forward returning the logits")
+    p.add_argument("--rank", type=int, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
     p.add_argument("--q", type=int, default=1, help="random directions per step (2q passes; default 1)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="stored/compute dtype (default: the store's, else fp16)")
@@ -117,7 +120,8 @@ def detail(plan) -> str:
     lines.append("  lean = the runtime on a GPU (default); workspaces = lean=False")
     lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
-    lines += ["", f"host RAM {_g(plan.host_ram)}, disk {_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
+    lines += ["", f"host RAM {_g(plan.host_ram)} ({plan.host_ram / plan.stored_bytes:.3f} x the stored bytes), disk "
+              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
               *time_lines(t),
@@ -147,7 +151,7 @@ def time_lines(t: dict) -> list[str]:
 def summary(plans) -> str:
     """One line per model (the README table's columns)."""
     head = (f"{'model':14s} {'params':>8s} {'lean':>10s} {'lean, half':>11s} {'workspaces':>11s} "
-            f"{'linear units (design)':>22s} {'ZO2 (published)':>16s} {'host RAM':>10s} {'step (pred.)':>12s} "
+            f"{'linear units (design)':>22s} {'ZO2 (published)':>16s} {'host RAM (x stored)':>21s} {'step (pred.)':>12s} "
             f"{'bound':>9s}")
     lines = [rates_line(plans[0].hardware), head]
     for p in plans:
@@ -155,7 +159,8 @@ def summary(plans) -> str:
         half = _g(p.gpu_peak_by_unit["half"]) + ("" if "half" in p.runtime_units else "*")
         lines.append(f"{p.model:14s} {p.params / 1e9:7.1f}B {_g(p.gpu_peak):>10s} {half:>11s} "
                      f"{_g(p.workspace_gpu_peak):>11s} {_g(p.gpu_peak_by_unit['linear']):>22s} "
-                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram):>10s} {p.time['step_s']:11.2f}s "
+                     f"{(f'{zo2:.2f} GB' if zo2 else '-'):>16s} {_g(p.host_ram) + f' ({p.host_ram / p.stored_bytes:.2f}x)':>21s} "
+                     f"{p.time['step_s']:11.2f}s "
                      f"{p.time['bound']:>9s}")
     lines.append("(lean: --unit as given; lean, half: the runtime streaming attention/MLP halves; * design target, "
                  "not implemented for this family)")
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
                   disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,
                   disk_write_gbps=args.disk_write_gbps, memory_gbps=args.gpu_mem_gbps)
-    m = method(args.method, args.q)
+    m = method(args.method, args.q, args.rank)
     work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
     work.check()
     human = sys.stderr if args.json == "-" else sys.stdout

@@ -4,7 +4,9 @@
 When a module calls ``F.linear(x, W)`` with it (every ``nn.Linear`` does), the
 product becomes ``x baseᵀ + scale · (x V) Uᵀ``: one base GEMM plus a rank-r
 correction; ``F.embedding(ids, W)`` (``nn.Embedding``) becomes
-``base[ids] + scale · U[ids] Vᵀ``. Any other operation sees the materialised matrix (correct, just
+``base[ids] + scale · U[ids] Vᵀ``. The base product runs with subclass dispatch on, so a base that forms its
+values at the op (a quantized weight's :class:`~zoedge.runtime.dequantized.Dequantized` view: one matrix or row
+chunk expanded at a time) composes with the low-rank term. Any other operation sees the materialised matrix (correct, just
 not cheap), so a plugin may hand it to any module.
 
 Shapes: base [m, n] (nn.Linear: m = out, n = in), U [m, r], V [n, r].
@@ -47,8 +49,10 @@ class LowRankPerturbed(torch.Tensor):
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(w, LowRankPerturbed) and not isinstance(x, LowRankPerturbed):
+                # the base product with subclass dispatch on: a base (or bias) that forms its values at the op
+                # (a quantized weight's Dequantized view, a perturbed bias) forms them here
+                y = F.linear(x, w.base, bias)
                 with torch._C.DisableTorchFunctionSubclass():
-                    y = F.linear(x, w.base, bias)
                     # y += scale · (x V) Uᵀ ; [.., n] @ [n, r] -> [.., r] @ [r, m] -> [.., m]
                     return y.add_(F.linear(F.linear(x, w.v.T), w.u), alpha=w.scale)
 
@@ -56,8 +60,8 @@ class LowRankPerturbed(torch.Tensor):
             ids, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             if isinstance(w, LowRankPerturbed) and not isinstance(ids, LowRankPerturbed):
                 rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
+                y = F.embedding(ids, w.base, *args[2:], **rest)
                 with torch._C.DisableTorchFunctionSubclass():
-                    y = F.embedding(ids, w.base, *args[2:], **rest)
                     # rows of base + scale · U Vᵀ: [.., r] @ [r, n] -> [.., n]
                     return y.add_(F.embedding(ids, w.u) @ w.v.T, alpha=w.scale)
 

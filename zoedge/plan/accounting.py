@@ -6,8 +6,11 @@ computes it:
 * **long-lived buffers**, from the block layout ``zoedge prepare`` produces (the
   same layout function, so sizes match byte for byte) and the runtime's
   allocation rules (``zoedge/runtime/streamed.py``): a ring of ``prefetch + 1``
-  slots sized to the largest streamed block (plus its dequantization area) and a
-  dedicated slot for a block holding a tied tensor;
+  slots sized to the largest streamed block (an int8 / nf4 store's quantized
+  bytes: quantized tensors stay quantized in the slots), a dedicated slot for a
+  block holding a tied tensor, and a plugin's state (the low-rank method's
+  factors: what the plugin's own hooks allocate per block in the simulation,
+  times the depth);
 * **transient tensors** of the step (hidden states of every pass, masks,
   activations, attention, logits at the scored positions, the loss, and the
   perturbed weights formed just in time), measured by running the adapter's
@@ -15,7 +18,11 @@ computes it:
   the way ``StreamedModel.run`` runs them (two decoder layers stand for all:
   every layer has the same shapes), with the weights a dense method's pass sees
   wrapped as the runtime wraps them (:class:`~zoedge.runtime.perturbed.NoisePerturbed`,
-  row chunks of ``chunk_bytes``).
+  row chunks of ``chunk_bytes``), quantized matrices bound as the runtime binds
+  them (:class:`~zoedge.runtime.dequantized.Dequantized`: each expanded at the op
+  that reads it, one matrix or ``chunk_bytes`` row chunk at a time), and for the
+  low-rank method the HZO plugin's own hooks deciding what each pass sees
+  (:class:`~zoedge.optim.lowrank.LowRankPerturbed` over the stored weights).
 
 Two runtime modes are planned (``StreamedModel(lean=...)``):
 
@@ -34,8 +41,7 @@ layers, or their attention and MLP halves (``half``, for families whose adapter
 runs half layers: OPT), slots sized to the largest unit. Still a **design
 target**, not implemented: single-Linear units (and halves for the other
 families; untied embeddings and heads would stream in row chunks no larger than
-the unit) and a quantized base multiplied through bitsandbytes (one dequantized
-matrix at a time): :func:`unit_long_lived`, ``Plan.gpu_peak_by_unit``.
+the unit): :func:`unit_long_lived`, ``Plan.gpu_peak_by_unit``.
 
 Step time is a prediction: the runtime's schedule for the step, costed on the
 hardware and placed on a timeline (:mod:`zoedge.plan.timing`); FLOPs come from
@@ -75,21 +81,28 @@ class Method:
     dense: bool
     note: str = ""
     loss: bool = True
+    #: the registered plugin whose own hooks the plan runs (on the meta device), and its options
+    plugin: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
 
-def method(name: str, q: int = 1) -> Method:
-    """The footprint of a method: ``mezo`` (the shipped plugin; q directions), ``lowrank`` (a low-rank
-    plugin: perturbations as lazy ``LowRankPerturbed`` products, no dense workspace, no write-back) or
-    ``forward`` (one plain streamed forward returning the logits, as ``StreamedModel.forward``).
+def method(name: str, q: int = 1, rank: int = 4) -> Method:
+    """The footprint of a method: ``mezo`` (the shipped plugin; q directions), ``lowrank`` (the HZO plugin in
+    factor mode, rank ``rank``: perturbations as lazy ``LowRankPerturbed`` products over the stored, possibly
+    quantized, weights, no dense workspace, no write-back; the plan runs the plugin's own hooks and counts its
+    factors) or ``forward`` (one plain streamed forward returning the logits, as ``StreamedModel.forward``).
 
     Raises:
-        ConfigError: unknown method or q < 1.
+        ConfigError: unknown method, q < 1, or (lowrank) q > 1 or rank < 1.
     """
     if q < 1:
         raise ConfigError("--q", f"{q}", "use 1 or more directions")
+    if name == "lowrank" and (q != 1 or rank < 1):
+        raise ConfigError("--q/--rank", f"q={q}, rank={rank}", "the low-rank plugin (hzo) takes q=1 and rank >= 1")
     table = {
         "mezo": Method("mezo", 2 * q, q + 1, True, f"MeZO, q={q} (workspace mode: {q} noise workspace(s) + 1 scratch)"),
-        "lowrank": Method("lowrank", 2 * q, 0, False, f"low-rank ZO, q={q}: factors only (not counted)"),
+        "lowrank": Method("lowrank", 2, 0, False, f"low-rank ZO (HZO factor mode, rank {rank}; its factors counted)",
+                          plugin="hzo", options=(("rank", rank),)),
         "forward": Method("forward", 1, 0, False, "one forward pass, logits returned", loss=False),
     }
     if name not in table:
@@ -278,9 +291,9 @@ def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, uni
     default on an accelerator) or workspace mode (``lean=False``), streaming units (``unit``)."""
     dedicated = [b for b in spec.blocks if b.name in spec.dedicated]
     streamed = [b for b in units(spec, unit) if b.name not in spec.dedicated]
-    out = {
-        "ring slots": (prefetch + 1) * (max(b.nbytes for b in streamed) + max(b.dequant_nbytes for b in streamed)),
-        "tied-weight slot": sum(b.nbytes + b.dequant_nbytes for b in dedicated),
+    out = {  # quantized tensors stay quantized in the slots (expanded per matrix or row chunk: transient)
+        "ring slots": (prefetch + 1) * max(b.nbytes for b in streamed),
+        "tied-weight slot": sum(b.nbytes for b in dedicated),
     }
     if lean:
         return out
@@ -329,93 +342,173 @@ def unit_long_lived(spec: ModelSpec, m: Method, prefetch: int, unit: str = "line
     """Device buffers of the lean runtime streaming units (``unit``): the runtime's own (:func:`long_lived`) where it
     implements the unit for this model (:func:`runtime_units`), else the design target, not implemented: slots
     sized to the unit (single matrices for ``linear``; untied embeddings and heads would stream in row chunks no
-    larger than the unit), a quantized base multiplied through bitsandbytes (one dequantized matrix at a time)."""
+    larger than the unit); a quantized matrix is expanded per matrix or row chunk at its op, as the runtime does
+    (counted in the transient)."""
     if unit in runtime_units(spec):
         return long_lived(spec, m, prefetch, lean=True, unit=unit)
-    dt = dtype_of(spec.dtype).itemsize
-    biggest_matrix = max(t.numel * dt for t in spec.layer_block.tensors)
     return {
         "ring slots": (prefetch + 1) * lean_unit_bytes(spec, unit),
         "tied-weight slot": sum(b.nbytes for b in spec.blocks if b.name in spec.dedicated),
-        "dequantized matrix (bitsandbytes)": biggest_matrix if spec.quant != "none" else 0,
     }
 
 
 # ------------------------------------------------------------------------------------- transient (simulated)
 @dataclass
 class Simulation:
-    """Transient device bytes of one step (above the long-lived buffers) and FLOPs per block and pass."""
+    """Transient device bytes of one step (above the long-lived buffers), FLOPs per block and pass, and the device
+    bytes a plugin's state takes per block (``embed``, one decoder ``layer``, ``head``; run with a plugin only)."""
 
     peak: int
     block_peaks: dict[str, int]
     flops: dict[str, int]
+    state: dict[str, int] = field(default_factory=dict)
+
+
+def _meta_weights(spec: ModelSpec, adapter: Any, dtype: torch.dtype, chunk_bytes: int) -> dict[str, torch.Tensor]:
+    """The model's weights on the meta device as the runtime binds them: plain tensors, and quantized matrices as
+    :class:`~zoedge.runtime.dequantized.Dequantized` views of their stored parts (expanded in ``chunk_bytes``)."""
+    import re
+
+    from zoedge.runtime.dequantized import Dequantized
+
+    def any_layer(name: str) -> str:  # every decoder layer has the same layout
+        return re.sub(r"\blayers\.\d+\.", "layers.#.", name)
+
+    quantized = {any_layer(t.name): t for t in spec.layer_block.tensors if t.quant != "none"}
+    weights: dict[str, torch.Tensor] = {}
+    for n, shape in adapter.expected_shapes().items():
+        t = quantized.get(any_layer(n))
+        if t is None:
+            weights[n] = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            parts = {k: torch.empty(p.shape, dtype=dtype_of(p.dtype), device="meta") for k, p in t.parts.items()}
+            weights[n] = Dequantized(t.quant, parts, t.shape, dtype_of(t.dtype), t.blocksize, chunk_bytes, n)
+    for alias, src in adapter.tied().items():
+        weights[alias] = weights[src]
+    return weights
 
 
 def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, perturbed: bool = False,
-             chunk_bytes: int = CHUNK_BYTES) -> Simulation:
+             chunk_bytes: int = CHUNK_BYTES, plugin: str | None = None, options: dict[str, Any] | None = None
+             ) -> Simulation:
     """Run embed, two decoder layers and the head on the meta device as ``StreamedModel.run`` does (every pass,
-    the trainer's loss at the head) and count the transient bytes; see the module docstring. ``perturbed``: every
-    pass sees every weight as the lean runtime's just-in-time θ + εz (a dense method), formed in row chunks of
-    ``chunk_bytes``."""
-    from zoedge.optim.noise import NoiseSource
-    from zoedge.runtime.perturbed import NoisePerturbed
+    the trainer's loss at the head, the streaming units of ``work.unit``) and count the transient bytes; see the
+    module docstring. ``perturbed``: every pass sees every weight as the lean runtime's just-in-time θ + εz (a
+    dense method), formed in row chunks of ``chunk_bytes``. ``plugin``: the registered optimizer plugin (with
+    ``options``) decides what each pass sees and updates the blocks, as in a training run (its hooks are called
+    as the runtime calls them); three steps run, the third counted, when its state (created by the second step's
+    updates) exists for every block. Quantized matrices are bound as the runtime binds them (expanded one matrix
+    or row chunk at a time by the ops)."""
+    from types import SimpleNamespace
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoedge.adapters import EMBED, HEAD, adapter_for
+    from zoedge.optim.noise import NoiseSource
     from zoedge.plan.tracker import DeviceMemoryTracker
+    from zoedge.runtime.dequantized import Dequantized
+    from zoedge.runtime.perturbed import NoisePerturbed
+    from zoedge.runtime.streamed import Resident
     from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
 
     config = _cut(spec.config, min(spec.layers, 2), work.attention)
     dtype = DTYPES[spec.dtype]
     adapter = adapter_for(config, dtype, "meta")
-    shapes = adapter.expected_shapes()
-    weights = {n: torch.empty(s, dtype=dtype, device="meta") for n, s in shapes.items()}
-    for alias, src in adapter.tied().items():
-        weights[alias] = weights[src]
+    weights = _meta_weights(spec, adapter, dtype, chunk_bytes)
+    tied = adapter.tied()
     batch = synthetic_batch(config.vocab_size, work.batch, work.seq, work.scored)
-    blocks = adapter.block_names()
     noise = NoiseSource(0)  # on meta it allocates what a real draw allocates and draws nothing
+    units = [u for b in adapter.block_names() for u in adapter.split(b, adapter.tensors_of(b), work.unit)]
+    opt = None
+    if plugin is not None:
+        from zoedge.optim.registry import build
+        from zoedge.plan.measure import _MetaNoise
+        opt = build(plugin, dict(options or {}), seed=0)
+        opt.noise = _MetaNoise(0)
+    runtime = SimpleNamespace(lean=True, chunk_bytes=chunk_bytes)  # what a Resident asks of its runtime
 
     def seen(p: int) -> dict[str, torch.Tensor]:  # what pass p's blocks see (the runtime's perturb of MeZO)
         if not perturbed:
             return weights
         out = {n: NoisePerturbed(t, lambda o, a, n_, n=n: noise.normal_at_(o, 0, n, "z0", a, n_), 1.0, chunk_bytes)
-               for n, t in weights.items() if n not in adapter.tied()}
-        out.update({alias: out[src] for alias, src in adapter.tied().items()})  # the head reads the embed's
+               for n, t in weights.items() if n not in tied}
+        out.update({alias: out[src] for alias, src in tied.items()})  # the head reads the embed's
         return out
 
     views = [seen(p) for p in range(passes)]
     peaks: dict[str, int] = {}
     flops: dict[str, int] = {}
+    state: dict[str, int] = {}
+    steps = 1 if opt is None else 3
     with DeviceMemoryTracker("meta", work.attention) as tracker:
         dev = batch.to("meta")
 
         def head(p: int, logits: torch.Tensor):
             return candidate_loss(token_logprobs_from_logits(logits, dev.target_ids), dev)
 
-        with torch.no_grad():
-            ctx = adapter.begin(dev.input_ids, dev.attention_mask, None, dev.target_index if loss else None)
+        for step in range(steps):
+            last = step == steps - 1
+            if opt is not None:
+                opt.begin_step(step)
+                passes = opt.passes
+            if last:
+                tracker.reset_peak()
+                held = sum(state.values())  # the plugin's state of the simulated blocks: long-lived, counted apart
+            with torch.no_grad():
+                ctx = adapter.begin(dev.input_ids, dev.attention_mask, None, dev.target_index if loss else None)
             states: list[Any] = [dev.input_ids] * passes
-            for block in blocks:
-                names = adapter.tensors_of(block)
+            tied_seen: list[dict[str, torch.Tensor]] = [{} for _ in range(passes)]
+            for i, (unit, names) in enumerate(units):
                 with tracker.section() as sec:
+                    res = None
+                    if opt is not None:
+                        res = Resident(unit, i, {n: weights[n] for n in names if n not in tied},
+                                       frozenset(n for n in names if not isinstance(weights[n], Dequantized)),
+                                       runtime=runtime)
+                        before = tracker.live
+                        with torch.no_grad():
+                            opt.on_resident(res)
+                        if step == 1:
+                            state[unit] = tracker.live - before
                     for p in range(passes):
-                        w = {n: views[p][n] for n in names}
-                        if p == 0:
-                            with FlopCounterMode(display=False) as fc:
-                                states[p] = adapter.run(block, w, states[p], ctx)
-                            flops[block] = fc.get_total_flops()
-                        else:
-                            states[p] = adapter.run(block, w, states[p], ctx)
-                        if block == HEAD and loss:
-                            states[p] = head(p, states[p])
-                peaks[block] = sec["peak"]
-        del states, ctx, dev
-    layer_flops = flops.get("layers.0", 0)
-    return Simulation(tracker.peak, {"embed": peaks[EMBED], "layer": max(v for k, v in peaks.items()
-                                                                          if k.startswith("layers.")),
-                                     "head": peaks[HEAD]},
-                      {"embed": flops[EMBED], "layer": layer_flops, "head": flops[HEAD]})
+                        with torch.set_grad_enabled(False):
+                            if res is not None:
+                                w = dict(opt.pass_tensors(res, p))
+                                for alias, src in tied.items():
+                                    if src in w:
+                                        tied_seen[p][src] = w[src]
+                                    if alias in names:
+                                        w[alias] = tied_seen[p][src]
+                            else:
+                                w = {n: views[p][n] for n in names}
+                            if p == 0 and last:
+                                with FlopCounterMode(display=False) as fc:
+                                    states[p] = adapter.run(unit, w, states[p], ctx)
+                                flops[unit] = fc.get_total_flops()
+                            else:
+                                states[p] = adapter.run(unit, w, states[p], ctx)
+                            if unit == HEAD and loss:
+                                states[p] = head(p, states[p])
+                    del w  # as in the runtime: pass p's weights live until pass p + 1's are formed
+                    if res is not None:
+                        opt.on_passes_done(res)
+                        del res
+                if last:
+                    peaks[unit] = sec["peak"] - held
+            if opt is not None:
+                opt.finish_step([torch.tensor(0.0)] * passes)  # meta losses have no values
+            del states, ctx, tied_seen
+        peak = tracker.peak - held
+        del dev
+
+    def layer_sum(values: dict[str, int], pick: Any) -> int:
+        return pick(v for k, v in values.items() if k.startswith("layers.0"))
+
+    return Simulation(peak, {"embed": peaks[EMBED], "layer": max(v for k, v in peaks.items() if k.startswith("layers.")),
+                             "head": peaks[HEAD]},
+                      {"embed": flops[EMBED], "layer": layer_sum(flops, sum), "head": flops[HEAD]},
+                      {"embed": state.get(EMBED, 0), "layer": layer_sum(state, sum), "head": state.get(HEAD, 0)}
+                      if opt is not None else {})
 
 
 def _cut(config: Any, layers: int, attention: str) -> Any:
@@ -499,16 +592,29 @@ NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; befor
          "workspace_*: the same runtime with lean=False (block-sized noise and scratch workspaces, tied copies)",
          "gpu_peak_by_unit: lean GPU peak by streaming unit; units in runtime_units are implemented "
          "(StreamedModel(unit=...)), the others are a design target, not implemented",
+         "int8/nf4 stores: the slots hold the quantized bytes; each matrix is expanded at its op, one matrix or "
+         "chunk_bytes row chunk at a time (in the transient); lowrank: the HZO plugin's own hooks run on the meta "
+         "device, its factors counted as 'optimizer state (factors)'",
          "time: the step's predicted timeline (zoedge.plan.timing: the runtime's schedule costed at the hardware's "
          "rates), not a measurement; roofline_s is the per-block max(transfer, compute) bound beside it")
+
+
+def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
+    """The plugin's long-lived device state for the whole depth (its factors, deltas), from what its own hooks
+    allocated per block in the simulation: ``{}`` without a plugin."""
+    if not sim.state:
+        return {}
+    return {"optimizer state (factors)": sim.state["embed"] + sim.state["head"] + sim.state["layer"] * spec.layers}
 
 
 def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES) -> Plan:
     """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring)."""
     work.check()
-    sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes)
-    wsim = simulate(spec, work, m.passes, m.loss) if m.dense else sim
-    live = long_lived(spec, m, work.prefetch, lean=True, unit=work.unit)
+    sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes, plugin=m.plugin,
+                   options=dict(m.options))
+    wsim = simulate(spec, work, m.passes, m.loss, chunk_bytes=chunk_bytes) if m.dense else sim
+    state = plugin_state(spec, sim)
+    live = {**long_lived(spec, m, work.prefetch, lean=True, unit=work.unit), **state}
     blocks = spec.block_list()
     stored = spec.stored_bytes
     biggest = max(b.nbytes for b in spec.blocks)
@@ -529,14 +635,14 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     plan = Plan(spec.label, spec.layers, spec.measured_layers, spec.dtype, spec.quant, m, work, hw,
                 params=sum(t.numel for b in blocks for t in b.tensors), stored_bytes=stored,
                 device_long_lived=live, transient_peak=sim.peak, transient_by_block=sim.block_peaks,
-                workspace_long_lived=long_lived(spec, m, work.prefetch, lean=False, unit=work.unit),
+                workspace_long_lived={**long_lived(spec, m, work.prefetch, lean=False, unit=work.unit), **state},
                 workspace_transient_peak=wsim.peak, host_ram=host, disk=disk,
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
                 flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes)
-    plan.gpu_peak_by_unit = {u: sum(unit_long_lived(spec, m, work.prefetch, u).values()) + sim.peak
+    plan.gpu_peak_by_unit = {u: sum(unit_long_lived(spec, m, work.prefetch, u).values()) + sum(state.values()) + sim.peak
                              + hw.cuda_extra for u in LEAN_UNITS}
     plan.runtime_units = runtime_units(spec)
-    plan.fits = _fits(spec, m, work, hw, sim.peak, wsim.peak)
+    plan.fits = _fits(spec, m, work, hw, sim.peak + sum(state.values()), wsim.peak + sum(state.values()))
     for f in plan.fits:  # the predicted step of each tier and prefetch depth
         f["step_s"] = step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"], unit=f["unit"]), hw,
                                 flops).timeline.total

@@ -3,8 +3,10 @@
 A slot is sized to the largest block it can hold. A block's tensors are typed
 views into the slot's buffer at the offsets the manifest gives, so binding a
 block costs no copy and no allocation; views are cached per (slot, block).
-Quantized tensors additionally get a dequantization area in the slot and are
-expanded there on the compute stream right after the upload.
+A quantized tensor stays quantized in the slot: its view is a
+:class:`~zoedge.runtime.dequantized.Dequantized` over its stored parts, expanded
+one matrix or row chunk at a time by the op that reads it (no dequantisation
+area: a slot holds the stored bytes only).
 """
 from __future__ import annotations
 
@@ -12,30 +14,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.memory import allocate
-from zoedge.store import quant as q
-from zoedge.store.manifest import BlockEntry, align, dtype_of
+from zoedge.store.manifest import BlockEntry, dtype_of
 
 
 @dataclass
 class Slot:
-    """One device buffer (``slot[index]`` in the schedule) and its dequantization area (``dequant[index]``).
+    """One device buffer (``slot[index]`` in the schedule).
 
     Its reuse is ordered by the schedule's waits (see :mod:`zoedge.runtime.schedule`), not by the slot.
     """
 
     index: int
     raw: torch.Tensor
-    dequant: torch.Tensor | None
     block: int | None = None
     views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    parts: dict[int, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
-def make_slot(index: int, raw_bytes: int, dequant_bytes: int, device: torch.device) -> Slot:
-    raw = allocate(raw_bytes, device, "slot")
-    dq = allocate(dequant_bytes, device, "slot") if dequant_bytes else None
-    return Slot(index, raw, dq)
+def make_slot(index: int, raw_bytes: int, device: torch.device) -> Slot:
+    return Slot(index, allocate(raw_bytes, device, "slot"))
 
 
 def _view(buf: torch.Tensor, offset: int, dtype: str, shape: list[int]) -> torch.Tensor:
@@ -46,26 +44,19 @@ def _view(buf: torch.Tensor, offset: int, dtype: str, shape: list[int]) -> torch
     return buf[offset:offset + n * dt.itemsize].view(dt).view(shape)
 
 
-def bind(slot: Slot, i: int, block: BlockEntry) -> dict[str, torch.Tensor]:
-    """Tensor name -> view in ``slot`` for block ``i`` (created once, then cached)."""
+def bind(slot: Slot, i: int, block: BlockEntry, chunk_bytes: int) -> dict[str, torch.Tensor]:
+    """Tensor name -> view in ``slot`` for block ``i`` (created once, then cached). Quantized tensors are
+    :class:`~zoedge.runtime.dequantized.Dequantized` views of their parts, expanded in chunks of at most
+    ``chunk_bytes``."""
     if i not in slot.views:
-        views, parts, dq_off = {}, {}, 0
+        views = {}
         for t in block.tensors:
             if t.quant == "none":
                 p = t.parts["data"]
                 views[t.name] = _view(slot.raw, p.offset, p.dtype, t.shape)
             else:
-                assert slot.dequant is not None
-                views[t.name] = _view(slot.dequant, dq_off, t.dtype, t.shape)
-                dq_off = align(dq_off + t.numel * dtype_of(t.dtype).itemsize)
-                parts[t.name] = {k: _view(slot.raw, p.offset, p.dtype, p.shape) for k, p in t.parts.items()}
-        slot.views[i], slot.parts[i] = views, parts
+                parts = {k: _view(slot.raw, p.offset, p.dtype, p.shape) for k, p in t.parts.items()}
+                views[t.name] = Dequantized(t.quant, parts, t.shape, dtype_of(t.dtype), t.blocksize, chunk_bytes,
+                                            t.name)
+        slot.views[i] = views
     return slot.views[i]
-
-
-def dequantize(slot: Slot, i: int, block: BlockEntry) -> None:
-    """Expand block ``i``'s quantized tensors into their views (the compute queue)."""
-    views = bind(slot, i, block)
-    for t in block.tensors:
-        if t.quant != "none":
-            q.dequantize_into(t.quant, slot.parts[i][t.name], views[t.name], t.blocksize)

@@ -4,7 +4,7 @@ A pass is emitted as operations on queues (see :mod:`zoedge.runtime.schedule`)::
 
     io       : read(i+2) .......... read(i+3) ....   (disk tier)
     upload   : H2D(i+1) ........ H2D(i+2) ...
-    compute  :      dequant+passes(i) .... passes(i+1) ...
+    compute  :      passes(i) ........ passes(i+1) ...
     offload  :                   D2H(i) (blocks the visitor may update)
 
 Each operation declares the buffers it reads and writes; the waits between queues follow from those
@@ -40,12 +40,13 @@ import torch
 
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.errors import ConfigError
+from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
 from zoedge.runtime.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
-from zoedge.runtime.slots import Slot, bind, dequantize, make_slot
+from zoedge.runtime.slots import Slot, bind, make_slot
 from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
 from zoedge.store.safetensors_io import WeightStream
 
@@ -104,6 +105,9 @@ class Resident:
         :class:`NoisePerturbed` formed by each op that reads it; workspace mode: formed now into the ``scratch``
         workspace."""
         theta = self.tensors[name] if base is None else base
+        if isinstance(theta, Dequantized):
+            raise ConfigError(name, f"is stored quantized ({theta.kind}): a dense perturbation of it is not supported",
+                              "use a low-rank optimizer (hzo) with a quantized store, or prepare with --quant none")
         if self.lean:
             assert self.runtime is not None
             return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
@@ -243,10 +247,7 @@ class StreamedModel:
         self.ring: list[Slot] = []
         self.in_host: dict[str, Slot] = {}  # in place: host buffer name -> the slot binding blocks in it
         if self.in_place:
-            # One dequantisation area serves every block: only the compute queue touches it, in FIFO order.
-            dq = max(b.dequant_nbytes for b in self.blocks)
-            dequant = allocate(dq, self.device, "slot") if dq else None
-            self.in_host = {name: Slot(0, buf, dequant) for name, buf in self.tier.named_buffers().items()}
+            self.in_host = {name: Slot(0, buf) for name, buf in self.tier.named_buffers().items()}
         else:
             self.dedicated = {i: self._new_slot([self.blocks[i]], i) for i in sorted(owners)}
             ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
@@ -258,7 +259,7 @@ class StreamedModel:
         return [b.name for b in self.blocks].index(name)
 
     def _new_slot(self, blocks: Sequence[BlockEntry], index: int) -> Slot:
-        return make_slot(index, max(b.nbytes for b in blocks), max(b.dequant_nbytes for b in blocks), self.device)
+        return make_slot(index, max(b.nbytes for b in blocks), self.device)
 
     def workspace(self, key: str, block: Resident) -> dict[str, torch.Tensor]:
         """See :meth:`Resident.workspace`: one flat buffer per key, sized to the largest block's tensors."""
@@ -327,8 +328,8 @@ class StreamedModel:
         return f"host[{i}]" if self.in_place else f"slot[{self._slot_for(i).index}]"
 
     def _compute(self, i: int, visitor: BlockVisitor, pass_state: _PassState, writes_back: bool) -> Op:
-        """Emit block ``i``'s residency: dequantise, the visitor's hooks, its forward passes; bound in place, then
-        the persisting of its update from the host buffer it was computed in (disk tier)."""
+        """Emit block ``i``'s residency: the visitor's hooks, its forward passes; bound in place, then the persisting of
+        its update from the host buffer it was computed in (disk tier)."""
         block = self.blocks[i]
         if self.in_place:  # the block's bytes are where the tier holds them: compute there
             where, host = self.tier.source(i)
@@ -339,8 +340,6 @@ class StreamedModel:
         reads, writes = [where], []
         if writes_back:
             writes.append(where)
-        if slot.dequant is not None and any(t.quant != "none" for t in block.tensors):
-            writes.append(f"dequant[{slot.index}]")
         tied_here = [src for alias, src in self.aliases.items() if self.adapter.block_of(alias) == block.name]
         for src in tied_here:  # the head reads the tied tensor from its owner's (dedicated) slot or host buffer
             reads.append(self._bytes_of(self._block_index(self.adapter.block_of(src))))
@@ -350,8 +349,8 @@ class StreamedModel:
             reads += [f"tied[{p}]" for p in range(visitor.passes) if tied_here]
 
         def run() -> None:
-            dequantize(slot, i, block)
-            res = Resident(block.name, i, bind(slot, i, block),
+            # quantized tensors are bound as views of their stored parts, expanded by the ops that read them
+            res = Resident(block.name, i, bind(slot, i, block, self.chunk_bytes),
                            frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self)
             pass_state.residents[i] = res
             visitor.on_resident(res)

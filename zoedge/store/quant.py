@@ -2,7 +2,8 @@
 
 With ``--quant int8`` or ``--quant nf4`` the block store keeps the big 2-D
 matrices of the decoder layers compressed. Only the compressed bytes cross
-PCIe; the device dequantizes them into a preallocated slot tensor.
+PCIe; the device expands them just in time, one matrix or one chunk of rows at a time, at the op that reads
+them (:mod:`zoedge.runtime.dequantized`, :func:`dequantize_rows`).
 
 A quantized tensor is stored as a few named *parts*, each a plain 1-D tensor:
 
@@ -325,3 +326,50 @@ def dequantize(kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...]
     if dtype not in OUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUT_DTYPES}, got {dtype}")
     return _dequantize_flat(kind, parts, _numel(shape), dtype, blocksize, None).view(shape)
+
+
+def row_span(kind: str, shape: tuple[int, ...], blocksize: int, start: int, stop: int) -> tuple[int, int]:
+    """The flat element range ``[s0, e0)`` of whole quantization blocks covering rows ``[start, stop)`` of a
+    tensor of ``shape`` (blocks run over the flattened tensor, so they may straddle rows)."""
+    n = _numel(shape)
+    row = n // shape[0] if len(shape) and shape[0] else n
+    s, e = start * row, stop * row
+    return (s // blocksize) * blocksize, min(n, -(-e // blocksize) * blocksize)
+
+
+def dequantize_rows(kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                    blocksize: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` (of the first dimension) of a quantized tensor, dequantized into a new tensor.
+
+    Only the quantization blocks covering those rows are expanded: one buffer of the rows' size (plus at most
+    two blocks where a block straddles the range's ends). Every value equals the whole tensor's
+    :func:`dequantize` (the decode is elementwise: ``code[index] · absmax[block]``). ``parts`` are trusted
+    (validated once by the caller with :func:`check_parts`).
+
+    Args:
+        kind: ``int8`` | ``nf4``.
+        parts: the tensors of :func:`part_specs`.
+        shape: the original shape.
+        dtype: float32 / bfloat16 / float16.
+        blocksize: the block size the parts were quantized with.
+        start, stop: the row range.
+    """
+    n = _numel(shape)
+    row = n // shape[0] if len(shape) and shape[0] else n
+    s0, e0 = row_span(kind, shape, blocksize, start, stop)
+    per_byte = 2 if kind == "nf4" else 1  # nf4: two codes a byte (s0 and e0 are even: blocks are even, n is)
+    sub = {"data": parts["data"][s0 // per_byte:e0 // per_byte],
+           "absmax": parts["absmax"][s0 // blocksize:-(-e0 // blocksize)]}
+    if "code" in parts:
+        sub["code"] = parts["code"]
+    flat = _dequantize_flat(kind, sub, e0 - s0, dtype, blocksize, None)
+    s, e = start * row, stop * row
+    if (s, e) != (s0, e0):
+        flat = flat[s - s0:e - s0]
+    return flat.view(stop - start, *shape[1:])
+
+
+def check_parts(kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...], blocksize: int) -> None:
+    """Raise ``ValueError`` unless ``parts`` match :func:`part_specs` for ``shape`` (dtype, shape, one device)."""
+    check_kind(kind)
+    _check_parts(kind, parts, tuple(shape), blocksize, parts["data"].device)
