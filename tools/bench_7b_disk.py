@@ -19,9 +19,11 @@ hooks, the engine's operations, waits for the disk).
 ``e2e``: ``zoedge synth llama-2-7b`` at full depth (fp32: 27 GB), ``zoedge prepare`` (the source is deleted
 once the store is verified, to bound the disk used), then ``zoedge finetune --tier disk`` on the demo task a
 few steps in a child process whose peak RSS (``wait4``) is compared with the store's size (target <= 0.25),
-and the per-step losses are read from its metrics. With ``--resume-check`` (needs room for a checkpoint: the
-trained weights are checkpointed in full) the run is SIGKILLed in the middle of a step after its first
-checkpoint, resumed with ``--resume``, and its losses compared with an uninterrupted run's. Without it the
+and the per-step losses are read from its metrics. With ``--resume-check`` the run is SIGKILLed in the middle
+of a step after its first checkpoint, resumed with ``--resume``, and its losses compared with an uninterrupted
+run's; its checkpoints hold the log of updates (``--checkpoint-weights updates``, a few KB, replayed onto the
+store on resume), so the disk holds the store and one working copy at a time (``--checkpoint-weights full``
+needs three more copies of the weights). Without it the
 run is SIGKILLed mid-step after ``--steps`` steps (the final checkpoint and export would need two more copies
 of the weights on disk). The disk needed is checked with ``df`` before anything is written; the big
 files are deleted at the end unless ``--keep``.
@@ -398,7 +400,8 @@ def finetune_cmd(store: Path, out: Path, args: argparse.Namespace, steps: int, r
                  "--task", "demo", "--steps", str(steps), "--batch-size", str(args.batch), "--max-length",
                  str(args.seq), "--n-dev", str(args.n_dev), "--n-test", "0", "--eval-every", "0",
                  "--eval-batch-size", str(args.batch), "--save-every", str(args.save_every), "--keep-checkpoints",
-                 "1", "--no-progress", "--no-plot", "--lr", str(args.lr), "--eps", str(args.eps))
+                 "1", "--no-progress", "--no-plot", "--lr", str(args.lr), "--eps", str(args.eps),
+                 "--checkpoint-weights", args.checkpoint_weights, "--no-export")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return cmd + (["--resume"] if resume else [])
@@ -465,7 +468,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     size = (per["embed"] + per["head"] + per["layer"] * args.layers) * (4 if args.dtype == "fp32" else 2)
     # at the peak: source + store (prepare), then store + working copy; with --resume-check also two checkpoints
     # (the kept one and the one being written) and the exported model
-    copies = 5 if args.resume_check else 2
+    copies = 5 if args.resume_check and args.checkpoint_weights == "full" else 2
     have = free_bytes(args.work) + dir_bytes(src) + dir_bytes(store) + dir_bytes(out)
     need = copies * size + 3 * 2**30
     res["model_bytes"] = size
@@ -580,6 +583,9 @@ def main() -> int:
     ep.add_argument("--eps", type=float, default=1e-3)
     ep.add_argument("--save-every", type=int, default=0)
     ep.add_argument("--resume-check", action="store_true", help="kill after the first checkpoint and --resume")
+    ep.add_argument("--checkpoint-weights", choices=("updates", "full", "auto"), default="updates",
+                    help="finetune's checkpoint kind (default updates: a few KB, replayed onto the store on resume; "
+                         "full needs three more copies of the weights on disk)")
     ep.add_argument("--kill-delay", type=float, default=30.0, help="seconds into the extra step at the SIGKILL")
     ep.add_argument("--max-disk", type=float, default=60.0, help="refuse to use more than this many GB of disk")
     args = ap.parse_args()
