@@ -249,9 +249,8 @@ def _bytes_changed(sessions: Sessions) -> tuple[list, list[Op], dict[int, set[st
                 return m.tier.staging
             if kind == "file":
                 return torch.frombuffer(bytearray(m.tier.paths[int(idx)].read_bytes()), dtype=torch.uint8)
-            if kind in ("slot", "dequant"):
-                slot = next(s for s in [*m.ring, *m.dedicated.values()] if s.index == int(idx))
-                return slot.raw if kind == "slot" else slot.dequant
+            if kind == "slot":
+                return next(s for s in [*m.ring, *m.dedicated.values()] if s.index == int(idx)).raw
             if kind == "tied":
                 return torch.cat([v.flatten() for k, v in m._workspaces.items() if k.startswith(f"tied.{idx}.")]
                                  or [torch.zeros(0, dtype=torch.uint8)])

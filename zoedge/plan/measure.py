@@ -118,8 +118,8 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         steps: steps to run (the peak is over all of them; the first allocates the workspaces).
         tier, prefetch, working_dir: as :class:`~zoedge.StreamedModel`.
         attention: ``sdpa`` (fused kernels) or ``eager``; on meta this decides how attention is counted.
-        in_place: on ``cpu`` with the ``ram`` tier: bind blocks in the host buffers (no slots) instead of the
-            accelerator's slot layout.
+        in_place: on ``cpu``: bind blocks in the host tier's buffers (RAM buffers or the disk ring; no slots)
+            instead of the accelerator's slot layout.
         lean: as :class:`~zoedge.StreamedModel` (default: on unless ``in_place``): perturbations formed just in
             time; ``False`` measures the workspace mode (``zoedge plan``'s ``workspace_*`` figures).
         unit: streaming unit (``layer`` or ``half``), as :class:`~zoedge.StreamedModel`.

@@ -6,11 +6,11 @@ executes them. Each operation runs on one of four queues, in FIFO order within i
 
 * ``io``       host I/O thread: disk reads into the pinned ring, disk writes of dense updates;
 * ``upload``   host → device copies into a slot;
-* ``compute``  dequantisation, the visitor's hooks and the forward passes of one block;
+* ``compute``  the visitor's hooks and the forward passes of one block;
 * ``offload``  device → host copies of updated blocks (write-backs).
 
 Each operation declares the buffers it reads and writes (``host[i]``, ``ring[r]``, ``slot[s]``,
-``dequant[s]``, ``staging``, ``file[i]``, ``tied[p]``). Its *waits* are derived from those effects, the
+``staging``, ``file[i]``, ``tied[p]``). Its *waits* are derived from those effects, the
 way a GPU programmer derives events: for every buffer, wait for the last writer on another queue
 (read-after-write), for every reader on another queue since that write (write-after-read) and for the
 last writer (write-after-write); then drop each wait already implied by queue order or by another wait

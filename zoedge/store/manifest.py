@@ -96,7 +96,8 @@ class BlockEntry:
 
     @property
     def dequant_nbytes(self) -> int:
-        """Bytes of the dequantized copies this block needs on the device (0 when not quantized)."""
+        """Bytes of this block's quantized tensors once dequantized (0 when not quantized); the runtime never holds
+        them all at once (each matrix is expanded at its op, see zoedge/runtime/dequantized.py)."""
         return sum(align(t.numel * dtype_of(t.dtype).itemsize)
                    for t in self.tensors if t.quant != "none")
 
