@@ -23,33 +23,22 @@ that reads it with subclass dispatch disabled gets NaNs, never plausible numbers
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from zoedge.errors import ConfigError
+from zoedge.runtime import rowview
+from zoedge.runtime.rowview import RowView
 from zoedge.store import quant as q
-
-_METADATA = {"size", "dim", "stride", "numel", "element_size", "is_contiguous", "data_ptr", "storage_offset",
-             "__len__", "untyped_storage", "is_floating_point", "is_complex", "get_device", "nelement"}
 
 
 def row_chunks(shape: torch.Size | tuple[int, ...], itemsize: int, chunk_bytes: int, blocksize: int
                ) -> Iterator[tuple[int, int]]:
-    """Row ranges ``[a, b)`` with at most ``chunk_bytes`` of dequantized values each (at least one row). Where a
-    whole number of quantization blocks' rows fits, ranges start on block boundaries, so a range expands only its
-    own blocks."""
-    rows = shape[0]
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    step = max(1, chunk_bytes // max(1, itemsize * row))
-    aligned = math.lcm(row, blocksize) // row
-    if step >= aligned:
-        step -= step % aligned
-    for a in range(0, rows, step):
-        yield a, min(rows, a + step)
+    """Row ranges of at most ``chunk_bytes`` of dequantized values (see :func:`zoedge.runtime.rowview.row_chunks`)
+    starting on quantization-block boundaries where they fit, so a range expands only its own blocks."""
+    return rowview.row_chunks(shape, itemsize, chunk_bytes, blocksize)
 
 
 _POISONS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -63,7 +52,7 @@ def _poison(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _POISONS[key]
 
 
-class Dequantized(torch.Tensor):
+class Dequantized(RowView):
     """A quantized tensor's values, formed by the op that reads them (see the module docstring)."""
 
     kind: str
@@ -81,52 +70,30 @@ class Dequantized(torch.Tensor):
             raise ValueError(f"Dequantized views int8 / nf4 matrices, got {kind} {shape}")
         out = torch.Tensor._make_subclass(cls, _poison(parts["data"].device, dtype).expand(shape))
         out.kind, out.parts, out.blocksize, out.chunk_bytes, out.label = kind, parts, blocksize, chunk_bytes, label
+        out.value_shape, out.value_dtype = shape, dtype
         return out
-
-    @property
-    def _shape(self) -> tuple[int, ...]:
-        with torch._C.DisableTorchFunctionSubclass():
-            return tuple(self.shape)
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        with torch._C.DisableTorchFunctionSubclass():
-            return self.dtype
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         """Rows ``[a, b)`` dequantized into a fresh buffer."""
-        return q.dequantize_rows(self.kind, self.parts, self._shape, self._dtype, self.blocksize, a, b)
+        return q.dequantize_rows(self.kind, self.parts, self.value_shape, self.value_dtype, self.blocksize, a, b)
 
     def chunks(self) -> list[tuple[int, int]]:
-        return list(row_chunks(self._shape, self._dtype.itemsize, self.chunk_bytes, self.blocksize))
-
-    def materialize(self) -> torch.Tensor:
-        """The whole dequantized tensor (one tensor-sized buffer)."""
-        return self.rows(0, self._shape[0])
+        return list(row_chunks(self.value_shape, self.value_dtype.itemsize, self.chunk_bytes, self.blocksize))
 
     @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in _METADATA or name == "__get__":  # shape, dtype, device, ...: nothing formed
-            with torch._C.DisableTorchFunctionSubclass():
-                out = func(*args, **kwargs)
-            if not (name == "__get__" and isinstance(out, torch.Tensor)):
-                return out
-            # a property that is a tensor (.T, .mT, .data): of the values
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(args[0].materialize(), *args[1:], **kwargs)
-        if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(w, Dequantized) and not isinstance(x, Dequantized):
-                return _linear(x, w, bias)
-        if func is F.embedding:
-            ids, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            rest = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
-            if isinstance(w, Dequantized) and not isinstance(ids, Dequantized) and rest.get("max_norm") is None \
-                    and not (len(args) > 3 and args[3] is not None):
-                return _embedding(ids, w, args[2:], rest)
+    def metadata(cls, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        """Shape, dtype, device, ...: nothing formed; a property that is a tensor (``.T``, ``.mT``, ``.data``): of
+        the values."""
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if not (name == "__get__" and isinstance(out, torch.Tensor)):
+            return out
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(args[0].materialize(), *args[1:], **kwargs)
+
+    @classmethod
+    def check_op(cls, name: str, args: tuple, kwargs: dict) -> None:
+        """Refuse an op that would change a quantized tensor in place."""
         target = args[0] if args else None
         if (name.endswith("_") and not name.startswith("__") or name in ("__setitem__", "__iadd__", "__isub__",
                                                                           "__imul__", "__itruediv__")) \
@@ -135,45 +102,3 @@ class Dequantized(torch.Tensor):
             raise ConfigError(w.label or "a quantized tensor", f"is stored quantized ({w.kind}): {name} cannot "
                               "change it in place", "train it through a low-rank optimizer's factors (hzo), or "
                               "prepare the store with --quant none")
-
-        def plain(a: Any) -> Any:
-            return a.materialize() if isinstance(a, Dequantized) else a
-
-        args = tuple(plain(a) for a in args)
-        kwargs = {k: plain(v) for k, v in kwargs.items()}
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-
-
-def _plain_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
-    """A bias that is itself a lazily formed view (a perturbed bias) is formed once, whole (it is 1-D)."""
-    if bias is None or type(bias) is torch.Tensor:
-        return bias
-    return bias.materialize() if hasattr(bias, "materialize") else bias
-
-
-def _linear(x: torch.Tensor, w: Dequantized, bias: torch.Tensor | None) -> torch.Tensor:
-    chunks = w.chunks()
-    bias = _plain_bias(bias)
-    m = w._shape[0]
-    with torch._C.DisableTorchFunctionSubclass():
-        if len(chunks) == 1:
-            return F.linear(x, w.materialize(), bias)
-        y = torch.empty((*x.shape[:-1], m), dtype=torch.promote_types(x.dtype, w._dtype), device=x.device)
-        for a, b in chunks:
-            y[..., a:b] = F.linear(x, w.rows(a, b), None if bias is None else bias[a:b])
-        return y
-
-
-def _embedding(ids: torch.Tensor, w: Dequantized, args: tuple, kwargs: dict) -> torch.Tensor:
-    chunks = w.chunks()
-    with torch._C.DisableTorchFunctionSubclass():
-        if len(chunks) == 1:
-            return F.embedding(ids, w.materialize(), *args, **kwargs)
-        out = torch.zeros((*ids.shape, w._shape[1]), dtype=w._dtype, device=ids.device)
-        for a, b in chunks:
-            rows = w.rows(a, b)
-            part = F.embedding((ids - a).clamp_(0, b - a - 1), rows)
-            inside = ((ids >= a) & (ids < b)).unsqueeze(-1)
-            torch.where(inside, part, out, out=out)
-        return out
