@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from zoedge.runtime.rowview import call_formed
+
 
 class LowRankPerturbed(torch.Tensor):
     """``base + scale · U Vᵀ`` applied lazily (see module docstring)."""
@@ -65,10 +67,4 @@ class LowRankPerturbed(torch.Tensor):
                     # rows of base + scale · U Vᵀ: [.., r] @ [r, n] -> [.., n]
                     return y.add_(F.embedding(ids, w.u) @ w.v.T, alpha=w.scale)
 
-        def plain(a: Any) -> Any:
-            return a.materialize() if isinstance(a, LowRankPerturbed) else a
-
-        args = tuple(plain(a) for a in args)
-        kwargs = {k: plain(v) for k, v in kwargs.items()}
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return call_formed(func, args, kwargs, LowRankPerturbed)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from zoedge.runtime.rowview import call_formed
+
 
 def sample_entries(shape: tuple[int, int], fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``round(fraction · m·n)`` distinct random entries (rows, cols) of an m×n matrix, sorted by flat index."""
@@ -80,10 +82,4 @@ class SparseDeltaWeight(torch.Tensor):
                     y = F.linear(x, w.base, bias)
                     return y + _SparseLinear.apply(x, w.rows, w.cols, w.delta, w.base.shape[0])
 
-        def plain(a: Any) -> Any:
-            return a.materialize() if isinstance(a, SparseDeltaWeight) else a
-
-        args = tuple(plain(a) for a in args)
-        kwargs = {k: plain(v) for k, v in kwargs.items()}
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return call_formed(func, args, kwargs, SparseDeltaWeight)

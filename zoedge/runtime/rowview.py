@@ -43,28 +43,21 @@ def row_chunks(shape: torch.Size | tuple[int, ...], itemsize: int, chunk_bytes: 
 
 
 class RowView(torch.Tensor):
-    """Values formed by the op that reads them, a chunk of rows at a time (see the module docstring)."""
+    """Values formed by the op that reads them, a chunk of rows at a time (see the module docstring).
+
+    A subclass sets ``value_shape`` / ``value_dtype`` when it is made and defines ``rows(a, b)`` (rows ``[a, b)``
+    of the values in a fresh buffer), ``chunks()`` (the row ranges an op forms one at a time) and the classmethod
+    ``metadata(func, name, args, kwargs)`` (answers a metadata query, ``name`` in :data:`METADATA` or a property
+    ``__get__``, without forming values); optionally ``check_op`` (e.g. to refuse an in-place op).
+    """
 
     #: the values' shape and dtype (the subclass's metadata, without dispatch)
     value_shape: tuple[int, ...]
     value_dtype: torch.dtype
 
-    def rows(self, a: int, b: int) -> torch.Tensor:
-        """Rows ``[a, b)`` of the values in a fresh buffer."""
-        raise NotImplementedError
-
-    def chunks(self) -> list[tuple[int, int]]:
-        """The row ranges an op forms one at a time."""
-        raise NotImplementedError
-
     def materialize(self) -> torch.Tensor:
         """The whole tensor's values (one tensor-sized buffer)."""
-        return self.rows(0, self.value_shape[0] if self.value_shape else 1)
-
-    @classmethod
-    def metadata(cls, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
-        """A metadata query (``name`` in :data:`METADATA`, or a property ``__get__``)."""
-        raise NotImplementedError
+        return self.rows(0, self.value_shape[0] if self.value_shape else 1)  # type: ignore[attr-defined]
 
     @classmethod
     def check_op(cls, name: str, args: tuple, kwargs: dict) -> None:
@@ -75,7 +68,7 @@ class RowView(torch.Tensor):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in METADATA or name == "__get__":
-            return cls.metadata(func, name, args, kwargs)
+            return cls.metadata(func, name, args, kwargs)  # type: ignore[attr-defined]
         if func is F.linear:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -88,14 +81,17 @@ class RowView(torch.Tensor):
                     and not (len(args) > 3 and args[3] is not None):
                 return _embedding(ids, w, args[2:], rest)
         cls.check_op(name, args, kwargs)
+        return call_formed(func, args, kwargs, RowView)
 
-        def plain(a: Any) -> Any:
-            return a.materialize() if isinstance(a, RowView) else a
 
-        args = tuple(plain(a) for a in args)
-        kwargs = {k: plain(v) for k, v in kwargs.items()}
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+def call_formed(func: Any, args: tuple, kwargs: dict, view: type) -> Any:
+    """``func`` on the arguments with every ``view`` among them formed whole (``materialize()``): the fallback of
+    the lazily formed tensor subclasses (these, the low-rank and sparse-delta weights) for ops they do not route."""
+    def formed(a: Any) -> Any:
+        return a.materialize() if isinstance(a, view) else a
+
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*(formed(a) for a in args), **{k: formed(v) for k, v in kwargs.items()})
 
 
 def _linear(x: torch.Tensor, w: RowView, bias: torch.Tensor | None) -> torch.Tensor:
