@@ -103,7 +103,7 @@ class HZO(ZOOptimizer):
     # --------------------------------------------------------------- hooks
     def z(self, step: int, name: str) -> Fill:
         """A 1-D tensor's dense noise (any range of it: the lean runtime forms it just in time)."""
-        return lambda out, start, total: self.noise.normal_at_(out, step, name, "z0", start, total)
+        return self.noise.draw(step, name, "z0")
 
     def draw(self, block: Resident) -> None:
         dense = [n for n, t in block.tensors.items() if t.ndim != 2 and self._trains(n, t)]

@@ -97,7 +97,7 @@ class MeZO(ZOOptimizer):
         """Direction ``k``'s noise for tensor ``name`` at ``step`` (any row range of it; see
         :data:`zoedge.runtime.perturbed.Fill`): every draw of a tensor's z, in the passes and in the update, goes
         through here, so they are the same numbers however they are chunked."""
-        return lambda out, start, total: self.noise.normal_at_(out, step, name, f"z{k}", start, total)
+        return self.noise.draw(step, name, f"z{k}")
 
     def draw(self, block: Resident) -> None:
         """z_k for this step, once per residency, reused by the +ε and −ε passes (lean runtimes regenerate it): only
@@ -131,11 +131,15 @@ class MeZO(ZOOptimizer):
 
     def apply(self, block: Resident, update: Update) -> None:
         """θ ← θ − lr((1/q) Σ g_k z_k + λθ), row chunk by row chunk (the whole tensor unless the runtime is lean);
-        the step's z_k are regenerated one at a time into scratch."""
+        the step's z_k are drawn again: in workspace mode each z_k for the whole block at once (in parallel, into
+        the workspace ``z<k>`` this step's ``draw`` fills next), lean one chunk at a time into scratch."""
+        free = self.noise.redraw_is_free
+        drawn = None if free else [block.noise(f"z{k}", lambda name, k=k: self.z(update.step, name, k))
+                                   for k in range(self.q)]
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
             sr = self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16)
-            if self.noise.redraw_is_free and not sr:  # same op order as mezo_update_, z read from the source
+            if free and not sr:  # same op order as mezo_update_, z read from the source
                 if wd:
                     theta.mul_(1.0 - update["lr"] * wd)
                 for k, g in enumerate(update["g"]):
@@ -144,9 +148,12 @@ class MeZO(ZOOptimizer):
             row = theta[0].numel() if theta.ndim > 1 else 1
             for a, b in block.chunks(name):
                 part = theta[a:b] if theta.ndim else theta
-                scratch = block.buffer("scratch", name, (a, b))
-                directions = ((self.z(update.step, name, k)(scratch, a * row, theta.numel()), g)
-                              for k, g in enumerate(update["g"]))
+                if drawn is not None and drawn[0] is not None:  # the whole tensor, drawn above
+                    directions = ((z[name], g) for z, g in zip(drawn, update["g"]))
+                else:
+                    scratch = block.buffer("scratch", name, (a, b))
+                    directions = ((self.z(update.step, name, k)(scratch, a * row, theta.numel()), g)
+                                  for k, g in enumerate(update["g"]))
                 if sr:
                     value = part.float()  # fp32 master of this part for the update (allocates; SR path only)
                     mezo_update_(value, directions, self.q, update["lr"], wd)

@@ -43,6 +43,7 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert [m["step"] for m in metrics] == [1, 2]
     assert {"loss", "lr", "projected_grad", "seconds", "tokens", "threads"} <= set(metrics[0])
     assert summary["threads"]["final_threads"] == metrics[-1]["threads"] and "changes" in summary["threads"]
+    assert summary["noise_cache"]["hits"] > 0  # the default (ram tier): step 2's update copied step 1's noise
     assert 0 < summary["eval_seconds"] < summary["wall_seconds"]
     # the output is a transformers model directory holding the trained weights
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -53,10 +54,11 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     # an existing run is not overwritten silently; --resume continues it
     assert main(base + ["--steps", "3", "--output", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(base + ["--steps", "3", "--output", str(out), "--resume", "--threads", "1"]) == 0
+    assert main(base + ["--steps", "3", "--output", str(out), "--resume", "--threads", "1", "--noise-cache", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["steps_this_run"], summary["start_step"]) == (3, 1, 2)
     assert summary["threads"]["threads"] == 1 and summary["threads"]["source"] == "--threads"
+    assert summary["noise_cache"] is None  # a run setting that changes no weight: free to change on resume
     # eval of the exported model
     capsys.readouterr()
     assert main(["eval", "--model", str(out / "model"), "--train", str(tmp / "train.jsonl"), "--n-train", "40",

@@ -8,6 +8,7 @@ from torch.func import functional_call
 import zoedge
 from zoedge.errors import ConfigError
 from zoedge.optim.noise import make_noise
+from zoedge.optim.noise_cache import NoiseCache
 from zoedge.train.batching import candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
 from zoedge_plugins.mezo import MeZO, mezo_update_
@@ -71,7 +72,19 @@ def test_noise_variants_streamed_equal_resident(tmp_path, noise, layout):
     check_streamed_equals_resident(tmp_path, "llama", 2, layout, noise)
 
 
-def check_streamed_equals_resident(tmp_path, family, q, layout, noise):
+@pytest.mark.parametrize("q,budget", [(1, 1 << 30), (2, 6000)])
+def test_noise_cache_changes_nothing(tmp_path, q, budget):
+    """With a noise cache (the update copies the step's z instead of drawing it again), every loss and weight is
+    still the textbook loop's, bit for bit: with room for every tensor's draw, and with room for a few only
+    (the others drawn twice); and the cache was used."""
+    cache = NoiseCache(budget)
+    check_streamed_equals_resident(tmp_path, "llama", q, "in-place", "gaussian", cache)
+    assert cache.hits > 0 and cache.used <= budget
+    if budget < 1 << 30:
+        assert cache.misses > cache.hits  # most tensors did not fit: drawn again, never served stale
+
+
+def check_streamed_equals_resident(tmp_path, family, q, layout, noise, cache=None):
     model = save_tiny(family, tmp_path / "hf")
     zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
     if layout == "half-units" and family != "opt":  # the Llama adapter runs whole layers only: a clear error
@@ -83,6 +96,7 @@ def check_streamed_equals_resident(tmp_path, family, q, layout, noise):
 
     streamed = zoedge.load(tmp_path / "store", prefetch=2, **LAYOUTS[layout])
     opt = MeZO(seed=SEED, lr=LR, eps=EPS, weight_decay=WD, q=q, noise=noise)
+    opt.noise.cache = cache
     trainer = Trainer(streamed, CharTokenizer(), opt, examples, examples[:4], [], 
                       TrainSettings(steps=STEPS, batch_size=BS, seed=SEED), tmp_path / "run", progress=False,
                       log=lambda s: None)

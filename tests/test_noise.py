@@ -27,7 +27,7 @@ def test_same_values_with_1_2_and_4_threads(restore_threads, dtype):
         draws[threads] = (src.normal_(torch.empty(SHAPE, dtype=dtype), 3, "layers.0.w", "z0"),
                           src.uniform_(torch.empty(SHAPE, dtype=dtype), 3, "layers.0.w", "sr"))
         if threads > 1:
-            assert nz._CHUNKS.workers >= threads  # the chunks were drawn on a pool of that many threads
+            assert nz._CHUNKS.workers >= threads - 1  # the chunks were drawn on the calling thread and a pool
     for threads in (2, 4):
         assert all(torch.equal(a, b) for a, b in zip(draws[1], draws[threads])), threads
 

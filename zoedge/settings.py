@@ -168,7 +168,7 @@ class TrainSettings(ScoringOptions):
 #: Settings a resumed run may change freely (they do not change the trained weights).
 #: (``checkpoint_weights`` too: the trainer refuses ``updates`` after a checkpoint that carries no update log.)
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
-                         "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
+                         "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads", "noise_cache",
                          "dp_mode", "checkpoint_weights", "export"})
 
 
@@ -201,6 +201,11 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     threads: int | None = setting(None, "intra-op CPU threads (default: the cores this process may use, one left to "
                                   "the disk tier's I/O thread on 4+ cores; a warning when other jobs already load "
                                   "them)", type=int, minimum=1)
+    noise_cache: int | None = setting(None, "host memory (MiB) that keeps each step's noise for the next step's "
+                                      "lazy update, which then copies it instead of drawing it again (CPU; results "
+                                      "are unchanged; 0: off; default: a quarter of the memory available at the "
+                                      "start on the ram tier, 0 on the disk tier)", type=int, minimum=0,
+                                      metavar="MIB")
 
     def check_more(self) -> None:
         super().check_more()

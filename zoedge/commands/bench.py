@@ -37,15 +37,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--compare", choices=("resident",), default=None,
                    help="also time resident MeZO in the same process (needs the whole model in device memory)")
+    p.add_argument("--noise-cache", type=int, default=None, metavar="MIB",
+                   help="host memory keeping each step's noise for the next step's update, as zoedge finetune's "
+                   "--noise-cache (default as there: a quarter of the available memory on the ram tier, 0 on disk)")
     p.set_defaults(command="bench")
 
 
 class TimedNoise:
-    """Wraps an optimizer's noise source and adds up the wall time of every call into it (drawing noise)."""
+    """Wraps an optimizer's noise source and adds up the wall time of every call into it (drawing noise), and of
+    the draws queued by such calls and made at the end of a :func:`~zoedge.optim.noise.batched_draws` block."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.seconds = 0.0
+
+    @property
+    def seconds(self) -> float:
+        from zoedge.optim.noise import batched_draw_seconds
+        return self._calls + batched_draw_seconds() - self._batched_at_reset
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        from zoedge.optim.noise import batched_draw_seconds
+        self._calls, self._batched_at_reset = value, batched_draw_seconds()
+
+    def draw(self, step: int, name: str, stream: str) -> Any:
+        """A draw whose fills come back through this wrapper (timed)."""
+        from zoedge.optim.noise import NoiseDraw
+        return NoiseDraw(self, step, name, stream)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -57,7 +76,7 @@ class TimedNoise:
             try:
                 return attr(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - t0
+                self._calls += time.perf_counter() - t0
 
         return timed
 
@@ -218,8 +237,10 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     import torch
     from tqdm.auto import tqdm
 
+    from zoedge.optim import noise_cache
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
+    from zoedge.runtime.host import available_memory
     from zoedge.runtime.engines import OpTimes, SyncEngine
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
@@ -230,6 +251,8 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
                           engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
+    cache_bytes = noise_cache.budget(args.noise_cache, dev, args.tier, available_memory())
+    opt.noise.cache = noise_cache.NoiseCache(cache_bytes) if cache_bytes else None
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
     noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant
@@ -309,7 +332,8 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         "load_average_end": load_end, "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
-        "breakdown_s": parts, "io_thread_s": io}
+        "breakdown_s": parts, "io_thread_s": io,
+        "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
     print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
           f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)} at start, {load_end} at the end)",
@@ -317,6 +341,10 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     if threads.warning:
         print(f"  warning: {threads.warning}", file=human)
     print(f"  streamed step   median {med:8.3f} s   {tokens / med:10.1f} tokens/s", file=human)
+    if noise.cache is not None:
+        c = noise.cache.to_dict()
+        print(f"  noise cache     {c['bytes'] / 2**20:.0f} MiB of {c['budget_bytes'] / 2**20:.0f} MiB: {c['hits']} "
+              f"draws copied from it, {c['misses']} drawn (all steps)", file=human)
     print(f"  where a step's time goes (mean {mean:.3f} s; on this thread, the parts sum to it):", file=human)
     for k, v in parts.items():
         print(f"    {k:40s} {v * 1e3:10.1f} ms/step  ({100 * v / mean:4.1f}%)", file=human)

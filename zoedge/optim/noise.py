@@ -45,14 +45,25 @@ the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and u
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from zoedge.optim.noise_cache import NoiseCache
 
 #: elements per independently seeded CPU chunk (4 MiB of fp32): large enough that seeding a generator per chunk
 #: costs nothing measurable, small enough that a block's tensors split across threads
 CHUNK = 1 << 20
+#: fewer elements than this in one fill (or one batch of fills) are drawn on the calling thread alone: handing them
+#: to other threads would cost more than it saves
+MIN_PARALLEL = 1 << 18
 
 
 def stream_seed(run_seed: int, step: int, name: str, stream: str) -> int:
@@ -70,12 +81,19 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 class _Chunks:
-    """Fills the chunks of CPU draws on the intra-op threads (one generator per worker thread)."""
+    """Fills the chunks of CPU draws on the intra-op threads (one generator per worker thread).
+
+    Draws queued inside :func:`batched_draws` (:meth:`NoiseDraw.queue`) are drawn together when the block ends,
+    so that a block of tensors each smaller than one chunk still fills on all the threads.
+    """
 
     def __init__(self) -> None:
         self.pool: ThreadPoolExecutor | None = None
         self.workers = 0
         self.local = threading.local()
+        self.queue: list[tuple[torch.Tensor, int, int, str]] | None = None  # (flat, seed, chunk, kind) while batched
+        self.after: list[Callable[[], None]] = []                           # ... run once the queue is drawn
+        self.batched_seconds = 0.0  # wall time spent drawing batches (and their ``then``s), for ``zoedge bench``
 
     def _gen(self) -> torch.Generator:
         gen = getattr(self.local, "gen", None)
@@ -83,28 +101,80 @@ class _Chunks:
             gen = self.local.gen = torch.Generator()
         return gen
 
-    def fill(self, flat: torch.Tensor, seed: int, kind: str) -> None:
-        n = flat.numel()
-        chunks = range((n + CHUNK - 1) // CHUNK)
+    def _one(self, job: tuple[torch.Tensor, int, int, str]) -> None:
+        flat, seed, k, kind = job
+        _draw_(flat[k * CHUNK:(k + 1) * CHUNK], self._gen().manual_seed(chunk_seed(seed, k)), kind)
 
-        def one(k: int) -> None:
-            part = flat[k * CHUNK:(k + 1) * CHUNK]
-            _draw_(part, self._gen().manual_seed(chunk_seed(seed, k)), kind)
-
-        threads = min(torch.get_num_threads(), len(chunks))
-        if threads <= 1:
-            for k in chunks:
-                one(k)
+    def fill(self, flat: torch.Tensor, seed: int, kind: str, then: Callable[[], None] | None = None,
+             defer: bool = False) -> None:
+        """Draw every chunk of contiguous 1-D ``flat``, then call ``then``; ``defer``: when the open
+        :func:`batched_draws` block ends instead."""
+        jobs = [(flat, seed, k, kind) for k in range((flat.numel() + CHUNK - 1) // CHUNK)]
+        if defer:
+            if self.queue is None:
+                raise RuntimeError("a deferred draw outside a batched_draws() block")
+            self.queue += jobs
+            if then is not None:
+                self.after.append(then)
             return
-        if self.pool is None or self.workers < threads:
+        self.run(jobs)
+        if then is not None:
+            then()
+
+    def run(self, jobs: list[tuple[torch.Tensor, int, int, str]]) -> None:
+        """Draw ``jobs``: on the calling thread and ``threads - 1`` pool workers, each taking the next job (largest
+        first) until none is left; on the calling thread alone when they are few elements in all."""
+        threads = min(torch.get_num_threads(), len(jobs))
+        if threads <= 1 or sum(min(CHUNK, f.numel() - k * CHUNK) for f, _, k, _ in jobs) < MIN_PARALLEL:
+            for job in jobs:
+                self._one(job)
+            return
+        if self.pool is None or self.workers < threads - 1:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
-            self.pool, self.workers = ThreadPoolExecutor(threads, thread_name_prefix="zoedge-noise"), threads
-        for f in [self.pool.submit(one, k) for k in chunks]:
+            self.pool, self.workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="zoedge-noise"), threads - 1
+        jobs = sorted(jobs, key=lambda job: -min(CHUNK, job[0].numel() - job[2] * CHUNK))
+        taken = itertools.count()  # next() on a count is atomic under the GIL: each job is taken once
+
+        def work() -> None:
+            while (i := next(taken)) < len(jobs):
+                self._one(jobs[i])
+
+        helpers = [self.pool.submit(work) for _ in range(threads - 1)]
+        work()
+        for f in helpers:
             f.result()
 
 
 _CHUNKS = _Chunks()
+
+
+@contextmanager
+def batched_draws() -> Iterator[None]:
+    """Draw the whole-tensor draws queued inside the block (:meth:`NoiseDraw.queue`) together when it ends: all
+    their chunks in parallel on the intra-op threads. The values are those of unqueued draws (each chunk is a
+    pure function of its seed); a queued target is filled only when the block ends. Nested blocks join the
+    outermost one; other draws inside the block are made at once, as outside."""
+    if _CHUNKS.queue is not None:
+        yield
+        return
+    _CHUNKS.queue, _CHUNKS.after = [], []
+    try:
+        yield
+        queue, after = _CHUNKS.queue, _CHUNKS.after
+    finally:
+        _CHUNKS.queue, _CHUNKS.after = None, []
+    t0 = time.perf_counter()
+    _CHUNKS.run(queue)
+    for then in after:
+        then()
+    _CHUNKS.batched_seconds += time.perf_counter() - t0
+
+
+def batched_draw_seconds() -> float:
+    """Wall seconds this process spent drawing at the end of :func:`batched_draws` blocks (``zoedge bench`` adds
+    them to the time of its noise source's calls, which only queue such draws)."""
+    return _CHUNKS.batched_seconds
 
 #: the bit pattern of the fp32 value 1.0 (a set sign bit makes it -1.0)
 _ONE_F32 = 0x3F800000
@@ -143,6 +213,9 @@ class NoiseSource:
     def __init__(self, run_seed: int) -> None:
         self.run_seed = run_seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        #: CPU draws of whole tensors are kept here within its budget and served from it when drawn again
+        #: (:class:`~zoedge.optim.noise_cache.NoiseCache`; None: every draw is drawn)
+        self.cache: NoiseCache | None = None
 
     def _generator(self, device: torch.device, step: int, name: str, stream: str) -> torch.Generator:
         gen = self._generators.get(device)
@@ -152,11 +225,14 @@ class NoiseSource:
 
     #: the variant's name (:data:`NOISE_KINDS`)
     kind: str = "gaussian"
+    #: what its direction draw (:meth:`normal_`) fills chunks with (:func:`_draw_`)
+    direction: str = "normal"
     #: True when :meth:`add_` costs no more than one pass over the tensor (no draw): then a plugin may skip
     #: materialising the noise in a workspace and form θ + αz straight from the source on every pass
     redraw_is_free: bool = False
 
-    def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str) -> torch.Tensor:
+    def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str, defer: bool = False
+              ) -> torch.Tensor:
         if out.device.type != "cpu":
             gen = self._generator(out.device, step, name, stream)
             if kind == "normal":
@@ -165,13 +241,19 @@ class NoiseSource:
                 return out.uniform_(generator=gen)
             return out.copy_(torch.randint(0, 2, out.shape, generator=gen, device=out.device,
                                            dtype=torch.int8)).mul_(-2).add_(1)
-        seed = stream_seed(self.run_seed, step, name, stream)
-        if out.is_contiguous():
-            _CHUNKS.fill(out.view(-1), seed, kind)
-        else:  # the values of the contiguous layout, so they do not depend on the target's strides
-            tmp = torch.empty(out.shape, dtype=out.dtype)
-            _CHUNKS.fill(tmp.view(-1), seed, kind)
-            out.copy_(tmp)
+        cache = self.cache
+        if cache is not None and cache.get(out, self.run_seed, step, name, stream, kind):
+            return out
+        # the values of the contiguous layout, so they do not depend on the target's strides
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+
+        def then() -> None:
+            if target is not out:
+                out.copy_(target)
+            if cache is not None:
+                cache.put(out, self.run_seed, step, name, stream, kind)
+
+        _CHUNKS.fill(target.view(-1), stream_seed(self.run_seed, step, name, stream), kind, then, defer)
         return out
 
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
@@ -181,6 +263,18 @@ class NoiseSource:
     def uniform_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Fill ``out`` in place with U[0, 1) noise for (step, name, stream); returns ``out``."""
         return self._fill(out, step, name, stream, "uniform")
+
+    def draw(self, step: int, name: str, stream: str) -> NoiseDraw:
+        """The direction draw (this variant's :meth:`normal_`) of (step, name, stream) as a
+        :data:`~zoedge.runtime.perturbed.Fill` that a block may also queue (:meth:`NoiseDraw.queue`)."""
+        return NoiseDraw(self, step, name, stream)
+
+    def _queue(self, out: torch.Tensor, step: int, name: str, stream: str) -> None:
+        """Queue :meth:`normal_` of ``out`` in the open :func:`batched_draws` block (where the variant draws)."""
+        if out.device.type == "cpu":
+            self._fill(out, step, name, stream, self.direction, defer=True)
+        else:
+            self.normal_(out, step, name, stream)
 
     def normal(self, shape: tuple[int, ...], step: int, name: str, stream: str, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
@@ -233,8 +327,15 @@ class NoiseSource:
         return out
 
     def reseeded(self, run_seed: int) -> NoiseSource:
-        """The same variant (and options) for another run seed (``self`` when the seed is unchanged)."""
-        return self if run_seed == self.run_seed else type(self)(run_seed)
+        """The same variant (and options, and cache) for another run seed (``self`` when the seed is unchanged)."""
+        if run_seed == self.run_seed:
+            return self
+        other = self._with_seed(run_seed)
+        other.cache = self.cache  # its entries carry their run seed: another seed's never match
+        return other
+
+    def _with_seed(self, run_seed: int) -> NoiseSource:
+        return type(self)(run_seed)
 
     def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,6 +352,7 @@ class RademacherNoise(NoiseSource):
     """Independent ±1 noise (mean 0, variance 1) in place of N(0, 1): see the module docstring."""
 
     kind = "rademacher"
+    direction = "rademacher"
 
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Fill ``out`` with ±1 noise for (step, name, stream) (chunked and thread-count independent on the CPU)."""
@@ -301,8 +403,8 @@ class PoolNoise(NoiseSource):
         self.size = size
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def reseeded(self, run_seed: int) -> NoiseSource:
-        return self if run_seed == self.run_seed else PoolNoise(run_seed, self.size)
+    def _with_seed(self, run_seed: int) -> NoiseSource:
+        return PoolNoise(run_seed, self.size)
 
     def pool(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The pool followed by a copy of its first :data:`CHUNK` values (so every window is contiguous)."""
@@ -322,6 +424,9 @@ class PoolNoise(NoiseSource):
         for k, off in enumerate(self.offsets(step, name, stream, n)):
             lo, hi = k * CHUNK, min(n, (k + 1) * CHUNK)
             yield lo, hi, pool[off:off + hi - lo]
+
+    def _queue(self, out: torch.Tensor, step: int, name: str, stream: str) -> None:
+        self.normal_(out, step, name, stream)  # copies, nothing to draw: at once
 
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Copy this draw's pool windows into ``out`` (values of its contiguous layout, like the other kinds)."""
@@ -362,6 +467,24 @@ class PoolNoise(NoiseSource):
         for lo, hi, window in self._windows(theta, step, name, stream):
             torch.add(t[lo:hi], window, alpha=alpha, out=o[lo:hi])
         return out
+
+
+class NoiseDraw:
+    """One direction draw (source, step, tensor, stream) as a :data:`~zoedge.runtime.perturbed.Fill`: called, it
+    fills any range of the tensor's noise at once; :meth:`queue` fills a whole tensor when the open
+    :func:`batched_draws` block ends (the runtime queues a block's draws so that they fill in parallel)."""
+
+    __slots__ = ("source", "step", "name", "stream")
+
+    def __init__(self, source: NoiseSource, step: int, name: str, stream: str) -> None:
+        self.source, self.step, self.name, self.stream = source, step, name, stream
+
+    def __call__(self, out: torch.Tensor, start: int, total: int) -> torch.Tensor:
+        return self.source.normal_at_(out, self.step, self.name, self.stream, start, total)
+
+    def queue(self, out: torch.Tensor) -> None:
+        """Fill all of ``out`` (shaped like the tensor) when the open :func:`batched_draws` block ends."""
+        self.source._queue(out, self.step, self.name, self.stream)
 
 
 #: the named noise variants (see the module docstring)

@@ -40,6 +40,7 @@ import torch
 
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.errors import ConfigError
+from zoedge.optim.noise import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
@@ -88,15 +89,25 @@ class Resident:
         and θ + αz formed into another (fewer draws; the CPU's in-place binding)."""
         return bool(getattr(self.runtime, "lean", False))
 
-    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None) -> None:
+    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None
+              ) -> dict[str, torch.Tensor] | None:
         """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
-        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once;
-        lean mode draws nothing here (:meth:`perturbed` regenerates it where it is used)."""
+        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once,
+        every tensor's chunks in parallel where the fills are plain draws (:class:`~zoedge.optim.noise.NoiseDraw`:
+        queued in a :func:`~zoedge.optim.noise.batched_draws` block; any other fill runs at once), into workspace ``key``,
+        and returns that workspace; lean mode draws nothing here (:meth:`perturbed` regenerates it where it is
+        used) and returns None."""
         if self.lean:
-            return
+            return None
         z = self.workspace(key)
-        for name in self.tensors if names is None else names:
-            fill_of(name)(z[name], 0, z[name].numel())
+        with batched_draws():
+            for name in self.tensors if names is None else names:
+                fill = fill_of(name)
+                if isinstance(fill, NoiseDraw):
+                    fill.queue(z[name])  # drawn with the block's other tensors, in parallel, at the block's end
+                else:
+                    fill(z[name], 0, z[name].numel())
+        return z
 
     def perturbed(self, name: str, key: str, fill: Fill, alpha: float, base: torch.Tensor | None = None
                   ) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""A noise cache: a step's draws kept in host memory, so that drawing them again is a copy.
+
+Dense ZO methods draw each tensor's noise twice a step on the CPU: z_t for this step's passes, and z_{t-1} again
+for the lazy update of the previous step (applied when the block is next resident: see
+:mod:`zoedge.optim.api`). Drawing N(0, 1) values costs about as much as the passes' other non-forward work
+together (``zoedge bench`` shows it as ``noise``); a copy costs a small fraction of a draw. A
+:class:`NoiseCache` keeps the latest draw of each (tensor, stream) in one buffer per tensor, allocated once
+(:func:`zoedge.runtime.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are
+drawn once a step, the others twice, as without a cache.
+
+The cache never serves stale values: a draw is a pure function of (run seed, step, tensor, stream, kind) and of
+its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served only for exactly those. It
+changes no result (tests compare runs with and without it bit for bit); only CPU draws of whole tensors go
+through it (an accelerator draws fast, and its memory is the scarce one).
+
+The budget is a run setting (``--noise-cache MiB``); :func:`default_budget` is its default: a quarter of the
+memory the system has available at the start on the RAM tier, nothing on the disk tier (chosen when the model
+does not fit in RAM) or on an accelerator (:func:`budget`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zoedge.runtime.memory import allocate
+
+#: the share of the memory available at the start that the default budget may take (RAM tier, CPU)
+DEFAULT_SHARE = 0.25
+
+
+def budget(mib: int | None, device: str | torch.device, tier: str, available: int | None) -> int:
+    """The budget in bytes: ``mib`` MiB (the ``--noise-cache`` setting) or, when None, the default:
+    :data:`DEFAULT_SHARE` of ``available`` bytes on the CPU's RAM tier, else 0."""
+    if mib is not None:
+        return mib * 2**20
+    if torch.device(device).type != "cpu" or tier != "ram" or not available:
+        return 0
+    return int(available * DEFAULT_SHARE)
+
+
+@dataclass
+class _Entry:
+    buffer: torch.Tensor         # flat, the draw's dtype
+    draw: tuple[int, int] = (0, -1)  # (run seed, step) of the values it holds; step -1: none yet
+
+
+@dataclass
+class NoiseCache:
+    """The latest draw of each (tensor, stream, kind, dtype, size), within ``budget`` bytes (see the module docstring).
+
+    Args:
+        budget: bytes the entries may take in all (0: a cache that keeps nothing).
+    """
+
+    budget: int
+    used: int = 0
+    hits: int = 0
+    misses: int = 0
+    entries: dict[tuple, _Entry] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def _key(out: torch.Tensor, name: str, stream: str, kind: str) -> tuple:
+        return name, stream, kind, out.dtype, out.numel()
+
+    def get(self, out: torch.Tensor, run_seed: int, step: int, name: str, stream: str, kind: str) -> bool:
+        """Copy the draw (run_seed, step, name, stream, kind) into ``out`` if it is kept; returns whether it was."""
+        entry = self.entries.get(self._key(out, name, stream, kind))
+        if entry is None or entry.draw != (run_seed, step):
+            self.misses += 1
+            return False
+        out.copy_(entry.buffer.view(out.shape))
+        self.hits += 1
+        return True
+
+    def put(self, value: torch.Tensor, run_seed: int, step: int, name: str, stream: str, kind: str) -> None:
+        """Keep a copy of ``value``, the draw (run_seed, step, name, stream, kind), if its entry exists or fits."""
+        key = self._key(value, name, stream, kind)
+        entry = self.entries.get(key)
+        if entry is None:
+            nbytes = value.numel() * value.element_size()
+            if self.used + nbytes > self.budget:
+                return
+            self.used += nbytes
+            entry = self.entries[key] = _Entry(allocate(nbytes, "cpu", "noise cache").view(value.dtype))
+        entry.buffer.view(value.shape).copy_(value)
+        entry.draw = (run_seed, step)
+
+    def to_dict(self) -> dict[str, int]:
+        """Budget, bytes held and hit / miss counts (for run summaries)."""
+        return {"budget_bytes": self.budget, "bytes": self.used, "hits": self.hits, "misses": self.misses}
