@@ -188,8 +188,8 @@ def _train(store: Path, working: Path, direct_io: bool, opened: list, steps: int
     opened.clear()  # the filesystem probes of the load
     ex = toy_examples(8)
     trainer = Trainer(m, CharTokenizer(), MeZO(seed=0, lr=1e-2, eps=1e-2), ex, ex[:2], [],
-                      TrainSettings(steps=steps, batch_size=2, seed=0, max_length=32), working.parent / f"run-{working.name}",
-                      progress=False, log=lambda s: None)
+                      TrainSettings(steps=steps, batch_size=2, seed=0, max_length=32),
+                      working.parent / f"run-{working.name}", progress=False, log=lambda s: None)
     losses = []
     for _ in range(steps):
         trainer.train_step()
@@ -221,3 +221,11 @@ def test_disk_tier_training_direct_equals_buffered(store, direct_dir, opened):
     for k, v in buffered[1].items():
         assert torch.equal(direct[1][k], v), k
     assert direct[2] == buffered[2] and set(direct[2]) == set(sizes)
+    # the weights written block by block (load_state_dict: aligned reads, direct writes) read back the same
+    m = zoedge.load(store, tier="disk", working_dir=direct_dir / "wl")
+    m.tier.direct_io = True
+    m.load_state_dict(direct[1])
+    assert m.tier.io_mode == "direct"
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, direct[1][k]), k
+    m.close()

@@ -43,8 +43,9 @@ write). No slot and no staging buffer exist then.
 Durability: the working copy is a run's scratch state, not its crash-safety
 mechanism (checkpoints are, :mod:`zoedge.train.checkpoint`: a resume restores
 every weight from the last checkpoint). A disk write therefore does not sync
-for durability; with ``drop_cache`` it flushes the block's pages only so that
-they can be dropped from the page cache.
+for durability; a buffered write with ``drop_cache`` flushes the block's pages
+only so that they can be dropped from the page cache (a direct write leaves none
+but the tail's).
 """
 from __future__ import annotations
 
@@ -315,7 +316,11 @@ class DiskTier(HostTier):
         self.drop_cache = drop_cache
         self.direct_io = direct_io
         # ask the filesystems now (once each), so that io_mode is known before the first transfer
-        for probe in self.store_paths[:1] + ([working_dir / ".direct-io-probe"] if working_dir is not None else []):
+        probes = self.store_paths[:1]
+        if working_dir is not None:
+            probes.append(working_dir / ".direct-io-probe")
+            probes[-1].unlink(missing_ok=True)  # left by a process killed while probing
+        for probe in probes:
             probe_direct_io(probe)
         kept = sorted(set(range(min(ram_cache_blocks, len(manifest.blocks)))) | set(resident))
         streamed = [b.nbytes for i, b in enumerate(manifest.blocks) if i not in kept]
