@@ -1,4 +1,5 @@
-"""The disk tier's working copy (made at each block's first write-back) and its page-cache policy."""
+"""The disk tier's working copy (made at each block's first write-back) and its page-cache policy (direct I/O:
+tests/test_direct_io.py)."""
 from __future__ import annotations
 
 import pytest
@@ -77,9 +78,11 @@ def test_stale_or_partial_working_files_are_not_used(store, tmp_path):
     m.close()
 
 
-def test_page_cache_policy(store, tmp_path, monkeypatch):
-    """Pages are dropped after every read and write when the blocks exceed the available memory, with the
-    same results; otherwise the page cache is left alone."""
+@pytest.mark.parametrize("direct_io", [None, False])
+def test_page_cache_policy(store, tmp_path, monkeypatch, direct_io):
+    """When the blocks exceed the available memory, buffered I/O (``direct_io=False``) drops the pages after every
+    read and write, and the default, direct I/O where the filesystem takes it, has none to drop; the results are the
+    same. When the blocks fit, I/O is buffered and the page cache is left alone."""
     dropped = []
     real = host._drop_pages
     monkeypatch.setattr(host, "_drop_pages", lambda fd: (dropped.append(fd), real(fd)))
@@ -90,12 +93,18 @@ def test_page_cache_policy(store, tmp_path, monkeypatch):
         dropped.clear()
         m = zoedge.load(store, tier="disk", working_dir=tmp_path / f"w{avail}")
         assert m.tier.drop_cache == (avail == 1)
+        m.tier.direct_io = direct_io
+        direct = m.tier.io_mode == "direct"
+        assert not direct or (avail == 1 and direct_io is None)
         m.run(Scale(0.5))
         results[avail] = m(ids, mask)
         m.close()
-        n, read = len(m.blocks), len(m.blocks) - len(m.tier.cache)  # the tied embedding's owner stays in RAM
-        # drop: every block read from disk by the update pass and again by the forward, every block written
-        assert len(dropped) == (2 * read + n if avail == 1 else 0)
+        # buffered: every block (direct: a block smaller than one O_DIRECT unit), each dropped after its reads by
+        # the update pass and the forward (the tied embedding's owner stays in RAM) and after its write
+        buffered = [i for i, b in enumerate(m.blocks) if not direct or b.nbytes < host.ALIGN]
+        assert not direct or len(buffered) < len(m.blocks)
+        read = [i for i in buffered if i not in m.tier.cache]
+        assert len(dropped) == (2 * len(read) + len(buffered) if avail == 1 else 0)
     assert torch.equal(results[1], results[None]) and torch.equal(results[1], results[1 << 40])
 
 

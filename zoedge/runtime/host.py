@@ -16,6 +16,14 @@
   (an LRU always misses on a cyclic pattern larger than itself): the tier then
   drops each block's pages after reading it, and flushes and drops them after
   writing it, so a pass does not push other programs' memory out for nothing.
+  By default it then reads and writes with ``O_DIRECT`` instead (``direct_io``):
+  the bytes move between the disk and the (page-aligned) ring buffer without
+  the page cache's copy, flush and drop, which cost the I/O thread CPU time the
+  forward passes need. ``O_DIRECT`` moves whole 4 KiB units at aligned offsets:
+  a block's tail after its last whole unit goes buffered (one page at most stays
+  cached). A filesystem that refuses ``O_DIRECT`` (tmpfs before Linux 6.6) is
+  asked once and then served buffered; ``DiskTier.io_mode`` says which is used.
+  When the blocks fit, reads stay buffered: the page cache serves the next pass.
 
 A tier does not order anything itself: it names the host buffer an upload reads
 (``host[i]`` or ``ring[r]``) and the one a write-back lands in (``host[i]`` or
@@ -35,11 +43,14 @@ write). No slot and no staging buffer exist then.
 Durability: the working copy is a run's scratch state, not its crash-safety
 mechanism (checkpoints are, :mod:`zoedge.train.checkpoint`: a resume restores
 every weight from the last checkpoint). A disk write therefore does not sync
-for durability; with ``drop_cache`` it flushes the block's pages only so that
-they can be dropped from the page cache.
+for durability; a buffered write with ``drop_cache`` flushes the block's pages
+only so that they can be dropped from the page cache (a direct write leaves none
+but the tail's).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -48,9 +59,16 @@ from pathlib import Path
 import torch
 
 from zoedge.errors import StoreError
-from zoedge.runtime.memory import allocate
+from zoedge.runtime.memory import allocate, page_aligned
 from zoedge.runtime.schedule import IO, Schedule
 from zoedge.store.manifest import Manifest
+
+
+ALIGN = 4096
+"""``O_DIRECT``'s unit: buffer address, file offset and length a multiple of it (every common logical block size
+divides it)."""
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: every transfer is buffered
+_refused: set[int] = set()  # devices (``st_dev``) whose filesystem refused O_DIRECT: asked once, remembered
 
 
 def _drop_pages(fd: int) -> None:
@@ -71,47 +89,117 @@ def available_memory() -> int | None:
     return None
 
 
-def read_file_into(path: Path, buf: torch.Tensor, drop_cache: bool = False) -> None:
-    """Fill ``buf`` (uint8, exact size) from ``path`` without an intermediate copy; ``drop_cache``: then drop
-    the file's pages from the page cache."""
-    view = memoryview(buf.numpy())
-    with open(path, "rb", buffering=0) as f:
-        got = 0
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise StoreError(path, f"file ends after {got} of {len(view)} bytes",
-                                 "the store was damaged; re-run `zoedge prepare` into a fresh directory")
-            got += n
-        if drop_cache:
-            _drop_pages(f.fileno())
+def _filesystem(path: Path) -> int:
+    return os.stat(path.parent).st_dev
 
 
-def write_file_from(path: Path, buf: torch.Tensor, drop_cache: bool = False) -> None:
-    """Overwrite ``path`` with ``buf`` (same size) in place, creating it if missing; used for working copies
-    only. ``drop_cache``: flush the written pages to the disk and drop them from the page cache."""
-    if not path.is_file():  # first write-back of this block: create the working copy's file whole
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb", buffering=0) as f:
-            _write_all(f, buf)
-        os.replace(tmp, path)
-    else:
-        with open(path, "r+b", buffering=0) as f:
-            _write_all(f, buf)
-    if drop_cache:
-        fd = os.open(path, os.O_RDONLY)
+def direct_io_accepted(path: Path) -> bool:
+    """False once the filesystem holding ``path`` refused ``O_DIRECT`` (or the platform has none)."""
+    return bool(O_DIRECT) and _filesystem(path) not in _refused
+
+
+def probe_direct_io(path: Path) -> bool:
+    """Whether the filesystem holding ``path`` takes ``O_DIRECT``: opens ``path`` (an existing file, read-only) or
+    creates and removes it; a refusal (tmpfs before Linux 6.6: ``EINVAL``) is remembered for that filesystem."""
+    if not direct_io_accepted(path):
+        return False
+    existing = path.is_file()
+    fd, direct = _open(path, os.O_RDONLY if existing else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, True)
+    os.close(fd)
+    if not existing:
+        path.unlink()
+    return direct
+
+
+def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
+    """Open ``path`` with ``O_DIRECT`` when ``direct`` and its filesystem takes it, else buffered: (fd, direct)."""
+    if direct and direct_io_accepted(path):
         try:
+            return os.open(path, flags | O_DIRECT, 0o666), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            _refused.add(_filesystem(path))
+    return os.open(path, flags, 0o666), False
+
+
+def _transfer(path: Path, fd: int, view: memoryview, direct: bool, op: Callable[[int, memoryview, int], int]) -> int:
+    """Move ``view`` to or from the file's start with ``op(fd, chunk, offset) -> bytes moved`` (0: end of file);
+    returns the bytes moved. ``direct`` (an O_DIRECT fd, ``view`` page-aligned): the page-aligned prefix moves
+    directly, the rest (the short tail, or all after a short or refused transfer) buffered."""
+    n, done = len(view), 0
+    end = n - n % ALIGN
+    while done < n:
+        if direct and (done >= end or done % ALIGN):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+            direct = False
+        try:
+            k = op(fd, view[done:end if direct else n], done)
+        except OSError as e:  # a filesystem that opens O_DIRECT files but refuses their transfers
+            if not (direct and e.errno == errno.EINVAL):
+                raise
+            _refused.add(_filesystem(path))
+            end = done
+            continue
+        if not k:
+            break
+        done += k
+    return done
+
+
+def _direct_ok(buf: torch.Tensor) -> bool:
+    """O_DIRECT applies: the buffer starts on a page boundary and holds at least one whole unit."""
+    return buf.data_ptr() % ALIGN == 0 and buf.numel() >= ALIGN
+
+
+def read_file_into(path: Path, buf: torch.Tensor, drop_cache: bool = False, direct: bool = False) -> None:
+    """Fill ``buf`` (uint8, exact size) from ``path`` without an intermediate copy.
+
+    ``direct``: read with ``O_DIRECT``, past the page cache, where the filesystem and the buffer's address allow
+    (the tail after the last whole 4 KiB is read buffered). ``drop_cache``: after a buffered read, drop the file's
+    pages from the page cache."""
+    view = memoryview(buf.numpy())
+    fd, direct = _open(path, os.O_RDONLY, direct and _direct_ok(buf))
+    try:
+        got = _transfer(path, fd, view, direct, lambda fd, chunk, at: os.preadv(fd, [chunk], at))
+        if got < len(view):
+            raise StoreError(path, f"file ends after {got} of {len(view)} bytes",
+                             "the store was damaged; re-run `zoedge prepare` into a fresh directory")
+        if drop_cache and not direct:
+            _drop_pages(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_from(path: Path, buf: torch.Tensor, drop_cache: bool = False, direct: bool = False) -> None:
+    """Overwrite ``path`` with ``buf`` (same size) in place; used for working copies only. A missing file is
+    created whole under a temporary name and renamed (an interrupted first write leaves no partial file).
+
+    ``direct``: as in :func:`read_file_into`. ``drop_cache``: after a buffered write, flush the written pages to
+    the disk and drop them from the page cache."""
+    if path.is_file():
+        _write(path, os.O_WRONLY, buf, drop_cache, direct)
+        return
+    tmp = path.with_suffix(".tmp")
+    try:
+        _write(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, buf, drop_cache, direct)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _write(path: Path, flags: int, buf: torch.Tensor, drop_cache: bool, direct: bool) -> None:
+    view = memoryview(buf.numpy())
+    fd, direct = _open(path, flags, direct and _direct_ok(buf))
+    try:
+        if _transfer(path, fd, view, direct, os.pwrite) < len(view):
+            raise OSError(errno.EIO, f"short write of {len(view)} bytes", str(path))
+        if drop_cache and not direct:
             os.fdatasync(fd)
             _drop_pages(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_all(f, buf: torch.Tensor) -> None:
-    view = memoryview(buf.numpy())
-    done = 0
-    while done < len(view):
-        done += f.write(view[done:])
+    finally:
+        os.close(fd)
 
 
 class HostTier(ABC):
@@ -211,11 +299,13 @@ class DiskTier(HostTier):
             tier), each made at its block's first write-back; the prepared store is never written.
         drop_cache: drop block pages from the page cache after each read and write (see the module docstring);
             default: when the blocks exceed the memory available now.
+        direct_io: read and write blocks with ``O_DIRECT``, past the page cache (see the module docstring);
+            default: when ``drop_cache``. :attr:`io_mode` says what is used.
     """
 
     def __init__(self, store: Path, manifest: Manifest, ring: int = 2, ram_cache_blocks: int = 0,
                  working_dir: Path | None = None, drop_cache: bool | None = None,
-                 resident: Iterable[int] = ()) -> None:
+                 resident: Iterable[int] = (), direct_io: bool | None = None) -> None:
         super().__init__(store, manifest)
         self.store_paths = [store / b.file for b in manifest.blocks]
         self.writable = working_dir is not None
@@ -224,16 +314,34 @@ class DiskTier(HostTier):
             avail = available_memory()
             drop_cache = avail is not None and sum(b.nbytes for b in manifest.blocks) > avail
         self.drop_cache = drop_cache
+        self.direct_io = direct_io
+        # ask the filesystems now (once each), so that io_mode is known before the first transfer
+        probes = self.store_paths[:1]
+        if working_dir is not None:
+            probes.append(working_dir / ".direct-io-probe")
+            probes[-1].unlink(missing_ok=True)  # left by a process killed while probing
+        for probe in probes:
+            probe_direct_io(probe)
         kept = sorted(set(range(min(ram_cache_blocks, len(manifest.blocks)))) | set(resident))
         streamed = [b.nbytes for i, b in enumerate(manifest.blocks) if i not in kept]
         size = max(streamed, default=0)  # the ring holds only the blocks not kept in RAM
-        self.ring = [allocate(size, "cpu", "pinned", pinned=True) for _ in range(ring)] if streamed else []
-        self.cache = {i: allocate(manifest.blocks[i].nbytes, "cpu", "host", pinned=True) for i in kept}
+        self.ring = [allocate(size, "cpu", "pinned", pinned=True, aligned=True)
+                     for _ in range(ring)] if streamed else []
+        self.cache = {i: allocate(manifest.blocks[i].nbytes, "cpu", "host", pinned=True, aligned=True) for i in kept}
         for i, buf in self.cache.items():
             read_file_into(self.path(i), buf)
         self.pending: dict[int, int] = {}  # block -> ring buffer holding (or about to hold) its bytes
         self.next_ring = 0
         self._staging: torch.Tensor | None = None  # D2H target of write-backs, allocated by the first one
+
+    @property
+    def io_mode(self) -> str:
+        """How blocks move between the disk and the host buffers: ``"direct"`` (``O_DIRECT``) when asked for
+        (``direct_io``, by default ``drop_cache``) and the store's and the working copy's filesystems take it,
+        else ``"buffered"``."""
+        want = self.drop_cache if self.direct_io is None else self.direct_io
+        files = self.store_paths[:1] + (self.working[:1] if self.working is not None else [])
+        return "direct" if want and all(direct_io_accepted(p) for p in files) else "buffered"
 
     def _working_paths(self, working_dir: Path) -> list[Path]:
         """The working copy's file of each block; one of the wrong size (an earlier run of another store) is
@@ -271,12 +379,12 @@ class DiskTier(HostTier):
                                "(read ahead further than the ring holds)")
         self.next_ring = (r + 1) % len(self.ring)
         self.pending[i] = r
-        buf, drop = self.ring[r][: self._nbytes(i)], self.drop_cache
+        buf, drop, direct = self.ring[r][: self._nbytes(i)], self.drop_cache, self.io_mode == "direct"
         assert self.schedule is not None
         # the file is chosen when the read runs: an earlier write on the same (FIFO) I/O thread may have made the
         # block's working copy
         self.schedule.emit(IO, "read", f"read {self.manifest.blocks[i].name}",
-                           lambda: read_file_into(self.path(i), buf, drop),
+                           lambda: read_file_into(self.path(i), buf, drop, direct),
                            reads=(f"file[{i}]",), writes=(f"ring[{r}]",), block=i, nbytes=buf.numel())
 
     def source(self, i: int) -> tuple[str, torch.Tensor]:
@@ -307,19 +415,19 @@ class DiskTier(HostTier):
         first emitted: a read-only run (forward, eval) never holds it."""
         if self._staging is None:
             self._staging = allocate(max(self._nbytes(i) for i in range(len(self.paths))), "cpu", "pinned",
-                                     pinned=True)
+                                     pinned=True, aligned=True)
         return self._staging
 
     def persist(self, i: int, buffer: tuple[str, torch.Tensor], changed: Callable[[], bool]) -> None:
         name, buf = buffer
-        drop = self.drop_cache
+        drop, direct = self.drop_cache, self.io_mode == "direct"
 
         def write() -> bool:
             if not changed():
                 return False
             self.check_writable()
             assert self.working is not None
-            write_file_from(self.working[i], buf, drop)
+            write_file_from(self.working[i], buf, drop, direct)
             return True
 
         assert self.schedule is not None
@@ -327,14 +435,15 @@ class DiskTier(HostTier):
                            writes=(f"file[{i}]",), block=i, nbytes=buf.numel())
 
     def read_block(self, i: int) -> torch.Tensor:
-        buf = torch.empty(self._nbytes(i), dtype=torch.uint8)
-        read_file_into(self.path(i), buf, self.drop_cache)
+        direct = self.io_mode == "direct"
+        buf = page_aligned(self._nbytes(i)) if direct else torch.empty(self._nbytes(i), dtype=torch.uint8)
+        read_file_into(self.path(i), buf, self.drop_cache, direct)
         return buf
 
     def write_block(self, i: int, data: torch.Tensor) -> None:
         self.check_writable()
         assert self.working is not None
-        write_file_from(self.working[i], data, self.drop_cache)
+        write_file_from(self.working[i], data, self.drop_cache, self.io_mode == "direct")
         if i in self.cache:
             self.cache[i].copy_(data)
 

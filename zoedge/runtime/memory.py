@@ -7,6 +7,7 @@ the counts stay flat after the first forward.
 """
 from __future__ import annotations
 
+import mmap
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,7 +36,17 @@ def can_pin() -> bool:
     return torch.accelerator.is_available()
 
 
-def allocate(nbytes: int, device: torch.device | str, purpose: str, pinned: bool = False) -> torch.Tensor:
+def page_aligned(nbytes: int) -> torch.Tensor:
+    """A flat uint8 host buffer of exactly ``nbytes`` starting on a page boundary (``O_DIRECT`` transfers need an
+    aligned address; torch's allocator aligns to 64 bytes only): private anonymous memory, as the C allocator
+    itself maps a large buffer, freed with the tensor. Not counted: :func:`allocate` counts long-lived ones."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=torch.uint8)
+
+
+def allocate(nbytes: int, device: torch.device | str, purpose: str, pinned: bool = False,
+             aligned: bool = False) -> torch.Tensor:
     """Allocate a flat uint8 buffer and count it.
 
     Args:
@@ -43,10 +54,15 @@ def allocate(nbytes: int, device: torch.device | str, purpose: str, pinned: bool
         device: target device.
         purpose: label for :data:`ALLOCATIONS`.
         pinned: page-locked host memory (ignored, with ordinary memory used instead, when no accelerator is present).
+        aligned: a host buffer starting on a page boundary (:func:`page_aligned`), for direct disk I/O. Pinned
+            memory comes from the accelerator's host allocator (page-aligned in practice; a reader checks).
     """
     device = torch.device(device)
     pin = pinned and device.type == "cpu" and can_pin()
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+    if aligned and device.type == "cpu" and not pin:
+        buf = page_aligned(nbytes)
+    else:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
     ALLOCATIONS.count[purpose] += 1
     ALLOCATIONS.nbytes[purpose] += nbytes
     return buf
