@@ -109,6 +109,9 @@ def test_disk_tier_run_never_gathers_the_model(setup, monkeypatch):
     args = base + ["--tier", "disk", "--output", str(out), "--no-plot"]
     assert main(args + ["--steps", "2", "--save-every", "1"]) == 0
     assert (out / "model" / "model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["disk_io"] == "buffered"  # a tiny model fits in RAM: the page cache serves the next pass
+    assert summary["noise_cache"] is None  # the disk tier's default: no memory for noise
     assert main(args + ["--steps", "3", "--resume"]) == 0
 
 

@@ -316,6 +316,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
             t_res.append(timed(resident_step))
             t_fwd.append(timed(forwards))
     model.synchronize()  # the last step's disk writes count in its I/O time
+    io_mode = getattr(model.tier, "io_mode", None)  # disk tier: direct (O_DIRECT) or buffered
     model.close()
     from zoedge.runtime.threads import load_average
     load_end = load_average()
@@ -332,7 +333,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         "load_average_end": load_end, "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
-        "breakdown_s": parts, "io_thread_s": io,
+        "breakdown_s": parts, "io_thread_s": io, "io_mode": io_mode,
         "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
     print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
@@ -349,7 +350,8 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     for k, v in parts.items():
         print(f"    {k:40s} {v * 1e3:10.1f} ms/step  ({100 * v / mean:4.1f}%)", file=human)
     if any(io.values()):
-        print("  on the I/O thread, overlapping the above (stalls are the part the compute waited for):", file=human)
+        print(f"  on the I/O thread ({io_mode} I/O), overlapping the above (stalls are the part the compute waited "
+              "for):", file=human)
         for k, v in io.items():
             print(f"    {k:40s} {v * 1e3:10.1f} ms/step", file=human)
     if t_res:

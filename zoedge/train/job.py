@@ -268,13 +268,14 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         elif world.is_main:  # an earlier run's model would not be this run's
             shutil.rmtree(out / "model", ignore_errors=True)
         peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
+        io_mode = getattr(model.tier, "io_mode", None)  # disk tier: direct (O_DIRECT) or buffered
     if not world.is_main:
         world.barrier()  # until rank 0 has written the outputs
         return {"world_size": world.size, "rank": world.rank}
     record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
     summary = {
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
-        "resumes": record.get("resumes", []), "store": str(store), "device": s.device,
+        "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
         "threads": governor.to_dict(),
         "noise_cache": optimizer.noise.cache.to_dict() if optimizer.noise.cache is not None else None,
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
