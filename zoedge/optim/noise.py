@@ -17,7 +17,11 @@ Consequences:
   shifts another;
 * values are reproducible per device type and dtype: CPU and CUDA generators
   produce different numbers for the same seed, and a bf16 target is filled
-  directly in bf16 (not an fp32 draw rounded).
+  directly in bf16 (not an fp32 draw rounded);
+* so who draws them does not matter: a block's whole-tensor draws may be queued
+  (:meth:`NoiseSource.draw` → :meth:`NoiseDraw.queue`) and drawn together in
+  one :func:`batched_draws` block, every tensor's chunks in parallel, and a
+  :class:`~zoedge.optim.noise_cache.NoiseCache` may serve a draw made before.
 
 Named variants (:data:`NOISE_KINDS`, :func:`make_noise`; a plugin option such as MeZO's ``noise=``) replace
 the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and unit variance; ``uniform_``
@@ -91,8 +95,8 @@ class _Chunks:
         self.pool: ThreadPoolExecutor | None = None
         self.workers = 0
         self.local = threading.local()
-        self.queue: list[tuple[torch.Tensor, int, int, str]] | None = None  # (flat, seed, chunk, kind) while batched
-        self.after: list[Callable[[], None]] = []                           # ... run once the queue is drawn
+        self.queue: list[tuple[torch.Tensor, int, int, str]] | None = None  # (flat, seed, chunk, kind): batched
+        self.after: list[Callable[[], None]] = []  # ... run once the queue is drawn
         self.batched_seconds = 0.0  # wall time spent drawing batches (and their ``then``s), for ``zoedge bench``
 
     def _gen(self) -> torch.Generator:
@@ -175,6 +179,7 @@ def batched_draw_seconds() -> float:
     """Wall seconds this process spent drawing at the end of :func:`batched_draws` blocks (``zoedge bench`` adds
     them to the time of its noise source's calls, which only queue such draws)."""
     return _CHUNKS.batched_seconds
+
 
 #: the bit pattern of the fp32 value 1.0 (a set sign bit makes it -1.0)
 _ONE_F32 = 0x3F800000

@@ -93,10 +93,10 @@ class Resident:
               ) -> dict[str, torch.Tensor] | None:
         """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
         given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once,
-        every tensor's chunks in parallel where the fills are plain draws (:class:`~zoedge.optim.noise.NoiseDraw`:
-        queued in a :func:`~zoedge.optim.noise.batched_draws` block; any other fill runs at once), into workspace ``key``,
-        and returns that workspace; lean mode draws nothing here (:meth:`perturbed` regenerates it where it is
-        used) and returns None."""
+        into workspace ``key`` and returns that workspace: plain draws (:class:`~zoedge.optim.noise.NoiseDraw`)
+        are queued and drawn together, every tensor's chunks in parallel
+        (:func:`~zoedge.optim.noise.batched_draws`), any other fill runs at once. Lean mode draws nothing here
+        (:meth:`perturbed` regenerates it where it is used) and returns None."""
         if self.lean:
             return None
         z = self.workspace(key)
