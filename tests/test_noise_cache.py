@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zoedge.optim import noise as nz
-from zoedge.optim.noise_cache import NoiseCache, budget
+from zoedge.optim.noise_cache import NoiseCache, attach, budget
 from zoedge.runtime.memory import ALLOCATIONS
 
 SHAPES = {"big": (3, nz.CHUNK // 2 + 5), "mid": (300, 1000), "small": (7, 5), "bias": (11,), "scalar": ()}
@@ -101,3 +101,10 @@ def test_default_budget():
     assert budget(None, "meta", "ram", 8 << 30) == 0
     assert budget(None, "cpu", "ram", None) == 0
     assert budget(100, "cpu", "disk", None) == 100 << 20
+
+
+def test_attach_gives_the_source_the_budgeted_cache():
+    src = nz.make_noise("rademacher", 0)
+    assert attach(src, 3, "cpu", "disk").budget == 3 << 20 and src.cache.budget == 3 << 20  # --noise-cache 3
+    assert attach(src, 0, "cpu", "ram") is None and src.cache is None  # --noise-cache 0: off
+    assert attach(src, None, "cpu", "disk") is None  # the disk tier's default

@@ -453,8 +453,11 @@ def run_child(cmd: list[str], out: Path, log_path: Path, kill_after_steps: int |
         raise
     p.returncode = os.waitstatus_to_exitcode(status)
     w.join()
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     return {"cmd": " ".join(cmd), "wall_s": time.perf_counter() - t0, "returncode": p.returncode,
             "killed": killed.is_set(), "peak_rss_bytes": ru.ru_maxrss * 1024,
+            "step_seconds": [m["seconds"] for m in metrics_of(out)],  # every step in the metrics so far
+            "replay": summary.get("replay"), "disk_io": summary.get("disk_io"),
             "rss_timeline": samples[:: max(1, len(samples) // 200)]}
 
 
@@ -537,8 +540,8 @@ def print_e2e(res: dict[str, Any]) -> None:
     print("| run | exit | wall | peak RSS | RSS / store | steps: loss (s/step) |")
     print("|---|---|---|---|---|---|")
     for name, r in res["runs"].items():
-        ms = r.get("metrics") or []
-        per = ", ".join(f"{m['loss']:.4f} ({m['seconds']:.0f} s)" for m in ms) or ", ".join(f"{x:.4f}" for x in r["losses"])
+        secs = r.get("step_seconds") or []
+        per = ", ".join(f"{x:.4f}" + (f" ({secs[k]:.0f} s)" if k < len(secs) else "") for k, x in enumerate(r["losses"]))
         exit_ = "SIGKILL (ours)" if r["killed"] else ("SIGKILL (not ours: OOM killer?)" if r["returncode"] == -9
                                                      else r["returncode"])
         print(f"| {name} | {exit_} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / GB:.2f} GB | "

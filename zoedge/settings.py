@@ -168,8 +168,8 @@ class TrainSettings(ScoringOptions):
 #: Settings a resumed run may change freely (they do not change the trained weights).
 #: (``checkpoint_weights`` too: the trainer refuses ``updates`` after a checkpoint that carries no update log.)
 RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "tier", "prefetch",
-                         "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads", "noise_cache",
-                         "dp_mode", "checkpoint_weights", "export"})
+                         "unit", "output", "resume", "allow_changes", "metrics", "progress", "plot", "threads",
+                         "noise_cache", "dp_mode", "checkpoint_weights", "export"})
 
 
 @dataclass

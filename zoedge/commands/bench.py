@@ -240,7 +240,6 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     from zoedge.optim import noise_cache
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
-    from zoedge.runtime.host import available_memory
     from zoedge.runtime.engines import OpTimes, SyncEngine
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
@@ -251,8 +250,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
                           engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
-    cache_bytes = noise_cache.budget(args.noise_cache, dev, args.tier, available_memory())
-    opt.noise.cache = noise_cache.NoiseCache(cache_bytes) if cache_bytes else None
+    noise_cache.attach(opt.noise, args.noise_cache, dev, args.tier)
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
     noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant

@@ -20,10 +20,15 @@ does not fit in RAM) or on an accelerator (:func:`budget`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from zoedge.runtime.host import available_memory
 from zoedge.runtime.memory import allocate
+
+if TYPE_CHECKING:
+    from zoedge.optim.noise import NoiseSource
 
 #: the share of the memory available at the start that the default budget may take (RAM tier, CPU)
 DEFAULT_SHARE = 0.25
@@ -37,6 +42,15 @@ def budget(mib: int | None, device: str | torch.device, tier: str, available: in
     if torch.device(device).type != "cpu" or tier != "ram" or not available:
         return 0
     return int(available * DEFAULT_SHARE)
+
+
+def attach(source: NoiseSource, mib: int | None, device: str | torch.device, tier: str, local_ranks: int = 1
+           ) -> NoiseCache | None:
+    """Give ``source`` the cache a run's settings ask for (:func:`budget`, the memory available now shared among
+    the ``local_ranks`` processes of this machine) and return it; None (and no cache) for a zero budget."""
+    nbytes = budget(mib, device, tier, (available_memory() or 0) // max(1, local_ranks))
+    source.cache = NoiseCache(nbytes) if nbytes else None
+    return source.cache
 
 
 @dataclass

@@ -36,7 +36,6 @@ import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.optim import noise_cache
-from zoedge.runtime.host import available_memory
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
@@ -240,9 +239,8 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
                         + (" or less" if splits.train else " with at least one training example"))
     optimizer = build(s.optimizer, options, seed=s.seed)
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # ranks sharing this machine's memory
-    cache_bytes = noise_cache.budget(s.noise_cache, s.device, s.tier, (available_memory() or 0) // local_ranks)
-    optimizer.noise.cache = noise_cache.NoiseCache(cache_bytes) if cache_bytes else None
+    cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
+                               local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
     working = out / "working" if s.tier == "disk" else None
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
@@ -277,7 +275,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
         "threads": governor.to_dict(),
-        "noise_cache": optimizer.noise.cache.to_dict() if optimizer.noise.cache is not None else None,
+        "noise_cache": cache.to_dict() if cache is not None else None,
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
         "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
         "wall_seconds": time.perf_counter() - started, "steps_per_s": result.steps / result.seconds if result.seconds else None,
