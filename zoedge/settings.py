@@ -203,8 +203,8 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
                                   "them)", type=int, minimum=1)
     noise_cache: int | None = setting(None, "host memory (MiB) that keeps each step's noise for the next step's "
                                       "lazy update, which then copies it instead of drawing it again (CPU; results "
-                                      "are unchanged; 0: off; default: a quarter of the memory available at the "
-                                      "start on the ram tier, 0 on the disk tier)", type=int, minimum=0,
+                                      "are unchanged; 0: off; default: a quarter of the memory available once the "
+                                      "model is loaded on the ram tier, 0 on the disk tier)", type=int, minimum=0,
                                       metavar="MIB")
 
     def check_more(self) -> None:

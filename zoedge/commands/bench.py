@@ -39,7 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="also time resident MeZO in the same process (needs the whole model in device memory)")
     p.add_argument("--noise-cache", type=int, default=None, metavar="MIB",
                    help="host memory keeping each step's noise for the next step's update, as zoedge finetune's "
-                   "--noise-cache (default as there: a quarter of the available memory on the ram tier, 0 on disk)")
+                   "--noise-cache (default as there: a quarter of the memory available once the model is loaded on the "
+                   "ram tier, 0 on disk)")
     p.set_defaults(command="bench")
 
 

@@ -13,9 +13,9 @@ its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served 
 changes no result (tests compare runs with and without it bit for bit); only CPU draws of whole tensors go
 through it (an accelerator draws fast, and its memory is the scarce one).
 
-The budget is a run setting (``--noise-cache MiB``); :func:`default_budget` is its default: a quarter of the
-memory the system has available at the start on the RAM tier, nothing on the disk tier (chosen when the model
-does not fit in RAM) or on an accelerator (:func:`budget`).
+The budget is a run setting (``--noise-cache MiB``); its default (:func:`budget`) is a quarter of the memory the
+system has available once the model is loaded, on the CPU's RAM tier; nothing on the disk tier (chosen when the
+model does not fit in RAM) or on an accelerator.
 """
 from __future__ import annotations
 

@@ -239,14 +239,15 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
                         + (" or less" if splits.train else " with at least one training example"))
     optimizer = build(s.optimizer, options, seed=s.seed)
-    cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
-                               local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
     working = out / "working" if s.tier == "disk" else None
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
                                working_dir=working, unit=s.unit)) as model:
         tok = load_tokenizer(store)
+        # after the model is loaded: the default budget is a share of the memory the host tier left available
+        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
+                                   local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
         on_device = model.device.type != "cpu"
         if on_device:
             torch.accelerator.reset_peak_memory_stats(model.device)
