@@ -414,10 +414,20 @@ def metrics_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
+def checkpointed_step(out: Path) -> int:
+    """The step of the newest complete checkpoint in ``out`` (0: none yet)."""
+    from zoedge.train.checkpoint import latest_checkpoint
+    path = latest_checkpoint(out / "checkpoints")
+    return int(path.name.split("-")[-1]) if path is not None else 0
+
+
 def run_child(cmd: list[str], out: Path, log_path: Path, kill_after_steps: int | None = None,
-              kill_delay: float = 0.0) -> dict[str, Any]:
-    """Run ``cmd``; with ``kill_after_steps`` SIGKILL it ``kill_delay`` s after that many steps are in its metrics.
-    Returns wall time, exit status, peak RSS (``wait4``: the process's high-water mark) and an RSS timeline."""
+              kill_delay: float = 0.0, after_checkpoint: bool = False) -> dict[str, Any]:
+    """Run ``cmd``; with ``kill_after_steps`` SIGKILL it ``kill_delay`` s after that many steps are in its metrics
+    or, ``after_checkpoint``, after its checkpoint of that step is complete (it follows the step's metrics: a
+    checkpoint first flushes the pending update through every block).
+    Returns wall time, exit status, peak RSS (``wait4``: the process's high-water mark), the steps' seconds, what
+    its summary says of a replay and of the disk I/O, and an RSS timeline."""
     import psutil
 
     t0 = time.perf_counter()
@@ -435,10 +445,11 @@ def run_child(cmd: list[str], out: Path, log_path: Path, kill_after_steps: int |
             except psutil.Error:
                 pass
             if kill_after_steps is not None and not killed.is_set():
-                done = len(metrics_of(out))
+                done = checkpointed_step(out) if after_checkpoint else len(metrics_of(out))
                 if done >= kill_after_steps and seen_at is None:
                     seen_at = time.perf_counter()
-                    log(f"  {done} steps done: SIGKILL in {kill_delay:.0f} s")
+                    what = "checkpoint of step" if after_checkpoint else "steps done:"
+                    log(f"  {what} {done}: SIGKILL in {kill_delay:.0f} s")
                 if seen_at is not None and time.perf_counter() - seen_at >= kill_delay:
                     os.kill(p.pid, signal.SIGKILL)
                     killed.set()
@@ -457,7 +468,7 @@ def run_child(cmd: list[str], out: Path, log_path: Path, kill_after_steps: int |
     return {"cmd": " ".join(cmd), "wall_s": time.perf_counter() - t0, "returncode": p.returncode,
             "killed": killed.is_set(), "peak_rss_bytes": ru.ru_maxrss * 1024,
             "step_seconds": [m["seconds"] for m in metrics_of(out)],  # every step in the metrics so far
-            "replay": summary.get("replay"), "disk_io": summary.get("disk_io"),
+            "replay": summary.get("replay"), "disk_io": summary.get("disk_io"), "start_step": summary.get("start_step"),
             "rss_timeline": samples[:: max(1, len(samples) // 200)]}
 
 
@@ -504,12 +515,15 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
         delay = 0.5 * statistics.median(m["seconds"] for m in metrics_of(ref))
         log(f"interrupted run: SIGKILL {delay:.0f} s into step {args.save_every + 1}")
         runs["killed"] = run_child(finetune_cmd(store, out, args, args.steps), out, log_path,
-                                   kill_after_steps=args.save_every, kill_delay=delay)
+                                   kill_after_steps=args.save_every, kill_delay=delay, after_checkpoint=True)
         runs["killed"]["losses"] = [m["loss"] for m in metrics_of(out)]
         log("resume")
         runs["resumed"] = run_child(finetune_cmd(store, out, args, args.steps, resume=True), out, log_path)
         runs["resumed"]["losses"] = [m["loss"] for m in metrics_of(out)]
-        res["resume_matches_reference"] = runs["resumed"]["losses"] == runs["reference"]["losses"]
+        # a resume that found no checkpoint would start over and match trivially: it must have continued
+        res["resumed_from_step"] = runs["resumed"]["start_step"]
+        res["resume_matches_reference"] = (runs["resumed"]["losses"] == runs["reference"]["losses"]
+                                           and res["resumed_from_step"] == args.save_every)
     else:
         delay = args.kill_delay
         log(f"finetune: {args.steps} steps, then SIGKILL {delay:.0f} s into the next (the final checkpoint and "
@@ -526,6 +540,10 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     res["loss_moves"] = len(set(main["losses"])) > 1
     res["uptime_end"] = uptime()
     res["log"] = str(log_path)
+    if args.json:  # the runs' own log (replay, threads, I/O mode) next to the results: the run folder goes below
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_path, args.json.with_suffix(".log"))
+        res["log"] = str(args.json.with_suffix(".log"))
     if not args.keep:
         log(f"deleting {base} (store, working copy, checkpoints)")
         for p in (store, out, base / "ref"):
@@ -548,8 +566,9 @@ def print_e2e(res: dict[str, Any]) -> None:
               f"{r['peak_rss_bytes'] / res['store_bytes']:.3f} | {per} |")
     ok = "meets" if res["peak_rss_over_store"] <= 0.25 else "misses"
     print(f"peak RSS / store = {res['peak_rss_over_store']:.3f} ({ok} the 0.25 target); loss moves: "
-          f"{res['loss_moves']}" + (f"; resumed losses equal the uninterrupted run's: {res['resume_matches_reference']}"
-                                    if "resume_matches_reference" in res else ""))
+          f"{res['loss_moves']}" + (f"; resumed from step {res['resumed_from_step']}, losses equal the uninterrupted "
+                                    f"run's: {res['resume_matches_reference']}" if "resume_matches_reference" in res
+                                    else ""))
 
 
 def main() -> int:
