@@ -30,7 +30,7 @@ from zoedge.runtime.memory import allocate
 if TYPE_CHECKING:
     from zoedge.optim.noise import NoiseSource
 
-#: the share of the memory available at the start that the default budget may take (RAM tier, CPU)
+#: the share of the memory available once the model is loaded that the default budget takes (RAM tier, CPU)
 DEFAULT_SHARE = 0.25
 
 
@@ -55,7 +55,7 @@ def attach(source: NoiseSource, mib: int | None, device: str | torch.device, tie
 
 @dataclass
 class _Entry:
-    buffer: torch.Tensor         # flat, the draw's dtype
+    buffer: torch.Tensor  # flat, the draw's dtype
     draw: tuple[int, int] = (0, -1)  # (run seed, step) of the values it holds; step -1: none yet
 
 
