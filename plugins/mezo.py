@@ -134,8 +134,8 @@ class MeZO(ZOOptimizer):
         the step's z_k are drawn again: in workspace mode each z_k for the whole block at once (in parallel, into
         the workspace ``z<k>`` this step's ``draw`` fills next), lean one chunk at a time into scratch."""
         free = self.noise.redraw_is_free
-        drawn = None if free else [block.noise(f"z{k}", lambda name, k=k: self.z(update.step, name, k))
-                                   for k in range(self.q)]
+        drawn = None if free or block.lean else [block.noise(f"z{k}", lambda name, k=k: self.z(update.step, name, k))
+                                                 for k in range(self.q)]
         for name, theta in block.tensors.items():
             wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
             sr = self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16)
@@ -148,7 +148,7 @@ class MeZO(ZOOptimizer):
             row = theta[0].numel() if theta.ndim > 1 else 1
             for a, b in block.chunks(name):
                 part = theta[a:b] if theta.ndim else theta
-                if drawn is not None and drawn[0] is not None:  # the whole tensor, drawn above
+                if drawn is not None:  # workspace mode: the whole tensor, drawn above
                     directions = ((z[name], g) for z, g in zip(drawn, update["g"]))
                 else:
                     scratch = block.buffer("scratch", name, (a, b))

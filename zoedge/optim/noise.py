@@ -275,11 +275,8 @@ class NoiseSource:
         return NoiseDraw(self, step, name, stream)
 
     def _queue(self, out: torch.Tensor, step: int, name: str, stream: str) -> None:
-        """Queue :meth:`normal_` of ``out`` in the open :func:`batched_draws` block (where the variant draws)."""
-        if out.device.type == "cpu":
-            self._fill(out, step, name, stream, self.direction, defer=True)
-        else:
-            self.normal_(out, step, name, stream)
+        """Queue :meth:`normal_` of ``out`` in the open :func:`batched_draws` block (an accelerator draws at once)."""
+        self._fill(out, step, name, stream, self.direction, defer=True)
 
     def normal(self, shape: tuple[int, ...], step: int, name: str, stream: str, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
