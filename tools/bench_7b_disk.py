@@ -331,13 +331,19 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def print_paths(res: dict[str, Any]) -> None:
-    print(f"\nLlama-2-7B width, {res['layers']} layers, {res['dtype']}, disk tier + working copy, MeZO "
-          f"({res['noise']} noise), batch {res['batch']} x seq {res['seq']}, {res['threads']['threads']} threads\n"
+def print_heading(what: str, res: dict[str, Any], columns: list[str]) -> None:
+    """The run's conditions (model, batch, threads, load at start and end) and a Markdown table's header."""
+    print(f"\nLlama-2-7B width, {what}, disk tier + working copy, MeZO ({res.get('noise', 'gaussian')} noise), "
+          f"batch {res['batch']} x seq {res['seq']}, {res['threads']['threads']} threads\n"
           f"  load: {res['uptime_start']}\n        {res['uptime_end']}")
-    print("| path | MeZO step (median) | noise draws | rest of the compute (forwards, θ ± εz, update) | copies "
-          "| waited for disk | I/O thread (read / write) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def print_paths(res: dict[str, Any]) -> None:
+    print_heading(f"{res['layers']} layers, {res['dtype']}", res,
+                  ["path", "MeZO step (median)", "noise draws", "rest of the compute (forwards, θ ± εz, update)",
+                   "copies", "waited for disk", "I/O thread (read / write)"])
     for name, p in res["paths"].items():  # every noise draw runs inside a compute operation (hook or forward)
         print(f"| {name} | {p['median_step_s']:.2f} s | {p['noise_s']:.2f} s | {p['compute_s'] - p['noise_s']:.2f} s | "
               f"{p['copies_s']:.2f} s | {p['waited_for_disk_s']:.2f} s | "
@@ -375,12 +381,9 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_layers(res: dict[str, Any]) -> None:
-    print(f"\nLlama-2-7B width, {res['dtype']}, disk tier + working copy, MeZO ({res.get('noise', 'gaussian')} noise), "
-          f"batch {res['batch']} x seq {res['seq']}, "
-          f"{res['threads']['threads']} threads\n  load: {res['uptime_start']}\n        {res['uptime_end']}")
-    print("| layers | MeZO step (median) | two forwards, resident | compute waited for I/O | I/O thread busy "
-          "(read / write) | one layer: cold read / write+fsync |")
-    print("|---|---|---|---|---|---|")
+    print_heading(res["dtype"], res, ["layers", "MeZO step (median)", "two forwards, resident",
+                                      "compute waited for I/O", "I/O thread busy (read / write)",
+                                      "one layer: cold read / write+fsync"])
     for d in res["depths"]:
         io = d["layer_io"]
         print(f"| {d['layers']} | {d['median_step_s']:.2f} s | {d['median_forwards_s']:.2f} s | "
