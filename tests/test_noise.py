@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zoedge.optim import noise as nz
+from zoedge.optim import philox
 
 
 @pytest.fixture
@@ -18,12 +19,13 @@ def restore_threads():
 SHAPE = (7, nz.CHUNK // 2 + 3)  # 3.5 chunks and a ragged tail
 
 
+@pytest.mark.parametrize("generator", nz.GENERATORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_same_values_with_1_2_and_4_threads(restore_threads, dtype):
+def test_same_values_with_1_2_and_4_threads(restore_threads, dtype, generator):
     draws = {}
     for threads in (1, 2, 4):
         torch.set_num_threads(threads)
-        src = nz.NoiseSource(5)
+        src = nz.NoiseSource(5, generator)
         draws[threads] = (src.normal_(torch.empty(SHAPE, dtype=dtype), 3, "layers.0.w", "z0"),
                           src.uniform_(torch.empty(SHAPE, dtype=dtype), 3, "layers.0.w", "sr"))
         if threads > 1:
@@ -32,9 +34,25 @@ def test_same_values_with_1_2_and_4_threads(restore_threads, dtype):
         assert all(torch.equal(a, b) for a, b in zip(draws[1], draws[threads])), threads
 
 
-def test_each_chunk_is_its_own_counter_based_stream(restore_threads):
+def test_philox_value_i_is_word_i_of_the_stream_seeds_philox_stream(restore_threads):
     torch.set_num_threads(2)
-    out = nz.NoiseSource(5).normal_(torch.empty(SHAPE), 3, "w", "z0").view(-1)
+    src = nz.NoiseSource(5)
+    assert src.generator == "philox"  # the default
+    out = src.normal_(torch.empty(SHAPE), 3, "w", "z0").view(-1)
+    seed = nz.stream_seed(5, 3, "w", "z0")
+    start = nz.CHUNK - 1000  # a range across a chunk boundary, computed on its own
+    assert torch.equal(out[start:start + 3000], philox.reference_fill_(torch.empty(3000), seed, start))
+    u = src.uniform_(torch.empty(SHAPE), 3, "w", "sr").view(-1)
+    sr = nz.stream_seed(5, 3, "w", "sr")
+    assert torch.equal(u[-777:], philox.reference_fill_(torch.empty(777), sr, u.numel() - 777, "uniform"))
+    # and a bf16 target holds the fp32 values rounded
+    half = src.normal_(torch.empty(SHAPE, dtype=torch.bfloat16), 3, "w", "z0").view(-1)
+    assert torch.equal(half, out.to(torch.bfloat16))
+
+
+def test_mt19937_chunks_are_torch_generators_seeded_per_chunk(restore_threads):
+    torch.set_num_threads(2)
+    out = nz.NoiseSource(5, "mt19937").normal_(torch.empty(SHAPE), 3, "w", "z0").view(-1)
     seed = nz.stream_seed(5, 3, "w", "z0")
     n = out.numel()
     for k in range((n + nz.CHUNK - 1) // nz.CHUNK):
@@ -43,13 +61,14 @@ def test_each_chunk_is_its_own_counter_based_stream(restore_threads):
         assert torch.equal(part, ref), k
     assert len({nz.chunk_seed(seed, k) for k in range(4)}) == 4
     # a small tensor is one chunk: the stream seed itself
-    small = nz.NoiseSource(5).normal_(torch.empty(10, 3), 3, "b", "z0")
+    small = nz.NoiseSource(5, "mt19937").normal_(torch.empty(10, 3), 3, "b", "z0")
     assert torch.equal(small, torch.empty(10, 3).normal_(generator=torch.Generator().manual_seed(
         nz.stream_seed(5, 3, "b", "z0"))))
 
 
-def test_values_do_not_depend_on_the_target_layout():
-    src = nz.NoiseSource(1)
+@pytest.mark.parametrize("generator", nz.GENERATORS)
+def test_values_do_not_depend_on_the_target_layout(generator):
+    src = nz.NoiseSource(1, generator)
     contiguous = src.normal_(torch.empty(300, 200), 0, "w", "z0")
     strided = torch.empty(200, 300).t()
     assert torch.equal(src.normal_(strided, 0, "w", "z0"), contiguous)

@@ -76,6 +76,10 @@ def test_a_cache_hit_is_the_draw_and_nothing_else_hits():
     assert reseeded.cache is cache
     assert torch.equal(reseeded.normal_(torch.empty(SHAPES["small"]), 2, "small", "z0"),
                        nz.NoiseSource(8).normal_(torch.empty(SHAPES["small"]), 2, "small", "z0"))
+    legacy = src.reseeded(7, "mt19937")  # the same seed drawn by the other generator: other values
+    assert legacy.cache is cache
+    assert torch.equal(legacy.normal_(torch.empty(SHAPES["small"]), 2, "small", "z0"),
+                       nz.NoiseSource(7, "mt19937").normal_(torch.empty(SHAPES["small"]), 2, "small", "z0"))
     assert cache.hits == hits
 
 

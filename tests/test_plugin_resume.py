@@ -55,3 +55,31 @@ def test_resume_is_bit_equal(store, tmp_path, name, opts):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _legacy(trainer):
+    trainer.opt.noise = trainer.opt.noise.reseeded(trainer.opt.seed, "mt19937")
+    return trainer
+
+
+def test_a_checkpoint_that_names_no_noise_generator_resumes_with_the_one_it_was_trained_with(store, tmp_path):
+    """Checkpoints written before the Philox kernel hold no ``noise_generator``: they were drawn by mt19937 chunks,
+    and a resume must keep drawing those (the lazy update redraws the previous step's noise)."""
+    opts = {"lr": "1e-3", "eps": "1e-2"}
+    straight = _legacy(make(store, tmp_path / "a", "mezo", opts))
+    straight.fit()
+    half = _legacy(make(store, tmp_path / "b", "mezo", opts))
+    first = [half.train_step()["loss"] for _ in range(STEPS // 2)]
+    half.save()
+    (state_file,) = (tmp_path / "b").glob("checkpoints/*/state.json")
+    state = json.loads(state_file.read_text())
+    assert state["optimizer"].pop("noise_generator") == "mt19937"
+    state_file.write_text(json.dumps(state))  # as an older zoedge wrote it
+    resumed = make(store, tmp_path / "b", "mezo", opts)  # built with the default generator, philox
+    assert resumed.resume()
+    assert resumed.opt.noise.generator == "mt19937"
+    resumed.fit()
+    assert losses(tmp_path / "a") == first + losses(tmp_path / "b")
+    philox = make(store, tmp_path / "c", "mezo", opts)
+    philox.fit()
+    assert losses(tmp_path / "c")[1:] != losses(tmp_path / "a")[1:]  # the generators do differ

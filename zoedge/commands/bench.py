@@ -333,8 +333,10 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
         "breakdown_s": parts, "io_thread_s": io, "io_mode": io_mode,
-        "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
-    print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise), batch {args.batch} x seq {args.seq}, "
+        "noise_source": noise.describe(), "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
+    source = noise.describe()
+    print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise, {source['generator']} generator, CPU draws "
+          f"{source['cpu_backend']}), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
           f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)} at start, {load_end} at the end)",
           file=human)

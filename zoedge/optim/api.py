@@ -82,7 +82,7 @@ import torch
 
 from zoedge.errors import PluginError
 from zoedge.optim.first_order import FOSettings
-from zoedge.optim.noise import NoiseSource
+from zoedge.optim.noise import LEGACY_GENERATOR, NoiseSource
 from zoedge.runtime.streamed import BlockVisitor, Resident
 from zoedge.store.manifest import BlockEntry
 
@@ -373,14 +373,15 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         pend = self._pending
         pending = None if pend is None else {"data": pend.data, "metrics": pend.metrics, "step": pend.step,
                                              "owed": sorted(self._owed), "applied": sorted(self._applied)}
-        return {"param_groups": groups, "seed": self.seed, "steps_done": self.steps_done,
-                "pending": pending, "plugin": self.plugin_state()}
+        return {"param_groups": groups, "seed": self.seed, "noise_generator": self.noise.generator,
+                "steps_done": self.steps_done, "pending": pending, "plugin": self.plugin_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # type: ignore[override]
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         self.seed = int(state["seed"])
-        self.noise = self.noise.reseeded(self.seed)  # the same noise variant
+        # the same noise variant, drawn as the checkpointed run drew it (so a resumed run's noise is its own)
+        self.noise = self.noise.reseeded(self.seed, state.get("noise_generator", LEGACY_GENERATOR))
         self.steps_done = int(state["steps_done"])
         pend = state.get("pending")
         if pend is None:

@@ -1,14 +1,19 @@
 """Counter-based noise: every draw is a pure function of (run seed, step, tensor name, stream).
 
 ``stream_seed(run_seed, step, name, stream)`` is the first 63 bits of
-``sha256(f"zoedge/{run_seed}/{step}/{stream}/{name}")``. On the CPU a target is
-filled in chunks of :data:`CHUNK` elements (of its flattened, contiguous
-layout); chunk ``k`` gets its own generator seeded with
-``chunk_seed(stream_seed(...), k)`` (chunk 0 uses the stream seed itself), so the
-chunks are drawn in parallel on the intra-op threads and the values do not
-depend on how many threads there are. On an accelerator a draw re-seeds one
-reusable ``torch.Generator`` with the stream seed and fills the whole target.
-Consequences:
+``sha256(f"zoedge/{run_seed}/{step}/{stream}/{name}")``. How a draw's values follow from it is the source's
+*generator* (:data:`GENERATORS`, recorded in checkpoints):
+
+* ``philox`` (the default): on the CPU, value ``i`` of a tensor's flattened, contiguous layout is made from word
+  ``i`` of the Philox4x32-10 stream keyed by the stream seed (:mod:`zoedge.optim.philox`: a vectorised C kernel,
+  or the same operations in torch). The values are the same on every CPU and do not depend on how a draw is
+  split: a target is filled in chunks of :data:`CHUNK` elements, in parallel on the intra-op threads.
+* ``mt19937`` (zoedge's noise before the Philox kernel; checkpoints that do not name a generator use it):
+  chunk ``k`` of :data:`CHUNK` elements is drawn by torch's CPU generator seeded with
+  ``chunk_seed(stream_seed(...), k)`` (chunk 0 uses the stream seed itself).
+
+On an accelerator, with either generator, a draw re-seeds one reusable ``torch.Generator`` with the stream seed
+and fills the whole target. Consequences:
 
 * a tensor's noise does not depend on the order blocks are visited in, nor on
   what else was drawn before (each draw starts a fresh generator state);
@@ -16,8 +21,8 @@ Consequences:
   directions, ``"U"`` / ``"V"`` for low-rank factors), so redrawing one never
   shifts another;
 * values are reproducible per device type and dtype: CPU and CUDA generators
-  produce different numbers for the same seed, and a bf16 target is filled
-  directly in bf16 (not an fp32 draw rounded);
+  produce different numbers for the same seed; a bf16 target gets the fp32 Philox values rounded to bf16 on the
+  CPU, and is filled directly in bf16 by torch's generators;
 * so who draws them does not matter: a block's whole-tensor draws may be queued
   (:meth:`NoiseSource.draw` → :meth:`NoiseDraw.queue`) and drawn together in
   one :func:`batched_draws` block, every tensor's chunks in parallel, and a
@@ -55,15 +60,18 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+from zoedge.optim import philox
 
 if TYPE_CHECKING:
     from zoedge.optim.noise_cache import NoiseCache
 
-#: elements per independently seeded CPU chunk (4 MiB of fp32): large enough that seeding a generator per chunk
-#: costs nothing measurable, small enough that a block's tensors split across threads
+#: elements per CPU chunk (4 MiB of fp32), the unit of work of the parallel fill (and, for ``mt19937``, of seeding):
+#: large enough that a chunk's overhead costs nothing measurable, small enough that a block's tensors split
+#: across threads
 CHUNK = 1 << 20
 #: fewer elements than this in one fill (or one batch of fills) are drawn on the calling thread alone: handing them
 #: to other threads would cost more than it saves
@@ -84,8 +92,22 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+class _Job(NamedTuple):
+    """Chunk ``k`` of a CPU draw into contiguous 1-D ``flat``."""
+
+    flat: torch.Tensor
+    seed: int        # the draw's stream seed
+    k: int
+    kind: str        # what :func:`_draw_` fills: normal, uniform or rademacher
+    generator: str   # :data:`GENERATORS`
+
+    @property
+    def size(self) -> int:
+        return min(CHUNK, self.flat.numel() - self.k * CHUNK)
+
+
 class _Chunks:
-    """Fills the chunks of CPU draws on the intra-op threads (one generator per worker thread).
+    """Fills the chunks of CPU draws on the intra-op threads (one ``mt19937`` generator per worker thread).
 
     Draws queued inside :func:`batched_draws` (:meth:`NoiseDraw.queue`) are drawn together when the block ends,
     so that a block of tensors each smaller than one chunk still fills on all the threads.
@@ -95,7 +117,7 @@ class _Chunks:
         self.pool: ThreadPoolExecutor | None = None
         self.workers = 0
         self.local = threading.local()
-        self.queue: list[tuple[torch.Tensor, int, int, str]] | None = None  # (flat, seed, chunk, kind): batched
+        self.queue: list[_Job] | None = None  # batched
         self.after: list[Callable[[], None]] = []  # ... run once the queue is drawn
         self.batched_seconds = 0.0  # wall time spent drawing batches (and their ``then``s), for ``zoedge bench``
 
@@ -105,15 +127,18 @@ class _Chunks:
             gen = self.local.gen = torch.Generator()
         return gen
 
-    def _one(self, job: tuple[torch.Tensor, int, int, str]) -> None:
-        flat, seed, k, kind = job
-        _draw_(flat[k * CHUNK:(k + 1) * CHUNK], self._gen().manual_seed(chunk_seed(seed, k)), kind)
+    def _one(self, job: _Job) -> None:
+        part = job.flat[job.k * CHUNK:(job.k + 1) * CHUNK]
+        if job.generator == "philox":
+            philox.fill_(part, job.seed, job.k * CHUNK, job.kind)
+        else:
+            _draw_(part, self._gen().manual_seed(chunk_seed(job.seed, job.k)), job.kind)
 
-    def fill(self, flat: torch.Tensor, seed: int, kind: str, then: Callable[[], None] | None = None,
+    def fill(self, flat: torch.Tensor, seed: int, kind: str, generator: str, then: Callable[[], None] | None = None,
              defer: bool = False) -> None:
         """Draw every chunk of contiguous 1-D ``flat``, then call ``then``; ``defer``: when the open
         :func:`batched_draws` block ends instead."""
-        jobs = [(flat, seed, k, kind) for k in range((flat.numel() + CHUNK - 1) // CHUNK)]
+        jobs = [_Job(flat, seed, k, kind, generator) for k in range((flat.numel() + CHUNK - 1) // CHUNK)]
         if defer:
             if self.queue is None:
                 raise RuntimeError("a deferred draw outside a batched_draws() block")
@@ -125,11 +150,11 @@ class _Chunks:
         if then is not None:
             then()
 
-    def run(self, jobs: list[tuple[torch.Tensor, int, int, str]]) -> None:
+    def run(self, jobs: list[_Job]) -> None:
         """Draw ``jobs``: on the calling thread and ``threads - 1`` pool workers, each taking the next job (largest
         first) until none is left; on the calling thread alone when they are few elements in all."""
         threads = min(torch.get_num_threads(), len(jobs))
-        if threads <= 1 or sum(min(CHUNK, f.numel() - k * CHUNK) for f, _, k, _ in jobs) < MIN_PARALLEL:
+        if threads <= 1 or sum(job.size for job in jobs) < MIN_PARALLEL:
             for job in jobs:
                 self._one(job)
             return
@@ -137,7 +162,7 @@ class _Chunks:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
             self.pool, self.workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="zoedge-noise"), threads - 1
-        jobs = sorted(jobs, key=lambda job: -min(CHUNK, job[0].numel() - job[2] * CHUNK))
+        jobs = sorted(jobs, key=lambda job: -job.size)
         taken = itertools.count()  # next() on a count is atomic under the GIL: each job is taken once
 
         def work() -> None:
@@ -181,6 +206,12 @@ def batched_draw_seconds() -> float:
     return _CHUNKS.batched_seconds
 
 
+#: the ways a draw's values follow from its seed (see the module docstring); the first is the default
+GENERATORS = ("philox", "mt19937")
+#: the generator of a checkpoint that names none (written before there was a choice)
+LEGACY_GENERATOR = "mt19937"
+
+
 #: the bit pattern of the fp32 value 1.0 (a set sign bit makes it -1.0)
 _ONE_F32 = 0x3F800000
 
@@ -213,10 +244,14 @@ class NoiseSource:
 
     Args:
         run_seed: the run's seed.
+        generator: how the values follow from the seeds (:data:`GENERATORS`).
     """
 
-    def __init__(self, run_seed: int) -> None:
+    def __init__(self, run_seed: int, generator: str = GENERATORS[0]) -> None:
+        if generator not in GENERATORS:
+            raise ValueError(f"unknown noise generator {generator!r}: use one of {', '.join(GENERATORS)}")
         self.run_seed = run_seed
+        self.generator = generator
         self._generators: dict[torch.device, torch.Generator] = {}
         #: CPU draws of whole tensors are kept here within its budget and served from it when drawn again
         #: (:class:`~zoedge.optim.noise_cache.NoiseCache`; None: every draw is drawn)
@@ -247,7 +282,7 @@ class NoiseSource:
             return out.copy_(torch.randint(0, 2, out.shape, generator=gen, device=out.device,
                                            dtype=torch.int8)).mul_(-2).add_(1)
         cache = self.cache
-        if cache is not None and cache.get(out, self.run_seed, step, name, stream, kind):
+        if cache is not None and cache.get(out, self.identity, step, name, stream, kind):
             return out
         # the values of the contiguous layout, so they do not depend on the target's strides
         target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
@@ -256,9 +291,10 @@ class NoiseSource:
             if target is not out:
                 out.copy_(target)
             if cache is not None:
-                cache.put(out, self.run_seed, step, name, stream, kind)
+                cache.put(out, self.identity, step, name, stream, kind)
 
-        _CHUNKS.fill(target.view(-1), stream_seed(self.run_seed, step, name, stream), kind, then, defer)
+        _CHUNKS.fill(target.view(-1), stream_seed(self.run_seed, step, name, stream), kind, self.generator, then,
+                     defer)
         return out
 
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
@@ -298,12 +334,13 @@ class NoiseSource:
 
     def _fill_at(self, out: torch.Tensor, step: int, name: str, stream: str, start: int, total: int | None,
                  kind: str) -> torch.Tensor:
-        """The chunked draw on every device: chunk ``k`` (:data:`CHUNK` elements of the flat layout, the last one
-        shorter) is drawn whole with a generator seeded ``chunk_seed(stream_seed(...), k)``, and the part inside
-        the range is kept. On the CPU the values equal :meth:`normal_` / :meth:`uniform_` of the whole tensor
-        (which draws the same chunks); on an accelerator they differ from those (which fill the whole target
-        from one generator), so a tensor's draws must all go through the ``_at_`` form there. On the meta
-        device the same buffers are allocated and nothing is drawn (device-memory accounting)."""
+        """A range of a draw. On the CPU, the values of :meth:`normal_` / :meth:`uniform_` of the whole tensor:
+        ``philox`` computes just the range; ``mt19937`` draws each chunk that overlaps it whole and keeps the
+        part inside. Elsewhere, the chunked draw: chunk ``k`` (:data:`CHUNK` elements of the flat layout, the last
+        one shorter) is drawn whole with a generator seeded ``chunk_seed(stream_seed(...), k)``, and the part
+        inside the range is kept; those values differ from the whole-tensor draw (one generator for the whole
+        target), so a tensor's draws must all go through the ``_at_`` form there. On the meta device the same
+        buffers are allocated and nothing is drawn (device-memory accounting)."""
         n = out.numel()
         total = n if total is None else total
         if start < 0 or start + n > total:
@@ -312,6 +349,11 @@ class NoiseSource:
             return self._fill(out, step, name, stream, kind)  # the whole tensor: the parallel chunked fill
         flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
         seed = stream_seed(self.run_seed, step, name, stream)
+        if out.device.type == "cpu" and self.generator == "philox":
+            philox.fill_(flat, seed, start, kind)
+            if not out.is_contiguous():
+                out.copy_(flat.view(out.shape))
+            return out
         gen = None if out.is_meta else self._generators.setdefault(out.device, torch.Generator(out.device))
         k = start // CHUNK
         while k * CHUNK < start + n:
@@ -328,16 +370,28 @@ class NoiseSource:
             out.copy_(flat.view(out.shape))
         return out
 
-    def reseeded(self, run_seed: int) -> NoiseSource:
-        """The same variant (and options, and cache) for another run seed (``self`` when the seed is unchanged)."""
-        if run_seed == self.run_seed:
+    def describe(self) -> dict[str, str]:
+        """Variant, generator and how CPU draws are computed (``native``: the C kernel; for run summaries)."""
+        return {"kind": self.kind, "generator": self.generator,
+                "cpu_backend": philox.backend() if self.generator == "philox" else "torch"}
+
+    @property
+    def identity(self) -> tuple[str, int]:
+        """What a draw's values depend on besides (step, name, stream, kind): (generator, run seed)."""
+        return self.generator, self.run_seed
+
+    def reseeded(self, run_seed: int, generator: str | None = None) -> NoiseSource:
+        """The same variant (and options, and cache) for another run seed and/or generator (default: this one's);
+        ``self`` when neither changes."""
+        generator = self.generator if generator is None else generator
+        if (generator, run_seed) == self.identity:
             return self
-        other = self._with_seed(run_seed)
-        other.cache = self.cache  # its entries carry their run seed: another seed's never match
+        other = self._with_seed(run_seed, generator)
+        other.cache = self.cache  # its entries carry their source's identity: another's never match
         return other
 
-    def _with_seed(self, run_seed: int) -> NoiseSource:
-        return type(self)(run_seed)
+    def _with_seed(self, run_seed: int, generator: str) -> NoiseSource:
+        return type(self)(run_seed, generator)
 
     def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -392,21 +446,22 @@ class PoolNoise(NoiseSource):
 
     Args:
         run_seed: the run's seed (the pool and every offset derive from it).
+        generator: recorded for checkpoints; the pool and its offsets are drawn by torch's generator either way.
         size: pool length (even, at least :data:`CHUNK`; memory: ``size + CHUNK`` values per device and dtype).
     """
 
     kind = "pool"
     redraw_is_free = True
 
-    def __init__(self, run_seed: int, size: int = POOL_SIZE) -> None:
-        super().__init__(run_seed)
+    def __init__(self, run_seed: int, generator: str = GENERATORS[0], size: int = POOL_SIZE) -> None:
+        super().__init__(run_seed, generator)
         if size < CHUNK or size % 2:
             raise ValueError(f"pool size must be an even number >= {CHUNK}, got {size}")
         self.size = size
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def _with_seed(self, run_seed: int) -> NoiseSource:
-        return PoolNoise(run_seed, self.size)
+    def _with_seed(self, run_seed: int, generator: str) -> NoiseSource:
+        return PoolNoise(run_seed, generator, self.size)
 
     def pool(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The pool followed by a copy of its first :data:`CHUNK` values (so every window is contiguous)."""

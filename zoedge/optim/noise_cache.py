@@ -8,8 +8,8 @@ together (``zoedge bench`` shows it as ``noise``); a copy costs a small fraction
 (:func:`zoedge.runtime.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are
 drawn once a step, the others twice, as without a cache.
 
-The cache never serves stale values: a draw is a pure function of (run seed, step, tensor, stream, kind) and of
-its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served only for exactly those. It
+The cache never serves stale values: a draw is a pure function of (generator, run seed, step, tensor, stream, kind)
+and of its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served only for exactly those. It
 changes no result (tests compare runs with and without it bit for bit); only CPU draws of whole tensors go
 through it (an accelerator draws fast, and its memory is the scarce one).
 
@@ -56,7 +56,7 @@ def attach(source: NoiseSource, mib: int | None, device: str | torch.device, tie
 @dataclass
 class _Entry:
     buffer: torch.Tensor  # flat, the draw's dtype
-    draw: tuple[int, int] = (0, -1)  # (run seed, step) of the values it holds; step -1: none yet
+    draw: tuple = ()  # (source, step) of the values it holds; (): none yet
 
 
 @dataclass
@@ -77,18 +77,19 @@ class NoiseCache:
     def _key(out: torch.Tensor, name: str, stream: str, kind: str) -> tuple:
         return name, stream, kind, out.dtype, out.numel()
 
-    def get(self, out: torch.Tensor, run_seed: int, step: int, name: str, stream: str, kind: str) -> bool:
-        """Copy the draw (run_seed, step, name, stream, kind) into ``out`` if it is kept; returns whether it was."""
+    def get(self, out: torch.Tensor, source: tuple, step: int, name: str, stream: str, kind: str) -> bool:
+        """Copy the draw (source, step, name, stream, kind) into ``out`` if it is kept; returns whether it was.
+        ``source`` identifies the values' source: (generator, run seed) (:attr:`NoiseSource.identity`)."""
         entry = self.entries.get(self._key(out, name, stream, kind))
-        if entry is None or entry.draw != (run_seed, step):
+        if entry is None or entry.draw != (source, step):
             self.misses += 1
             return False
         out.copy_(entry.buffer.view(out.shape))
         self.hits += 1
         return True
 
-    def put(self, value: torch.Tensor, run_seed: int, step: int, name: str, stream: str, kind: str) -> None:
-        """Keep a copy of ``value``, the draw (run_seed, step, name, stream, kind), if its entry exists or fits."""
+    def put(self, value: torch.Tensor, source: tuple, step: int, name: str, stream: str, kind: str) -> None:
+        """Keep a copy of ``value``, the draw (source, step, name, stream, kind), if its entry exists or fits."""
         key = self._key(value, name, stream, kind)
         entry = self.entries.get(key)
         if entry is None:
@@ -98,7 +99,7 @@ class NoiseCache:
             self.used += nbytes
             entry = self.entries[key] = _Entry(allocate(nbytes, "cpu", "noise cache").view(value.dtype))
         entry.buffer.view(value.shape).copy_(value)
-        entry.draw = (run_seed, step)
+        entry.draw = (source, step)
 
     def to_dict(self) -> dict[str, int]:
         """Budget, bytes held and hit / miss counts (for run summaries)."""

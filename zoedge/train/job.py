@@ -276,7 +276,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
         "threads": governor.to_dict(),
-        "noise_cache": cache.to_dict() if cache is not None else None,
+        "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
         "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
         "wall_seconds": time.perf_counter() - started, "steps_per_s": result.steps / result.seconds if result.seconds else None,

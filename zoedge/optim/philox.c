@@ -1,0 +1,156 @@
+/* zoedge's counter-based noise kernel: Philox4x32-10, then N(0, 1) by Box-Muller, U[0, 1) or ±1.
+ *
+ * Value i of a draw with 64-bit key k is made from 32-bit word i of the Philox4x32-10 stream of k: word
+ * i is lane i % 4 of the block whose counter is (i / 4 as 64 bits, 0, 0). See "Parallel random numbers:
+ * as easy as 1, 2, 3" (Salmon et al., SC 2011) for the generator. So any range of a draw can be filled
+ * on its own, by any thread, and gives the values of the whole draw.
+ *
+ * The floating-point work uses only +, -, *, /, sqrt and exact integer <-> float conversions, in an order
+ * fixed by this source: IEEE 754 makes every result the same on every CPU, as long as the compiler
+ * neither fuses a multiply and an add (-ffp-contract=off) nor reorders (no -ffast-math). Vector and
+ * scalar code therefore agree bit for bit, and zoedge/optim/philox.py repeats the same operations in
+ * torch as the reference (and the fallback without a C compiler); tests/test_philox.py checks that they
+ * agree. log and sin/cos are zoedge's own short series, accurate to about 1e-7, not libm's.
+ *
+ * Build: cc -O3 -march=native -ffp-contract=off -fno-math-errno -shared -fPIC (philox.py does it).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define KIND_NORMAL 0
+#define KIND_UNIFORM 1
+#define KIND_RADEMACHER 2
+
+/* Philox4x32 multipliers and Weyl key increments (the published constants) */
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+/* float32 constants, written exactly (philox.py holds the same bit patterns) */
+#define SQRT2   0x1.6a09e6p+0f
+#define LN2_HI  0x1.62e4p-1f      /* ln 2 = LN2_HI + LN2_LO */
+#define LN2_LO  0x1.7f7d1cp-20f
+#define L3      0x1.555556p-2f    /* 1/3, 1/5, ...: 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + ...) */
+#define L5      0x1.99999ap-3f
+#define L7      0x1.24924ap-3f
+#define L9      0x1.c71c72p-4f
+#define L11     0x1.745d18p-4f
+#define PI_4    0x1.921fb6p-1f
+#define S3     -0x1.555556p-3f    /* sin t = t (1 + S3 t^2 + S5 t^4 + ...), |t| <= pi/4 */
+#define S5      0x1.111112p-7f
+#define S7     -0x1.a01a02p-13f
+#define S9      0x1.71de3ap-19f
+#define C2     -0x1p-1f           /* cos t = 1 + C2 t^2 + C4 t^4 + ... */
+#define C4      0x1.555556p-5f
+#define C6     -0x1.6c16c2p-10f
+#define C8      0x1.a01a02p-16f
+#define C10    -0x1.27e4fcp-22f
+#define TWO_M24 0x1p-24f
+#define TWO_M21 0x1p-21f
+
+/* blocks per group: a group is 4 * GROUP_BLOCKS values, computed lane-parallel (vectorised) */
+#define GROUP_BLOCKS 64
+#define GROUP (4 * GROUP_BLOCKS)
+
+static inline float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* ln x for x in (0, 1]: x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh((m - 1) / (m + 1)) */
+static inline float log_unit(float x) {
+    uint32_t bits = as_uint(x);
+    int32_t e = (int32_t)(bits >> 23) - 127;
+    float m = as_float((bits & 0x7fffffu) | 0x3f800000u);
+    int32_t big = m > SQRT2;
+    m = m * as_float(0x3f800000u - ((uint32_t)big << 23)); /* m or m / 2, without a branch */
+    e += big;
+    float f = m - 1.0f;
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float series = 1.0f + s2 * (L3 + s2 * (L5 + s2 * (L7 + s2 * (L9 + s2 * L11))));
+    float ef = (float)e;
+    return ef * LN2_HI + (ef * LN2_LO + 2.0f * s * series);
+}
+
+/* Box-Muller on words a, b: radius from a, angle 2 pi u from b, reduced to an octant */
+static inline void box_muller(uint32_t a, uint32_t b, float *z_cos, float *z_sin) {
+    float u1 = (float)(int32_t)((a >> 8) + 1u) * TWO_M24; /* (0, 1] */
+    float r = __builtin_sqrtf(-2.0f * log_unit(u1));
+    uint32_t v = b >> 8;                                   /* 24 bits: angle = 2 pi v / 2^24 */
+    uint32_t octant = v >> 21;
+    /* angle = q pi/2 + t with t in [-pi/4, pi/4): odd octants count back from the next quadrant */
+    float y = (float)(int32_t)(v & 0x1fffffu) * TWO_M21 - (float)(int32_t)(octant & 1u);
+    float t = y * PI_4;
+    float t2 = t * t;
+    float s = t * (1.0f + t2 * (S3 + t2 * (S5 + t2 * (S7 + t2 * S9))));
+    float c = 1.0f + t2 * (C2 + t2 * (C4 + t2 * (C6 + t2 * (C8 + t2 * C10))));
+    uint32_t q = ((octant + 1u) >> 1) & 3u;
+    uint32_t odd = q & 1u;
+    float sin_q = odd ? c : s, cos_q = odd ? s : c;         /* rotate by q quarter turns */
+    sin_q = as_float(as_uint(sin_q) ^ ((q & 2u) << 30));
+    cos_q = as_float(as_uint(cos_q) ^ (((q + 1u) & 2u) << 30));
+    *z_cos = r * cos_q;
+    *z_sin = r * sin_q;
+}
+
+/* values [g * GROUP, (g + 1) * GROUP) of the draw into buf */
+static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1, int kind) {
+    uint32_t x0[GROUP_BLOCKS], x1[GROUP_BLOCKS], x2[GROUP_BLOCKS], x3[GROUP_BLOCKS];
+    float z0[GROUP_BLOCKS], z1[GROUP_BLOCKS], z2[GROUP_BLOCKS], z3[GROUP_BLOCKS];
+    uint64_t first = g * GROUP_BLOCKS;
+    for (int j = 0; j < GROUP_BLOCKS; j++) {
+        uint64_t block = first + (uint64_t)j;
+        uint32_t c0 = (uint32_t)block, c1 = (uint32_t)(block >> 32), c2 = 0, c3 = 0;
+        uint32_t a0 = k0, a1 = k1;
+#pragma GCC unroll 10
+        for (int round = 0; round < 10; round++) {
+            uint64_t p0 = (uint64_t)PHILOX_M0 * c0, p1 = (uint64_t)PHILOX_M1 * c2;
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ a0, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ a1;
+            c1 = (uint32_t)p1;
+            c3 = (uint32_t)p0;
+            c0 = n0;
+            c2 = n2;
+            a0 += PHILOX_W0;
+            a1 += PHILOX_W1;
+        }
+        x0[j] = c0; x1[j] = c1; x2[j] = c2; x3[j] = c3;
+    }
+    if (kind == KIND_NORMAL) {
+        for (int j = 0; j < GROUP_BLOCKS; j++) box_muller(x0[j], x1[j], &z0[j], &z1[j]);
+        for (int j = 0; j < GROUP_BLOCKS; j++) box_muller(x2[j], x3[j], &z2[j], &z3[j]);
+    } else if (kind == KIND_UNIFORM) {
+        for (int j = 0; j < GROUP_BLOCKS; j++) {
+            z0[j] = (float)(int32_t)(x0[j] >> 8) * TWO_M24;
+            z1[j] = (float)(int32_t)(x1[j] >> 8) * TWO_M24;
+            z2[j] = (float)(int32_t)(x2[j] >> 8) * TWO_M24;
+            z3[j] = (float)(int32_t)(x3[j] >> 8) * TWO_M24;
+        }
+    } else { /* the word's top bit is the sign of 1.0 */
+        for (int j = 0; j < GROUP_BLOCKS; j++) {
+            z0[j] = as_float(0x3f800000u | (x0[j] & 0x80000000u));
+            z1[j] = as_float(0x3f800000u | (x1[j] & 0x80000000u));
+            z2[j] = as_float(0x3f800000u | (x2[j] & 0x80000000u));
+            z3[j] = as_float(0x3f800000u | (x3[j] & 0x80000000u));
+        }
+    }
+    for (int j = 0; j < GROUP_BLOCKS; j++) {
+        buf[4 * j] = z0[j]; buf[4 * j + 1] = z1[j]; buf[4 * j + 2] = z2[j]; buf[4 * j + 3] = z3[j];
+    }
+}
+
+/* out[0, n) = values [start, start + n) of the draw with key `key` */
+void zoedge_philox_fill(float *out, int64_t n, int64_t start, uint64_t key, int kind) {
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    float buf[GROUP];
+    int64_t end = start + n;
+    for (int64_t g = start / GROUP; g * GROUP < end; g++) {
+        int64_t lo = g * GROUP, hi = lo + GROUP;
+        if (lo >= start && hi <= end) {
+            fill_group(out + (lo - start), (uint64_t)g, k0, k1, kind);
+        } else {
+            int64_t a = lo > start ? lo : start, b = hi < end ? hi : end;
+            fill_group(buf, (uint64_t)g, k0, k1, kind);
+            memcpy(out + (a - start), buf + (a - lo), (size_t)(b - a) * sizeof(float));
+        }
+    }
+}
