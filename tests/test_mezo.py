@@ -74,10 +74,21 @@ def test_noise_variants_streamed_equal_resident(tmp_path, noise, layout):
 
 @pytest.mark.parametrize("q,budget", [(1, 1 << 30), (2, 6000)])
 def test_noise_cache_changes_nothing(tmp_path, q, budget):
-    """With a noise cache (the update copies the step's z instead of drawing it again), every loss and weight is
+    """With a noise cache (the update reads the step's z there instead of drawing it again), every loss and weight is
     still the textbook loop's, bit for bit: with room for every tensor's draw, and with room for a few only
     (the others drawn twice); and the cache was used."""
     cache = NoiseCache(budget)
+    get, put = cache.get, cache.put
+
+    def get_nothing(out, *args):  # a draw the cache keeps is read in its buffer: never copied out ...
+        assert not get(out, *args), "copied out of the cache"
+        return False
+
+    def put_nothing(value, source, step, name, stream, kind):  # ... nor in: only draws it cannot keep come here
+        put(value, source, step, name, stream, kind)
+        assert cache._entry(value, name, stream, kind, create=False) is None, "copied into the cache"
+
+    cache.get, cache.put = get_nothing, put_nothing
     check_streamed_equals_resident(tmp_path, "llama", q, "in-place", "gaussian", cache)
     assert cache.hits > 0 and cache.used <= budget
     if budget < 1 << 30:

@@ -21,14 +21,20 @@ SHAPE = (7, nz.CHUNK // 2 + 3)  # 3.5 chunks and a ragged tail
 
 @pytest.mark.parametrize("generator", nz.GENERATORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_same_values_with_1_2_and_4_threads(restore_threads, dtype, generator):
+def test_same_values_with_1_2_and_4_threads(restore_threads, monkeypatch, dtype, generator):
+    on_torch_threads = generator == "philox" and dtype == torch.float32 and philox.parallel()
+    used = []
+    fill_many = philox.fill_many
+    monkeypatch.setattr(philox, "fill_many", lambda pieces, threads: (used.append(threads), fill_many(pieces, threads)))
     draws = {}
     for threads in (1, 2, 4):
         torch.set_num_threads(threads)
         src = nz.NoiseSource(5, generator)
         draws[threads] = (src.normal_(torch.empty(SHAPE, dtype=dtype), 3, "layers.0.w", "z0"),
                           src.uniform_(torch.empty(SHAPE, dtype=dtype), 3, "layers.0.w", "sr"))
-        if threads > 1:
+        if on_torch_threads:  # the kernel's pieces, on torch's OpenMP threads
+            assert used[-2:] == [threads, threads]
+        elif threads > 1:
             assert nz._CHUNKS.workers >= threads - 1  # the chunks were drawn on the calling thread and a pool
     for threads in (2, 4):
         assert all(torch.equal(a, b) for a, b in zip(draws[1], draws[threads])), threads

@@ -112,3 +112,30 @@ def test_attach_gives_the_source_the_budgeted_cache():
     assert attach(src, 3, "cpu", "disk").budget == 3 << 20 and src.cache.budget == 3 << 20  # --noise-cache 3
     assert attach(src, 0, "cpu", "ram") is None and src.cache is None  # --noise-cache 0: off
     assert attach(src, None, "cpu", "disk") is None  # the disk tier's default
+
+
+def test_a_held_draw_is_read_in_the_caches_buffer_and_redrawn_there_next_step():
+    cache = NoiseCache(1 << 30)
+    src = nz.NoiseSource(7)
+    src.cache = cache
+    like = torch.empty(SHAPES["mid"])
+    with nz.batched_draws():
+        first = src.draw(2, "mid", "z0").held(like)
+        assert cache.misses == 1 and cache.hits == 0  # queued: filled when the block ends
+    assert torch.equal(first, nz.NoiseSource(7).normal_(torch.empty_like(like), 2, "mid", "z0"))
+    kept = first.clone()
+    with nz.batched_draws():
+        again = src.draw(2, "mid", "z0").held(like)
+    assert cache.hits == 1 and again.data_ptr() == first.data_ptr() and torch.equal(again, kept)
+    with nz.batched_draws():
+        step3 = src.draw(3, "mid", "z0").held(like)
+    assert step3.data_ptr() == first.data_ptr()  # the next step's draw goes into the same buffer ...
+    assert torch.equal(step3, nz.NoiseSource(7).normal_(torch.empty_like(like), 3, "mid", "z0"))
+    # ... and the step-2 values are gone: neither a copy nor a lend serves them
+    assert not cache.get(torch.empty_like(like), src.identity, 2, "mid", "z0", "normal")
+    # a draw that does not fit the budget is not held
+    small = NoiseCache(100)
+    src.cache = small
+    with nz.batched_draws():
+        assert src.draw(2, "mid", "z0").held(like) is None
+    assert small.used == 0

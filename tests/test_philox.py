@@ -3,6 +3,7 @@ is the same part of the whole draw, and the values have the statistics they clai
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,27 @@ def test_the_library_is_built_once_per_cache_and_reused(monkeypatch, tmp_path):
     again = philox._Kernel()
     assert again.load() is not None and again.path == first.path and again.path.stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.path.name]  # no temporaries left
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_fill_many_pieces_are_the_whole_draw_on_any_number_of_threads(threads):
+    whole = philox.fill_(torch.empty(300_000), KEY, 17)
+    out = torch.empty(300_000)
+    cuts = [0, 1, 4096, 4097, 70_000, 200_003, 300_000]
+    pieces = [(out[a:b], KEY, 17 + a, "normal") for a, b in zip(cuts, cuts[1:])]
+    philox.fill_many(pieces, threads)
+    assert torch.equal(_bits(out), _bits(whole))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        philox.fill_many([(torch.empty(8, dtype=torch.float64), KEY, 0, "normal")], threads)
+
+
+@native
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux: /proc/self/maps lists the loaded libraries")
+def test_the_kernel_runs_on_torchs_own_openmp_runtime():
+    """Built with OpenMP, the library must bind to the libgomp torch loaded (its threads are torch's intra-op
+    threads), not load a second runtime whose threads would compete with torch's."""
+    if not philox.parallel():
+        pytest.skip("the kernel was built without OpenMP")
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
+    assert len(loaded) == 1, loaded

@@ -299,6 +299,9 @@ def test_memory_and_bench_cli_real_runs(stores, capsys, tmp_path):
                  "resident", "--no-progress", "--json", str(out)]) == 0
     b = json.loads(out.read_text())
     assert len(b["step_s"]) == 2 and b["tokens_per_s"] > 0 and b["ratio_streamed_to_resident"] > 0
+    # the resident step as the paper draws (torch's generator), and with the streamed step's own (philox)
+    assert len(b["resident_step_s"]) == len(b["resident_same_noise_step_s"]) == 2
+    assert b["noise_source"]["generator"] == "philox"
     assert sum(b["breakdown_s"].values()) == pytest.approx(sum(b["step_s"]) / 2, rel=1e-6)
 
 

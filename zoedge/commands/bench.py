@@ -28,8 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "and the disk I/O thread's read and write time, which overlaps them (--tier disk; without --working-dir "
         "dense updates go to a temporary working copy). "
         "--compare resident also times a plain resident MeZO step (the whole model on the device, perturbed in "
-        "place) and the step's forward passes alone (the floor) on the same batch, alternating with the streamed "
-        "step, and reports the ratios. On CUDA the "
+        "place, noise from torch's generator as in the MeZO paper's code; and again with the streamed step's own "
+        "noise generator) and the step's forward passes alone (the floor) on the same batch, alternating with the "
+        "streamed step, and reports the ratios. On CUDA the "
         "hook timings synchronise the device (the breakdown, not the total, is then approximate) and copies, "
         "forward passes and stalls are one part.")
     add_common(p)
@@ -186,14 +187,17 @@ def resident_forwards(model: Any, batch: Any, passes: int = 2):
     return step
 
 
-def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian"):
+def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian",
+                  generator: str = "mt19937"):
     """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code),
-    with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool)."""
+    with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool) drawn
+    by ``generator``: by default torch's own, as the paper's code draws (``torch.normal``; here in parallel chunks,
+    which is no slower than its single call)."""
     import torch
 
     from zoedge.optim.noise import make_noise
 
-    source = make_noise(noise, seed)
+    source = make_noise(noise, seed).reseeded(seed, generator)
     params = list(model.named_parameters())  # tied weights appear once
     state = {"t": 0}
     loss = resident_loss(model, batch)
@@ -276,14 +280,16 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         spent["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t2)
         return float(values[0])
 
-    resident_step = forwards = None
+    resident_step = resident_same = forwards = None
     if args.compare == "resident":
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype).eval()
         hf.load_state_dict(model.state_dict(), strict=False)
         hf.tie_weights()
         hf.to(dev)
-        resident_step = resident_mezo(hf, batch.to(dev), noise=noise_kind)
+        resident_step = resident_mezo(hf, batch.to(dev), noise=noise_kind)  # the paper's: torch's generator
+        if noise.generator != "mt19937":  # ... and with the streamed step's noise generator
+            resident_same = resident_mezo(hf, batch.to(dev), noise=noise_kind, generator=noise.generator)
         forwards = resident_forwards(hf, batch.to(dev), opt.passes)
 
     def timed(fn) -> float:
@@ -298,6 +304,8 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         if resident_step:
             resident_step()
             forwards()
+        if resident_same:
+            resident_same()
     model.synchronize()
     visitor.reset()
     noise.seconds = spent["passes"] = spent["bookkeeping"] = 0.0
@@ -306,12 +314,17 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     t_str: list[float] = []
     t_res: list[float] = []
     t_fwd: list[float] = []
+    t_same: list[float] = []
     for r in tqdm(range(args.steps), desc="bench", unit="step", disable=args.no_progress):
-        if resident_step and r % 2:  # alternate the order: a load change affects all three alike
+        if resident_step and r % 2:  # alternate the order: a load change affects all of them alike
             t_fwd.append(timed(forwards))
             t_res.append(timed(resident_step))
+            if resident_same:
+                t_same.append(timed(resident_same))
         t_str.append(timed(streamed_step))
         if resident_step and not r % 2:
+            if resident_same:
+                t_same.append(timed(resident_same))
             t_res.append(timed(resident_step))
             t_fwd.append(timed(forwards))
     model.synchronize()  # the last step's disk writes count in its I/O time
@@ -346,7 +359,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     if noise.cache is not None:
         c = noise.cache.to_dict()
         print(f"  noise cache     {c['bytes'] / 2**20:.0f} MiB of {c['budget_bytes'] / 2**20:.0f} MiB: {c['hits']} "
-              f"draws copied from it, {c['misses']} drawn (all steps)", file=human)
+              f"draws kept from the step before, {c['misses']} drawn (all steps)", file=human)
     print(f"  where a step's time goes (mean {mean:.3f} s; on this thread, the parts sum to it):", file=human)
     for k, v in parts.items():
         print(f"    {k:40s} {v * 1e3:10.1f} ms/step  ({100 * v / mean:4.1f}%)", file=human)
@@ -358,11 +371,20 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     if t_res:
         mr = statistics.median(t_res)
         result.update(resident_step_s=t_res, resident_median_step_s=mr, ratio_streamed_to_resident=med / mr)
-        print(f"  resident MeZO   median {mr:8.3f} s   {tokens / mr:10.1f} tokens/s", file=human)
+        print(f"  resident MeZO   median {mr:8.3f} s   {tokens / mr:10.1f} tokens/s   (as the MeZO paper's code: "
+              "noise from torch's generator)", file=human)
+        if t_same:
+            ms = statistics.median(t_same)
+            result.update(resident_same_noise_step_s=t_same, resident_same_noise_median_step_s=ms,
+                          ratio_streamed_to_resident_same_noise=med / ms)
+            print(f"  resident MeZO   median {ms:8.3f} s   {tokens / ms:10.1f} tokens/s   (noise from zoedge's "
+                  f"{noise.generator} generator, as the streamed step)", file=human)
         mf = statistics.median(t_fwd)
         result.update(forwards_step_s=t_fwd, forwards_median_step_s=mf, ratio_streamed_to_forwards=med / mf)
         print(f"  {opt.passes} forwards alone median {mf:8.3f} s   (resident model, loss only: the floor)", file=human)
-        print(f"  streamed / resident: {med / mr:.3f}   streamed / {opt.passes} forwards: {med / mf:.3f}", file=human)
+        same = f" ({med / statistics.median(t_same):.3f} with the same noise generator)" if t_same else ""
+        print(f"  streamed / resident: {med / mr:.3f}{same}   streamed / {opt.passes} forwards: {med / mf:.3f}",
+              file=human)
     if args.json:
         out = json.dumps(result, indent=1)
         print(out) if args.json == "-" else Path(args.json).write_text(out + "\n")

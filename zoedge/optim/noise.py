@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 #: large enough that a chunk's overhead costs nothing measurable, small enough that a block's tensors split
 #: across threads
 CHUNK = 1 << 20
+#: elements per piece of a Philox draw on torch's threads (about 0.1 ms of work: many pieces per block, for balance)
+PIECE = 1 << 16
 #: fewer elements than this in one fill (or one batch of fills) are drawn on the calling thread alone: handing them
 #: to other threads would cost more than it saves
 MIN_PARALLEL = 1 << 18
@@ -151,8 +153,19 @@ class _Chunks:
             then()
 
     def run(self, jobs: list[_Job]) -> None:
-        """Draw ``jobs``: on the calling thread and ``threads - 1`` pool workers, each taking the next job (largest
-        first) until none is left; on the calling thread alone when they are few elements in all."""
+        """Draw ``jobs``. Philox draws into fp32 go to the C kernel in pieces of :data:`PIECE` elements, drawn on
+        torch's own intra-op threads (:func:`~zoedge.optim.philox.fill_many`) where it was built with OpenMP. The
+        rest: on the calling thread and ``threads - 1`` pool workers, each taking the next job (largest first) until
+        none is left; on the calling thread alone when they are few elements in all."""
+        if philox.parallel():
+            native = [job for job in jobs if job.generator == "philox" and job.flat.dtype == torch.float32]
+            pieces = [(job.flat[lo:min(lo + PIECE, (job.k + 1) * CHUNK, job.flat.numel())], job.seed, lo, job.kind)
+                      for job in native for lo in range(job.k * CHUNK, job.k * CHUNK + job.size, PIECE)]
+            many = sum(job.size for job in native) >= MIN_PARALLEL
+            philox.fill_many(pieces, torch.get_num_threads() if many else 1)
+            jobs = [job for job in jobs if not (job.generator == "philox" and job.flat.dtype == torch.float32)]
+            if not jobs:
+                return
         threads = min(torch.get_num_threads(), len(jobs))
         if threads <= 1 or sum(job.size for job in jobs) < MIN_PARALLEL:
             for job in jobs:
@@ -313,6 +326,23 @@ class NoiseSource:
     def _queue(self, out: torch.Tensor, step: int, name: str, stream: str) -> None:
         """Queue :meth:`normal_` of ``out`` in the open :func:`batched_draws` block (an accelerator draws at once)."""
         self._fill(out, step, name, stream, self.direction, defer=True)
+
+    def _held(self, like: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor | None:
+        """The cache's buffer for :meth:`normal_` of a CPU tensor like ``like``, shaped like it: holding the draw,
+        or queued to be filled with it when the open :func:`batched_draws` block ends. None when there is no cache
+        or the draw does not fit it. Read-only: it is the cache's own."""
+        cache = self.cache
+        if cache is None or like.device.type != "cpu":
+            return None
+        entry, held = cache.lend(like, self.identity, step, name, stream, self.direction)
+        if entry is None:
+            return None
+        if not held:
+            def then() -> None:
+                entry.draw = (self.identity, step)
+            _CHUNKS.fill(entry.buffer, stream_seed(self.run_seed, step, name, stream), self.direction, self.generator,
+                         then, defer=True)
+        return entry.buffer.view(like.shape)
 
     def normal(self, shape: tuple[int, ...], step: int, name: str, stream: str, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
@@ -485,6 +515,9 @@ class PoolNoise(NoiseSource):
     def _queue(self, out: torch.Tensor, step: int, name: str, stream: str) -> None:
         self.normal_(out, step, name, stream)  # copies, nothing to draw: at once
 
+    def _held(self, like: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor | None:
+        return None  # nothing to keep: a draw is a copy of pool windows
+
     def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
         """Copy this draw's pool windows into ``out`` (values of its contiguous layout, like the other kinds)."""
         flat = out.view(-1) if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device).view(-1)
@@ -542,6 +575,12 @@ class NoiseDraw:
     def queue(self, out: torch.Tensor) -> None:
         """Fill all of ``out`` (shaped like the tensor) when the open :func:`batched_draws` block ends."""
         self.source._queue(out, self.step, self.name, self.stream)
+
+    def held(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The draw in the noise cache's own buffer, shaped like ``like`` (filled when the open
+        :func:`batched_draws` block ends if it was not kept yet): read it there instead of copying it; None when the
+        source has no cache for it. Read-only."""
+        return self.source._held(like, self.step, self.name, self.stream)
 
 
 #: the named noise variants (see the module docstring)

@@ -6,7 +6,9 @@ for the lazy update of the previous step (applied when the block is next residen
 together (``zoedge bench`` shows it as ``noise``); a copy costs a small fraction of a draw. A
 :class:`NoiseCache` keeps the latest draw of each (tensor, stream) in one buffer per tensor, allocated once
 (:func:`zoedge.runtime.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are
-drawn once a step, the others twice, as without a cache.
+drawn once a step, the others twice, as without a cache. A block's noise workspace borrows those buffers
+(:meth:`NoiseCache.lend`, through :meth:`~zoedge.runtime.streamed.Resident.noise`): the draw goes straight into
+the cache and the update reads it there, so nothing is copied.
 
 The cache never serves stale values: a draw is a pure function of (generator, run seed, step, tensor, stream, kind)
 and of its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served only for exactly those. It
@@ -54,9 +56,11 @@ def attach(source: NoiseSource, mib: int | None, device: str | torch.device, tie
 
 
 @dataclass
-class _Entry:
-    buffer: torch.Tensor  # flat, the draw's dtype
-    draw: tuple = ()  # (source, step) of the values it holds; (): none yet
+class Entry:
+    """One kept draw: a flat buffer of the draw's dtype and which draw it holds."""
+
+    buffer: torch.Tensor
+    draw: tuple = ()  # (source, step) of the values it holds; (): none (yet, or a draw into it is under way)
 
 
 @dataclass
@@ -71,16 +75,24 @@ class NoiseCache:
     used: int = 0
     hits: int = 0
     misses: int = 0
-    entries: dict[tuple, _Entry] = field(default_factory=dict, repr=False)
+    entries: dict[tuple, Entry] = field(default_factory=dict, repr=False)
 
-    @staticmethod
-    def _key(out: torch.Tensor, name: str, stream: str, kind: str) -> tuple:
-        return name, stream, kind, out.dtype, out.numel()
+    def _entry(self, like: torch.Tensor, name: str, stream: str, kind: str, create: bool) -> Entry | None:
+        """The entry of (name, stream, kind) for tensors like ``like`` (its dtype and size); ``create``: allocate it
+        if it is new and fits the budget."""
+        key = name, stream, kind, like.dtype, like.numel()
+        entry = self.entries.get(key)
+        if entry is None and create:
+            nbytes = like.numel() * like.element_size()
+            if self.used + nbytes <= self.budget:
+                self.used += nbytes
+                entry = self.entries[key] = Entry(allocate(nbytes, "cpu", "noise cache").view(like.dtype))
+        return entry
 
     def get(self, out: torch.Tensor, source: tuple, step: int, name: str, stream: str, kind: str) -> bool:
         """Copy the draw (source, step, name, stream, kind) into ``out`` if it is kept; returns whether it was.
         ``source`` identifies the values' source: (generator, run seed) (:attr:`NoiseSource.identity`)."""
-        entry = self.entries.get(self._key(out, name, stream, kind))
+        entry = self._entry(out, name, stream, kind, create=False)
         if entry is None or entry.draw != (source, step):
             self.misses += 1
             return False
@@ -90,16 +102,27 @@ class NoiseCache:
 
     def put(self, value: torch.Tensor, source: tuple, step: int, name: str, stream: str, kind: str) -> None:
         """Keep a copy of ``value``, the draw (source, step, name, stream, kind), if its entry exists or fits."""
-        key = self._key(value, name, stream, kind)
-        entry = self.entries.get(key)
-        if entry is None:
-            nbytes = value.numel() * value.element_size()
-            if self.used + nbytes > self.budget:
-                return
-            self.used += nbytes
-            entry = self.entries[key] = _Entry(allocate(nbytes, "cpu", "noise cache").view(value.dtype))
-        entry.buffer.view(value.shape).copy_(value)
-        entry.draw = (source, step)
+        entry = self._entry(value, name, stream, kind, create=True)
+        if entry is not None:
+            entry.buffer.view(value.shape).copy_(value)
+            entry.draw = (source, step)
+
+    def lend(self, like: torch.Tensor, source: tuple, step: int, name: str, stream: str, kind: str
+             ) -> tuple[Entry | None, bool]:
+        """The entry of the draw (source, step, name, stream, kind) of a tensor like ``like``, to be read in place
+        (no copy): ``(entry, True)`` when it holds the draw; ``(entry, False)`` when it holds another (or none):
+        the caller draws into ``entry.buffer`` and then sets ``entry.draw = (source, step)``; ``(None, False)``
+        when the draw does not fit the budget. The buffer is the cache's own: whoever borrows it must not write
+        anything else into it."""
+        entry = self._entry(like, name, stream, kind, create=True)
+        held = entry is not None and entry.draw == (source, step)
+        if held:
+            self.hits += 1
+        else:
+            self.misses += 1
+            if entry is not None:
+                entry.draw = ()  # until the caller has drawn into it
+        return entry, held
 
     def to_dict(self) -> dict[str, int]:
         """Budget, bytes held and hit / miss counts (for run summaries)."""

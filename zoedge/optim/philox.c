@@ -12,7 +12,8 @@
  * torch as the reference (and the fallback without a C compiler); tests/test_philox.py checks that they
  * agree. log and sin/cos are zoedge's own short series, accurate to about 1e-7, not libm's.
  *
- * Build: cc -O3 -march=native -ffp-contract=off -fno-math-errno -shared -fPIC (philox.py does it).
+ * Build: cc -O3 -march=native -fopenmp -ffp-contract=off -fno-math-errno -shared -fPIC (philox.py does it,
+ * without -march=native or -fopenmp where the compiler refuses them: the values are the same).
  */
 #include <stdint.h>
 #include <string.h>
@@ -139,6 +140,35 @@ static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1
 }
 
 /* out[0, n) = values [start, start + n) of the draw with key `key` */
+void zoedge_philox_fill(float *out, int64_t n, int64_t start, uint64_t key, int kind);
+
+/* one piece of a draw, for zoedge_philox_fill_many (philox.py builds an array of these) */
+typedef struct {
+    float *out;
+    int64_t n;
+    int64_t start;
+    uint64_t key;
+    int64_t kind;
+} zoedge_fill_job;
+
+/* the jobs on `threads` threads of the OpenMP runtime the process already runs (torch's: built with -fopenmp,
+ * this library binds to the libgomp.so.1 torch loaded, so its threads are torch's intra-op threads, already
+ * awake after an operation, instead of more threads competing with them); serially without OpenMP */
+void zoedge_philox_fill_many(const zoedge_fill_job *jobs, int64_t count, int threads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && count > 1)
+    for (int64_t i = 0; i < count; i++)
+        zoedge_philox_fill(jobs[i].out, jobs[i].n, jobs[i].start, jobs[i].key, (int)jobs[i].kind);
+}
+
+/* 1 when built with OpenMP (zoedge_philox_fill_many runs in parallel), else 0 */
+int zoedge_philox_parallel(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 void zoedge_philox_fill(float *out, int64_t n, int64_t start, uint64_t key, int kind) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
     float buf[GROUP];

@@ -35,8 +35,9 @@ KINDS = {"normal": 0, "uniform": 1, "rademacher": 2}
 SOURCE = Path(__file__).with_name("philox.c")
 #: how the kernel is compiled: ``-ffp-contract=off`` keeps a*b + c two roundings (the values depend on it)
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
-#: tried first, then without (a compiler or CPU that does not know it)
-TUNE = "-march=native"
+#: optional flags, each dropped if the compiler refuses it: the CPU's vector units, and OpenMP (the library then
+#: runs :func:`fill_many` on the OpenMP threads torch already runs: see ``philox.c``)
+OPTIONAL = ("-march=native", "-fopenmp")
 
 _M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
@@ -141,6 +142,8 @@ class _Kernel:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.fn = None
+        self.many = None  # zoedge_philox_fill_many
+        self.parallel = False  # built with OpenMP
         self.tried = False
         self.why_not: str | None = None  # why the torch implementation is in use
         self.path: Path | None = None
@@ -168,9 +171,14 @@ class _Kernel:
         if compiler is None:
             raise _Unavailable(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH")
         path = self._build(compiler)
-        fn = ctypes.CDLL(str(path)).zoedge_philox_fill
+        lib = ctypes.CDLL(str(path))
+        fn = lib.zoedge_philox_fill
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
         fn.restype = None
+        self.many = lib.zoedge_philox_fill_many
+        self.many.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
+        self.many.restype = None
+        self.parallel = bool(lib.zoedge_philox_parallel())
         self.path = path
         return fn
 
@@ -182,7 +190,7 @@ class _Kernel:
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
         except (OSError, subprocess.SubprocessError) as e:
             raise _Unavailable(f"{compiler} --version failed: {e}") from e
-        tag = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS + (TUNE,)).encode(),
+        tag = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS + OPTIONAL).encode(),
                                          _cpu_flags().encode()])).hexdigest()[:16]
         folder = default_cache_root() / "kernels"
         path = folder / f"philox-{tag}{_suffix()}"
@@ -191,8 +199,9 @@ class _Kernel:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         errors = []
-        for tune in ([TUNE], []):
-            cmd = [compiler, *FLAGS, *tune, str(SOURCE), "-o", str(tmp)]
+        options = [[f for i, f in enumerate(OPTIONAL) if not drop >> i & 1] for drop in range(1 << len(OPTIONAL))]
+        for extra in options:  # all of OPTIONAL first, then fewer
+            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as e:
@@ -204,6 +213,13 @@ class _Kernel:
             errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-400:]}")
         tmp.unlink(missing_ok=True)
         raise _Unavailable("compiling philox.c failed: " + " | ".join(errors))
+
+
+class _Job(ctypes.Structure):
+    """``zoedge_fill_job`` of ``philox.c``."""
+
+    _fields_ = [("out", ctypes.c_void_p), ("n", ctypes.c_int64), ("start", ctypes.c_int64), ("key", ctypes.c_uint64),
+                ("kind", ctypes.c_int64)]
 
 
 class _Unavailable(Exception):
@@ -233,6 +249,28 @@ _KERNEL = _Kernel()
 def backend() -> str:
     """``"native"`` (the C kernel) or ``"torch (<why>)"``: what :func:`fill_` uses in this process."""
     return "native" if _KERNEL.load() is not None else f"torch ({_KERNEL.why_not})"
+
+
+def parallel() -> bool:
+    """True when :func:`fill_many` runs its pieces in parallel (the C kernel, built with OpenMP)."""
+    return _KERNEL.load() is not None and _KERNEL.parallel
+
+
+def fill_many(pieces: list[tuple[torch.Tensor, int, int, str]], threads: int) -> None:
+    """Fill each piece ``(out, key, start, kind)`` as :func:`fill_` does, ``out`` being 1-D, contiguous, fp32 and on
+    the CPU, on ``threads`` threads of torch's OpenMP pool when :func:`parallel` (else one by one). The values do
+    not depend on how a draw is cut into pieces nor on the threads."""
+    fn = _KERNEL.load()
+    if fn is None or not _KERNEL.parallel:
+        for out, key, start, kind in pieces:
+            fill_(out, key, start, kind)
+        return
+    jobs = (_Job * len(pieces))()
+    for job, (out, key, start, kind) in zip(jobs, pieces):
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"fill_many needs contiguous fp32 CPU targets, got {out.dtype} on {out.device}")
+        job.out, job.n, job.start, job.key, job.kind = out.data_ptr(), out.numel(), start, key, KINDS[kind]
+    _KERNEL.many(jobs, len(pieces), threads)  # the GIL is released; ``pieces`` keeps the targets alive
 
 
 def fill_(out: torch.Tensor, key: int, start: int = 0, kind: str = "normal") -> torch.Tensor:

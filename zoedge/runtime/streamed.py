@@ -71,6 +71,8 @@ class Resident:
     writable: frozenset[str]
     dirty: bool = False
     runtime: StreamedModel | None = field(default=None, repr=False)
+    #: this residency's latest noise of each key (:meth:`noise`): workspace or noise-cache tensors
+    drawn: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def mark_dirty(self) -> None:
         """Call after changing ``tensors`` in place: the block is written back to the host tier."""
@@ -93,20 +95,25 @@ class Resident:
               ) -> dict[str, torch.Tensor] | None:
         """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
         given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once,
-        into workspace ``key`` and returns that workspace: plain draws (:class:`~zoedge.optim.noise.NoiseDraw`)
-        are queued and drawn together, every tensor's chunks in parallel
-        (:func:`~zoedge.optim.noise.batched_draws`), any other fill runs at once. Lean mode draws nothing here
-        (:meth:`perturbed` regenerates it where it is used) and returns None."""
+        and returns it by tensor name: a plain draw (:class:`~zoedge.optim.noise.NoiseDraw`) that the noise cache
+        keeps is read in the cache's own buffer (drawn into it unless it holds it already: no copy either way),
+        the others go to workspace ``key``; plain draws are queued and drawn together, every tensor's chunks in
+        parallel (:func:`~zoedge.optim.noise.batched_draws`), any other fill runs at once. The tensors are
+        read-only (they may be the cache's). Lean mode draws nothing here (:meth:`perturbed` regenerates it where
+        it is used) and returns None."""
         if self.lean:
             return None
-        z = self.workspace(key)
+        z = dict(self.workspace(key))
         with batched_draws():
             for name in self.tensors if names is None else names:
                 fill = fill_of(name)
-                if isinstance(fill, NoiseDraw):
-                    fill.queue(z[name])  # drawn with the block's other tensors, in parallel, at the block's end
-                else:
+                if not isinstance(fill, NoiseDraw):
                     fill(z[name], 0, z[name].numel())
+                elif (kept := fill.held(z[name])) is not None:
+                    z[name] = kept
+                else:
+                    fill.queue(z[name])  # drawn with the block's other tensors, in parallel, at the block's end
+        self.drawn[key] = z
         return z
 
     def perturbed(self, name: str, key: str, fill: Fill, alpha: float, base: torch.Tensor | None = None
@@ -122,7 +129,8 @@ class Resident:
         if self.lean:
             assert self.runtime is not None
             return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
-        return torch.add(theta, self.workspace(key)[name], alpha=alpha, out=self.workspace("scratch")[name])
+        z = self.drawn[key][name] if key in self.drawn else self.workspace(key)[name]
+        return torch.add(theta, z, alpha=alpha, out=self.workspace("scratch")[name])
 
     def chunks(self, name: str) -> list[tuple[int, int]]:
         """Row ranges to update tensor ``name`` in (lean: chunks of at most the runtime's ``chunk_bytes``;
