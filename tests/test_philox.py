@@ -3,6 +3,8 @@ is the same part of the whole draw, and the values have the statistics they clai
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,13 @@ def test_the_kernel_runs_on_torchs_own_openmp_runtime():
         pytest.skip("the kernel was built without OpenMP")
     loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
     assert len(loaded) == 1, loaded
+
+
+@native
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path))
+    path = philox._Kernel()._build(shutil.which(os.environ.get("CC", "cc")))  # built, not loaded in this process
+    path.write_bytes(b"not a shared library")
+    again = philox._Kernel()
+    assert again.load() is not None and again.path == path and path.stat().st_size > 1000
+    assert torch.equal(_bits(philox.fill_(torch.empty(64), 3)), _bits(philox.reference_fill_(torch.empty(64), 3)))

@@ -35,8 +35,8 @@ the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and u
 
 * ``gaussian`` (:class:`NoiseSource`, the default): independent N(0, 1) values.
 * ``rademacher`` (:class:`RademacherNoise`): independent ±1 values, each with probability 1/2 (mean 0,
-  variance 1, fourth moment 1 instead of 3: every direction has norm exactly √n). One 64-bit draw gives 8
-  values (bit 0 of each byte), so it fills about 5x faster than ``normal_`` on a CPU.
+  variance 1, fourth moment 1 instead of 3: every direction has norm exactly √n). ``philox``: the sign of
+  word ``i`` (about 1.5x faster than its normal draw); ``mt19937``: bit 0 of each byte of 64-bit draws.
 * ``pool`` (:class:`PoolNoise`): no per-step draw at all. One pool of ``size`` values is drawn once per run;
   each :data:`CHUNK`-element segment of a tensor's flattened layout reads the pool at its own random offset
   (a pure function of (seed, step, tensor, stream, segment)). The pool has a flat spectrum: a normal draw
@@ -73,8 +73,6 @@ if TYPE_CHECKING:
 #: large enough that a chunk's overhead costs nothing measurable, small enough that a block's tensors split
 #: across threads
 CHUNK = 1 << 20
-#: elements per piece of a Philox draw on torch's threads (about 0.1 ms of work: many pieces per block, for balance)
-PIECE = 1 << 16
 #: fewer elements than this in one fill (or one batch of fills) are drawn on the calling thread alone: handing them
 #: to other threads would cost more than it saves
 MIN_PARALLEL = 1 << 18
@@ -106,6 +104,11 @@ class _Job(NamedTuple):
     @property
     def size(self) -> int:
         return min(CHUNK, self.flat.numel() - self.k * CHUNK)
+
+    @property
+    def on_kernel(self) -> bool:
+        """Drawn straight into its target by the Philox kernel (fp32; other dtypes round an fp32 draw)."""
+        return self.generator == "philox" and self.flat.dtype == torch.float32
 
 
 class _Chunks:
@@ -153,17 +156,16 @@ class _Chunks:
             then()
 
     def run(self, jobs: list[_Job]) -> None:
-        """Draw ``jobs``. Philox draws into fp32 go to the C kernel in pieces of :data:`PIECE` elements, drawn on
-        torch's own intra-op threads (:func:`~zoedge.optim.philox.fill_many`) where it was built with OpenMP. The
-        rest: on the calling thread and ``threads - 1`` pool workers, each taking the next job (largest first) until
-        none is left; on the calling thread alone when they are few elements in all."""
+        """Draw ``jobs``. Where the Philox kernel was built with OpenMP, its jobs are drawn in small pieces on
+        torch's own intra-op threads (:func:`~zoedge.optim.philox.fill_many`). The others: on the calling thread
+        and ``threads - 1`` pool workers, each taking the next job (largest first) until none is left; on the
+        calling thread alone when they are few elements in all."""
         if philox.parallel():
-            native = [job for job in jobs if job.generator == "philox" and job.flat.dtype == torch.float32]
-            pieces = [(job.flat[lo:min(lo + PIECE, (job.k + 1) * CHUNK, job.flat.numel())], job.seed, lo, job.kind)
-                      for job in native for lo in range(job.k * CHUNK, job.k * CHUNK + job.size, PIECE)]
-            many = sum(job.size for job in native) >= MIN_PARALLEL
-            philox.fill_many(pieces, torch.get_num_threads() if many else 1)
-            jobs = [job for job in jobs if not (job.generator == "philox" and job.flat.dtype == torch.float32)]
+            kernel = [job for job in jobs if job.on_kernel]
+            many = sum(job.size for job in kernel) >= MIN_PARALLEL
+            philox.fill_many([(job.flat[job.k * CHUNK:(job.k + 1) * CHUNK], job.seed, job.k * CHUNK, job.kind)
+                              for job in kernel], torch.get_num_threads() if many else 1)
+            jobs = [job for job in jobs if not job.on_kernel]
             if not jobs:
                 return
         threads = min(torch.get_num_threads(), len(jobs))

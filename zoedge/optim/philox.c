@@ -16,6 +16,7 @@
  * without -march=native or -fopenmp where the compiler refuses them: the values are the same).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KIND_NORMAL 0
@@ -151,13 +152,32 @@ typedef struct {
     int64_t kind;
 } zoedge_fill_job;
 
-/* the jobs on `threads` threads of the OpenMP runtime the process already runs (torch's: built with -fopenmp,
- * this library binds to the libgomp.so.1 torch loaded, so its threads are torch's intra-op threads, already
- * awake after an operation, instead of more threads competing with them); serially without OpenMP */
-void zoedge_philox_fill_many(const zoedge_fill_job *jobs, int64_t count, int threads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && count > 1)
+/* the jobs, cut into pieces of at most `piece` values, on `threads` threads of the OpenMP runtime the process
+ * already runs (torch's: built with -fopenmp, this library binds to the libgomp.so.1 torch loaded, so its
+ * threads are torch's intra-op threads, already awake after an operation, instead of more threads competing
+ * with them); serially without OpenMP. The values do not depend on the pieces. */
+void zoedge_philox_fill_many(const zoedge_fill_job *jobs, int64_t count, int64_t piece, int threads) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) total += (jobs[i].n + piece - 1) / piece;
+    zoedge_fill_job *pieces = total > 0 ? malloc((size_t)total * sizeof(zoedge_fill_job)) : NULL;
+    if (pieces == NULL) { /* nothing to do, or no memory for the table: whole jobs, one by one */
+        for (int64_t i = 0; i < count; i++)
+            zoedge_philox_fill(jobs[i].out, jobs[i].n, jobs[i].start, jobs[i].key, (int)jobs[i].kind);
+        return;
+    }
+    int64_t k = 0;
     for (int64_t i = 0; i < count; i++)
-        zoedge_philox_fill(jobs[i].out, jobs[i].n, jobs[i].start, jobs[i].key, (int)jobs[i].kind);
+        for (int64_t lo = 0; lo < jobs[i].n; lo += piece) {
+            pieces[k] = jobs[i];
+            pieces[k].out = jobs[i].out + lo;
+            pieces[k].start = jobs[i].start + lo;
+            pieces[k].n = jobs[i].n - lo < piece ? jobs[i].n - lo : piece;
+            k++;
+        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && total > 1)
+    for (int64_t i = 0; i < total; i++)
+        zoedge_philox_fill(pieces[i].out, pieces[i].n, pieces[i].start, pieces[i].key, (int)pieces[i].kind);
+    free(pieces);
 }
 
 /* 1 when built with OpenMP (zoedge_philox_fill_many runs in parallel), else 0 */

@@ -11,8 +11,8 @@ its own, by any thread, with the values of the whole draw:
 * ``rademacher``: ``-1`` when the word's top bit is set, else ``+1``.
 
 Two implementations give the same bits: a C kernel (``philox.c``, compiled on first use with the system's C
-compiler into ``$ZOEDGE_CACHE/kernels``; vectorised, about 2.5x faster than torch's ``normal_`` on AVX2 and
-faster still with AVX-512) and :func:`reference_fill_`, the same operations in torch (the fallback when no
+compiler into ``$ZOEDGE_CACHE/kernels``; vectorised: per thread, 1.3x faster than torch's ``normal_`` as AVX2
+code and 2.5x as AVX-512 code on zoedge's 2-core AMD EPYC box) and :func:`reference_fill_`, the same operations in torch (the fallback when no
 compiler works, with a warning; about 20x slower). The values are fp32 by IEEE arithmetic in a fixed order,
 so they are the same on every CPU (``tests/test_philox.py`` compares the two bit for bit). Set
 ``ZOEDGE_NATIVE=0`` to use the torch implementation.
@@ -50,7 +50,9 @@ _F = {name: float.fromhex(h) for name, h in {
     "C2": "-0x1p-1", "C4": "0x1.555556p-5", "C6": "-0x1.6c16c2p-10", "C8": "0x1.a01a02p-16",
     "C10": "-0x1.27e4fcp-22", "TWO_M24": "0x1p-24", "TWO_M21": "0x1p-21"}.items()}
 #: values per piece of the torch implementation (bounds its temporaries)
-_PIECE = 1 << 18
+_TORCH_PIECE = 1 << 18
+#: values per piece of :func:`fill_many` on torch's threads (about 0.1 ms of work: many pieces per block, for balance)
+PIECE = 1 << 16
 
 
 # --------------------------------------------------------------------------- the torch implementation
@@ -129,8 +131,8 @@ def _values(start: int, n: int, key: int, kind: str) -> torch.Tensor:
 def reference_fill_(out: torch.Tensor, key: int, start: int = 0, kind: str = "normal") -> torch.Tensor:
     """Fill contiguous 1-D CPU ``out`` with values ``[start, start + out.numel())`` of the draw of ``key`` by
     torch operations (what the C kernel computes, bit for bit); returns ``out``."""
-    for lo in range(0, out.numel(), _PIECE):
-        hi = min(out.numel(), lo + _PIECE)
+    for lo in range(0, out.numel(), _TORCH_PIECE):
+        hi = min(out.numel(), lo + _TORCH_PIECE)
         out[lo:hi].copy_(_values(start + lo, hi - lo, key, kind))
     return out
 
@@ -171,12 +173,20 @@ class _Kernel:
         if compiler is None:
             raise _Unavailable(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH")
         path = self._build(compiler)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached library (the build itself is atomic): build it again, once
+            path.unlink(missing_ok=True)
+            path = self._build(compiler)
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as e:
+                raise _Unavailable(f"{path} does not load: {e}") from e
         fn = lib.zoedge_philox_fill
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
         fn.restype = None
         self.many = lib.zoedge_philox_fill_many
-        self.many.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int]
+        self.many.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self.many.restype = None
         self.parallel = bool(lib.zoedge_philox_parallel())
         self.path = path
@@ -256,21 +266,21 @@ def parallel() -> bool:
     return _KERNEL.load() is not None and _KERNEL.parallel
 
 
-def fill_many(pieces: list[tuple[torch.Tensor, int, int, str]], threads: int) -> None:
-    """Fill each piece ``(out, key, start, kind)`` as :func:`fill_` does, ``out`` being 1-D, contiguous, fp32 and on
-    the CPU, on ``threads`` threads of torch's OpenMP pool when :func:`parallel` (else one by one). The values do
-    not depend on how a draw is cut into pieces nor on the threads."""
+def fill_many(fills: list[tuple[torch.Tensor, int, int, str]], threads: int, piece: int = PIECE) -> None:
+    """Make each fill ``(out, key, start, kind)`` as :func:`fill_` does, ``out`` being 1-D, contiguous, fp32 and on
+    the CPU: cut into pieces of at most ``piece`` values, drawn on ``threads`` threads of torch's OpenMP pool when
+    :func:`parallel` (else one fill after another). The values depend neither on the pieces nor on the threads."""
     fn = _KERNEL.load()
     if fn is None or not _KERNEL.parallel:
-        for out, key, start, kind in pieces:
+        for out, key, start, kind in fills:
             fill_(out, key, start, kind)
         return
-    jobs = (_Job * len(pieces))()
-    for job, (out, key, start, kind) in zip(jobs, pieces):
+    jobs = (_Job * len(fills))()
+    for job, (out, key, start, kind) in zip(jobs, fills):
         if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"fill_many needs contiguous fp32 CPU targets, got {out.dtype} on {out.device}")
         job.out, job.n, job.start, job.key, job.kind = out.data_ptr(), out.numel(), start, key, KINDS[kind]
-    _KERNEL.many(jobs, len(pieces), threads)  # the GIL is released; ``pieces`` keeps the targets alive
+    _KERNEL.many(jobs, len(fills), piece, threads)  # the GIL is released; ``fills`` keeps the targets alive
 
 
 def fill_(out: torch.Tensor, key: int, start: int = 0, kind: str = "normal") -> torch.Tensor:
