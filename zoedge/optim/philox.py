@@ -13,7 +13,7 @@ its own, by any thread, with the values of the whole draw:
 Two implementations give the same bits: a C kernel (``philox.c``, compiled on first use with the system's C
 compiler into ``$ZOEDGE_CACHE/kernels``; vectorised: per thread, 1.3x faster than torch's ``normal_`` as AVX2
 code and 2.5x as AVX-512 code on zoedge's 2-core AMD EPYC box) and :func:`reference_fill_`, the same operations in torch (the fallback when no
-compiler works, with a warning; about 20x slower). The values are fp32 by IEEE arithmetic in a fixed order,
+compiler works, with a warning; 20-30x slower). The values are fp32 by IEEE arithmetic in a fixed order,
 so they are the same on every CPU (``tests/test_philox.py`` compares the two bit for bit). Set
 ``ZOEDGE_NATIVE=0`` to use the torch implementation.
 """
@@ -161,7 +161,7 @@ class _Kernel:
                     self.why_not = str(e)
                     if not e.quiet:
                         warnings.warn(f"zoedge's noise kernel is unavailable ({e}); drawing noise with torch "
-                                      "operations instead (the same values, about 20x slower). Fix: install a C "
+                                      "operations instead (the same values, 20-30x slower). Fix: install a C "
                                       "compiler (gcc or clang as `cc`, or set CC)", RuntimeWarning, stacklevel=4)
                 self.tried = True
         return self.fn
