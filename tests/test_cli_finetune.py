@@ -43,7 +43,9 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert [m["step"] for m in metrics] == [1, 2]
     assert {"loss", "lr", "projected_grad", "seconds", "tokens", "threads"} <= set(metrics[0])
     assert summary["threads"]["final_threads"] == metrics[-1]["threads"] and "changes" in summary["threads"]
-    assert summary["noise_cache"]["hits"] > 0  # the default (ram tier): step 2's update copied step 1's noise
+    assert summary["noise_cache"]["hits"] > 0  # the default (ram tier): step 2's update read step 1's noise there
+    assert summary["noise"]["kind"] == "gaussian" and summary["noise"]["generator"] == "philox"
+    assert summary["noise"]["cpu_backend"] == "native" or summary["noise"]["cpu_backend"].startswith("torch (")
     assert 0 < summary["eval_seconds"] < summary["wall_seconds"]
     # the output is a transformers model directory holding the trained weights
     exported = AutoModelForCausalLM.from_pretrained(out / "model")

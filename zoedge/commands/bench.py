@@ -340,14 +340,14 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     visitor.times, visitor.noise = ({k: v / n for k, v in d.items()} for d in (visitor.times, visitor.noise))
     parts, io = breakdown(mean, spent["passes"] / n, spent["bookkeeping"] / n, visitor, noise.seconds / n,
                           {k: v / n for k, v in engine_times.seconds.items()} if engine_times else None)
+    source = noise.describe()
     result: dict[str, Any] = {
         "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "noise": noise_kind,
         "load_average_end": load_end, "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
         "breakdown_s": parts, "io_thread_s": io, "io_mode": io_mode,
-        "noise_source": noise.describe(), "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
-    source = noise.describe()
+        "noise_source": source, "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
     print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise, {source['generator']} generator, CPU draws "
           f"{source['cpu_backend']}), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "

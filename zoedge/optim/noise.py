@@ -403,9 +403,10 @@ class NoiseSource:
         return out
 
     def describe(self) -> dict[str, str]:
-        """Variant, generator and how CPU draws are computed (``native``: the C kernel; for run summaries)."""
+        """Variant, generator and how CPU draws were computed (``native``: the C kernel; ``unused``: no CPU draw
+        in this process, e.g. a run on an accelerator), for run summaries."""
         return {"kind": self.kind, "generator": self.generator,
-                "cpu_backend": philox.backend() if self.generator == "philox" else "torch"}
+                "cpu_backend": philox.backend(load=False) if self.generator == "philox" else "torch"}
 
     @property
     def identity(self) -> tuple[str, int]:

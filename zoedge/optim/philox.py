@@ -256,8 +256,11 @@ def _suffix() -> str:
 _KERNEL = _Kernel()
 
 
-def backend() -> str:
-    """``"native"`` (the C kernel) or ``"torch (<why>)"``: what :func:`fill_` uses in this process."""
+def backend(load: bool = True) -> str:
+    """``"native"`` (the C kernel) or ``"torch (<why>)"``: what :func:`fill_` uses in this process; with
+    ``load=False``, ``"unused"`` if nothing has drawn with it yet (nothing is built then)."""
+    if not load and not _KERNEL.tried:
+        return "unused"
     return "native" if _KERNEL.load() is not None else f"torch ({_KERNEL.why_not})"
 
 
