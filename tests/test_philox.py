@@ -140,3 +140,10 @@ def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
     again = philox._Kernel()
     assert again.load() is not None and again.path == path and path.stat().st_size > 1000
     assert torch.equal(_bits(philox.fill_(torch.empty(64), 3)), _bits(philox.reference_fill_(torch.empty(64), 3)))
+
+
+def test_rademacher_value_i_is_bit_i_mod_32_of_word_i_div_32():
+    words = philox._words(0, 4, KEY).tolist()  # 16 words: values 0..511
+    expected = [-1.0 if words[i // 32] >> (i % 32) & 1 else 1.0 for i in range(512)]
+    assert philox.fill_(torch.empty(512), KEY, 0, "rademacher").tolist() == expected
+    assert philox.fill_(torch.empty(100), KEY, 300, "rademacher").tolist() == expected[300:400]

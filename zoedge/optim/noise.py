@@ -35,8 +35,8 @@ the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and u
 
 * ``gaussian`` (:class:`NoiseSource`, the default): independent N(0, 1) values.
 * ``rademacher`` (:class:`RademacherNoise`): independent ±1 values, each with probability 1/2 (mean 0,
-  variance 1, fourth moment 1 instead of 3: every direction has norm exactly √n). ``philox``: the sign of
-  word ``i`` (about 1.5x faster than its normal draw); ``mt19937``: bit 0 of each byte of 64-bit draws.
+  variance 1, fourth moment 1 instead of 3: every direction has norm exactly √n). ``philox``: bit ``i % 32``
+  of word ``i // 32`` (32 values per word); ``mt19937``: bit 0 of each byte of 64-bit draws.
 * ``pool`` (:class:`PoolNoise`): no per-step draw at all. One pool of ``size`` values is drawn once per run;
   each :data:`CHUNK`-element segment of a tensor's flattened layout reads the pool at its own random offset
   (a pure function of (seed, step, tensor, stream, segment)). The pool has a flat spectrum: a normal draw

@@ -1,7 +1,8 @@
 /* zoedge's counter-based noise kernel: Philox4x32-10, then N(0, 1) by Box-Muller, U[0, 1) or ±1.
  *
- * Value i of a draw with 64-bit key k is made from 32-bit word i of the Philox4x32-10 stream of k: word
- * i is lane i % 4 of the block whose counter is (i / 4 as 64 bits, 0, 0). See "Parallel random numbers:
+ * Value i of a draw with 64-bit key k is made from 32-bit word i of the Philox4x32-10 stream of k (N(0, 1),
+ * U[0, 1)), or from bit i % 32 of word i / 32 (±1): word w is lane w % 4 of the block whose counter is
+ * (w / 4 as 64 bits, 0, 0). See "Parallel random numbers:
  * as easy as 1, 2, 3" (Salmon et al., SC 2011) for the generator. So any range of a draw can be filled
  * on its own, by any thread, and gives the values of the whole draw.
  *
@@ -95,12 +96,10 @@ static inline void box_muller(uint32_t a, uint32_t b, float *z_cos, float *z_sin
     *z_sin = r * sin_q;
 }
 
-/* values [g * GROUP, (g + 1) * GROUP) of the draw into buf */
-static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1, int kind) {
-    uint32_t x0[GROUP_BLOCKS], x1[GROUP_BLOCKS], x2[GROUP_BLOCKS], x3[GROUP_BLOCKS];
-    float z0[GROUP_BLOCKS], z1[GROUP_BLOCKS], z2[GROUP_BLOCKS], z3[GROUP_BLOCKS];
-    uint64_t first = g * GROUP_BLOCKS;
-    for (int j = 0; j < GROUP_BLOCKS; j++) {
+/* the words of blocks [first, first + blocks) of the stream, lane by lane (x0[j] .. x3[j]: block first + j) */
+static inline void philox_words(uint64_t first, int blocks, uint32_t k0, uint32_t k1, uint32_t *restrict x0,
+                                uint32_t *restrict x1, uint32_t *restrict x2, uint32_t *restrict x3) {
+    for (int j = 0; j < blocks; j++) {
         uint64_t block = first + (uint64_t)j;
         uint32_t c0 = (uint32_t)block, c1 = (uint32_t)(block >> 32), c2 = 0, c3 = 0;
         uint32_t a0 = k0, a1 = k1;
@@ -117,22 +116,34 @@ static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1
         }
         x0[j] = c0; x1[j] = c1; x2[j] = c2; x3[j] = c3;
     }
+}
+
+/* values [g * GROUP, (g + 1) * GROUP) of the draw into buf: normal and uniform from words [g GROUP, (g + 1) GROUP),
+ * one word per value; rademacher from words [g GROUP / 32, (g + 1) GROUP / 32), one bit per value */
+static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1, int kind) {
+    uint32_t x0[GROUP_BLOCKS], x1[GROUP_BLOCKS], x2[GROUP_BLOCKS], x3[GROUP_BLOCKS];
+    float z0[GROUP_BLOCKS], z1[GROUP_BLOCKS], z2[GROUP_BLOCKS], z3[GROUP_BLOCKS];
+    if (kind == KIND_RADEMACHER) { /* value i: bit i % 32 of word i / 32, set -> -1 (the sign bit of 1.0) */
+        enum { BLOCKS = GROUP / 128 };
+        uint32_t words[4 * BLOCKS];
+        philox_words(g * BLOCKS, BLOCKS, k0, k1, x0, x1, x2, x3);
+        for (int j = 0; j < BLOCKS; j++) {
+            words[4 * j] = x0[j]; words[4 * j + 1] = x1[j]; words[4 * j + 2] = x2[j]; words[4 * j + 3] = x3[j];
+        }
+        for (int i = 0; i < GROUP; i++)
+            buf[i] = as_float(0x3f800000u | (((words[i >> 5] >> (i & 31)) & 1u) << 31));
+        return;
+    }
+    philox_words(g * GROUP_BLOCKS, GROUP_BLOCKS, k0, k1, x0, x1, x2, x3);
     if (kind == KIND_NORMAL) {
         for (int j = 0; j < GROUP_BLOCKS; j++) box_muller(x0[j], x1[j], &z0[j], &z1[j]);
         for (int j = 0; j < GROUP_BLOCKS; j++) box_muller(x2[j], x3[j], &z2[j], &z3[j]);
-    } else if (kind == KIND_UNIFORM) {
+    } else {
         for (int j = 0; j < GROUP_BLOCKS; j++) {
             z0[j] = (float)(int32_t)(x0[j] >> 8) * TWO_M24;
             z1[j] = (float)(int32_t)(x1[j] >> 8) * TWO_M24;
             z2[j] = (float)(int32_t)(x2[j] >> 8) * TWO_M24;
             z3[j] = (float)(int32_t)(x3[j] >> 8) * TWO_M24;
-        }
-    } else { /* the word's top bit is the sign of 1.0 */
-        for (int j = 0; j < GROUP_BLOCKS; j++) {
-            z0[j] = as_float(0x3f800000u | (x0[j] & 0x80000000u));
-            z1[j] = as_float(0x3f800000u | (x1[j] & 0x80000000u));
-            z2[j] = as_float(0x3f800000u | (x2[j] & 0x80000000u));
-            z3[j] = as_float(0x3f800000u | (x3[j] & 0x80000000u));
         }
     }
     for (int j = 0; j < GROUP_BLOCKS; j++) {
