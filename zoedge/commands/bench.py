@@ -188,16 +188,16 @@ def resident_forwards(model: Any, batch: Any, passes: int = 2):
 
 
 def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian",
-                  generator: str = "mt19937"):
+                  generator: str | None = None):
     """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code),
     with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool) drawn
     by ``generator``: by default torch's own, as the paper's code draws (``torch.normal``; here in parallel chunks,
     which is no slower than its single call)."""
     import torch
 
-    from zoedge.optim.noise import make_noise
+    from zoedge.optim.noise import TORCH_GENERATOR, make_noise
 
-    source = make_noise(noise, seed).reseeded(seed, generator)
+    source = make_noise(noise, seed).reseeded(seed, generator or TORCH_GENERATOR)
     params = list(model.named_parameters())  # tied weights appear once
     state = {"t": 0}
     loss = resident_loss(model, batch)
@@ -243,6 +243,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     from tqdm.auto import tqdm
 
     from zoedge.optim import noise_cache
+    from zoedge.optim.noise import TORCH_GENERATOR
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
     from zoedge.runtime.engines import OpTimes, SyncEngine
@@ -288,7 +289,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         hf.tie_weights()
         hf.to(dev)
         resident_step = resident_mezo(hf, batch.to(dev), noise=noise_kind)  # the paper's: torch's generator
-        if noise.generator != "mt19937":  # ... and with the streamed step's noise generator
+        if noise.generator != TORCH_GENERATOR:  # ... and with the streamed step's noise generator
             resident_same = resident_mezo(hf, batch.to(dev), noise=noise_kind, generator=noise.generator)
         forwards = resident_forwards(hf, batch.to(dev), opt.passes)
 

@@ -223,8 +223,10 @@ def batched_draw_seconds() -> float:
 
 #: the ways a draw's values follow from its seed (see the module docstring); the first is the default
 GENERATORS = ("philox", "mt19937")
-#: the generator of a checkpoint that names none (written before there was a choice)
-LEGACY_GENERATOR = "mt19937"
+#: torch's own generator (``mt19937``), as the MeZO paper's code draws its noise
+TORCH_GENERATOR = GENERATORS[1]
+#: the generator of a checkpoint that names none (written before there was a choice): torch's
+LEGACY_GENERATOR = TORCH_GENERATOR
 
 
 #: the bit pattern of the fp32 value 1.0 (a set sign bit makes it -1.0)
@@ -479,14 +481,14 @@ class PoolNoise(NoiseSource):
 
     Args:
         run_seed: the run's seed (the pool and every offset derive from it).
-        generator: recorded for checkpoints; the pool and its offsets are drawn by torch's generator either way.
         size: pool length (even, at least :data:`CHUNK`; memory: ``size + CHUNK`` values per device and dtype).
+        generator: recorded for checkpoints; the pool and its offsets are drawn by torch's generator either way.
     """
 
     kind = "pool"
     redraw_is_free = True
 
-    def __init__(self, run_seed: int, generator: str = GENERATORS[0], size: int = POOL_SIZE) -> None:
+    def __init__(self, run_seed: int, size: int = POOL_SIZE, *, generator: str = GENERATORS[0]) -> None:
         super().__init__(run_seed, generator)
         if size < CHUNK or size % 2:
             raise ValueError(f"pool size must be an even number >= {CHUNK}, got {size}")
@@ -494,7 +496,7 @@ class PoolNoise(NoiseSource):
         self._pools: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _with_seed(self, run_seed: int, generator: str) -> NoiseSource:
-        return PoolNoise(run_seed, generator, self.size)
+        return PoolNoise(run_seed, self.size, generator=generator)
 
     def pool(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The pool followed by a copy of its first :data:`CHUNK` values (so every window is contiguous)."""

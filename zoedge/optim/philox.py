@@ -190,7 +190,7 @@ class _Kernel:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
         fn.restype = None
         self.many = lib.zoedge_philox_fill_many
-        self.many.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self.many.argtypes = [ctypes.POINTER(_FillJob), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self.many.restype = None
         self.parallel = bool(lib.zoedge_philox_parallel())
         self.path = path
@@ -229,7 +229,7 @@ class _Kernel:
         raise _Unavailable("compiling philox.c failed: " + " | ".join(errors))
 
 
-class _Job(ctypes.Structure):
+class _FillJob(ctypes.Structure):
     """``zoedge_fill_job`` of ``philox.c``."""
 
     _fields_ = [("out", ctypes.c_void_p), ("n", ctypes.c_int64), ("start", ctypes.c_int64), ("key", ctypes.c_uint64),
@@ -282,7 +282,7 @@ def fill_many(fills: list[tuple[torch.Tensor, int, int, str]], threads: int, pie
         for out, key, start, kind in fills:
             fill_(out, key, start, kind)
         return
-    jobs = (_Job * len(fills))()
+    jobs = (_FillJob * len(fills))()
     for job, (out, key, start, kind) in zip(jobs, fills):
         if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"fill_many needs contiguous fp32 CPU targets, got {out.dtype} on {out.device}")
