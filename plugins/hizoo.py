@@ -49,6 +49,8 @@ class HiZOOL(ZOOptimizer):
     """
 
     passes = 3
+    #: pass 0 sees θ, the others workspace ``scratch``: the layers may run concurrently
+    concurrent = True
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, alpha: float = 1e-8,
                  weight_decay: float = 0.0, h_min: float = 1e-4, h_max: float = 1e4,

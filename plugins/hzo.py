@@ -55,6 +55,9 @@ class HZO(ZOOptimizer):
     weights outside ``apply``, so its checkpoints hold the weights.
     """
 
+    #: a pass sees θ, low-rank wrappers made per pass or workspace ``scratch``: the layers may run concurrently
+    concurrent = True
+
     def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, rank: int = 4, nu: int = 50,
                  vector: Literal["dense", "frozen"] = "dense", factors: Literal["merge", "off"] = "merge",
                  fo_layers: int = 0, fo_optimizer: Literal["sgd", "adamw", "adamw8bit"] = "sgd",

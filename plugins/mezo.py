@@ -79,6 +79,8 @@ class MeZO(ZOOptimizer):
     #: its weights are the base after ``apply`` of each logged update: checkpoints may hold the updates only
     #: (``apply`` reads the update and options fixed at construction; noise is regenerated from (seed, step))
     replayable = True
+    #: what a pass sees is θ, a fresh tensor or workspace ``scratch``: the layers may run concurrently
+    concurrent = True
 
     def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, weight_decay: float = 0.0, q: int = 1,
                  stochastic_rounding: bool = False, noise: str = "gaussian") -> None:

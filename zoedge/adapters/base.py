@@ -12,6 +12,7 @@ Streaming units are called *blocks* and named ``"embed"``, ``"layers.<i>"`` and
 """
 from __future__ import annotations
 
+import copy
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -81,6 +82,13 @@ class Adapter(ABC):
             self.skeleton: nn.Module = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.skeleton.eval()  # ZO passes run with dropout off (both passes of a step must see the same function)
         self._prefixes = {b: p for b, p in self.block_prefixes().items()}
+
+    def replica(self) -> Adapter:
+        """A copy that runs blocks on a skeleton of its own (``functional_call`` swaps a module's tensors while it
+        runs, so blocks running concurrently need separate skeletons; the skeleton holds no weights)."""
+        twin = copy.copy(self)
+        twin.skeleton = copy.deepcopy(self.skeleton)
+        return twin
 
     # ----------------------------------------------------------------- naming
     @abstractmethod

@@ -8,6 +8,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,7 +86,13 @@ class TimedNoise:
 
 class TimedVisitor:
     """Delegates every hook to the optimizer and adds up the time spent in each, and the part of it spent drawing
-    noise (when the optimizer's ``noise`` is a :class:`TimedNoise`)."""
+    noise (when the optimizer's ``noise`` is a :class:`TimedNoise`).
+
+    A hook that runs on one of the ``workers`` of the concurrent decoder layers (:mod:`zoedge.runtime.pipeline`)
+    counts ``1 / workers`` of its time: its share of the step's wall time while the workers run together. Its
+    noise time, counted in full by the :class:`TimedNoise`, is kept in ``noise_off_thread`` too, so the breakdown
+    can count that share of it.
+    """
 
     HOOKS = ("on_resident", "pass_tensors", "on_passes_done")
 
@@ -94,10 +101,21 @@ class TimedVisitor:
         self.passes = opt.passes
         self.times = {h: 0.0 for h in self.HOOKS}
         self.noise = {h: 0.0 for h in self.HOOKS}
+        self.workers = 1
+        self.noise_off_thread = 0.0
+
+    @property
+    def concurrent(self) -> bool:  # the runtime reads these two off the visitor
+        return bool(getattr(self.opt, "concurrent", False))
+
+    @property
+    def grad_pass(self) -> int | None:
+        return getattr(self.opt, "grad_pass", None)
 
     def reset(self) -> None:
         for h in self.HOOKS:
             self.times[h] = self.noise[h] = 0.0
+        self.noise_off_thread = 0.0
 
     def _noise_s(self) -> float:
         return getattr(self.opt.noise, "seconds", 0.0)
@@ -112,8 +130,12 @@ class TimedVisitor:
         n0, t0 = self._noise_s(), time.perf_counter()
         out = getattr(self.opt, hook)(*args)
         self._sync()
-        self.times[hook] += time.perf_counter() - t0
-        self.noise[hook] += self._noise_s() - n0
+        seconds, noise = time.perf_counter() - t0, self._noise_s() - n0
+        if threading.current_thread() is not threading.main_thread():  # a worker of the concurrent layers
+            self.noise_off_thread += noise
+            seconds, noise = seconds / self.workers, noise / self.workers
+        self.times[hook] += seconds
+        self.noise[hook] += noise
         return out
 
     def on_resident(self, block: Any) -> None:
@@ -132,15 +154,19 @@ UNACCOUNTED_TOLERANCE = 0.05
 
 
 def breakdown(step_s: float, passes_s: float, bookkeeping_s: float, visitor: TimedVisitor, noise_s: float,
-              engine_s: Mapping[str, float] | None) -> tuple[dict[str, float], dict[str, float]]:
+              engine_s: Mapping[str, float] | None, waiting_s: float = 0.0) -> tuple[dict[str, float], dict[str, float]]:
     """Per-step seconds (arguments are per-step means): the parts of the step on the calling thread and,
     separately, the disk I/O thread's busy time (it overlaps them; ``stalls`` is the part the compute waited for).
 
     ``passes_s`` is the time in the streamed passes, ``bookkeeping_s`` the optimizer's begin/finish of the step
     and the loss readout. Without engine timings (an accelerator engine), copies, forward passes and the schedule
-    are one part. The last part, ``unaccounted``, is ``step_s`` minus the others.
+    are one part. While the decoder layers run on several workers, the calling thread waits for them: that time
+    is shared among the parts by the workers' time in each (``visitor.workers``: see :class:`TimedVisitor`), and
+    ``waiting_s`` is the workers' idle time divided by their number. The last part, ``unaccounted``, is ``step_s``
+    minus the others.
     """
     h, hn = visitor.times, visitor.noise
+    noise_s -= visitor.noise_off_thread * (1 - 1 / visitor.workers)  # the workers' share of their noise time
     parts = {"noise": noise_s,
              "perturbation": h["pass_tensors"] - hn["pass_tensors"],
              "update": h["on_resident"] - hn["on_resident"],
@@ -152,7 +178,9 @@ def breakdown(step_s: float, passes_s: float, bookkeeping_s: float, visitor: Tim
     else:
         e = engine_s
         on_thread = e.get("compute", 0.0) + e.get("upload", 0.0) + e.get("offload", 0.0) + e.get("stall", 0.0)
-        parts["forward passes"] = e.get("compute", 0.0) - hooks
+        parts["forward passes"] = e.get("compute", 0.0) - hooks - waiting_s
+        if waiting_s:
+            parts["layer workers waiting for an item"] = waiting_s
         parts["copies (upload, write-back)"] = e.get("upload", 0.0) + e.get("offload", 0.0)
         parts["stalls (waiting for disk)"] = e.get("stall", 0.0)
         parts["schedule (emitting operations)"] = passes_s - on_thread
@@ -254,13 +282,15 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     # lean=False: noise is drawn and θ ± εz formed in the optimizer's hooks, where the breakdown times them (the lean
     # mode, an accelerator's default, forms them inside the forward passes, where they would count twice)
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
-                          engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False)
+                          engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False,
+                          workers=threads.workers)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     noise_cache.attach(opt.noise, args.noise_cache, dev, args.tier)
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
     noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant
     visitor = TimedVisitor(opt, dev)
+    visitor.workers = max(1, model.workers)
     state = {"t": 0}
     spent = {"passes": 0.0, "bookkeeping": 0.0}
 
@@ -312,6 +342,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     noise.seconds = spent["passes"] = spent["bookkeeping"] = 0.0
     if engine_times is not None:
         engine_times.reset()
+    model.layer_seconds.clear()
     t_str: list[float] = []
     t_res: list[float] = []
     t_fwd: list[float] = []
@@ -339,8 +370,11 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     mean = sum(t_str) / len(t_str)
     n = len(t_str)
     visitor.times, visitor.noise = ({k: v / n for k, v in d.items()} for d in (visitor.times, visitor.noise))
+    visitor.noise_off_thread /= n
+    layers = {k: v / n for k, v in model.layer_seconds.items()}  # the concurrent layers' (none: not used)
     parts, io = breakdown(mean, spent["passes"] / n, spent["bookkeeping"] / n, visitor, noise.seconds / n,
-                          {k: v / n for k, v in engine_times.seconds.items()} if engine_times else None)
+                          {k: v / n for k, v in engine_times.seconds.items()} if engine_times else None,
+                          layers.get("idle", 0.0) / visitor.workers)
     source = noise.describe()
     result: dict[str, Any] = {
         "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "noise": noise_kind,
@@ -348,10 +382,12 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
         "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
         "breakdown_s": parts, "io_thread_s": io, "io_mode": io_mode,
+        "layer_workers": visitor.workers if layers else 0, "layer_workers_s": layers,
         "noise_source": source, "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
     print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise, {source['generator']} generator, CPU draws "
           f"{source['cpu_backend']}), batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
+          f"{f'decoder layers on {visitor.workers} workers, ' if layers else ''}"
           f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)} at start, {load_end} at the end)",
           file=human)
     if threads.warning:
@@ -361,7 +397,9 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         c = noise.cache.to_dict()
         print(f"  noise cache     {c['bytes'] / 2**20:.0f} MiB of {c['budget_bytes'] / 2**20:.0f} MiB: {c['hits']} "
               f"draws kept from the step before, {c['misses']} drawn (all steps)", file=human)
-    print(f"  where a step's time goes (mean {mean:.3f} s; on this thread, the parts sum to it):", file=human)
+    where = (f"the decoder layers on {visitor.workers} workers, each part's share of their time; the parts sum to it"
+             if layers else "on this thread, the parts sum to it")
+    print(f"  where a step's time goes (mean {mean:.3f} s; {where}):", file=human)
     for k, v in parts.items():
         print(f"    {k:40s} {v * 1e3:10.1f} ms/step  ({100 * v / mean:4.1f}%)", file=human)
     if any(io.values()):

@@ -400,6 +400,7 @@ class _SomePasses(BlockVisitor):
     def __init__(self, opt: ZOOptimizer, passes: Sequence[int]) -> None:
         self.opt, self.order = opt, list(passes)
         self.passes = len(self.order)
+        self.concurrent = opt.concurrent
 
     def on_resident(self, block: Resident) -> None:
         self.opt.on_resident(block)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
+from zoedge.adapters.base import layer_index
 from zoedge.errors import ConfigError
 from zoedge.optim.noise import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
@@ -46,6 +47,7 @@ from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier
 from zoedge.runtime.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
+from zoedge.runtime.pipeline import LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, make_slot
 from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
@@ -54,6 +56,11 @@ from zoedge.store.safetensors_io import WeightStream
 
 #: lean mode's default row chunk for forming a perturbation or an update (bytes)
 CHUNK_BYTES = 64 * 2**20
+#: the workspace a pass's weights are formed in (:meth:`Resident.perturbed`): each pass has its own while the
+#: layers run concurrently (:mod:`zoedge.runtime.pipeline`)
+SCRATCH = "scratch"
+#: prefix of the workspaces of the concurrently resident layers' sets
+LAYER_SET = "layers@"
 
 
 @dataclass
@@ -73,14 +80,23 @@ class Resident:
     runtime: StreamedModel | None = field(default=None, repr=False)
     #: this residency's latest noise of each key (:meth:`noise`): workspace or noise-cache tensors
     drawn: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    #: concurrent layers (:mod:`zoedge.runtime.pipeline`): the set of workspaces this residency uses, and the
+    #: pass whose weights ``pass_tensors`` is forming (it gets its own :data:`SCRATCH`); None: the shared ones
+    workspace_set: int | None = None
+    forming: int | None = None
 
     def mark_dirty(self) -> None:
         """Call after changing ``tensors`` in place: the block is written back to the host tier."""
         self.dirty = True
 
     def workspace(self, key: str) -> dict[str, torch.Tensor]:
-        """Scratch tensors shaped like this block's tensors, allocated once per key and reused by every block."""
+        """Scratch tensors shaped like this block's tensors, allocated once per key and reused by every block
+        (while layers run concurrently: by every block of this residency's set, and :data:`SCRATCH` once per
+        pass being formed)."""
         assert self.runtime is not None
+        if self.workspace_set is not None:
+            own = f".pass{self.forming}" if key == SCRATCH and self.forming is not None else ""
+            key = f"{LAYER_SET}{self.workspace_set}.{key}{own}"
         return self.runtime.workspace(key, self)
 
     # -- perturbations: the runtime decides where noise and θ + αz live (see docs/architecture.md) ---------------
@@ -130,7 +146,7 @@ class Resident:
             assert self.runtime is not None
             return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
         z = self.drawn[key][name] if key in self.drawn else self.workspace(key)[name]
-        return torch.add(theta, z, alpha=alpha, out=self.workspace("scratch")[name])
+        return torch.add(theta, z, alpha=alpha, out=self.workspace(SCRATCH)[name])
 
     def chunks(self, name: str) -> list[tuple[int, int]]:
         """Row ranges to update tensor ``name`` in (lean: chunks of at most the runtime's ``chunk_bytes``;
@@ -164,6 +180,12 @@ class BlockVisitor:
     #: the one pass run under autograd (first-order blocks train on it; tensors that do not require grad
     #: record nothing), or None: every pass runs without grad
     grad_pass: int | None = None
+    #: the decoder layers may run concurrently (:mod:`zoedge.runtime.pipeline`, CPU with several workers):
+    #: ``pass_tensors`` of every pass of a residency is called before any of them runs and up to
+    #: :data:`~zoedge.runtime.pipeline.SLOTS` residencies overlap, so what a pass sees must stay valid until
+    #: ``on_passes_done``: the block's own tensors, fresh tensors, or workspace :data:`SCRATCH` (each pass being
+    #: formed gets its own; every other workspace is the residency's own). The hooks still run one at a time.
+    concurrent: bool = False
 
     def on_resident(self, block: Resident) -> None:
         """Block uploaded, nothing computed yet. Modify ``block.tensors`` in place + ``mark_dirty`` to update."""
@@ -207,12 +229,16 @@ class StreamedModel:
         unit: the streaming unit: ``layer`` (a stored block) or ``half`` (a decoder layer's attention and MLP
             halves as separate units, named ``layers.<i>.attn`` / ``.mlp``: slots sized to the larger half; ram
             tier; families whose adapter runs half layers; plugins without first-order blocks).
+        workers: CPU, ram tier, bound in place, with a visitor that allows it (:attr:`BlockVisitor.concurrent`)
+            and no grad pass: run the decoder layers on this many single-threaded workers
+            (:mod:`zoedge.runtime.pipeline`); 0 or 1: one after another on the calling thread. Settable later
+            (``model.workers``).
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
                  ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None,
                  in_place: bool | None = None, lean: bool | None = None, chunk_bytes: int = CHUNK_BYTES,
-                 unit: str = "layer") -> None:
+                 unit: str = "layer", workers: int = 0) -> None:
         from transformers import AutoConfig
 
         self.store = Path(store)
@@ -272,6 +298,10 @@ class StreamedModel:
             ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
             self.ring = [self._new_slot(ring_blocks, len(self.dedicated) + k) for k in range(prefetch + 1)]
         self._workspaces: dict[str, torch.Tensor] = {}
+        self.workers = workers
+        self._replicas: list[Adapter] = []  # the pipeline workers' adapters (each its own skeleton)
+        #: the concurrent layers' seconds (:attr:`LayerPipeline.seconds`), summed over every pass that used them
+        self.layer_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
     def _block_index(self, name: str | None) -> int:
@@ -283,7 +313,10 @@ class StreamedModel:
     def workspace(self, key: str, block: Resident) -> dict[str, torch.Tensor]:
         """See :meth:`Resident.workspace`: one flat buffer per key, sized to the largest block's tensors."""
         if key not in self._workspaces:
-            size = max(sum(_nbytes(t.numel, t.dtype) for t in b.tensors) for b in self.blocks)
+            blocks = self.blocks
+            if key.startswith(LAYER_SET):  # only decoder layers run concurrently: sized to the largest of them
+                blocks = [b for b in self.blocks if layer_index(b.name) is not None]
+            size = max(sum(_nbytes(t.numel, t.dtype) for t in b.tensors) for b in blocks)
             self._workspaces[key] = allocate(size, self.device, "workspace")
         buf, out, off = self._workspaces[key], {}, 0
         for name, t in block.tensors.items():
@@ -368,16 +401,7 @@ class StreamedModel:
             reads += [f"tied[{p}]" for p in range(visitor.passes) if tied_here]
 
         def run() -> None:
-            # quantized tensors are bound as views of their stored parts, expanded by the ops that read them
-            res = Resident(block.name, i, bind(slot, i, block, self.chunk_bytes),
-                           frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self)
-            pass_state.residents[i] = res
-            visitor.on_resident(res)
-            if res.dirty and len(res.writable) != len(res.tensors):
-                raise ConfigError(block.name, "a dense update changed a quantized block",
-                                  "use a low-rank optimizer with a quantized store, or prepare with --quant none")
-            if res.dirty and self.in_place:  # the update is in the host buffer: refuse before it is persisted
-                self.tier.check_writable()
+            res = self._resident(i, slot, visitor, pass_state)
             if pass_state.compute:
                 pass_state.forward(i, res)
             visitor.on_passes_done(res)
@@ -388,6 +412,94 @@ class StreamedModel:
             residents = pass_state.residents
             self.tier.persist(i, (where, host), lambda: i not in residents or residents[i].dirty)
         return op
+
+    def _resident(self, i: int, slot: Slot, visitor: BlockVisitor, pass_state: _PassState,
+                  workspace_set: int | None = None) -> Resident:
+        """Block ``i`` bound in ``slot``, after the visitor's ``on_resident``."""
+        block = self.blocks[i]
+        # quantized tensors are bound as views of their stored parts, expanded by the ops that read them
+        res = Resident(block.name, i, bind(slot, i, block, self.chunk_bytes),
+                       frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self,
+                       workspace_set=workspace_set)
+        pass_state.residents[i] = res
+        visitor.on_resident(res)
+        if res.dirty and len(res.writable) != len(res.tensors):
+            raise ConfigError(block.name, "a dense update changed a quantized block",
+                              "use a low-rank optimizer with a quantized store, or prepare with --quant none")
+        if res.dirty and self.in_place:  # the update is in the host buffer: refuse before it is persisted
+            self.tier.check_writable()
+        return res
+
+    def _concurrent_layers(self, visitor: BlockVisitor, state: _PassState) -> range | None:
+        """The decoder layers that run concurrently in this pass (:mod:`zoedge.runtime.pipeline`), or None."""
+        if (self.workers < 2 or not state.compute or not self.in_place or not isinstance(self.tier, RamTier)
+                or self.lean or self.unit != "layer" or not getattr(visitor, "concurrent", False)
+                or getattr(visitor, "grad_pass", None) is not None):
+            return None
+        layers = [i for i, b in enumerate(self.blocks) if layer_index(b.name) is not None]
+        tied = {self.adapter.block_of(n) for pair in self.aliases.items() for n in pair}
+        if len(layers) < 2 or layers != list(range(layers[0], layers[-1] + 1)) or any(
+                self.blocks[i].name in tied for i in layers):
+            return None
+        return range(layers[0], layers[-1] + 1)
+
+    def _replica(self, w: int) -> Adapter:
+        """Worker ``w``'s adapter: functional_call swaps a module's tensors while it runs, so concurrent runs need
+        skeletons of their own."""
+        while len(self._replicas) <= w:
+            self._replicas.append(self.adapter.replica())
+        return self._replicas[w]
+
+    def _compute_layers(self, layers: range, visitor: BlockVisitor, state: _PassState, writes_back: list[bool]) -> None:
+        """Emit the residencies of decoder ``layers`` as one operation that runs them concurrently (see
+        :mod:`zoedge.runtime.pipeline`), then the persisting of their updates."""
+        wheres = {i: self.tier.source(i) for i in layers}
+        reads = [wheres[i][0] for i in layers]
+        writes = [wheres[i][0] for i, w in zip(layers, writes_back) if w]
+        for w in range(self.workers):
+            self._replica(w)  # made here, before the workers start
+
+        def run() -> None:
+            rows = row_ranges(int(state.ctx.input_ids.shape[0]))
+            ctx = state.ctx
+            contexts = [self.adapter.begin(ctx.input_ids[a:b],
+                                           None if ctx.attention_mask is None else ctx.attention_mask[a:b],
+                                           ctx.position_ids[a:b]) for a, b in rows]
+            chains = [(p, c) for p in range(visitor.passes) for c in range(len(rows))]
+            residents: dict[int, Resident] = {}
+
+            def prep(j: int, ws: int) -> list[Mapping[str, torch.Tensor]]:
+                i = layers[j]
+                res = residents[j] = self._resident(i, self.in_host[wheres[i][0]], visitor, state, ws)
+                weights = []
+                for p in range(visitor.passes):
+                    res.forming = p
+                    weights.append(dict(visitor.pass_tensors(res, p)))
+                res.forming = None
+                return weights
+
+            def step(w: int, j: int, k: int, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+                return self._replica(w).run(self.blocks[layers[j]].name, weights, x, contexts[chains[k][1]])
+
+            def done(j: int) -> None:
+                visitor.on_passes_done(residents.pop(j))
+
+            starts = [state.states[p][a:b] for p, c in chains for a, b in [rows[c]]]
+            pipeline = LayerPipeline(len(layers), starts, [p for p, _ in chains], prep, step, done, self.workers)
+            try:
+                ends = pipeline.run()
+            finally:
+                for k, v in pipeline.seconds.items():
+                    self.layer_seconds[k] = self.layer_seconds.get(k, 0.0) + v
+            for p in range(visitor.passes):
+                state.states[p] = torch.cat([ends[k] for k, (q, _) in enumerate(chains) if q == p])
+
+        self.schedule.emit(COMPUTE, "compute", f"compute {self.blocks[layers[0]].name}..{self.blocks[layers[-1]].name}",
+                           run, reads=reads, writes=writes, block=layers[0])
+        residents = state.residents
+        for i, w in zip(layers, writes_back):
+            if w:
+                self.tier.persist(i, wheres[i], lambda i=i: i not in residents or residents[i].dirty)
 
     def run(self, visitor: BlockVisitor, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None,
@@ -419,7 +531,13 @@ class StreamedModel:
         updates = may_update(visitor)
         n = len(self.blocks)
         issued = 0
+        concurrent = self._concurrent_layers(visitor, state)
         for i, block in enumerate(self.blocks):
+            if concurrent is not None and i in concurrent:
+                if i == concurrent.start:
+                    self._compute_layers(concurrent, visitor, state, [
+                        updates and any(t.quant == "none" for t in self.blocks[j].tensors) for j in concurrent])
+                continue
             if self.in_place:  # the block's bytes are where compute reads them: an update lands in place
                 for j in range(i, min(i + self.prefetch + 1, n)):  # disk reads ahead, as many as the ring holds
                     self.tier.read_ahead(j)

@@ -15,6 +15,9 @@
   the ``/proc/stat`` counters since its last look (two file reads, no waiting) and changes torch's
   intra-op threads when other jobs started or stopped; the changes go to the run summary.
 * ``--threads N`` overrides the choice (no sampling, no changes).
+* The decoder layers of a training step on the CPU's RAM tier run on :attr:`ThreadChoice.workers`
+  single-threaded workers instead (:mod:`zoedge.runtime.pipeline`): every core the policy allows, loaded or
+  not, since they share work dynamically; the intra-op threads above serve the rest of the step.
 * When the 1-minute load average already exceeds the usable cores before the run starts, other jobs compete
   for them: step times will be longer and vary, and the choice is reported with a warning.
 
@@ -133,8 +136,16 @@ class ThreadChoice:
     others_busy: float | None = None  # cores busy with other processes when sampled (None: not sampled)
     cap: int = 0               # the most threads the policy allows (affinity, disk tier, local ranks)
 
+    @property
+    def workers(self) -> int:
+        """Workers of the concurrent decoder layers (:mod:`zoedge.runtime.pipeline`): ``--threads``, else every core
+        the policy allows (``cap``), busy or not. Unlike intra-op threads they do not wait for each other at every
+        operation: a worker sharing its core with another process takes fewer items, so they need no
+        re-evaluation."""
+        return self.threads if self.source == "--threads" else max(self.cap, 1)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "workers": self.workers}
 
 
 def choose_threads(requested: int | None = None, tier: str = "ram", sample_s: float = SAMPLE_S) -> ThreadChoice:
