@@ -283,7 +283,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     # mode, an accelerator's default, forms them inside the forward passes, where they would count twice)
     model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
                           engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False,
-                          workers=threads.workers)
+                          workers=threads.workers, worker_threads=threads.worker_threads)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     noise_cache.attach(opt.noise, args.noise_cache, dev, args.tier)
     opt.noise = noise = TimedNoise(opt.noise)

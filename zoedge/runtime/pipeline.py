@@ -1,11 +1,12 @@
-"""The decoder layers of a CPU step as concurrent chains on single-threaded workers, with no barrier per layer.
+"""The decoder layers of a CPU step as concurrent chains on worker threads, with no barrier per layer.
 
 torch's intra-op threads split every operation evenly and wait for each other at its end. On a quiet box that
 is efficient; when another process keeps one of the cores busy, the thread sharing that core gets about half of
 it and every operation waits for it, so a step on two threads is slower than on one (the thread policy then
 chooses one thread, and the shared core's other half goes unused). Here the decoder layers' work is cut into
 items that wait for nothing but their own inputs, taken by ``workers`` single-threaded workers, each pinned to
-one of the process's cores: a worker on a shared core simply takes fewer items.
+one of the process's cores (on larger boxes, a few workers of several threads each): a worker on a shared core
+simply takes fewer items.
 
 * A *chain* ``(p, c)`` is pass ``p``'s hidden state of row chunk ``c`` of the batch (rows are independent
   through a decoder layer). Its item at layer ``j`` runs layer ``j`` on it.
@@ -19,8 +20,10 @@ chain furthest behind among those whose next layer is prepared. ``prep`` and ``d
 layer order (the visitor's hooks never run concurrently with each other, only with forward passes); the chains
 are independent. The caller's thread only waits.
 
-Results equal the sequential loop's: every chain sees the same weights, and a decoder layer computes each row of
-the batch from that row alone (``tests/test_pipeline.py`` checks bit-equality on this box's torch build).
+Results are the sequential loop's: every chain sees the same weights, and a decoder layer computes each row of
+the batch from that row alone. Only the rounding of the matrix kernels may differ, since they run on fewer rows
+at a time: on this project's box the runs are bit-equal when the row chunks are equal in size (even batches:
+every training test in ``tests/test_pipeline.py``) and within a unit in the last place otherwise.
 """
 from __future__ import annotations
 
@@ -56,23 +59,28 @@ class LayerPipeline:
             every pass.
         step: ``step(worker, j, chain, weights, state)`` runs layer ``j`` on a chain's state, returns the new one.
         done: ``done(j)`` after every chain has run layer ``j``.
-        workers: worker threads (each single-threaded, pinned to one of ``cpus`` when there are enough).
+        workers: worker threads.
+        worker_threads: each worker's intra-op threads (1: single-threaded workers, each pinned to one of ``cpus``
+            when there is one core per worker; otherwise the OS places them).
         cpus: the cores this process may use (default its affinity).
     """
 
     def __init__(self, layers: int, states: Sequence[torch.Tensor], pass_of: Sequence[int],
                  prep: Callable[[int, int], Sequence[Tensors]],
                  step: Callable[[int, int, int, Tensors, torch.Tensor], torch.Tensor],
-                 done: Callable[[int], None], workers: int, cpus: Sequence[int] | None = None) -> None:
+                 done: Callable[[int], None], workers: int, worker_threads: int = 1,
+                 cpus: Sequence[int] | None = None) -> None:
         self.layers, self.states, self.pass_of = layers, list(states), list(pass_of)
         self.prep, self.step, self.done = prep, step, done
-        self.workers = max(1, workers)
+        self.workers, self.worker_threads = max(1, workers), max(1, worker_threads)
         if cpus is None:
             try:
                 cpus = sorted(os.sched_getaffinity(0))
             except (AttributeError, OSError):
                 cpus = []
-        self.cpus = list(cpus) if len(cpus) >= self.workers else []  # pin only with a core per worker
+        # pin only single-threaded workers, one per core: a pinned worker's intra-op threads would share its core,
+        # and with fewer workers than cores (e.g. ranks sharing a box) every process would pin to the same ones
+        self.cpus = list(cpus) if self.worker_threads == 1 and len(cpus) == self.workers else []
         self._cond = threading.Condition()
         self._progress = [0] * len(self.states)   # layers each chain has run
         self._held = [False] * len(self.states)   # a worker is running the chain's next layer
@@ -115,7 +123,7 @@ class LayerPipeline:
 
     # ------------------------------------------------------------------ workers
     def _work(self, w: int) -> None:
-        torch.set_num_threads(1)  # this thread's intra-op threads only: the caller keeps its own
+        torch.set_num_threads(self.worker_threads)  # this thread's intra-op threads: the caller keeps its own
         if self.cpus:
             os.sched_setaffinity(0, {self.cpus[w]})  # this thread only (0: the calling thread)
         with torch.no_grad():

@@ -198,6 +198,12 @@ class BlockVisitor:
         """All passes ran on this block."""
 
 
+class Forward(BlockVisitor):
+    """The stored model's plain forward (evaluation): it changes nothing, so its layers may run concurrently."""
+
+    concurrent = True
+
+
 def may_update(visitor: BlockVisitor) -> bool:
     """Only ``on_resident`` and ``on_passes_done`` may change a block: a visitor that overrides neither never
     does, and its passes schedule no write-backs."""
@@ -233,12 +239,13 @@ class StreamedModel:
             and no grad pass: run the decoder layers on this many single-threaded workers
             (:mod:`zoedge.runtime.pipeline`); 0 or 1: one after another on the calling thread. Settable later
             (``model.workers``).
+        worker_threads: each such worker's intra-op threads (``model.worker_threads``).
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
                  ram_cache_blocks: int = 0, working_dir: Path | None = None, engine: Engine | None = None,
                  in_place: bool | None = None, lean: bool | None = None, chunk_bytes: int = CHUNK_BYTES,
-                 unit: str = "layer", workers: int = 0) -> None:
+                 unit: str = "layer", workers: int = 0, worker_threads: int = 1) -> None:
         from transformers import AutoConfig
 
         self.store = Path(store)
@@ -298,7 +305,7 @@ class StreamedModel:
             ring_blocks = [b for i, b in enumerate(self.blocks) if i not in self.dedicated]
             self.ring = [self._new_slot(ring_blocks, len(self.dedicated) + k) for k in range(prefetch + 1)]
         self._workspaces: dict[str, torch.Tensor] = {}
-        self.workers = workers
+        self.workers, self.worker_threads = workers, worker_threads
         self._replicas: list[Adapter] = []  # the pipeline workers' adapters (each its own skeleton)
         #: the concurrent layers' seconds (:attr:`LayerPipeline.seconds`), summed over every pass that used them
         self.layer_seconds: dict[str, float] = {}
@@ -485,7 +492,8 @@ class StreamedModel:
                 visitor.on_passes_done(residents.pop(j))
 
             starts = [state.states[p][a:b] for p, c in chains for a, b in [rows[c]]]
-            pipeline = LayerPipeline(len(layers), starts, [p for p, _ in chains], prep, step, done, self.workers)
+            pipeline = LayerPipeline(len(layers), starts, [p for p, _ in chains], prep, step, done, self.workers,
+                                     self.worker_threads)
             try:
                 ends = pipeline.run()
             finally:
@@ -564,7 +572,7 @@ class StreamedModel:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the stored model ([B, T, V], or [N, V] with ``select``), equal to the resident HF model's."""
-        return self.run(BlockVisitor(), input_ids, attention_mask, position_ids, select)[0]
+        return self.run(Forward(), input_ids, attention_mask, position_ids, select)[0]
 
     __call__ = forward
 

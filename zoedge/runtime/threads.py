@@ -15,9 +15,10 @@
   the ``/proc/stat`` counters since its last look (two file reads, no waiting) and changes torch's
   intra-op threads when other jobs started or stopped; the changes go to the run summary.
 * ``--threads N`` overrides the choice (no sampling, no changes).
-* The decoder layers of a training step on the CPU's RAM tier run on :attr:`ThreadChoice.workers`
-  single-threaded workers instead (:mod:`zoedge.runtime.pipeline`): every core the policy allows, loaded or
-  not, since they share work dynamically; the intra-op threads above serve the rest of the step.
+* The decoder layers of a training step on the CPU's RAM tier run on :attr:`ThreadChoice.workers` workers
+  instead (:mod:`zoedge.runtime.pipeline`): one per core the policy allows, loaded or not, since they share
+  work as it goes (up to :data:`MAX_LAYER_WORKERS`; beyond that each worker gets several intra-op threads);
+  the intra-op threads above serve the rest of the step.
 * When the 1-minute load average already exceeds the usable cores before the run starts, other jobs compete
   for them: step times will be longer and vary, and the choice is reported with a warning.
 
@@ -57,6 +58,9 @@ SAMPLE_S = 0.25
 RECHECK_STEPS = 5
 #: a core counts as free while other processes use less than 1 - SLACK of it
 SLACK = 0.3
+#: the most workers of the concurrent decoder layers: a MeZO step has four chains of work (two passes, two row
+#: chunks) and a layer being prepared; more workers would wait, so larger boxes give each worker several threads
+MAX_LAYER_WORKERS = 4
 
 
 def affinity_cpus() -> set[int] | None:
@@ -137,15 +141,24 @@ class ThreadChoice:
     cap: int = 0               # the most threads the policy allows (affinity, disk tier, local ranks)
 
     @property
-    def workers(self) -> int:
-        """Workers of the concurrent decoder layers (:mod:`zoedge.runtime.pipeline`): ``--threads``, else every core
-        the policy allows (``cap``), busy or not. Unlike intra-op threads they do not wait for each other at every
-        operation: a worker sharing its core with another process takes fewer items, so they need no
-        re-evaluation."""
+    def _layer_threads(self) -> int:
         return self.threads if self.source == "--threads" else max(self.cap, 1)
 
+    @property
+    def workers(self) -> int:
+        """Workers of the concurrent decoder layers (:mod:`zoedge.runtime.pipeline`): as many as ``--threads``, else
+        as every core the policy allows (``cap``), busy or not, at most :data:`MAX_LAYER_WORKERS`. Unlike intra-op
+        threads they do not wait for each other at every operation: a worker sharing its core with another
+        process takes fewer items, so they need no re-evaluation."""
+        return min(self._layer_threads, MAX_LAYER_WORKERS)
+
+    @property
+    def worker_threads(self) -> int:
+        """Intra-op threads of each layer worker: the cores beyond :data:`MAX_LAYER_WORKERS`, shared out."""
+        return max(1, self._layer_threads // self.workers)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "workers": self.workers}
+        return {**asdict(self), "workers": self.workers, "worker_threads": self.worker_threads}
 
 
 def choose_threads(requested: int | None = None, tier: str = "ram", sample_s: float = SAMPLE_S) -> ThreadChoice:

@@ -243,7 +243,8 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
-                               working_dir=working, unit=s.unit, workers=threads.workers)) as model:
+                               working_dir=working, unit=s.unit, workers=threads.workers,
+                               worker_threads=threads.worker_threads)) as model:
         tok = load_tokenizer(store)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
         cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from zoedge.errors import ConfigError, DataError
 from zoedge.optim.api import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
-from zoedge.runtime.streamed import BlockVisitor, StreamedModel
+from zoedge.runtime.streamed import BlockVisitor, Forward, StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
@@ -99,7 +99,7 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
     parts = length_batches(tokenizer, examples, batch_size)[world.rank::world.size]  # sharded across ranks
     for part in tqdm(parts, desc=desc, leave=False, disable=not progress):
         batch = collate(tokenizer, part, max_length, share_prompts=True)
-        loss, pred = _loss_passes(model, BlockVisitor(), batch)[0]
+        loss, pred = _loss_passes(model, Forward(), batch)[0]
         total_loss += float(loss) * len(part)
         n += len(part)
         if part[0].kind == "classification":
