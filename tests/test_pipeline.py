@@ -236,3 +236,18 @@ def test_the_plain_forward_runs_concurrently_and_equals_the_sequential_one(store
     got = two.forward(ids, mask)
     assert two.layer_seconds["chain"] > 0 and not one.layer_seconds
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_hook_error_on_a_worker_reaches_the_caller_with_its_message(tmp_path):
+    """A plugin error raised in a layer's preparation on a worker (a dense perturbation of an int8 store) is the
+    same clear error the sequential loop gives, raised in the caller's thread."""
+    save_tiny("llama", tmp_path / "hf", layers=3)
+    zoedge.prepare(tmp_path / "hf", tmp_path / "int8", quant="int8", progress=False, log=lambda s: None)
+    opt = build("mezo", {}, seed=0)
+    batch = batches(toy_examples(), 1, BS, SEED)[0]
+    for workers in (0, 2):
+        model = zoedge.load(tmp_path / "int8", workers=workers)
+        opt.begin_step(0)
+        with pytest.raises(zoedge.errors.ConfigError, match="stored quantized"):
+            _loss_passes(model, opt, batch)
+        assert bool(model.layer_seconds) == (workers == 2)  # raised by a worker of the concurrent layers

@@ -236,10 +236,10 @@ class StreamedModel:
             halves as separate units, named ``layers.<i>.attn`` / ``.mlp``: slots sized to the larger half; ram
             tier; families whose adapter runs half layers; plugins without first-order blocks).
         workers: CPU, ram tier, bound in place, with a visitor that allows it (:attr:`BlockVisitor.concurrent`)
-            and no grad pass: run the decoder layers on this many single-threaded workers
-            (:mod:`zoedge.runtime.pipeline`); 0 or 1: one after another on the calling thread. Settable later
-            (``model.workers``).
-        worker_threads: each such worker's intra-op threads (``model.worker_threads``).
+            and no grad pass: run the decoder layers on this many worker threads (:mod:`zoedge.runtime.pipeline`);
+            0 or 1: one after another on the calling thread. Settable later (``model.workers``).
+        worker_threads: each worker's intra-op threads (``model.worker_threads``; 1: workers pinned one per core
+            when there is a core per worker).
     """
 
     def __init__(self, store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
