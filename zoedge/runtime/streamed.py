@@ -439,9 +439,9 @@ class StreamedModel:
 
     def _concurrent_layers(self, visitor: BlockVisitor, state: _PassState) -> range | None:
         """The decoder layers that run concurrently in this pass (:mod:`zoedge.runtime.pipeline`), or None."""
-        if (self.workers < 2 or not state.compute or not self.in_place or not isinstance(self.tier, RamTier)
-                or self.lean or self.unit != "layer" or not getattr(visitor, "concurrent", False)
-                or getattr(visitor, "grad_pass", None) is not None):
+        if (self.workers < 2 or not state.compute or visitor.passes < 1 or not getattr(visitor, "concurrent", False)
+                or getattr(visitor, "grad_pass", None) is not None
+                or not self.in_place or self.lean or not isinstance(self.tier, RamTier) or self.unit != "layer"):
             return None
         layers = [i for i, b in enumerate(self.blocks) if layer_index(b.name) is not None]
         tied = {self.adapter.block_of(n) for pair in self.aliases.items() for n in pair}
