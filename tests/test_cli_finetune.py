@@ -43,6 +43,8 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert [m["step"] for m in metrics] == [1, 2]
     assert {"loss", "lr", "projected_grad", "seconds", "tokens", "threads"} <= set(metrics[0])
     assert summary["threads"]["final_threads"] == metrics[-1]["threads"] and "changes" in summary["threads"]
+    cores = summary["threads"]["cores"]  # the decoder layers: one worker per core the policy allows
+    assert summary["threads"]["workers"] == min(summary["threads"]["cap"], 4) and cores >= 1
     assert summary["noise_cache"]["hits"] > 0  # the default (ram tier): step 2's update read step 1's noise there
     assert summary["noise"]["kind"] == "gaussian" and summary["noise"]["generator"] == "philox"
     assert summary["noise"]["cpu_backend"] == "native" or summary["noise"]["cpu_backend"].startswith("torch (")
@@ -60,6 +62,7 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["steps_this_run"], summary["start_step"]) == (3, 1, 2)
     assert summary["threads"]["threads"] == 1 and summary["threads"]["source"] == "--threads"
+    assert summary["threads"]["workers"] == 1  # --threads 1: the layers one after another
     assert summary["noise_cache"] is None  # a run setting that changes no weight: free to change on resume
     # eval of the exported model
     capsys.readouterr()
@@ -67,6 +70,7 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
                  "--n-dev", "8", "--n-test", "8", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["dev"]["examples"] == 8 and 0 <= res["dev"]["accuracy"] <= 1
+    assert res["threads"]["workers"] >= 1  # eval follows finetune's thread policy
 
 
 def test_third_party_plugin_trains(setup, monkeypatch):

@@ -386,13 +386,17 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     if summary is not None and not s.other_split:
         check_run_split(splits, summary, s, given)
     store = resolve_store(s.model, progress=s.progress)
-    with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
+    threads = choose_threads(None, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
+    apply_threads(threads)
+    with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
+                               worker_threads=threads.worker_threads)) as model:
         tok = load_tokenizer(store)
         t0 = time.perf_counter()
         res: dict[str, Any] = {name: asdict(evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress,
                                                      name))
                                for name, ex in (("dev", splits.dev), ("test", splits.test)) if ex}
         res["seconds"] = time.perf_counter() - t0
+    res["threads"] = threads.to_dict()
     res["split"] = {k: v for k, v in split_record(splits).items() if k != "train"}
     res["settings"] = to_dict(s)
     if target is not None:
