@@ -44,7 +44,9 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     assert {"loss", "lr", "projected_grad", "seconds", "tokens", "threads"} <= set(metrics[0])
     assert summary["threads"]["final_threads"] == metrics[-1]["threads"] and "changes" in summary["threads"]
     cores = summary["threads"]["cores"]  # the decoder layers: one worker per core the policy allows
-    assert summary["threads"]["workers"] == min(summary["threads"]["cap"], 4) and cores >= 1
+    workers = summary["threads"]["workers"]
+    assert workers == min(summary["threads"]["cap"], 4) and cores >= 1
+    assert summary["threads"]["layers"] == (f"concurrent, {workers} workers" if workers > 1 else "one after another")
     assert summary["noise_cache"]["hits"] > 0  # the default (ram tier): step 2's update read step 1's noise there
     assert summary["noise"]["kind"] == "gaussian" and summary["noise"]["generator"] == "philox"
     assert summary["noise"]["cpu_backend"] == "native" or summary["noise"]["cpu_backend"].startswith("torch (")
@@ -62,7 +64,7 @@ def test_finetune_outputs_resume_and_export(setup, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["steps_this_run"], summary["start_step"]) == (3, 1, 2)
     assert summary["threads"]["threads"] == 1 and summary["threads"]["source"] == "--threads"
-    assert summary["threads"]["workers"] == 1  # --threads 1: the layers one after another
+    assert summary["threads"]["workers"] == 1 and summary["threads"]["layers"] == "one after another"  # --threads 1
     assert summary["noise_cache"] is None  # a run setting that changes no weight: free to change on resume
     # eval of the exported model
     capsys.readouterr()

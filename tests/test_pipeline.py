@@ -251,3 +251,23 @@ def test_a_hook_error_on_a_worker_reaches_the_caller_with_its_message(tmp_path):
         with pytest.raises(zoedge.errors.ConfigError, match="stored quantized"):
             _loss_passes(model, opt, batch)
         assert bool(model.layer_seconds) == (workers == 2)  # raised by a worker of the concurrent layers
+
+
+def test_the_layers_run_one_after_another_where_their_workspaces_would_not_fit(store, monkeypatch):
+    """Before the concurrent layers first allocate their workspaces (3 sets of every pass's scratch and a noise
+    buffer), the runtime checks them against half the memory available; too little, and the layers run one after
+    another for the rest of the run, with the reason in ``layer_mode`` (the run summary's ``threads.layers``)."""
+    import zoedge.runtime.streamed as streamed
+    batch = batches(toy_examples(), 1, BS, SEED)[0]
+    opt = build("mezo", {}, seed=0)
+    roomy = zoedge.load(store, workers=2)
+    opt.begin_step(0)
+    opt.finish_step([l for l, _ in _loss_passes(roomy, opt, batch)])
+    assert roomy.layer_mode() == "concurrent, 2 workers"
+    monkeypatch.setattr(streamed, "available_memory", lambda: 1000)
+    tight = zoedge.load(store, workers=2)
+    opt.begin_step(1)
+    opt.finish_step([l for l, _ in _loss_passes(tight, opt, batch)])
+    assert not tight.layer_seconds and not any(k.startswith(LAYER_SET) for k in tight._workspaces)
+    assert tight.layer_mode().startswith("one after another: their workspaces (3 layers x (2 passes + noise)")
+    assert "0.0 GiB" in tight.layer_mode()  # the memory available, as found

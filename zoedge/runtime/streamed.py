@@ -44,10 +44,10 @@ from zoedge.errors import ConfigError
 from zoedge.optim.noise import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
-from zoedge.runtime.host import DiskTier, HostTier, RamTier
+from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
 from zoedge.runtime.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
-from zoedge.runtime.pipeline import LayerPipeline, row_ranges
+from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, make_slot
 from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
@@ -61,6 +61,8 @@ CHUNK_BYTES = 64 * 2**20
 SCRATCH = "scratch"
 #: prefix of the workspaces of the concurrently resident layers' sets
 LAYER_SET = "layers@"
+#: the concurrent layers' workspaces may take at most this share of the memory available when first needed
+LAYER_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -309,6 +311,7 @@ class StreamedModel:
         self._replicas: list[Adapter] = []  # the pipeline workers' adapters (each its own skeleton)
         #: the concurrent layers' seconds (:attr:`LayerPipeline.seconds`), summed over every pass that used them
         self.layer_seconds: dict[str, float] = {}
+        self._layers_refused: str | None = None  # why the layers run one after another although workers are set
 
     # ------------------------------------------------------------------ setup
     def _block_index(self, name: str | None) -> int:
@@ -445,10 +448,26 @@ class StreamedModel:
             return None
         layers = [i for i, b in enumerate(self.blocks) if layer_index(b.name) is not None]
         tied = {self.adapter.block_of(n) for pair in self.aliases.items() for n in pair}
-        if len(layers) < 2 or layers != list(range(layers[0], layers[-1] + 1)) or any(
-                self.blocks[i].name in tied for i in layers):
+        if self._layers_refused is not None or len(layers) < 2 or layers != list(range(layers[0], layers[-1] + 1)) \
+                or any(self.blocks[i].name in tied for i in layers):
             return None
+        if not any(k.startswith(LAYER_SET) for k in self._workspaces):  # the first time: will the workspaces fit?
+            layer = max(sum(_nbytes(t.numel, t.dtype) for t in self.blocks[i].tensors) for i in layers)
+            need, available = SLOTS * (visitor.passes + 1) * layer, available_memory()
+            if available is not None and need > LAYER_MEMORY_SHARE * available:
+                self._layers_refused = (
+                    f"their workspaces ({SLOTS} layers x ({visitor.passes} passes + noise) x {layer / 2**20:.0f} MiB = "
+                    f"{need / 2**30:.1f} GiB) would take more than {LAYER_MEMORY_SHARE:.0%} of the memory available "
+                    f"({available / 2**30:.1f} GiB)")
+                return None
         return range(layers[0], layers[-1] + 1)
+
+    def layer_mode(self) -> str:
+        """How the decoder layers ran: concurrently on how many workers, or one after another (and why, where
+        workers were set)."""
+        if self.layer_seconds:
+            return f"concurrent, {self.workers} workers"
+        return "one after another" + (f": {self._layers_refused}" if self._layers_refused else "")
 
     def _replica(self, w: int) -> Adapter:
         """Worker ``w``'s adapter: functional_call swaps a module's tensors while it runs, so concurrent runs need

@@ -269,6 +269,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
             shutil.rmtree(out / "model", ignore_errors=True)
         peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
         io_mode = getattr(model.tier, "io_mode", None)  # disk tier: direct (O_DIRECT) or buffered
+        layer_mode = model.layer_mode()
     if not world.is_main:
         world.barrier()  # until rank 0 has written the outputs
         return {"world_size": world.size, "rank": world.rank}
@@ -276,7 +277,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     summary = {
         "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
-        "threads": governor.to_dict(),
+        "threads": {**governor.to_dict(), "layers": layer_mode},
         "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
         "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
         "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
