@@ -150,9 +150,10 @@ def test_workers_are_pinned_only_one_per_core_single_threaded():
 
 # ------------------------------------------------------------------------------------------ on a streamed model
 STEPS, BS, SEED = 4, 4, 3
-PLUGINS = {"mezo": {"lr": 1e-3, "eps": 1e-2, "weight_decay": 0.1}, "mezo-q2": {"q": 2, "lr": 1e-3},
-           "mezo-pool": {"noise": "pool"}, "hzo": {"nu": 2, "lr": 1e-3}, "hizoo-l": {"lr": 1e-3},
-           "dizo": {"cycle": 2, "iters": 2}}
+#: case -> (plugin, options): every built-in that declares ``concurrent`` (DiZO with its projection phases)
+PLUGINS = {"mezo": ("mezo", {"lr": 1e-3, "eps": 1e-2, "weight_decay": 0.1}), "mezo-q2": ("mezo", {"q": 2, "lr": 1e-3}),
+           "mezo-pool": ("mezo", {"noise": "pool"}), "hzo": ("hzo", {"nu": 2, "lr": 1e-3}),
+           "hizoo-l": ("hizoo-l", {"lr": 1e-3}), "dizo": ("dizo", {"cycle": 2, "iters": 2})}
 
 
 def train(store, tmp, plugin: str, options: dict, workers: int):
@@ -178,20 +179,20 @@ def store(request, tmp_path_factory):
     return d / "store"
 
 
-@pytest.mark.parametrize("plugin", sorted(PLUGINS))
-def test_concurrent_layers_train_as_sequential(store, plugin, tmp_path):
+@pytest.mark.parametrize("case", sorted(PLUGINS))
+def test_concurrent_layers_train_as_sequential(store, case, tmp_path):
     """Every loss and every final weight with the layers on two workers equal to one layer after another (left
     padding and scored positions included: toy batches have both), up to the matrix kernels' rounding; and a
     second concurrent run repeats the first bit for bit (what a resumed run relies on)."""
-    name = plugin.split("-q")[0].split("-pool")[0]
-    ref_losses, ref_state, ref_seconds = train(store, tmp_path / "a", name, PLUGINS[plugin], 0)
-    losses, state, seconds = train(store, tmp_path / "b", name, PLUGINS[plugin], 2)
+    plugin, options = PLUGINS[case]
+    ref_losses, ref_state, ref_seconds = train(store, tmp_path / "a", plugin, options, 0)
+    losses, state, seconds = train(store, tmp_path / "b", plugin, options, 2)
     assert not ref_seconds and seconds["chain"] > 0  # the pipeline ran (and only in the second run)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     assert state.keys() == ref_state.keys()
     for k in state:
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-6, msg=k)
-    again_losses, again_state, _ = train(store, tmp_path / "c", name, PLUGINS[plugin], 2)
+    again_losses, again_state, _ = train(store, tmp_path / "c", plugin, options, 2)
     assert again_losses == losses
     assert all(torch.equal(again_state[k], state[k]) for k in state)
 

@@ -114,7 +114,7 @@ class LayerPipeline:
                 t.join()
             raise
         finally:
-            torch.set_num_threads(own)  # the workers set theirs to 1; the caller's stays what it was
+            torch.set_num_threads(own)  # the workers set their own count; the caller keeps what it had
         wall = self.seconds["wall"] = time.perf_counter() - t0
         self.seconds["idle"] = max(0.0, self.workers * wall - sum(self.seconds[k] for k in ("prep", "chain", "done")))
         if self._error is not None:
