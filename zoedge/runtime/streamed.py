@@ -86,6 +86,7 @@ class Resident:
     #: pass whose weights ``pass_tensors`` is forming (it gets its own :data:`SCRATCH`); None: the shared ones
     workspace_set: int | None = None
     forming: int | None = None
+    _views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # workspace key -> views
 
     def mark_dirty(self) -> None:
         """Call after changing ``tensors`` in place: the block is written back to the host tier."""
@@ -99,7 +100,10 @@ class Resident:
         if self.workspace_set is not None:
             own = f".pass{self.forming}" if key == SCRATCH and self.forming is not None else ""
             key = f"{LAYER_SET}{self.workspace_set}.{key}{own}"
-        return self.runtime.workspace(key, self)
+        views = self._views.get(key)
+        if views is None:  # made once per residency: callers ask per tensor (a key's buffer never moves)
+            views = self._views[key] = self.runtime.workspace(key, self)
+        return dict(views)
 
     # -- perturbations: the runtime decides where noise and θ + αz live (see docs/architecture.md) ---------------
     @property
