@@ -534,7 +534,7 @@ class StreamedModel:
 
     def run(self, visitor: BlockVisitor, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None,
-            head_fn: Callable[[int, torch.Tensor], Any] | None = None) -> list[Any]:
+            head_fn: Callable[[int, torch.Tensor], Any] | None = None, cache: Any = None) -> list[Any]:
         """Stream every block once. With ``inputs`` run ``visitor.passes`` forward passes; without, only visit
         (apply pending updates: the flush before eval/save).
 
@@ -545,6 +545,9 @@ class StreamedModel:
             position_ids: default ``cumsum(mask) - 1``.
             select: flat indices into B×T: the head computes logits only there ([N, V]).
             head_fn: ``head_fn(p, logits)`` reduces pass p's logits (e.g. to a loss) so they need not be kept.
+            cache: a transformers KV cache (one pass): ``inputs`` follow the tokens it holds, ``attention_mask``
+                covers both, and each decoder layer appends its keys and values to it (see :meth:`Adapter.begin`;
+                decoding, :mod:`zoedge.runtime.decoding`). The layers then run one after another.
 
         Returns:
             Per pass, ``head_fn(p, logits)`` or the logits.
@@ -558,11 +561,11 @@ class StreamedModel:
             attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
             position_ids = position_ids.to(self.device) if position_ids is not None else None
             select = select.to(self.device) if select is not None else None
-            state.begin(self.adapter.begin(inputs, attention_mask, position_ids, select), inputs)
+            state.begin(self.adapter.begin(inputs, attention_mask, position_ids, select, cache), inputs)
         updates = may_update(visitor)
         n = len(self.blocks)
         issued = 0
-        concurrent = self._concurrent_layers(visitor, state)
+        concurrent = self._concurrent_layers(visitor, state) if cache is None else None  # the cache is batch-wide
         for i, block in enumerate(self.blocks):
             if concurrent is not None and i in concurrent:
                 if i == concurrent.start:
