@@ -50,7 +50,7 @@ from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, make_slot
-from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
+from zoedge.store.manifest import MANIFEST_NAME, BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
 from zoedge.store.safetensors_io import WeightStream
 
 
@@ -602,6 +602,16 @@ class StreamedModel:
 
     __call__ = forward
 
+    def generate(self, prompts: Any, **knobs: Any) -> str | list[str]:
+        """Complete ``prompts`` (a text, or a list of texts / ``{"messages": [...]}`` chats) with the store's tokenizer,
+        each new token one streamed pass with a per-layer KV cache. ``knobs``: ``max_new_tokens``, ``temperature``
+        (0, the default: greedy), ``top_p``, ``top_k``, ``stop``, ``seed``, ``batch_size``, ``chat`` (see
+        :func:`zoedge.generation.generate`, which also returns token counts and timings). Returns the completion
+        text, or a list of them for a list."""
+        from zoedge.generation import generate
+        texts = [c.completion for c in generate(self, prompts, **knobs).completions]
+        return texts if isinstance(prompts, (list, tuple)) else texts[0]
+
     def synchronize(self) -> None:
         """Wait for every enqueued copy and kernel (and disk write)."""
         self.engine.synchronize()
@@ -747,7 +757,17 @@ class _PassState:
                     self.states[p] = self.head_fn(p, self.states[p])
 
 
-def load(store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-         **kwargs: Any) -> StreamedModel:
-    """Open a prepared block store as a :class:`StreamedModel` (see its Args)."""
-    return StreamedModel(store, device=device, tier=tier, prefetch=prefetch, **kwargs)
+def load(model: str | Path | None = None, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
+         dtype: str = "fp32", **kwargs: Any) -> StreamedModel:
+    """Open a model as a :class:`StreamedModel` (see its Args for the others): ``model`` is a prepared block store, a
+    Hugging Face checkpoint directory (prepared once, in ``dtype``, into zoedge's cache), a finetune run's output
+    directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
+
+    Raises:
+        ConfigError: ``model`` does not exist or is neither of those.
+    """
+    path = Path(model) if model is not None else None
+    if path is None or not (path / MANIFEST_NAME).is_file():
+        from zoedge.train.job import find_run, resolve_store
+        path = resolve_store(find_run(None if model is None else str(model))[0], dtype, progress=False)
+    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)
