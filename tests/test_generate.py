@@ -86,6 +86,22 @@ def test_sampling_equals_transformers_and_repeats(tiny):
         streamed.close()
 
 
+@pytest.mark.gpu
+def test_gpu_offloaded_cache_equals_transformers(tiny):
+    """On an accelerator the cache is transformers' offloaded DynamicCache (host memory, one layer prefetched to the
+    device at a time), filled while the layers stream through device slots: the same tokens as transformers' own
+    generate on that device."""
+    model, store = tiny
+    ids, mask = batch(b=3, t=9)
+    streamed = zoedge.load(store, device="cuda")
+    try:
+        got = decode(streamed, ids, mask, 12, pad_id=1).tokens
+        assert got == _hf_tokens(model.to("cuda"), ids.cuda(), mask.cuda(), 12)
+    finally:
+        model.to("cpu")
+        streamed.close()
+
+
 # --------------------------------------------------------------------------- the command and the Python API
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class Generated:
         return self.new_tokens / self.seconds if self.seconds > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
         return {"completions": [asdict(c) for c in self.completions], "new_tokens": self.new_tokens,
                 "seconds": self.seconds, "prefill_seconds": self.prefill_seconds, "tokens_per_s": self.tokens_per_s,
                 "passes": self.passes, "batches": self.batches, "settings": self.settings}

@@ -187,7 +187,7 @@ class Adapter(ABC):
         module = self.skeleton.get_submodule(module_path)
         plen = len(module_path) + 1
         local = {n[plen:]: t for n, t in tensors.items() if n.startswith(module_path + ".")}
-        return functional_call(module, local, args, kwargs or {}, strict=True)
+        return functional_call(module, local, args, kwargs or {}, strict=True, tie_weights=False)
 
     @staticmethod
     def default_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
