@@ -8,6 +8,7 @@ the default model.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -188,6 +189,14 @@ def test_load_generate_api(hf_dir):
         assert sampled[0] == sampled[1]
     finally:
         streamed.close()
+    run = hf.parent / "run"  # a finetune run's output directory: its model/ is loaded
+    shutil.copytree(hf, run / "model")
+    (run / "summary.json").write_text("{}")
+    from_run = zoedge.load(run)
+    try:
+        assert from_run.generate(["a pear and"], max_new_tokens=5) == _reference(model, tok, ["a pear and"], 5)
+    finally:
+        from_run.close()
 
 
 def test_bad_prompts_fail_before_the_model_loads(tmp_path, capsys):
