@@ -764,10 +764,12 @@ def load(model: str | Path | None = None, device: str | torch.device = "cpu", ti
     directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
 
     Raises:
-        ConfigError: ``model`` does not exist or is neither of those.
+        StoreError: ``model`` is neither of those (no manifest.json, no checkpoint weights), or a damaged store.
     """
-    path = Path(model) if model is not None else None
-    if path is None or not (path / MANIFEST_NAME).is_file():
-        from zoedge.train.job import find_run, resolve_store
-        path = resolve_store(find_run(None if model is None else str(model))[0], dtype, progress=False)
-    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)
+    from zoedge.store.cache import SOURCE_GLOBS
+    from zoedge.train.job import find_run, resolve_store
+    source = find_run(None if model is None else str(model))[0]
+    path = None if source is None else Path(source)
+    if path is None or (not (path / MANIFEST_NAME).is_file() and any(any(path.glob(g)) for g in SOURCE_GLOBS)):
+        path = resolve_store(source, dtype, progress=False)  # a checkpoint: its prepared store (made once)
+    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)  # else a store (or its error)
