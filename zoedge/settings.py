@@ -99,7 +99,9 @@ class ModelOptions(Settings):
     unit: str = setting("layer", "what streams through a device slot: layer (a decoder layer) or half (OPT: its "
                         "attention and MLP halves as separate units, smaller slots; ram tier, no first-order "
                         "blocks; results bit-equal to layer)", choices=("layer", "half"))
-    dtype: str = setting("fp32", "precision of the prepared store (and of the compute)", choices=("fp32", "bf16", "fp16"))
+    dtype: str | None = setting(None, "precision of the compute: a checkpoint is prepared in it (default fp32); a "
+                                "store made by `zoedge prepare` computes in its own (another --dtype is refused)",
+                                type=str, choices=("fp32", "bf16", "fp16"))
 
     def check_more(self) -> None:
         super().check_more()
