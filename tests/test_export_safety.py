@@ -300,3 +300,31 @@ def test_max_length_beyond_the_positions(setup, capsys):
     capsys.readouterr()
     assert main(base + ["--steps", "1", "--no-plot", "--max-length", "40", "--output", str(tmp / "llama")]) == 0
     assert "warning: --max-length 40 is beyond the 16 positions" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 6 and 8: every option takes effect or is refused
+@pytest.mark.parametrize("extra, what", [
+    (["--seed", "-1"], "--seed: -1 is too small"),
+    (["--seed", str(2**63)], "--seed: 9223372036854775808 is too large"),  # before: ValueError traceback
+    (["--task", "demo"], "--task: 'demo' is a built-in task, but --train"),  # before: ignored, recorded
+    (["--allow-changes"], "--allow-changes: is given without --resume"),  # before: ignored
+])
+def test_finetune_options_without_effect_or_out_of_range_are_refused(setup, monkeypatch, capsys, extra, what):
+    tmp, _, base = setup
+    monkeypatch.setattr(job, "StreamedModel", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(base + extra + ["--output", str(tmp / "run")]) == 2
+    assert what in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["plan", "llama-2-7b", "--layers", "0"], "--layers: 0 is too small"),  # before: 0 silently meant "all"
+    (["plan", "llama-2-7b", "--layers", "-2"], "--layers: -2 is too small"),  # before: ValueError traceback
+    (["plan", "llama-2-7b", "--chunk-mib", "0"], "--chunk-mib: 0 is too small"),
+    (["plan", "llama-2-7b", "--disk-gbps", "nan"], "--disk-gbps: nan is not a finite number"),  # before: nan GB/s
+    (["cache", "prune", "--older-than", "nan"], "--older-than: nan is not a finite number"),
+    (["synth", "llama-2-7b", "OUT", "--layers", "0"], "--layers: 0 is too small"),
+    (["memory", "STORE", "--batch", "0"], "--batch: 0 is too small"),
+])
+def test_command_options_are_range_checked_where_parsed(argv, what, capsys):
+    assert main(argv) == 2
+    assert what in capsys.readouterr().err

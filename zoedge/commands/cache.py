@@ -10,6 +10,8 @@ import json
 import sys
 import time
 
+from zoedge.commands.values import DAYS
+
 HELP = ("list or delete the block stores prepared automatically from --model DIR checkpoints; they live in "
         "$ZOEDGE_CACHE/stores (default ~/.cache/zoedge/stores). The converted default model next to it is "
         "not touched.")
@@ -25,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("prune", help="delete stores by age, by unused source, or all",
                         description="Delete cached stores. Give at least one selection; a deleted store is "
                         "prepared again the next time its checkpoint is used.")
-    pr.add_argument("--older-than", type=float, metavar="DAYS", default=None,
+    pr.add_argument("--older-than", type=DAYS, metavar="DAYS", default=None,
                     help="stores not used for more than DAYS days")
     pr.add_argument("--unused", action="store_true",
                     help="stores whose source checkpoint directory no longer exists, and unfinished builds")

@@ -136,7 +136,11 @@ def load_splits(data: DataOptions) -> Splits:
             raise ConfigError("--task", f"{name!r} is not a built-in task and no --train file was given",
                               f"use --task {' / '.join(BUILTIN_TASKS)}, or give --train FILE.jsonl")
         return split(builtin_task(name, seed=0), data.n_train, data.n_dev, data.n_test, data.seed)
-    layout = None if data.task in (None, *BUILTIN_TASKS) else data.task
+    if data.task in BUILTIN_TASKS:  # a built-in task has no files: it would be ignored
+        raise ConfigError("--task", f"{data.task!r} is a built-in task, but --train {data.train} is given",
+                          "drop --task (the layout of the file is detected) or give the file's layout (e.g. --task "
+                          "sst2), or drop --train to use the built-in task")
+    layout = data.task
     load = (lambda p: load_jsonl(p, layout) if p else None)
     return split(load(data.train), data.n_train, data.n_dev, data.n_test, data.seed, dev=load(data.dev),
                  test=load(data.test))
