@@ -328,3 +328,28 @@ def test_finetune_options_without_effect_or_out_of_range_are_refused(setup, monk
 def test_command_options_are_range_checked_where_parsed(argv, what, capsys):
     assert main(argv) == 2
     assert what in capsys.readouterr().err
+
+
+def test_disk_full_anywhere_else_is_a_clear_error_not_a_traceback(setup, monkeypatch, capsys):
+    """The net under the named writes: an ENOSPC no command named itself (here: run.json) is an error message."""
+    tmp, _, base = setup
+    import zoedge.train.run_record as run_record
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(run_record, "atomic_write_bytes", full)
+    assert main(base + ["--steps", "1", "--output", str(tmp / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "run.json: cannot be written (the disk is full)" in err and "--resume" in err
+
+
+def test_disk_full_drawing_the_plot_is_a_clear_error(setup, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    tmp, _, base = setup
+    monkeypatch.setattr(Figure, "savefig", enospc)
+    out = tmp / "run"
+    assert main(base + ["--steps", "1", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "curves.png: cannot write the plot (the disk is full)" in err and "--no-plot" in err
+    assert not list(out.glob(".curves*"))
