@@ -177,17 +177,17 @@ def dumps(obj: Any) -> str:
     return json.dumps(json_safe(obj), indent=1, allow_nan=False)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, then: str = "run the command again") -> None:
     """Replace ``path`` with ``text`` atomically (temporary sibling + fsync + rename).
 
     Raises:
-        StoreError: it cannot be written (disk full, permissions); the old file, if any, is intact.
+        StoreError: it cannot be written (disk full, permissions; the fix ends with ``then``); the old file, if
+            any, is intact.
     """
     try:
         atomic_write_bytes(path, text.encode())
     except OSError as e:
-        raise write_error(path, path.name, e, "free disk space or fix permissions, then run the command "
-                          "again") from None
+        raise write_error(path, path.name, e, f"free disk space or fix permissions, then {then}") from None
 
 
 def check_writable_file(path: Path, option: str) -> None:
@@ -376,7 +376,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     if s.plot:
         from zoedge.train.curves import plot_curves
         summary["plot"] = plot_curves(metrics_path, record.get("evals", {}), out / "curves.png")
-    write_atomic(out / "summary.json", dumps(summary))
+    write_atomic(out / "summary.json", dumps(summary), "re-run the same command with --resume")
     world.barrier()
     return summary
 
