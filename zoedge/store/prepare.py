@@ -20,8 +20,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -273,9 +271,8 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
                         tied={a: s for a, s in adapter.tied().items()}, source=fp)
     try:
         for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / (name + ".tmp"))
-                os.replace(dst / (name + ".tmp"), dst / name)
+            if (src / name).is_file():  # fsynced like the blocks: the manifest must never outlive them
+                atomic_write_bytes(dst / name, (src / name).read_bytes())
         atomic_write_bytes(dst / MANIFEST_NAME, manifest.to_json().encode())
     except OSError as e:
         _raise_write_error(dst, e)
