@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from contextlib import closing
+    from contextlib import ExitStack, closing
     from pathlib import Path
 
     from zoedge.errors import ConfigError
@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args, to_dict
-    from zoedge.train.job import check_writable_file, dumps, find_run, load_tokenizer, resolve_store, write_atomic
+    from zoedge.train.job import (check_writable_file, dumps, find_run, load_tokenizer, resolve_dtype, resolve_store,
+                                  write_atomic)
     from zoedge.train.trainer import log_stderr
 
     s, _ = from_args(GenerateSettings, args)
@@ -42,15 +43,18 @@ def run(args: argparse.Namespace) -> int:
     if target is not None:
         check_writable_file(target, "--json")
     prompts = prompts_from(s.prompt, s.prompts)  # read and checked before the model loads
-    store = resolve_store(find_run(s.model)[0], s.dtype)
+    s.model = find_run(s.model)[0]
+    s.dtype = resolve_dtype(s.model, s.dtype)
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
-    with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
-        out = generate(model, prompts, load_tokenizer(store), max_new_tokens=s.max_new_tokens,
-                       temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop, seed=s.seed,
-                       batch_size=s.batch_size, chat=s.chat)
+    with ExitStack() as held:  # the store is leased while it is read
+        store = resolve_store(s.model, s.dtype, lease=held)
+        with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
+            out = generate(model, prompts, load_tokenizer(store), max_new_tokens=s.max_new_tokens,
+                           temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop, seed=s.seed,
+                           batch_size=s.batch_size, chat=s.chat)
     for k, c in enumerate(out.completions):
         if len(out.completions) > 1:
             print(f"### {k + 1}: {_one_line(c.prompt)}")
