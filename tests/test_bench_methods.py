@@ -84,5 +84,8 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
         sum(r["curve"][-1]["dev_accuracy"] for r in per["mezo"]["tests"]) / 2)
     first = capsys.readouterr().out
     assert "| loho | `loho:" in first
-    assert bench.main(["--from-json", str(out)]) == 0
+    png = tmp_path / "m.png"
+    assert bench.main(["--from-json", str(out), "--png", str(png)]) == 0
     assert capsys.readouterr().out == first
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
