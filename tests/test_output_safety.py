@@ -61,6 +61,14 @@ def test_metrics_aliasing_an_input_is_refused(setup, capsys):
         assert main(base + ["--steps", "1", "--output", str(tmp / "run"), "--metrics", str(metrics)]) == 2
         assert "--metrics" in capsys.readouterr().err
     assert (tmp / "train.jsonl").read_text() == text and not (tmp / "hf" / "metrics.jsonl").exists()
+    # nor one of the run's own files, nor a run inside another run's folder
+    assert main(base + ["--steps", "1", "--no-plot", "--output", str(tmp / "run")]) == 0
+    capsys.readouterr()
+    for extra in (["--output", str(tmp / "run2"), "--metrics", str(tmp / "run2" / "summary.json")],
+                  ["--output", str(tmp / "run" / "model" / "inner")]):
+        assert main(base + ["--steps", "1"] + extra) == 2
+        assert ("--metrics" if "--metrics" in extra else "inside the zoedge run") in capsys.readouterr().err
+    assert not (tmp / "run" / "model" / "inner").exists()
     # eval's --json too
     assert main(["eval", "--model", str(tmp / "hf"), "--train", str(tmp / "train.jsonl"), "--no-progress",
                  "--json", str(tmp / "train.jsonl")]) == 2

@@ -99,6 +99,10 @@ def check_claimable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError("--output", f"{out} is a file, not a directory",
                           "give a directory path (it is created when missing)")
+    for parent in _real(out).parents:  # another run's folder replaces its entries whole (model/, checkpoints/)
+        if is_run(parent):
+            raise ConfigError("--output", f"{out} lies inside the zoedge run {parent}",
+                              "give a folder outside other runs' folders")
     if not out.is_dir() or is_run(out):
         return
     try:
@@ -109,6 +113,11 @@ def check_claimable(out: Path) -> None:
         shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
         raise ConfigError("--output", f"{out} is not empty ({shown}) and is not a zoedge run (no {MARKER})",
                           "give a new or empty directory: zoedge removes only files it wrote")
+
+
+def own_paths(out: Path) -> dict[str, Path]:
+    """The run's own entries (other written paths must not alias them): name -> path."""
+    return {f"the run's {name}": Path(out) / name for name in (*RUN_ENTRIES, MARKER, LOCK, "run.json")}
 
 
 def claim(out: Path) -> str:
@@ -230,3 +239,35 @@ def restore_aside(final: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, final)
+
+
+# ------------------------------------------------------------------------------------------- result files
+def result_file(path: str | Path | None, inputs: Mapping[str, str | Path | None], option: str = "--json") -> Path | None:
+    """A command's result file (None for none or ``-``, stdout), checked before the work starts: not a folder,
+    in an existing folder, apart from the inputs (:func:`check_apart`).
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    if path is None or str(path) == "-":
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(option, f"{target} is a directory", f"give a file name, e.g. {option} {target / 'out.json'}")
+    if not target.parent.is_dir():
+        raise ConfigError(option, f"the directory of {target} does not exist", f"create {target.parent} first")
+    check_apart({option: target}, inputs)
+    return target
+
+
+def write_result(path: Path, text: str, option: str = "--json") -> None:
+    """Write a result file atomically (whole or not at all).
+
+    Raises:
+        ConfigError: it cannot be written (disk full, permissions).
+    """
+    try:
+        atomic_write_bytes(Path(path), text.encode())
+    except OSError as e:
+        raise ConfigError(option, f"cannot write {path} ({e.strerror or e})", "free disk space or choose another "
+                          "file") from None

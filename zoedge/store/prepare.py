@@ -217,8 +217,9 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
     if not (src / "config.json").is_file():
         raise CheckpointError(src, "no config.json (not a Hugging Face checkpoint directory)",
                               "point SRC at the directory holding config.json and *.safetensors")
-    from zoedge.output_dir import check_apart
-    check_apart({"DST": dst}, {"the source": src})  # the source is never modified
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConfigError("DST", f"{dst} is, or is inside, the source directory {src}",
+                          "choose a directory outside SRC: the source is never modified")
     config = _load_config(src)
     adapter = adapter_for(config, DTYPES[dtype], "cpu", where=str(src / "config.json"))
     ckpt = open_checkpoint(src)

@@ -211,6 +211,8 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     options = s.options(parsed_options or {})
     out = Path(s.output)
     output_dir.check_apart({"--output": out, "--metrics": s.metrics}, run_inputs(s))
+    if s.metrics is not None and os.path.realpath(s.metrics) != os.path.realpath(out / "metrics.jsonl"):
+        output_dir.check_apart({"--metrics": s.metrics}, output_dir.own_paths(out))
     output_dir.check_claimable(out)
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
@@ -354,7 +356,9 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
         return str(p / "model"), p
     if p.name == "model" and (p.parent / "summary.json").is_file():
         return model, p.parent
-    run = p if output_dir.is_run(p) else p.parent if output_dir.is_run(p.parent) else None
+    run = p if output_dir.is_run(p) else None
+    if run is None and p.name in ("model", "model.tmp") and output_dir.is_run(p.parent):
+        run = p.parent
     if run is not None:  # a finetune's folder, or something inside it, without a finished export
         if (run / "summary.json").is_file():
             raise ConfigError("--model", f"{run} is a finetune run without an exported model (--no-export)",
