@@ -21,6 +21,11 @@ from zoedge.train.tasks import load_jsonl
 from tests.test_cli_finetune import setup  # noqa: F401  (fixture: tiny Llama HF dir + train.jsonl + base args)
 
 
+def threads1(setup):
+    tmp, model, base = setup
+    return tmp, model, base + ["--threads", "1"]
+
+
 def with_model(base, model):
     i = base.index("--model")
     return base[:i + 1] + [str(model)] + base[i + 2:]
@@ -37,7 +42,7 @@ def equal(a, b):
 # ------------------------------------------------------------------------------ 1: the output-directory contract
 def test_output_holding_the_model_is_refused_and_nothing_is_deleted(setup, capsys):
     """`--model model --output .` used to delete the source model, then fail with "model does not exist"."""
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     proj = tmp / "proj"
     shutil.copytree(tmp / "hf", proj / "model")
     before = sorted(p.name for p in (proj / "model").iterdir())
@@ -53,7 +58,7 @@ def test_output_holding_the_model_is_refused_and_nothing_is_deleted(setup, capsy
 
 def test_metrics_aliasing_an_input_is_refused(setup, capsys):
     """`--metrics` at the training file used to delete it; a hard link or a `..` path is the same file."""
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     text = (tmp / "train.jsonl").read_text()
     os.link(tmp / "train.jsonl", tmp / "hardlink.jsonl")
     for metrics in (tmp / "train.jsonl", tmp / "hf" / ".." / "train.jsonl", tmp / "hardlink.jsonl",
@@ -76,7 +81,7 @@ def test_metrics_aliasing_an_input_is_refused(setup, capsys):
 
 
 def test_non_empty_folder_that_is_not_a_run_is_refused(setup, capsys):
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     (tmp / "mine").mkdir()
     (tmp / "mine" / "summary.json").write_text("my own file")
     (tmp / "mine" / "model").mkdir()
@@ -86,7 +91,7 @@ def test_non_empty_folder_that_is_not_a_run_is_refused(setup, capsys):
 
 
 def test_fresh_run_removes_only_what_zoedge_wrote(setup, capsys):
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     out, ext = tmp / "run", tmp / "ext.jsonl"
     args = base + ["--steps", "1", "--no-plot", "--output", str(out)]
     assert main(args + ["--metrics", str(ext)]) == 0
@@ -106,7 +111,7 @@ def test_fresh_run_removes_only_what_zoedge_wrote(setup, capsys):
 def test_resume_on_a_re_prepared_store_is_refused(setup, capsys):
     """Re-preparing the store with other options used to resume silently (exit 0) and overwrite the trained
     checkpoint with untrained values."""
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     store, out = tmp / "store", tmp / "run"
     zoedge.prepare(tmp / "hf", store, progress=False, log=lambda s: None)
     args = with_model(base, store) + ["--steps", "2", "--save-every", "1", "--output", str(out)]
@@ -114,10 +119,11 @@ def test_resume_on_a_re_prepared_store_is_refused(setup, capsys):
     trained = weights(out / "checkpoints" / "step-00000002" / "model.safetensors")
     shutil.rmtree(store)
     zoedge.prepare(tmp / "hf", store, dtype="bf16", progress=False, log=lambda s: None)
-    for extra in ([], ["--allow-changes"]):
-        assert main(args + ["--resume"] + extra) == 2
-        err = capsys.readouterr().err
-        assert "not the store" in err and "dtype bf16 (the checkpoint was made on fp32)" in err, err
+    assert main(args + ["--resume"]) == 2  # the store's dtype is the run's: a changed setting
+    assert "--dtype bf16 but the run used --dtype fp32" in capsys.readouterr().err
+    assert main(args + ["--resume", "--allow-changes"]) == 2  # which --allow-changes does not cover
+    err = capsys.readouterr().err
+    assert "not the store" in err and "dtype bf16 (the checkpoint was made on fp32)" in err, err
     assert equal(weights(out / "checkpoints" / "step-00000002" / "model.safetensors"), trained)
     # a byte-equal re-prepare is the same store
     shutil.rmtree(store)
@@ -126,7 +132,7 @@ def test_resume_on_a_re_prepared_store_is_refused(setup, capsys):
 
 
 def test_resume_with_changed_data_is_refused(setup, capsys):
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     out = tmp / "run"
     assert main(base + ["--steps", "1", "--no-plot", "--output", str(out)]) == 0
     rows = (tmp / "train.jsonl").read_text().splitlines()
@@ -138,7 +144,7 @@ def test_resume_with_changed_data_is_refused(setup, capsys):
 
 
 def test_resume_without_run_json_checks_the_checkpoints_record(setup, capsys):
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     out = tmp / "run"
     assert main(base + ["--steps", "1", "--no-plot", "--output", str(out)]) == 0
     (out / "run.json").unlink()
@@ -148,7 +154,7 @@ def test_resume_without_run_json_checks_the_checkpoints_record(setup, capsys):
 
 
 def test_resume_with_no_checkpoint_is_an_error_and_keeps_the_export(setup, capsys):
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     out = tmp / "run"
     assert main(base + ["--steps", "1", "--no-plot", "--output", str(out)]) == 0
     model = weights(out / "model" / "model.safetensors")
@@ -161,7 +167,7 @@ def test_resume_with_no_checkpoint_is_an_error_and_keeps_the_export(setup, capsy
 def test_allowed_change_after_a_resume_is_measured_against_the_checkpoint(setup):
     """run.json said lr 2e-3 after a resume that was killed before its first checkpoint; the checkpoint (lr
     1e-3) is what is resumed, so a later resume with 2e-3 must apply the change, not record it unused."""
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     out = tmp / "run"
     assert main(base + ["--steps", "1", "--no-plot", "--output", str(out)]) == 0
     record = json.loads((out / "run.json").read_text())
@@ -176,7 +182,7 @@ def test_allowed_change_after_a_resume_is_measured_against_the_checkpoint(setup)
 # ------------------------------------------------------------------------------------ 4: splits disjoint by content
 def test_dev_and_test_never_hold_a_training_example(setup, monkeypatch, capsys):
     """`--dev` and `--test` set to the training file used to be accepted with 3/8 and 5/8 overlap."""
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     out = tmp / "run"
     train = str(tmp / "train.jsonl")
     captured = []
@@ -197,7 +203,7 @@ def test_dev_and_test_never_hold_a_training_example(setup, monkeypatch, capsys):
 
 
 def test_near_duplicates_count_as_the_same_example(setup, capsys):
-    tmp, _, base = setup
+    tmp, _, base = threads1(setup)
     rows = [json.loads(line) for line in (tmp / "train.jsonl").read_text().splitlines()]
     # every training row, re-spaced and re-cased: all of dev would be training examples
     (tmp / "dev.jsonl").write_text("\n".join(json.dumps({**r, "sentence": "  " + r["sentence"].upper().replace(
@@ -264,8 +270,8 @@ def test_sigterm_during_export_is_clean_and_resumable(setup, monkeypatch, capsys
     """SIGTERM during the export used to kill the process (model.tmp left, eval: "has no tokenizer")."""
     from zoedge.store import safetensors_io
 
-    tmp, _, base = setup
-    args = base + ["--steps", "2", "--no-plot", "--threads", "1"]
+    tmp, _, base = threads1(setup)
+    args = base + ["--steps", "2", "--no-plot"]
     assert main(args + ["--output", str(tmp / "straight")]) == 0
 
     def unhandled(signum, frame):
