@@ -84,8 +84,14 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
         sum(r["curve"][-1]["dev_accuracy"] for r in per["mezo"]["tests"]) / 2)
     first = capsys.readouterr().out
     assert "| loho | `loho:" in first
-    png = tmp_path / "m.png"
+    png, merged = tmp_path / "m.png", tmp_path / "merged.json"
     assert bench.main(["--from-json", str(out), "--png", str(png)]) == 0
     assert capsys.readouterr().out == first
+    other = json.loads(out.read_text())
+    other["tasks"] = {"demo": other["tasks"].pop("codes")}
+    (tmp_path / "demo.json").write_text(json.dumps(other))
+    assert bench.main(["--from-json", str(out), str(tmp_path / "demo.json"), "--json", str(merged)]) == 0
+    assert list(json.loads(merged.read_text())["tasks"]) == ["codes", "demo"]
+    assert "task codes:" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

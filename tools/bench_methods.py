@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process (0: in this one)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
-    p.add_argument("--from-json", type=Path, default=None, metavar="FILE", help="no training: redraw a --json file")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="no training: redraw --json files (their tasks together; --json writes the merged report)")
     args = p.parse_args(argv)
     if not 1 <= args.grid <= min(len(g) for g in GRIDS.values()):
         p.error(f"--grid {args.grid}: give 1..{min(len(g) for g in GRIDS.values())}")
@@ -203,7 +204,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        report = json.loads(args.from_json.read_text())
+        loaded = [json.loads(f.read_text()) for f in args.from_json]
+        report = {"tasks": {t: per for r in loaded for t, per in r["tasks"].items()},
+                  "header": " | ".join(dict.fromkeys(r["header"] for r in loaded)), "args": loaded[0]["args"]}
     else:
         tasks = args.task or ["codes"]
         methods = [REFERENCE] + [m for m in (args.method or GRIDS) if m != REFERENCE]
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(report["header"])
     print(table(report))
-    if args.json and not args.from_json:
+    if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.png:
         plot(report, args.png)
