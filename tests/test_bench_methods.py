@@ -46,6 +46,16 @@ def test_summary_over_seeds(bench):
     assert bench.summarize(seeds[2:], target=0.7)["steps_to_target"] is None
 
 
+def test_table_flags_a_target_the_untrained_model_already_meets(bench):
+    def report(mezo_accs):
+        tests = [run("mezo", mezo_accs)]
+        return {"tasks": {"codes": {"mezo": {"chosen": "mezo", "chosen_dev": 0.5, "tests": tests,
+                                             "summary": {**bench.summarize(tests, mezo_accs[-1]),
+                                                         "target": mezo_accs[-1]}}}}}
+    assert "say nothing" in bench.table(report([0.5, 0.45]))
+    assert "say nothing" not in bench.table(report([0.5, 0.6]))
+
+
 def test_compare_task_is_balanced_unique_and_correct(bench):
     ex = bench.bc.compare_examples(101, seed=0)
     assert len({e.prompt for e in ex}) == 101 and sum(e.label for e in ex) == 50
