@@ -191,14 +191,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
             std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
             for ax, (key, label) in zip(row, keys):
                 x = [statistics.fmean(c[i][key] for c in curves) for i in range(n)]
-                line, = ax.plot(x, mean, marker="o", ms=3, label=method)
+                color = f"C{list(GRIDS).index(method) % 10}"  # one colour per method on every row
+                ax.plot(x, mean, marker="o", ms=3, label=method, color=color)
                 ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                                color=line.get_color(), alpha=0.15)
+                                color=color, alpha=0.15)
                 ax.set_xlabel(label)
         for ax in row:
             ax.set_ylabel(f"{task}: test accuracy")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        row[0].legend(fontsize=8)
     fig.suptitle(textwrap.fill(report["header"], 150), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
