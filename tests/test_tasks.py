@@ -73,6 +73,10 @@ LAYOUTS: dict[str, tuple[dict, Example]] = {
                 Example("Q: 2+2?", ("3", "4"), 1)),
     "generation": ({"text": "Capital of France:", "answer": " Paris"},
                    Example("Capital of France:", (" Paris",), 0, "generation")),
+    "completion": ({"prompt": "Capital of France:", "completion": " Paris"},
+                   Example("Capital of France:", (" Paris",), 0, "generation", eos=True)),
+    "text": ({"text": "Paris is in France."},
+             Example("", ("Paris is in France.",), 0, "generation", (("Paris is in France.", True),), True)),
     "sst2": ({"sentence": "a charming film ", "label": 1},
              Example("a charming film It was", (" terrible", " great"), 1)),
     "rte": ({"premise": "A dog runs.", "hypothesis": "An animal moves.", "label": 0},
@@ -103,7 +107,7 @@ def test_each_layout_loads_explicit_and_detected(tmp_path: Path, name: str) -> N
 
 
 def test_registry_covers_layouts() -> None:
-    assert set(TASKS) == set(LAYOUTS)
+    assert set(TASKS) == set(LAYOUTS) | {"messages"}  # messages: tests/test_layouts.py (needs a tokenizer)
     assert task_format("SST-2") is TASKS["sst2"]
     with pytest.raises(DataError, match="sst3"):
         task_format("sst3")
@@ -227,10 +231,15 @@ def test_split_sizes_disjoint_deterministic() -> None:
 
 
 def test_split_caps_proportionally_when_short() -> None:
-    s = split(_pool(100), 1000, 500, 1000, seed=0)
-    assert (len(s.train), len(s.dev), len(s.test)) == (40, 20, 40)
+    s = split(_pool(100), 1000, 500, 1000, seed=0)  # held-out splits: 10% each at most
+    assert (len(s.train), len(s.dev), len(s.test)) == (80, 10, 10)
+    s = split(_pool(100), 1000, 4, 1000, seed=0)
+    assert (len(s.train), len(s.dev), len(s.test)) == (86, 4, 10)
     s = split(_pool(3), 1000, 1, 1000, seed=0)
-    assert len(s.dev) == 1 and len(s.train) + len(s.dev) + len(s.test) == 3
+    assert (len(s.train), len(s.dev), len(s.test)) == (1, 1, 1)
+    with pytest.raises(DataError, match="too few to carve.*--n-test 0"):  # never a train (or test) split of 0
+        split(_pool(2), 1000, 1, 1000, seed=0)
+    assert len(split(_pool(2), 1000, 1, 0, seed=0).train) == 1
 
 
 def test_split_with_separate_sources() -> None:

@@ -124,14 +124,18 @@ class ScoringOptions(Settings):
 class DataOptions(ScoringOptions):
     """The task and its split; finetune and eval share these, so both carve the same split."""
 
-    task: str | None = setting(None, "built-in task (demo, codes), or the layout of the JSONL files (sst2, rte, cb, "
-                               "boolq, copa, wic, generic, generation; detected when omitted)", type=str)
-    train: str | None = setting(None, "JSONL file to train on and to carve missing dev/test splits from "
-                                "(default: the built-in task)", type=str, metavar="FILE")
-    dev: str | None = setting(None, "JSONL file of dev examples (default: carved from the training data)",
-                              type=str, metavar="FILE")
-    test: str | None = setting(None, "JSONL file of test examples (default: carved from the training data)",
-                               type=str, metavar="FILE")
+    task: str | None = setting(None, "built-in task (demo, codes), or the layout of the data (completion, messages, "
+                               "text, generation, generic, sst2, rte, cb, boolq, copa, wic; detected from the "
+                               "fields when omitted; see 'data layouts' below)", type=str)
+    train: str | None = setting(None, "data to train on and to carve missing dev/test splits from: a JSONL, JSON, "
+                                "CSV or Parquet file, a datasets save_to_disk folder (DIR[:split]) or a Hub id "
+                                "NAME[:split] (default: the built-in task)", type=str, metavar="SOURCE")
+    dev: str | None = setting(None, "dev examples, any source --train takes (default: carved from the training "
+                              "data)", type=str, metavar="SOURCE")
+    test: str | None = setting(None, "test examples, any source --train takes (default: carved from the training "
+                               "data; eval: a test source alone is evaluated whole)", type=str, metavar="SOURCE")
+    columns: str | None = setting(None, "read layout fields from other columns, e.g. prompt=question,"
+                                  "completion=answer", type=str, metavar="FIELD=COLUMN,...")
     n_train: int = setting(1000, "training examples (at most)", minimum=1)
     n_dev: int = setting(200, "dev examples (at most); evaluated before and after training", minimum=0)
     n_test: int = setting(200, "test examples (at most); evaluated after training", minimum=0)
@@ -181,8 +185,10 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     optimizer: str = setting("mezo", "optimizer plugin: a name listed by `zoedge plugins`, or module:Class")
     opt: list[str] = setting([], "plugin option KEY=VALUE (repeatable; see `zoedge plugins NAME`)",
                              metavar="KEY=VALUE")
-    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; mezo's "
-                               "is 4e-5, tuned for the demo)", type=float, minimum=0)
+    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's for classification "
+                               "layouts, mezo's is 4e-5, tuned for the demo; a quarter of it for the token-level "
+                               "layouts completion, messages, text and generation; summary.json records which)",
+                               type=float, minimum=0)
     eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's)",
                                 type=float, minimum=0)
     weight_decay: float | None = setting(None, "weight decay, the plugin option weight_decay (default: the "

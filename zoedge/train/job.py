@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import closing, nullcontext
 from dataclasses import asdict
@@ -45,8 +46,9 @@ from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
 from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
+from zoedge.train.data import RawData, read_data
 from zoedge.train.guard import check_finite_weights
-from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
+from zoedge.train.tasks import Example, Splits
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
 from zoedge.train.world import World
 
@@ -69,24 +71,48 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
     return prepared_store(src, dtype, quant, progress=progress, log=log_stderr)
 
 
-def load_splits(data: DataOptions) -> Splits:
-    """Examples from JSONL files (``data.task`` names the layout, or is detected) or a built-in task.
+def load_splits(data: DataOptions, tokenizer: Any = None, need_train: bool = True) -> Splits:
+    """Examples from data sources (``data.task`` names the layout, or it is detected) or a built-in task.
 
-    The same :class:`~zoedge.settings.DataOptions` give the same, disjoint split in finetune and eval.
+    The same :class:`~zoedge.settings.DataOptions` give the same, disjoint split in finetune and eval. Commands
+    read the data in two phases instead (:mod:`zoedge.train.data`), so that a bad file fails before the model
+    loads.
     """
-    if data.train is None and (data.dev or data.test):
-        raise ConfigError("--train", "is missing but --dev/--test are given",
-                          "give --train FILE as well (dev/test are never carved from each other)")
-    if data.train is None:
-        name = data.task or "demo"
-        if name not in BUILTIN_TASKS:
-            raise ConfigError("--task", f"{name!r} is not a built-in task and no --train file was given",
-                              f"use --task {' / '.join(BUILTIN_TASKS)}, or give --train FILE.jsonl")
-        return split(builtin_task(name, seed=0), data.n_train, data.n_dev, data.n_test, data.seed)
-    layout = None if data.task in (None, *BUILTIN_TASKS) else data.task
-    load = (lambda p: load_jsonl(p, layout) if p else None)
-    return split(load(data.train), data.n_train, data.n_dev, data.n_test, data.seed, dev=load(data.dev),
-                 test=load(data.test))
+    return read_data(data, need_train).splits(data, tokenizer)
+
+
+def tokenizer_dir(model: str | None) -> Path:
+    """Where the tokenizer of ``model`` is, before any weight is read (a store, an HF dir, the default model)."""
+    if model is None:
+        from zoedge.models import default_model_dir
+        return default_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError("--model", f"{model} does not exist",
+                          "give a Hugging Face checkpoint directory or a store made by `zoedge prepare`")
+    return path
+
+
+#: without --lr, token-level layouts train with the plugin's default learning rate times this (the defaults are
+#: tuned on classification, whose loss moves far less per step; measurements in docs/data.md)
+TOKEN_LR_SCALE = 0.25
+
+
+def default_lr(optimizer: str, options: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Where the learning rate comes from (for summary.json); sets ``options["lr"]`` for a token-level loss
+    when neither --lr nor --opt lr gave one."""
+    from zoedge.optim.registry import load, options_of
+    known = options_of(load(optimizer))
+    if "lr" in options:
+        return {"value": options["lr"], "source": "--lr / --opt lr", "loss": kind}
+    if "lr" not in known:
+        return {"value": None, "source": "the plugin has no lr option", "loss": kind}
+    base = known["lr"].default
+    if kind != "token" or not isinstance(base, (int, float)):
+        return {"value": base, "source": "the plugin's default", "loss": kind}
+    options["lr"] = base * TOKEN_LR_SCALE
+    return {"value": options["lr"], "source": f"the plugin's default {base:g} x {TOKEN_LR_SCALE} for a token-level "
+            "loss", "loss": kind}
 
 
 def example_id(e: Example) -> str:
@@ -185,7 +211,8 @@ def load_tokenizer(store: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None, raw: RawData | None = None
+                 ) -> dict[str, Any]:
     """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary.
 
     Under ``torchrun`` / ``accelerate launch`` this process is one rank of a data-parallel run (see
@@ -195,12 +222,14 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     Args:
         s: the settings (checked here).
         parsed_options: plugin options from ``--opt`` (merged with --lr / --eps / --weight-decay).
+        raw: the data already read by :func:`~zoedge.train.data.read_data` (else read here, first).
 
     Raises:
         ZoedgeError: bad settings, a busy / unwritable output, refused resume changes, data or store
             problems; :class:`~zoedge.errors.TrainingError` when training diverges (or a rank is lost).
     """
     s.check()
+    raw = raw or read_data(s)  # data first: a bad file fails before anything else is read
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
         log_stderr(f"warning: {threads.warning}")
@@ -210,16 +239,19 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
         with run_record.OutputLock(out) if world.is_main else nullcontext():
-            return _finetune(s, options, out, world, threads)
+            return _finetune(s, options, out, world, threads, raw)
     finally:
         world.close()
 
 
 def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
-              threads: ThreadChoice) -> dict[str, Any]:
+              threads: ThreadChoice, raw: RawData) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
     started = time.perf_counter()
+    tok = load_tokenizer(tokenizer_dir(s.model))
+    splits = raw.splits(s, tok)
+    lr_record = default_lr(s.optimizer, options, raw.loss_kind)
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
@@ -233,7 +265,6 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     if not world.is_main:
         record = run_record.read_record(out) or {}
         store = resolve_store(s.model, s.dtype, progress=False)
-    splits = load_splits(s)
     if len(splits.train) < s.batch_size:
         raise DataError("--n-train", f"leaves {len(splits.train)} training examples, fewer than --batch-size "
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
@@ -245,7 +276,6 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
                                working_dir=working, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
-        tok = load_tokenizer(store)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
         cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
                                    local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
@@ -275,7 +305,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         return {"world_size": world.size, "rank": world.rank}
     record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
     summary = {
-        "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
+        "settings": to_dict(s), "options": options, "lr": lr_record, "layout": raw.layout or raw.builtin, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
         "threads": {**governor.to_dict(), "layers": layer_mode},
         "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
@@ -375,6 +405,30 @@ def check_run_split(splits: Splits, summary: dict[str, Any], s: EvalSettings, gi
                       "--other-split to evaluate anyway")
 
 
+def check_no_training_overlap(splits: Splits, summary: dict[str, Any], s: EvalSettings, tokenizer: Any) -> None:
+    """A file evaluated alone against a finetune run: none of its examples may be in the run's training split.
+
+    Raises:
+        ConfigError: an example of the file was trained on, or the run's data cannot be read to check.
+    """
+    from copy import copy
+    run = copy(s)
+    for name, value in summary["settings"].items():
+        if name in s.data_settings():
+            setattr(run, name, value)
+    try:
+        trained = {example_id(e) for e in read_data(run).splits(run, tokenizer).train}
+    except (DataError, ConfigError) as e:
+        raise ConfigError("zoedge eval", f"cannot read the finetune run's training data to check that the given "
+                          f"file does not overlap it ({e})", "add --other-split to evaluate anyway") from None
+    for role in ("dev", "test"):
+        hits = sum(example_id(e) in trained for e in getattr(splits, role))
+        if hits:
+            raise ConfigError(f"--{role} {getattr(s, role)}", f"holds {hits} example(s) of the finetune run's "
+                              "training split", "evaluate on data the run did not train on, or add --other-split "
+                              "to evaluate anyway")
+
+
 def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     """Loss and accuracy of a model (store / HF dir / finetune output / default) on dev and test."""
     given = set(given or ())
@@ -382,16 +436,28 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     target = Path(s.json) if s.json else None
     if target is not None:
         check_writable_file(target, "--json")
+    alone = "train" not in given and bool({"dev", "test"} & given)  # evaluate the given file(s), whole
     s, summary = eval_settings_from_run(s, given)
-    splits = load_splits(s)
+    if alone:
+        s.train = None
+        for role in ("dev", "test"):
+            if role not in given:
+                setattr(s, role, None)
+            elif f"n_{role}" not in given:
+                setattr(s, f"n_{role}", sys.maxsize)
+    raw = read_data(s, need_train=False)
+    tok = load_tokenizer(tokenizer_dir(s.model))
+    splits = raw.splits(s, tok)
     if summary is not None and not s.other_split:
-        check_run_split(splits, summary, s, given)
+        if alone:
+            check_no_training_overlap(splits, summary, s, tok)
+        else:
+            check_run_split(splits, summary, s, given)
     store = resolve_store(s.model, progress=s.progress)
     threads = choose_threads(None, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
-        tok = load_tokenizer(store)
         t0 = time.perf_counter()
         res: dict[str, Any] = {name: asdict(evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress,
                                                      name))

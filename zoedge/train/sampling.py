@@ -29,17 +29,18 @@ class Splits:
     test: list[Example]
 
 
+#: a pool too small for every request: dev and test each get at most this share of it (at least one example)
+HELD_OUT_SHARE = 0.1
+
+
 def _shares(pool: int, wants: Sequence[int]) -> list[int]:
-    """Split ``pool`` items among requests; shrink proportionally when short (each
-    non-zero request keeps at least one item while the pool allows)."""
+    """Split ``pool`` items among requests (train first, then held-out splits). When short, each held-out request
+    gets at most :data:`HELD_OUT_SHARE` of the pool (at least one item) and train the rest."""
     if sum(wants) <= pool:
         return list(wants)
-    got = [w * pool // sum(wants) for w in wants]
-    for i, w in enumerate(wants):
-        if w and not got[i] and sum(got) < pool:
-            got[i] = 1
-    got[0] += pool - sum(got)  # rounding leftovers go to train (index 0)
-    return got
+    cap = max(1, round(pool * HELD_OUT_SHARE))
+    held = [min(w, cap) for w in wants[1:]]
+    return [min(wants[0], max(0, pool - sum(held))), *held]
 
 
 def split(train: Sequence[Example], n_train: int = 1000, n_dev: int = 500, n_test: int = 1000,
@@ -81,8 +82,14 @@ def split(train: Sequence[Example], n_train: int = 1000, n_dev: int = 500, n_tes
             out[name] = items[:n]
     sizes = _shares(len(pool), [n for _, n in carved])
     if sizes != [n for _, n in carved]:
-        log.warning("only %d examples to carve %s from; using %s", len(pool),
-                    [f"{k}={n}" for k, n in carved], sizes)
+        got = ", ".join(f"{k} {n}" for (k, _), n in zip(carved, sizes))
+        if not sizes[0]:
+            raise DataError("train data", f"has {len(pool)} examples, too few to carve "
+                            f"{' and '.join(k for k, _ in carved)} from (it would leave: {got})",
+                            "give more examples, separate --dev/--test files, or --n-dev 0 / --n-test 0")
+        log.warning("%d examples are fewer than the %s asked for: carved %s (held-out splits take at most %d%% "
+                    "each; give --dev/--test files or --n-dev/--n-test to choose)", len(pool),
+                    ", ".join(f"{k} {n}" for k, n in carved), got, round(HELD_OUT_SHARE * 100))
     start = 0  # carve dev/test first so the train size does not change which examples they get
     for (name, _), size in reversed(list(zip(carved, sizes))):
         out[name] = pool[start:start + size]

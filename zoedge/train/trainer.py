@@ -38,6 +38,7 @@ from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, Forward, StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
+from zoedge.train.answers import EXTRA_NEW_TOKENS, MAX_NEW_TOKENS, exact_match, greedy_decode, token_f1
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import free_disk, latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.train.guard import StepGuard
@@ -80,36 +81,61 @@ def make_scheduler(optimizer: ZOOptimizer, schedule: str, steps: int) -> torch.o
 
 @dataclass
 class Evaluation:
+    """Figures of one evaluation. ``loss``: mean over examples (classification) or over scored tokens
+    (generation); ``perplexity`` = exp(loss) for generation; ``exact_match`` / ``f1``: greedy answers of the
+    generation examples with a prompt and a reference (see :mod:`zoedge.train.answers`), else None."""
+
     loss: float
     accuracy: float | None
     examples: int
+    perplexity: float | None = None
+    exact_match: float | None = None
+    f1: float | None = None
 
 
 def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
              max_length: int = 256, progress: bool = False, desc: str = "eval", world: World | None = None
              ) -> Evaluation:
-    """Mean loss and accuracy (classification) of the model's *current* weights (flush first).
+    """Loss and the metrics that fit the examples' layout, of the model's *current* weights (flush first):
+    accuracy (classification); perplexity, and exact match and token F1 of greedy answers (generation).
 
     With a ``world`` of several ranks, rank r evaluates eval batches r, r + size, ... and the sums are
     all-reduced: the same batches as one process, so the same figures up to summation order."""
     if not examples:
         return Evaluation(float("nan"), None, 0)
     world = world or World()
-    total_loss, correct, n, cls = 0.0, 0, 0, 0
+    total_loss, weight, correct, n, cls = 0.0, 0, 0, 0, 0
+    em, f1, answered = 0.0, 0.0, 0
     parts = length_batches(tokenizer, examples, batch_size)[world.rank::world.size]  # sharded across ranks
     for part in tqdm(parts, desc=desc, leave=False, disable=not progress):
         batch = collate(tokenizer, part, max_length, share_prompts=True)
         loss, pred = _loss_passes(model, Forward(), batch)[0]
-        total_loss += float(loss) * len(part)
+        w = len(part) if part[0].kind == "classification" else loss_count(batch)  # examples / scored tokens
+        total_loss += float(loss) * w
+        weight += w
         n += len(part)
         if part[0].kind == "classification":
             correct += int((pred.cpu() == batch.labels).sum())
             cls += len(part)
+        asked = [e for e in part if e.reference is not None]
+        if asked:
+            refs = [e.reference or "" for e in asked]
+            longest = max(len(ids) for ids in tokenizer(refs, add_special_tokens=False)["input_ids"])
+            answers = greedy_decode(model, tokenizer, [e.prompt for e in asked],
+                                    min(MAX_NEW_TOKENS, longest + EXTRA_NEW_TOKENS), max_length)
+            em += sum(exact_match(a, r) for a, r in zip(answers, refs))
+            f1 += sum(token_f1(a, r) for a, r in zip(answers, refs))
+            answered += len(asked)
     if world.size > 1:
-        total_loss, correct, n, cls = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls],
-                                                                         dtype=torch.float64)).tolist()
-        correct, n, cls = int(correct), int(n), int(cls)
-    return Evaluation(total_loss / n, correct / cls if cls else None, n)
+        sums = world.all_reduce_sum(torch.tensor([total_loss, weight, correct, n, cls, em, f1, answered],
+                                                 dtype=torch.float64)).tolist()
+        total_loss, weight, correct, n, cls, em, f1, answered = sums
+        weight, correct, n, cls, answered = int(weight), int(correct), int(n), int(cls), int(answered)
+    loss = total_loss / weight
+    generation = cls < n
+    return Evaluation(loss, correct / cls if cls else None, n,
+                      perplexity=math.exp(min(loss, 700.0)) if generation else None,
+                      exact_match=em / answered if answered else None, f1=f1 / answered if answered else None)
 
 
 def _loss_passes(model: StreamedModel, visitor: BlockVisitor, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -400,7 +426,7 @@ class Trainer:
         start_step = self.step
         ev = self.evaluate(self.dev, "dev (before)")
         result.before = asdict(ev)
-        self.log(f"dev before: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        self.log(f"dev before: {describe(ev)}")
         if self.fo is not None:
             result.fo_memory = self.fo.memory()
             self.log(f"first-order blocks: {len(self.fo.blocks)} ({', '.join(self.fo.blocks)}); memory before "
@@ -417,6 +443,8 @@ class Trainer:
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
                     e = self.evaluate(self.dev, "dev")
                     m["dev_loss"], m["dev_accuracy"] = e.loss, e.accuracy
+                    m.update({f"dev_{k}": v for k, v in (("perplexity", e.perplexity), ("exact_match", e.exact_match),
+                                                          ("f1", e.f1)) if v is not None})
                 mf.write(json.dumps(m) + "\n")
                 mf.flush()
                 bar.update(1)
@@ -432,8 +460,19 @@ class Trainer:
         self.save()
         ev = self.evaluate(self.dev, "dev (after)")
         result.after = asdict(ev)
-        self.log(f"dev after: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        self.log(f"dev after: {describe(ev)}")
         return result
+
+
+def describe(ev: Evaluation | dict[str, Any]) -> str:
+    """``loss 0.6931, accuracy 0.750`` / ``loss 1.2, perplexity 3.3, exact match 0.40, token F1 0.55``."""
+    d = asdict(ev) if isinstance(ev, Evaluation) else ev
+    parts = [f"loss {d['loss']:.4f}"] if d.get("loss") is not None else []
+    for key, name, fmt in (("accuracy", "accuracy", ".3f"), ("perplexity", "perplexity", ".2f"),
+                           ("exact_match", "exact match", ".3f"), ("f1", "token F1", ".3f")):
+        if d.get(key) is not None:
+            parts.append(f"{name} {d[key]:{fmt}}")
+    return ", ".join(parts) or "n/a"
 
 
 def _gb(n: int) -> str:
