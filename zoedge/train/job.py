@@ -454,7 +454,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
         else:
             check_run_split(splits, summary, s, given)
     store = resolve_store(s.model, progress=s.progress)
-    threads = choose_threads(None, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
+    threads = choose_threads(s.threads, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
