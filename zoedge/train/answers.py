@@ -5,8 +5,8 @@ normalised (lower case, punctuation removed, the articles a / an / the removed, 
 match is 1 when the normalised strings are equal; token F1 is the harmonic mean of precision and recall of the
 normalised tokens (bag of words). A prediction and a reference both empty after normalisation score 1.
 
-Greedy decoding here is the plain loop: every new token is one forward pass of the streamed model over the rows
-so far (no KV cache), the rows of a batch stopping at EOS one by one.
+Greedy decoding is :func:`zoedge.runtime.decoding.decode` (the streamed runtime with a per-layer KV cache), the
+rows of a batch stopping at EOS one by one.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 __all__ = ["normalize_answer", "exact_match", "token_f1", "greedy_decode", "MAX_NEW_TOKENS", "EXTRA_NEW_TOKENS"]
 
@@ -52,41 +50,26 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                   max_length: int | None = None) -> list[str]:
-    """Greedy continuations of ``prompts`` by the streamed model's *current* weights (flush first).
+    """Greedy continuations of ``prompts`` by the streamed model's *current* weights (flush first), through
+    :func:`zoedge.runtime.decoding.decode` (the streamed runtime with a KV cache).
 
     A prompt row is BOS (if the tokenizer adds one) + the prompt's tokens, as in training rows; a row longer than
-    ``max_length`` loses tokens from its left (after BOS). Special tokens are left out of the decoded text.
+    ``max_length`` loses tokens from its left (after BOS). A row ends at the model's or the tokenizer's EOS;
+    special tokens are left out of the decoded text.
     """
-    from zoedge.runtime.streamed import Forward
+    from zoedge.generation import end_tokens
+    from zoedge.runtime.decoding import decode
     from zoedge.train.batching import _ids, _left_padded, _pad_id
 
     prefix = _ids(tokenizer, [""], special=True)[0]
-    rows = [prefix + ids for ids in _ids(tokenizer, list(prompts), special=False)]
-    eos, pad = getattr(tokenizer, "eos_token_id", None), _pad_id(tokenizer)
-    out: list[list[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))
-    for _ in range(max_new_tokens):
-        if not active:
-            break
-        batch = []
-        for i in active:
-            ids = rows[i]
-            if max_length and len(ids) > max_length:
-                keep = len(prefix)
-                ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
-            batch.append(ids)
-        input_ids, mask = _left_padded(batch, pad, 1)
-        T = input_ids.shape[1]
-        select = torch.arange(len(batch), dtype=torch.long) * T + (T - 1)
-        dev = model.device
-        (nxt,) = model.run(Forward(), input_ids.to(dev), mask.to(dev), select=select.to(dev),
-                           head_fn=lambda p, logits: logits.argmax(dim=-1))
-        still = []
-        for i, token in zip(active, nxt.tolist()):
-            if token == eos:
-                continue
-            out[i].append(token)
-            rows[i].append(token)
-            still.append(i)
-        active = still
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+    rows = []
+    for ids in _ids(tokenizer, list(prompts), special=False):
+        ids = prefix + ids
+        if max_length and len(ids) > max_length:
+            ids = prefix + ids[len(ids) - (max_length - len(prefix)):]
+        rows.append(ids)
+    pad = _pad_id(tokenizer)
+    eos = set(end_tokens(model, tokenizer)) | ({tokenizer.eos_token_id} - {None})
+    input_ids, mask = _left_padded(rows, pad, 1)
+    out = decode(model, input_ids, mask, max_new_tokens, eos_ids=sorted(eos), pad_id=pad)
+    return [tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True) for ids in out.tokens]
