@@ -312,3 +312,58 @@ def test_finetune_completion_then_eval_a_test_file_alone(tmp_path, hf_dir, capsy
                      capsys.readouterr().err)
     assert main(["eval", "--model", str(hf_dir / "hf"), "--test", str(train), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["examples"] == 50  # no run: the whole file
+
+
+# ----------------------------------------------------------------------------- README "Your data"
+
+
+def _readme_block(marker: str) -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1].split("```", 2)[1]
+    return [line for line in block.splitlines()[1:] if line.strip()]
+
+
+def test_readme_your_data_section_is_true(tmp_path, hf_dir, capsys, monkeypatch):
+    """Every record shown is one layout's (as --help shows it); the commands run as written on a tiny model."""
+    from zoedge.train.tasks import TASKS
+    monkeypatch.chdir(tmp_path)
+    lines = _readme_block("your-data-layouts")
+    layouts = [detect_task([json.loads(line)]) for line in lines]
+    assert len(set(layouts)) == len(lines) >= 6
+    assert all(TASKS[name].example == line for name, line in zip(layouts, lines))
+    commands = _readme_block("your-data-command")
+    assert [c.split()[:2] for c in commands] == [["zoedge", "finetune"]] * 2 + [["zoedge", "eval"]]
+    tiny = ["--model", str(hf_dir / "hf"), "--steps", "1", "--batch-size", "2", "--no-progress", "--no-plot",
+            "--eval-every", "0", "--n-dev", "2", "--n-test", "2"]
+    rows = layout_records("completion", 24, seed=4)
+    (tmp_path / "qa.csv").write_text("question,answer\n" + "".join(
+        f'"{r["prompt"].strip()}","{r["completion"]}"\n' for r in rows))
+    held_out = layout_records("completion", 6, seed=5)  # eval reads it with the run's --columns
+    write_jsonl(tmp_path / "held_out.jsonl", [{"question": r["prompt"], "answer": r["completion"]} for r in held_out])
+    for name, line in zip(layouts, lines):  # the first command, on a file of each layout
+        record = json.loads(line)
+        write_jsonl(tmp_path / "my.jsonl", [dict(record, id=i) for i in range(8)])
+        out = tmp_path / "runs" / name
+        assert main(commands[0].split()[1:] + tiny + ["--output", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "summary.json").read_text())["layout"] == name
+    assert main(commands[1].split()[1:] + tiny) == 0  # writes runs/finetune, as the README says
+    assert json.loads((tmp_path / "runs" / "finetune" / "summary.json").read_text())["layout"] == "completion"
+    capsys.readouterr()
+    assert main(commands[2].split()[1:] + ["--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["examples"] == 6
+
+
+# ----------------------------------------------------------------------------- the default model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["completion", "messages"])
+def test_default_model_finetunes_your_data_with_defaults(tmp_path, smollm2_dir, layout):
+    """README's command, default settings, 100 examples written here: the dev loss falls."""
+    train = write_jsonl(tmp_path / "my.jsonl", layout_records(layout, 100, seed=7))
+    out = tmp_path / "run"
+    assert main(["finetune", "--train", str(train), "--output", str(out), "--no-progress", "--no-export"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"] == {"train": 80, "dev": 10, "test": 10} and s["layout"] == layout
+    assert s["dev_after"]["loss"] < s["dev_before"]["loss"] - 0.05, (s["dev_before"], s["dev_after"])
+    assert s["dev_after"]["f1"] is not None and s["lr"]["value"] == pytest.approx(1e-5)
