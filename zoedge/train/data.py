@@ -96,7 +96,11 @@ def read_data(data: Any, need_train: bool = True) -> RawData:
     if data.train is None and need_train:
         raise ConfigError("--train", "is missing but --dev/--test are given",
                           "give --train FILE as well (dev/test are never carved from each other)")
-    layout = None if data.task in (None, *BUILTIN_TASKS) else data.task
+    if data.task in BUILTIN_TASKS:  # a built-in task has no files: it would be ignored
+        raise ConfigError("--task", f"{data.task!r} is a built-in task, but --train {data.train} is given",
+                          "drop --task (the layout of the file is detected) or give the file's layout (e.g. --task "
+                          "completion), or drop --train to use the built-in task")
+    layout = data.task
     raw = RawData(layout)
     for role in ROLES:
         source = getattr(data, role)
