@@ -196,10 +196,9 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
     optimizer: str = setting("mezo", "optimizer plugin: a name listed by `zoedge plugins`, or module:Class")
     opt: list[str] = setting([], "plugin option KEY=VALUE (repeatable; see `zoedge plugins NAME`)",
                              metavar="KEY=VALUE")
-    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's for classification "
-                               "layouts, mezo's is 4e-5, tuned for the demo; a quarter of it for the token-level "
-                               "layouts completion, messages, text and generation; summary.json records which)",
-                               type=float, minimum=0)
+    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; mezo's is 4e-5, "
+                               "tuned for the demo, and lowers the dev loss of the token-level layouts too; "
+                               "summary.json records the value used and the loss kind)", type=float, minimum=0)
     eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's)",
                                 type=float, minimum=0)
     weight_decay: float | None = setting(None, "weight decay, the plugin option weight_decay (default: the "

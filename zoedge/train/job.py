@@ -146,26 +146,16 @@ def tokenizer_dir(model: str | None) -> Path:
     return path
 
 
-#: without --lr, token-level layouts train with the plugin's default learning rate times this (the defaults are
-#: tuned on classification, whose loss moves far less per step; measurements in docs/data.md)
-TOKEN_LR_SCALE = 0.25
-
-
-def default_lr(optimizer: str, options: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Where the learning rate comes from (for summary.json); sets ``options["lr"]`` for a token-level loss
-    when neither --lr nor --opt lr gave one."""
+def lr_record(optimizer: str, options: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The learning rate a run uses and where it comes from, with the loss kind (for summary.json). One default
+    serves both loss kinds (measured in docs/data.md)."""
     from zoedge.optim.registry import load, options_of
-    known = options_of(load(optimizer))
     if "lr" in options:
         return {"value": options["lr"], "source": "--lr / --opt lr", "loss": kind}
+    known = options_of(load(optimizer))
     if "lr" not in known:
         return {"value": None, "source": "the plugin has no lr option", "loss": kind}
-    base = known["lr"].default
-    if kind != "token" or not isinstance(base, (int, float)):
-        return {"value": base, "source": "the plugin's default", "loss": kind}
-    options["lr"] = base * TOKEN_LR_SCALE
-    return {"value": options["lr"], "source": f"the plugin's default {base:g} x {TOKEN_LR_SCALE} for a token-level "
-            "loss", "loss": kind}
+    return {"value": known["lr"].default, "source": "the plugin's default", "loss": kind}
 
 
 def example_id(e: Example) -> str:
@@ -326,7 +316,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     started = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir(s.model))
     splits = raw.splits(s, tok)
-    lr_record = default_lr(s.optimizer, options, raw.loss_kind)
+    lr_used = lr_record(s.optimizer, options, raw.loss_kind)
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
@@ -382,7 +372,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         return {"world_size": world.size, "rank": world.rank}
     record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
     summary = {
-        "settings": to_dict(s), "options": options, "lr": lr_record, "layout": raw.layout or raw.builtin, "optimizer_state": _hyper(optimizer),
+        "settings": to_dict(s), "options": options, "lr": lr_used, "layout": raw.layout or raw.builtin, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
         "threads": {**governor.to_dict(), "layers": layer_mode},
         "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
