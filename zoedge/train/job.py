@@ -379,7 +379,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     """Loss and accuracy of a model (store / HF dir / finetune output / default) on dev and test."""
     given = set(given or ())
     s.check()
-    target = Path(s.json) if s.json else None
+    target = Path(s.json) if s.json and s.json != "-" else None  # '-': the command prints the results
     if target is not None:
         check_writable_file(target, "--json")
     s, summary = eval_settings_from_run(s, given)
@@ -387,7 +387,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     if summary is not None and not s.other_split:
         check_run_split(splits, summary, s, given)
     store = resolve_store(s.model, progress=s.progress)
-    threads = choose_threads(None, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
+    threads = choose_threads(s.threads, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
