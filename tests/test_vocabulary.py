@@ -148,3 +148,9 @@ def test_v_and_q_set_the_log_level_and_show_zoedge_loggers(capsys):
         assert main(["plugins", "--json", "-", "-vv"]) == 0 and log.level == logging.DEBUG
     finally:
         log.setLevel(logging.NOTSET)
+
+
+def test_the_old_bench_opt_name_is_refused_with_the_new_spelling(capsys):
+    assert main(["memory", "no-store", "--opt", "mezo"]) == 2
+    err = capsys.readouterr().err
+    assert "--opt 'mezo'" in err and "--optimizer NAME" in err
