@@ -154,3 +154,34 @@ def test_the_old_bench_opt_name_is_refused_with_the_new_spelling(capsys):
     assert main(["memory", "no-store", "--opt", "mezo"]) == 2
     err = capsys.readouterr().err
     assert "--opt 'mezo'" in err and "--optimizer NAME" in err
+
+
+def test_json_and_threads_mean_the_same_in_finetune_and_eval(tmp_path, monkeypatch, capsys):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.test_tasks import _tokenizer
+    from zoedge.train.demo_task import demo_examples
+
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
+    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(24, seed=1)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = ["--train", str(tmp_path / "train.jsonl"), "--n-train", "16", "--n-dev", "4", "--n-test", "4",
+            "--no-progress", "--threads", "1"]
+    assert main(["finetune", "--model", str(tmp_path / "hf"), *data, "--batch-size", "4", "--steps", "1",
+                 "--no-plot", "--output", str(tmp_path / "run"), "--json", str(tmp_path / "finetune.json")]) == 0
+    written = json.loads((tmp_path / "finetune.json").read_text())
+    assert written == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["threads"]["source"] == "--threads"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "run"), *data, "--json", str(tmp_path / "eval.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+    assert printed["threads"]["threads"] == 1 and printed["threads"]["source"] == "--threads"  # eval's --threads
