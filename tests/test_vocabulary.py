@@ -19,10 +19,10 @@ from zoedge.settings import Settings, flag
 SHARED = {
     "optimizer": ("finetune", "bench", "memory", "plan"),
     "opt": ("finetune", "bench", "memory", "plan"),
-    "batch_size": ("finetune", "bench", "memory", "plan"),
+    "batch_size": ("finetune", "generate", "bench", "memory", "plan"),
     "max_length": ("finetune", "eval", "bench", "memory", "plan"),
-    "json": ("finetune", "eval", "bench", "memory", "plan", "prepare", "synth", "plugins"),
-    "threads": ("finetune", "eval", "bench", "memory"),
+    "json": ("finetune", "eval", "generate", "bench", "memory", "plan", "prepare", "synth", "plugins", "cache list"),
+    "threads": ("finetune", "eval", "generate", "bench", "memory"),
 }
 #: options every parser has that are not settings
 GENERIC = {"help", "verbosity", "config", "print_config"}

@@ -5,12 +5,12 @@ text and its constraints. The command line is generated from the fields
 (:func:`add_options`), the trainer receives the same objects, and
 ``summary.json`` records them (``dataclasses.asdict``). Groups of settings:
 
-* :class:`ModelOptions`: which model and where it runs (finetune and eval);
+* :class:`ModelOptions`: which model and where it runs (finetune, eval and generate);
 * :class:`DataOptions`: the task, its data files and the split (finetune and
   eval share them, so both carve the same, disjoint train / dev / test);
 * :class:`TrainSettings`: the training loop (what :class:`~zoedge.train.trainer.Trainer` reads);
-* :class:`FinetuneSettings`, :class:`EvalSettings`, :class:`BenchSettings`, :class:`MemorySettings`,
-  :class:`PlanSettings`: one command each, composed of the groups above and of the concepts several
+* :class:`FinetuneSettings`, :class:`EvalSettings`, :class:`GenerateSettings`, :class:`BenchSettings`,
+  :class:`MemorySettings`, :class:`PlanSettings`, ...: one command each, composed of the groups above and of the concepts several
   commands share (optimizer and its options, batch, sequence length, placement, threads, JSON output: one
   group each, so one spelling and one meaning everywhere; ``tests/test_vocabulary.py`` walks the parsers).
 
@@ -38,7 +38,8 @@ S = TypeVar("S", bound="Settings")
 
 def setting(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,  # noqa: A002
             minimum: float | None = None, metavar: str | None = None, no: str | None = None,
-            deprecated: tuple[str, ...] = (), const: Any = None) -> Any:
+            maximum: float | None = None, above: float | None = None, deprecated: tuple[str, ...] = (),
+            const: Any = None) -> Any:
     """A settings field: default, help text (shown by ``--help``) and constraints checked by :meth:`Settings.check`.
 
     Args:
@@ -49,11 +50,13 @@ def setting(default: Any, help: str, *, type: Any = None, choices: tuple[str, ..
         minimum: smallest allowed value (numbers; also refuses NaN and infinities).
         metavar: the placeholder ``--help`` shows.
         no: for a setting that is on by default: the help of its ``--no-NAME`` switch.
+        maximum: largest allowed value (numbers).
+        above: the value must be larger than this (numbers; e.g. 0 for a rate).
         deprecated: old spellings still accepted (hidden from ``--help``; a warning names the new one).
         const: the value of the option given without one (``--json`` alone: ``-``).
     """
     meta = {"help": help, "type": type, "choices": choices, "minimum": minimum, "metavar": metavar, "no": no,
-            "deprecated": deprecated, "const": const}
+            "maximum": maximum, "above": above, "deprecated": deprecated, "const": const}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -86,12 +89,19 @@ class Settings:
                 raise ConfigError(flag(f.name), f"{value!r} is not one of {', '.join(meta['choices'])}",
                                   f"use one of {', '.join(meta['choices'])}")
             if isinstance(value, (int, float)):
+                shown = f"{value:g}" if isinstance(value, float) else value  # 0, not 0.0: as it was typed
                 if not math.isfinite(value):
                     raise ConfigError(flag(f.name), f"{value} is not a finite number", "give a finite value")
                 low = meta.get("minimum")
                 if low is not None and value < low:
                     what = "a positive integer" if low == 1 and isinstance(value, int) else f"a value >= {low:g}"
-                    raise ConfigError(flag(f.name), f"{value} is too small", f"use {what}")
+                    raise ConfigError(flag(f.name), f"{shown} is too small", f"use {what}")
+                above = meta.get("above")
+                if above is not None and value <= above:
+                    raise ConfigError(flag(f.name), f"{shown} is too small", f"use a value > {above:g}")
+                high = meta.get("maximum")
+                if high is not None and value > high:
+                    raise ConfigError(flag(f.name), f"{shown} is too large", f"use a value <= {high:g}")
         self.check_more()
 
     def check_more(self) -> None:
@@ -145,8 +155,10 @@ class DtypeOptions(Settings):
 
     GROUP: ClassVar[str] = "model"
 
-    dtype: str = setting("fp32", "precision of the stored weights (and of the compute); plan: the store's, else "
-                         "fp16, when not given", choices=("fp32", "bf16", "fp16"))
+    dtype: str | None = setting(None, "precision of the compute: a checkpoint is prepared in it (default fp32); a "
+                                "store made by `zoedge prepare` computes in its own (another --dtype is refused); "
+                                "prepare and synth: of the stored weights; plan: the store's, else fp16, when not "
+                                "given", type=str, choices=("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -172,12 +184,13 @@ class LayersOptions(Settings):
 
 @dataclass
 class SeedOptions(Settings):
-    """The seed (finetune, eval, synth)."""
+    """The seed (finetune, eval, synth, generate)."""
 
     GROUP: ClassVar[str] = "data"
 
     seed: int = setting(0, "random seed: of the train/dev/test split (finetune also draws the batch order and the "
-                        "optimizer's noise from it); synth: of the random weights")
+                        "optimizer's noise from it); synth: of the random weights; generate: of sampled decoding "
+                        "(the same seed gives the same completions)", minimum=0, maximum=2**32 - 1)
 
 
 @dataclass
@@ -204,11 +217,13 @@ class SequenceOptions(Settings):
 
 @dataclass
 class BatchOptions(Settings):
-    """Examples per training step (finetune, bench, memory, plan)."""
+    """Examples per step (finetune, bench, memory, plan, generate)."""
 
     GROUP: ClassVar[str] = "step"
 
-    batch_size: int = setting(16, "training examples (rows) per step", minimum=1, deprecated=("--batch",))
+    batch_size: int = setting(16, "examples (rows) per step: training examples (finetune, bench, memory, plan); "
+                              "prompts decoded together, left-padded to the longest (generate)", minimum=1,
+                              deprecated=("--batch",))
 
 
 @dataclass
@@ -367,6 +382,9 @@ class FinetuneSettings(JsonOptions, NoiseCacheOptions, OptimizerOptions, TrainSe
         if self.n_train < self.batch_size:
             raise ConfigError("--n-train", f"{self.n_train} is smaller than --batch-size {self.batch_size}",
                               f"use --n-train {self.batch_size} or more, or a smaller --batch-size")
+        if self.allow_changes and not self.resume:
+            raise ConfigError("--allow-changes", "is given without --resume (a fresh run has nothing to change)",
+                              "add --resume to continue the run in --output with new settings, or drop it")
 
     def options(self, parsed: dict[str, Any]) -> dict[str, Any]:
         """The plugin options: ``parsed`` (from --opt) plus --lr / --eps / --weight-decay.
@@ -426,29 +444,29 @@ class PlanSettings(JsonOptions, OptimizerOptions, SyntheticStepOptions, Sequence
     """Everything ``zoedge plan MODEL...`` takes (besides the models)."""
 
     GROUP: ClassVar[str] = "plan"
-    DEFAULTS: ClassVar[dict[str, Any]] = {"batch_size": 1, "max_length": 2048, "dtype": None, "quant": None}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"batch_size": 1, "max_length": 2048, "quant": None}
 
     method: str | None = setting(None, "the step counted: forward (one plain forward returning the logits); mezo "
                                  "and lowrank are the old spellings of --optimizer mezo and --optimizer hzo "
                                  "(default: the --optimizer's step)", type=str, choices=("mezo", "lowrank", "forward"))
     gpu: str = setting("rtx4090", "named GPU", choices=("rtx4090", "a100-80g", "h100", "h200"))
-    gpu_memory: float | None = setting(None, "override the GPU's memory (GiB)", type=float, minimum=0,
+    gpu_memory: float | None = setting(None, "override the GPU's memory (GiB)", type=float, above=0,
                                        metavar="GIB")
-    gpu_tflops: float | None = setting(None, "override dense fp16 TFLOP/s", type=float, minimum=0, metavar="TF")
+    gpu_tflops: float | None = setting(None, "override dense fp16 TFLOP/s", type=float, above=0, metavar="TF")
     pcie_gbps: float | None = setting(None, "override the effective pinned host-to-device rate (GB/s)", type=float,
                                       minimum=0, metavar="GB/S")
-    disk_gbps: float | None = setting(None, "disk read rate (default 7 GB/s)", type=float, minimum=0,
+    disk_gbps: float | None = setting(None, "disk read rate (default 7 GB/s)", type=float, above=0,
                                       metavar="GB/S")
     disk_write_gbps: float | None = setting(None, "disk write rate: dense write-backs on the disk tier (default "
-                                            "5 GB/s)", type=float, minimum=0, metavar="GB/S")
+                                            "5 GB/s)", type=float, above=0, metavar="GB/S")
     gpu_mem_gbps: float | None = setting(None, "override the GPU's memory bandwidth (GB/s): costs the noise, "
-                                         "perturbation and update work", type=float, minimum=0, metavar="GB/S")
-    host_ram: float | None = setting(None, "host RAM available (GiB; default: not checked)", type=float, minimum=0,
+                                         "perturbation and update work", type=float, above=0, metavar="GB/S")
+    host_ram: float | None = setting(None, "host RAM available (GiB; default: not checked)", type=float, above=0,
                                      metavar="GIB")
     efficiency: float | None = setting(None, "fraction of peak FLOP/s a forward reaches (default 0.5, calibrated "
-                                       "on an H200)", type=float, minimum=0, metavar="F")
+                                       "on an H200)", type=float, above=0, metavar="F")
     chunk_mib: float = setting(64.0, "lean runtime: the row chunk perturbations and updates are formed in (MiB; "
-                               "the runtime's chunk_bytes)", minimum=0)
+                               "the runtime's chunk_bytes)", above=0)
 
 
 @dataclass
@@ -456,6 +474,7 @@ class PrepareSettings(JsonOptions, ProgressOptions, QuantOptions, DtypeOptions):
     """Everything ``zoedge prepare SRC DST`` takes (besides SRC and DST)."""
 
     GROUP: ClassVar[str] = "prepare"
+    DEFAULTS: ClassVar[dict[str, Any]] = {"dtype": "fp32"}
 
 
 @dataclass
@@ -463,6 +482,7 @@ class SynthSettings(JsonOptions, ProgressOptions, SeedOptions, LayersOptions, Dt
     """Everything ``zoedge synth SHAPE OUT`` takes (besides SHAPE and OUT)."""
 
     GROUP: ClassVar[str] = "synth"
+    DEFAULTS: ClassVar[dict[str, Any]] = {"dtype": "fp32"}
 
     tokenizer_from: str | None = setting(None, "copy the tokenizer files of DIR (e.g. the default model's) so "
                                          "`zoedge finetune` runs on OUT", type=str, metavar="DIR")
@@ -484,6 +504,39 @@ class PruneSettings(Settings):
 @dataclass
 class ListingSettings(JsonOptions):
     """Everything ``zoedge plugins [NAME...]`` and ``zoedge cache list`` take (a table, or JSON with ``--json``)."""
+
+
+@dataclass
+class GenerateSettings(JsonOptions, SeedOptions, BatchOptions, ModelOptions):
+    """Everything ``zoedge generate`` takes."""
+
+    GROUP: ClassVar[str] = "generation"
+    DEFAULTS: ClassVar[dict[str, Any]] = {"batch_size": 8}
+
+    prompt: list[str] = setting([], "a prompt to complete (repeatable)", metavar="TEXT")
+    prompts: str | None = setting(None, "a file of prompts: one per line, or JSONL with \"prompt\" (a \"completion\" "
+                                  "is kept as the reference) or chat \"messages\" (rendered with the tokenizer's chat "
+                                  "template; trailing assistant turns are the reference)", type=str, metavar="FILE")
+    chat: bool = setting(False, "render each plain prompt as one user message with the tokenizer's chat template")
+    max_new_tokens: int = setting(64, "tokens generated per prompt (at most)", minimum=1)
+    temperature: float = setting(0.0, "0: greedy decoding (the most likely token, as transformers' do_sample=False); "
+                                 "above 0: sample at this temperature", minimum=0)
+    top_p: float = setting(1.0, "sampling: draw from the smallest set of tokens whose probability reaches P "
+                           "(1: all)", minimum=0)
+    top_k: int = setting(0, "sampling: draw from the K most likely tokens (0: all)", minimum=0)
+    stop: list[str] = setting([], "end a completion where this text appears; the text is not kept (repeatable; "
+                              "in bash, a newline is $'\\n')", metavar="TEXT")
+
+    def check_more(self) -> None:
+        super().check_more()
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("--top-p", f"{self.top_p} is outside (0, 1]", "use a value in (0, 1], 1 to keep all tokens")
+        if "" in self.stop:
+            raise ConfigError("--stop", "an empty text would stop every completion at once", "drop it or give a text")
+
+    def sampling(self):  # -> zoedge.runtime.decoding.Sampling
+        from zoedge.runtime.decoding import Sampling
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -681,7 +734,7 @@ def _config_value(f: Field, cls: type[Settings], value: Any, path: Path) -> Any:
     default = _default(f)
     where = f"{path}: {f.name}"
     if value is None:
-        if default is None or cls.DEFAULTS.get(f.name, 0) is None:
+        if cls.DEFAULTS.get(f.name, default) is None:
             return None
         raise ConfigError("--config", f"{where} is null", f"give a value, or drop {f.name} for its default")
     if isinstance(default, list):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def _when(t: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from zoedge.settings import from_args
     from zoedge.store.cache import cached_stores, prune, select_for_prune, stores_dir
+    from zoedge.store.lease import in_use
 
     stores = cached_stores()
     if args.action == "list":
@@ -57,15 +59,26 @@ def run(args: argparse.Namespace) -> int:
         for s in stores:
             state = "" if s.complete else " (unfinished)"
             gone = "" if s.source_exists else " (source gone)"
+            busy = in_use(s.path)
+            state += f" (in use by {busy})" if busy else ""
             print(f"{_mib(s.bytes)}  last used {_when(s.last_used)}  {s.path.name}{state}\n"
                   f"{'':13}from {s.source or '?'}{gone}")
         return 0
     sel, _ = from_args(PruneSettings, args)
     sel.check()
     picked = select_for_prune(stores, sel.older_than, sel.unused, sel.all)
+    if sel.dry_run:
+        kept = [(s, busy) for s in picked if (busy := in_use(s.path))]
+        freed = sum(s.bytes for s in picked) - sum(s.bytes for s, _ in kept)
+    else:
+        freed, kept = prune(picked)
     verb = "would delete" if sel.dry_run else "deleted"
+    busy_paths = {s.path for s, _ in kept}
     for s in picked:
-        print(f"{verb} {s.path} ({_mib(s.bytes).strip()})")
-    freed = sum(s.bytes for s in picked) if sel.dry_run else prune(picked)
-    print(f"{verb} {len(picked)} of {len(stores)} stores, {_mib(freed).strip()}")
+        if s.path not in busy_paths:
+            print(f"{verb} {s.path} ({_mib(s.bytes).strip()})")
+    for s, busy in kept:  # a store in use is never deleted under the process reading it
+        print(f"kept {s.path}: in use by {busy} (a running zoedge finetune or eval); prune it after that "
+              "process ends", file=sys.stderr)
+    print(f"{verb} {len(picked) - len(kept)} of {len(stores)} stores, {_mib(freed).strip()}")
     return 0
