@@ -37,8 +37,9 @@ import torch
 
 KINDS = {"normal": 0, "uniform": 1, "rademacher": 2}
 SOURCE = Path(__file__).with_name("philox.c")
-#: how the kernel is compiled: ``-ffp-contract=off`` keeps a*b + c two roundings (the values depend on it)
-FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+#: how the kernel is compiled at first use: ``-ffp-contract=off`` keeps a*b + c two roundings (the values depend on
+#: it); ``-DZOEDGE_NO_CLONES``: one copy of the value loops, for this CPU (``-march=native``), not one per ISA level
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-DZOEDGE_NO_CLONES", "-shared", "-fPIC")
 #: optional flags, each dropped if the compiler refuses it: the CPU's vector units, and OpenMP (the library then
 #: runs :func:`fill_many` on the OpenMP threads torch already runs: see ``philox.c``)
 OPTIONAL = ("-march=native", "-fopenmp")
