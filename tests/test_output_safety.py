@@ -72,7 +72,7 @@ def test_metrics_aliasing_an_input_is_refused(setup, capsys):
     for extra in (["--output", str(tmp / "run2"), "--metrics", str(tmp / "run2" / "summary.json")],
                   ["--output", str(tmp / "run" / "model" / "inner")]):
         assert main(base + ["--steps", "1"] + extra) == 2
-        assert ("--metrics" if "--metrics" in extra else "inside the zoedge run") in capsys.readouterr().err
+        assert ("--metrics" if "--metrics" in extra else "inside model of the zoedge run") in capsys.readouterr().err
     assert not (tmp / "run" / "model" / "inner").exists()
     # eval's --json too
     assert main(["eval", "--model", str(tmp / "hf"), "--train", str(tmp / "train.jsonl"), "--no-progress",
