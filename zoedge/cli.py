@@ -31,7 +31,7 @@ from types import ModuleType
 from zoedge.errors import ConfigError, ZoedgeError
 
 #: Subcommand modules under ``zoedge.commands``, in the order ``--help`` lists them.
-COMMANDS: list[str] = ["prepare", "finetune", "eval", "plugins", "synth", "plan", "memory", "bench", "cache"]
+COMMANDS: list[str] = ["prepare", "finetune", "eval", "generate", "plugins", "synth", "plan", "memory", "bench", "cache"]
 
 PROG = "zoedge"
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program

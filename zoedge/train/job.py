@@ -516,7 +516,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
 
 def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path) -> dict[str, Any]:
     check_max_length(store, s.max_length)
-    threads = choose_threads(None, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
+    threads = choose_threads(s.threads, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:

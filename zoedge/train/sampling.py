@@ -76,8 +76,12 @@ def _shares(pool: int, wants: Sequence[int]) -> list[int]:
         return list(wants)
     got = [w * pool // sum(wants) for w in wants]
     for i, w in enumerate(wants):
-        if w and not got[i] and sum(got) < pool:
-            got[i] = 1
+        if w and not got[i]:
+            donor = max(range(len(got)), key=got.__getitem__)
+            if sum(got) < pool:
+                got[i] = 1
+            elif got[donor] > 1:  # the pool is all shared out: the largest share gives one up
+                got[donor], got[i] = got[donor] - 1, 1
     got[0] += pool - sum(got)  # rounding leftovers go to train (index 0)
     return got
 
