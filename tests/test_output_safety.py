@@ -78,6 +78,8 @@ def test_metrics_aliasing_an_input_is_refused(setup, capsys):
     assert main(["eval", "--model", str(tmp / "hf"), "--train", str(tmp / "train.jsonl"), "--no-progress",
                  "--json", str(tmp / "train.jsonl")]) == 2
     assert "--json" in capsys.readouterr().err and (tmp / "train.jsonl").read_text() == text
+    assert main(["generate", "--model", str(tmp / "hf"), "--prompt", "hi", "--json", str(tmp / "hf" / "out.json")]) == 2
+    assert "--json" in capsys.readouterr().err and not (tmp / "hf" / "out.json").exists()
 
 
 def test_non_empty_folder_that_is_not_a_run_is_refused(setup, capsys):
