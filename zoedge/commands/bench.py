@@ -246,12 +246,14 @@ def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, s
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from zoedge.output_dir import result_file
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args
 
     s, _ = from_args(BenchSettings, args)
     s.check()
     store = args.store
+    result_file(s.json, {"the store": store})  # checked before the work
     threads = choose_threads(s.threads, s.tier)
     apply_threads(threads)
     human = sys.stderr if s.json == "-" else sys.stdout
@@ -423,5 +425,6 @@ def _bench(s: BenchSettings, store: Path, threads: Any, human: Any, dev: Any, wo
               file=human)
     if s.json:
         out = json.dumps(result, indent=1)
-        print(out) if s.json == "-" else Path(s.json).write_text(out + "\n")
+        from zoedge.output_dir import write_result
+        print(out) if s.json == "-" else write_result(Path(s.json), out + "\n")
     return 0

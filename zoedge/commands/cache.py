@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from zoedge.settings import ListingSettings, PruneSettings, add_options
 
@@ -41,6 +40,7 @@ def _when(t: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoedge.output_dir import result_file, write_result
     from zoedge.settings import from_args
     from zoedge.store.cache import cached_stores, prune, select_for_prune, stores_dir
     from zoedge.store.lease import in_use
@@ -48,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
     stores = cached_stores()
     if args.action == "list":
         listing, _ = from_args(ListingSettings, args)
+        target = result_file(listing.json, {})
         text = json.dumps([{"path": str(s.path), "bytes": s.bytes, "source": s.source, "last_used": s.last_used,
                             "complete": s.complete, "source_exists": s.source_exists} for s in stores], indent=1)
         if listing.json == "-":  # instead of the table
             print(text)
             return 0
-        if listing.json:
-            Path(listing.json).write_text(text + "\n")
+        if target is not None:
+            write_result(target, text + "\n")
         print(f"{len(stores)} stores in {stores_dir()}, {_mib(sum(s.bytes for s in stores)).strip()} in all")
         for s in stores:
             state = "" if s.complete else " (unfinished)"

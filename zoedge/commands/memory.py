@@ -50,12 +50,14 @@ def predicted(store: Path, s: MemorySettings) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoedge.output_dir import result_file, write_result
     from zoedge.plan.measure import measure_step
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args
 
     s, _ = from_args(MemorySettings, args)
     s.check()
+    target = result_file(s.json, {"the store": args.store})
     apply_threads(choose_threads(s.threads, s.tier))
     human = sys.stderr if s.json == "-" else sys.stdout
     m = measure_step(args.store, s.device, optimizer=s.optimizer, options=options(s.opt),
@@ -83,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
     if s.json:
         out = json.dumps({**m.to_dict(), "predicted_device_peak": pred, "ratio": ratio,
                           "store": str(args.store)}, indent=1)
-        print(out) if s.json == "-" else Path(s.json).write_text(out + "\n")
+        print(out) if target is None else write_result(target, out + "\n")
     return 0

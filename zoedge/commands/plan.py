@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     m = method("forward") if s.method == "forward" else method_for(_optimizer(s), parse_opts(s.opt))
     work = Workload(s.batch_size, s.max_length, s.scored, s.prefetch, s.tier, s.attention, unit=s.unit)
     work.check()
+    from zoedge.output_dir import result_file, write_result
+    target = result_file(s.json, {f"the model {i + 1}": m for i, m in enumerate(args.models) if Path(m).exists()})
     human = sys.stderr if s.json == "-" else sys.stdout
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
@@ -176,10 +178,10 @@ def run(args: argparse.Namespace) -> int:
     if s.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)
-        if s.json == "-":
+        if target is None:
             print(out)
         else:
-            Path(s.json).write_text(out + "\n")
+            write_result(target, out + "\n")
     return 0
 
 

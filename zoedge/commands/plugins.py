@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from zoedge.settings import ListingSettings, add_options
@@ -91,9 +90,11 @@ def _source(e: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """List the plugins; see the module docstring for the exit status."""
     from zoedge.optim.registry import available
+    from zoedge.output_dir import result_file, write_result
     from zoedge.settings import from_args
 
     s, _ = from_args(ListingSettings, args)
+    target = result_file(s.json, {})
     names = list(args.names) if args.names else list(available())
     entries = [describe(n) for n in names]  # unknown NAME: PluginError → exit 2 from the CLI
     text = json.dumps(entries, indent=2, default=str)  # a list of plugin objects
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     else:
         print(_table(entries))
-        if s.json:
-            Path(s.json).write_text(text + "\n")
+        if target is not None:
+            write_result(target, text + "\n")
     broken = [e["name"] for e in entries if e["error"]]
     if broken:
         print(f"{len(broken)} plugin(s) failed to load: {', '.join(broken)} (shown as BROKEN above)",

@@ -28,17 +28,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoedge.output_dir import check_apart, result_file, write_result
     from zoedge.plan.shapes import write_checkpoint
     from zoedge.settings import from_args
 
     s, _ = from_args(SynthSettings, args)
     s.check()
+    tokenizer_from = Path(s.tokenizer_from) if s.tokenizer_from else None
+    target = result_file(s.json, {"--tokenizer-from": tokenizer_from})
+    check_apart({"OUT": args.out, "--json": target}, {"--tokenizer-from": tokenizer_from})
     human = sys.stderr if s.json == "-" else sys.stdout
-    summary = write_checkpoint(args.shape, args.out, s.layers, s.dtype, s.seed,
-                               Path(s.tokenizer_from) if s.tokenizer_from else None,
+    summary = write_checkpoint(args.shape, args.out, s.layers, s.dtype, s.seed, tokenizer_from,
                                progress=s.progress, log=lambda line: print(line, file=human))
     if s.json == "-":
         print(json.dumps(summary, indent=1))
-    elif s.json:
-        Path(s.json).write_text(json.dumps(summary, indent=1) + "\n")
+    elif target is not None:
+        write_result(target, json.dumps(summary, indent=1) + "\n")
     return 0
