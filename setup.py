@@ -18,6 +18,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 PACKAGES = find_packages(include=["zoedge", "zoedge.*"])
 PACKAGES += ["zoedge_plugins"] + [
@@ -49,7 +50,8 @@ class BuildKernel(build_ext):
                 return super().build_extension(ext)
             except Exception as e:  # CompileError, LinkError: try the next variant
                 errors.append(f"{' '.join(extra) or 'plain'}: {e}")
-        raise RuntimeError("building zoedge's noise kernel failed (" + "; ".join(errors) + "); zoedge will build "
+        # a CompileError: setuptools turns it into a warning for an optional extension, and the install goes on
+        raise CompileError("building zoedge's noise kernel failed (" + "; ".join(errors) + "); zoedge will build "
                            "it at first use with `cc`, or draw noise with torch (slower)")
 
     def get_export_symbols(self, ext):
