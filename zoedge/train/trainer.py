@@ -40,7 +40,8 @@ from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import free_disk, latest_checkpoint, load_checkpoint, save_checkpoint
-from zoedge.train.guard import StepGuard
+from zoedge.store.atomic import write_error
+from zoedge.train.guard import StepGuard, first_nonfinite, last_good, nonfinite_cause
 from zoedge.train.tasks import Example
 from zoedge.train.update_log import UpdateLog, changed_replay_error, store_identity
 from zoedge.train.world import DirectionSplit, World, state_checksum
@@ -80,9 +81,13 @@ def make_scheduler(optimizer: ZOOptimizer, schedule: str, steps: int) -> torch.o
 
 @dataclass
 class Evaluation:
+    """Mean loss and accuracy; ``nonfinite``: examples in batches whose loss was NaN or infinite (then ``loss`` is
+    NaN and ``accuracy`` None: a broken model gets no figures; callers turn it into an error)."""
+
     loss: float
     accuracy: float | None
     examples: int
+    nonfinite: int = 0
 
 
 def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
@@ -95,20 +100,26 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
     if not examples:
         return Evaluation(float("nan"), None, 0)
     world = world or World()
-    total_loss, correct, n, cls = 0.0, 0, 0, 0
+    total_loss, correct, n, cls, bad = 0.0, 0, 0, 0, 0
     parts = length_batches(tokenizer, examples, batch_size)[world.rank::world.size]  # sharded across ranks
     for part in tqdm(parts, desc=desc, leave=False, disable=not progress):
         batch = collate(tokenizer, part, max_length, share_prompts=True)
         loss, pred = _loss_passes(model, Forward(), batch)[0]
-        total_loss += float(loss) * len(part)
+        value = float(loss)
+        if not math.isfinite(value):  # argmax over NaN scores would pick the first candidate: no figure at all
+            bad += len(part)
+            continue
+        total_loss += value * len(part)
         n += len(part)
         if part[0].kind == "classification":
             correct += int((pred.cpu() == batch.labels).sum())
             cls += len(part)
-    if world.size > 1:
-        total_loss, correct, n, cls = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls],
-                                                                         dtype=torch.float64)).tolist()
-        correct, n, cls = int(correct), int(n), int(cls)
+    if world.size > 1:  # every rank learns of a non-finite batch anywhere (and all raise together)
+        total_loss, correct, n, cls, bad = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls, bad],
+                                                                              dtype=torch.float64)).tolist()
+        correct, n, cls, bad = int(correct), int(n), int(cls), int(bad)
+    if bad:
+        return Evaluation(float("nan"), None, n + bad, bad)
     return Evaluation(total_loss / n, correct / cls if cls else None, n)
 
 
@@ -146,13 +157,15 @@ class Trainer:
         metrics_path: JSONL file of per-step metrics (default ``output/metrics.jsonl``).
         world: the ranks of a data-parallel run (default: this process alone); see :mod:`zoedge.train.world`.
         threads: re-evaluates the CPU thread count every few steps (see :mod:`zoedge.runtime.threads`).
+        identity: the run's identity (settings, store, data; see :mod:`zoedge.train.run_record`), recorded in
+            every checkpoint and checked on resume.
     """
 
     def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
                  dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
                  metrics_path: Path | None = None, progress: bool = True,
                  log: Callable[[str], None] = log_stderr, world: World | None = None,
-                 threads: ThreadGovernor | None = None) -> None:
+                 threads: ThreadGovernor | None = None, identity: dict[str, Any] | None = None) -> None:
         settings.check()
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
@@ -186,6 +199,7 @@ class Trainer:
         self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
         self.all_blocks = frozenset(b.name for b in model.blocks)
         self.step = 0
+        self.loaded_step = 0  # the step whose weights were loaded (a resume's checkpoint step)
         self.last_plugin_metrics: dict[str, float] = {}  # the plugin's metrics of the last step (progress bar)
         self.last_losses: list[float] = []                # the last step's loss per pass
         self.progress = progress and self.world.is_main
@@ -205,6 +219,7 @@ class Trainer:
             self.updates = UpdateLog(store_identity(model.store))
         self.checkpoint_choice: dict[str, Any] = {}  # the last checkpoint's kind and why (for summary.json)
         self.replayed: dict[str, Any] | None = None  # what the resume's replay cost (for summary.json)
+        self.identity = identity
 
     def _not_replayable(self) -> str:
         """Why this run's weights cannot be rebuilt from the base store and the update log ("" when they can)."""
@@ -231,6 +246,8 @@ class Trainer:
             state["first_order"] = self.fo.state_dict()
         if self.updates is not None:
             state["updates"] = self.updates.state()
+        if self.identity is not None:
+            state["run"] = self.identity
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:  # every rank holds the same state: one writes it
             weights = self.model.weight_stream() if kind == "full" else None
@@ -313,7 +330,7 @@ class Trainer:
                               "weights without a log of updates since the store that this run can continue "
                               + (f"(changed: {', '.join(changed)})" if changed else "(written with full)"),
                               "resume with --checkpoint-weights full or auto (a log of updates starts with the run)")
-        self.step = int(state["step"])
+        self.step = self.loaded_step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
         self.check_consistent(f"resume from {path}")  # every rank must have read the same checkpoint
         return True
@@ -357,7 +374,10 @@ class Trainer:
                 self.fo.step(losses[self.opt.grad_pass])
         self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
-        self.guard.check(self.step + 1, values.tolist(), metrics, lr)  # before the update is applied or saved
+        untouched = None
+        if self.step == self.loaded_step:  # no update applied yet: a non-finite loss may be the loaded weights'
+            untouched = lambda: first_nonfinite(self.model.weight_stream().chunks)  # noqa: E731
+        self.guard.check(self.step + 1, values.tolist(), metrics, lr, untouched)  # before the update is applied
         if self.updates is not None:
             owed = self.opt.owed
             self.updates.record(self.opt.pending, None if owed == self.all_blocks else owed)  # type: ignore[arg-type]
@@ -390,6 +410,10 @@ class Trainer:
         ev = evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
                       self.world)
         self.eval_seconds += time.perf_counter() - t0
+        if ev.nonfinite:
+            raise nonfinite_cause(self.model, f"{desc} scores ({ev.nonfinite} of {ev.examples} examples)",
+                                  trained=self.step > self.loaded_step, dtype=self.model.manifest.dtype,
+                                  ckpt_dir=self.ckpt_dir)
         return ev
 
     def fit(self) -> TrainResult:
@@ -407,7 +431,8 @@ class Trainer:
                      f"the first step: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         t0 = time.perf_counter()
         bar = tqdm(total=self.s.steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
-        with open(self.metrics_path if self.world.is_main else os.devnull, "a") as mf:  # rank 0 writes
+        # rank 0 writes; unbuffered: a failed write (disk full) leaves nothing buffered to fail again at close
+        with open(self.metrics_path if self.world.is_main else os.devnull, "ab", buffering=0) as mf:
             while self.step < self.s.steps:
                 m = self.train_step()
                 if self.threads is not None:
@@ -417,8 +442,12 @@ class Trainer:
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
                     e = self.evaluate(self.dev, "dev")
                     m["dev_loss"], m["dev_accuracy"] = e.loss, e.accuracy
-                mf.write(json.dumps(m) + "\n")
-                mf.flush()
+                try:
+                    mf.write((json.dumps(m) + "\n").encode())
+                except OSError as e:
+                    raise write_error(self.metrics_path, f"the metrics of step {self.step}", e, "free disk space or "
+                                      f"fix permissions, then re-run the same command with --resume; "
+                                      f"{last_good(self.ckpt_dir)}") from None
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in self.last_plugin_metrics.items()})
                 if self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.steps:
