@@ -28,11 +28,12 @@ def run(args: argparse.Namespace) -> int:
 
     from zoedge.errors import ConfigError
     from zoedge.generation import generate, prompts_from
+    from zoedge.output_dir import check_apart
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args, to_dict
-    from zoedge.train.job import (check_writable_file, dumps, find_run, load_tokenizer, resolve_dtype, resolve_store,
-                                  write_atomic)
+    from zoedge.train.job import (cache_dir, check_writable_file, dumps, find_run, load_tokenizer, resolve_dtype,
+                                  resolve_store, write_atomic)
     from zoedge.train.trainer import log_stderr
 
     s, _ = from_args(GenerateSettings, args)
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable_file(target, "--json")
     prompts = prompts_from(s.prompt, s.prompts)  # read and checked before the model loads
     s.model = find_run(s.model)[0]
+    check_apart({"--json": target}, {"--model": s.model, "--prompts": s.prompts, "the cache": cache_dir()})
     s.dtype = resolve_dtype(s.model, s.dtype)
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
