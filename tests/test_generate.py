@@ -18,7 +18,7 @@ import zoedge
 from tests.test_tasks import _tokenizer
 from tests.tiny import batch, tiny_config
 from zoedge.cli import main
-from zoedge.errors import DataError
+from zoedge.errors import ConfigError, DataError
 from zoedge.generation import generate, read_prompts
 from zoedge.runtime.decoding import Sampling, decode
 
@@ -172,6 +172,8 @@ def test_stop_text_ends_a_completion(hf_dir, tmp_path):
         cut = generate(streamed, "the quick brown fox", max_new_tokens=8, stop=[stop]).completions[0]
         assert cut.completion == text[:text.find(stop)] and cut.finish == "stop"
         assert cut.new_tokens < full.new_tokens  # decoding ended once the stop text appeared (within 4 tokens)
+        with pytest.raises(ConfigError, match="64 positions"):  # the tiny model's max_position_embeddings
+            generate(streamed, "the quick brown fox", max_new_tokens=62)
     finally:
         streamed.close()
 

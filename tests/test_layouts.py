@@ -212,16 +212,6 @@ def test_bad_file_fails_fast_before_the_model(tmp_path, hf_dir, capsys, monkeypa
     assert not (tmp_path / "cache").exists()  # the store was not prepared
 
 
-def test_repeats_across_files_are_refused(tmp_path, tok):
-    rows = layout_records("completion", 10)
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    dev = write_jsonl(tmp_path / "dev.jsonl", layout_records("completion", 2, seed=99) + [rows[3]])
-    from zoedge.settings import FinetuneSettings
-    s = FinetuneSettings(train=str(train), dev=str(dev))
-    with pytest.raises(DataError, match=f"{dev}:3: repeats the example at {train}:4"):
-        read_data(s).splits(s, tok)
-
-
 # ----------------------------------------------------------------------------- training per layout
 
 
@@ -298,7 +288,7 @@ def test_finetune_completion_then_eval_a_test_file_alone(tmp_path, hf_dir, capsy
     assert main(["finetune", "--model", str(hf_dir / "hf"), "--train", str(train), "--steps", "2",
                  "--batch-size", "4", "--output", str(out), "--no-progress", "--eps", "1e-2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["data"] == {"train": 40, "dev": 5, "test": 5}  # 50 examples: 10% held out each
+    assert summary["data"] == {"train": 36, "dev": 7, "test": 7}  # 50 examples, shared as 1000/200/200
     assert summary["layout"] == "completion" and summary["lr"]["loss"] == "token"
     assert summary["lr"] == {"value": 4e-5, "source": "the plugin's default", "loss": "token"}
     assert summary["dev_after"]["f1"] is not None and summary["dev_after"]["perplexity"] is not None
@@ -308,7 +298,7 @@ def test_finetune_completion_then_eval_a_test_file_alone(tmp_path, hf_dir, capsy
     res = json.loads(capsys.readouterr().out)
     assert res["test"]["examples"] == 10 and "dev" not in res and res["test"]["exact_match"] is not None
     assert main(["eval", "--model", str(out), "--test", str(train), "--no-progress"]) == 2
-    assert re.search(r"holds 40 example\(s\) of the finetune run's training split.*--other-split",
+    assert re.search(r"holds 36 example\(s\) of the finetune run's training split.*--other-split",
                      capsys.readouterr().err)
     assert main(["eval", "--model", str(hf_dir / "hf"), "--test", str(train), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["examples"] == 50  # no run: the whole file
@@ -364,6 +354,6 @@ def test_default_model_finetunes_your_data_with_defaults(tmp_path, smollm2_dir, 
     out = tmp_path / "run"
     assert main(["finetune", "--train", str(train), "--output", str(out), "--no-progress", "--no-export"]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["data"] == {"train": 80, "dev": 10, "test": 10} and s["layout"] == layout
+    assert s["data"] == {"train": 72, "dev": 14, "test": 14} and s["layout"] == layout
     assert s["dev_after"]["loss"] < s["dev_before"]["loss"] - 0.05, (s["dev_before"], s["dev_after"])
     assert s["dev_after"]["f1"] is not None and s["lr"]["value"] == 4e-5

@@ -231,15 +231,10 @@ def test_split_sizes_disjoint_deterministic() -> None:
 
 
 def test_split_caps_proportionally_when_short() -> None:
-    s = split(_pool(100), 1000, 500, 1000, seed=0)  # held-out splits: 10% each at most
-    assert (len(s.train), len(s.dev), len(s.test)) == (80, 10, 10)
-    s = split(_pool(100), 1000, 4, 1000, seed=0)
-    assert (len(s.train), len(s.dev), len(s.test)) == (86, 4, 10)
+    s = split(_pool(100), 1000, 500, 1000, seed=0)
+    assert (len(s.train), len(s.dev), len(s.test)) == (40, 20, 40)
     s = split(_pool(3), 1000, 1, 1000, seed=0)
-    assert (len(s.train), len(s.dev), len(s.test)) == (1, 1, 1)
-    with pytest.raises(DataError, match="too few to carve.*--n-test 0"):  # never a train (or test) split of 0
-        split(_pool(2), 1000, 1, 1000, seed=0)
-    assert len(split(_pool(2), 1000, 1, 0, seed=0).train) == 1
+    assert len(s.dev) == 1 and len(s.train) + len(s.dev) + len(s.test) == 3
 
 
 def test_split_with_separate_sources() -> None:

@@ -4,7 +4,9 @@ Each name in :data:`COMMANDS` is a module ``zoedge.commands.<name>`` with
 
 * ``add_parser(subparsers) -> None``: register its subcommand (and options);
 * ``run(args) -> int``: do the work, return the exit code;
-* optionally ``RESUME_HINT: str``: printed after Ctrl-C (e.g. "re-run to resume").
+* optionally ``RESUME_HINT: str``: printed after Ctrl-C (e.g. "re-run to resume");
+
+``-v`` / ``-q`` (before or after the command) set the level of zoedge's loggers, shown on stderr.
 
 Command modules keep their heavy imports (torch, transformers) inside ``run``,
 so building the parser (``zoedge --help``) costs only the imports of the
@@ -14,15 +16,19 @@ other commands keep working.
 
 Exit codes: 0 success; :attr:`ZoedgeError.exit_code` for errors the user can
 fix (2 bad input, 3 training stopped); 2 for argparse usage errors and a full disk
-(an ``OSError`` ENOSPC / EDQUOT that no command named itself); 130 after Ctrl-C. Anything else is a bug and keeps
-its traceback.
+(an ``OSError`` ENOSPC / EDQUOT that no command named itself); 130 after Ctrl-C, 143 after SIGTERM (handled like
+Ctrl-C: the command stops where it is, its writes are atomic, a second SIGTERM ends it at once). Anything else is a
+bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import errno
 import importlib
+import logging
+import signal
 import sys
+import threading
 from types import ModuleType
 
 from zoedge.errors import ConfigError, ZoedgeError
@@ -32,6 +38,16 @@ COMMANDS: list[str] = ["prepare", "finetune", "eval", "generate", "plugins", "sy
 
 PROG = "zoedge"
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM, so it unwinds like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 class _Unavailable:
@@ -76,6 +92,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | _Una
         prog=PROG, description="Zeroth-order fine-tuning of language models far larger than the GPU, "
         "by streaming the model through the GPU one block at a time.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_verbosity(parser, default=0)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     modules: dict[str, ModuleType | _Unavailable] = {}
     for name in COMMANDS:
@@ -87,7 +104,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | _Una
             if name not in subparsers.choices:
                 module.add_parser(subparsers)
         modules[name] = module
+    for sub in subparsers.choices.values():
+        if sub.add_help:  # not an _Unavailable stub, which takes any argument
+            _add_verbosity(sub, default=argparse.SUPPRESS)
     return parser, modules
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v`` (repeatable) and ``-q``: both add to ``args.verbosity`` (``-q`` takes one away)."""
+    g = parser.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=default,
+                   help="show zoedge's log messages: -v info, -vv debug too")
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                   help="show errors only (no warnings)")
+
+
+#: ``args.verbosity`` -> the level of the ``zoedge`` logger
+LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+
+
+def setup_logging(verbosity: int) -> None:
+    """Show zoedge's loggers on stderr at the level ``verbosity`` asks for (0: warnings; 2 or more: debug)."""
+    log = logging.getLogger("zoedge")
+    log.setLevel(LEVELS.get(verbosity, logging.DEBUG))
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s (%(name)s)"))
+        log.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message (so a later redirect of stderr is followed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ sets it; sys.stderr is used instead
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, --version, usage errors: argparse has printed what it needed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    setup_logging(args.verbosity)
+    for message in getattr(args, "deprecations", []):
+        logging.getLogger("zoedge.cli").warning(message)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
     module = modules[args.command]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        if getattr(args, "print_config", None):
+            return _print_config(args)
         return int(module.run(args) or 0)
     except ZoedgeError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -122,11 +184,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.filename or 'a file'}: cannot be written (the disk is full). Fix: free disk space, then "
               f"{hint or 'run the command again'}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         hint = getattr(module, "RESUME_HINT", "")
-        print(f"\ninterrupted: `{PROG} {args.command}` was stopped (Ctrl-C)" + (f"; {hint}" if hint else ""),
+        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"\ninterrupted: `{PROG} {args.command}` was stopped ({how})" + (f"; {hint}" if hint else ""),
               file=sys.stderr)
-        return INTERRUPTED
+        return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the command's effective settings (defaults < --config < command line), checked."""
+    from zoedge.settings import dump_config, from_args
+
+    settings, _ = from_args(args.settings_class, args)
+    settings.check()
+    print(dump_config(settings, args.print_config), end="")
+    return 0
 
 
 if __name__ == "__main__":  # python -m zoedge.cli ...

@@ -758,16 +758,21 @@ class _PassState:
 
 
 def load(model: str | Path | None = None, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-         dtype: str = "fp32", **kwargs: Any) -> StreamedModel:
+         dtype: str | None = None, **kwargs: Any) -> StreamedModel:
     """Open a model as a :class:`StreamedModel` (see its Args for the others): ``model`` is a prepared block store, a
-    Hugging Face checkpoint directory (prepared once, in ``dtype``, into zoedge's cache), a finetune run's output
-    directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
+    Hugging Face checkpoint directory (prepared once, in ``dtype``, default fp32, into zoedge's cache), a finetune
+    run's output directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
 
     Raises:
-        ConfigError: ``model`` does not exist or is neither of those.
+        StoreError: ``model`` is neither of those (no manifest.json, no checkpoint weights), or a damaged store.
+        ConfigError: ``dtype`` other than a store's own.
     """
-    path = Path(model) if model is not None else None
-    if path is None or not (path / MANIFEST_NAME).is_file():
-        from zoedge.train.job import find_run, resolve_store
-        path = resolve_store(find_run(None if model is None else str(model))[0], dtype, progress=False)
-    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)
+    from zoedge.store.cache import SOURCE_GLOBS
+    from zoedge.train.job import find_run, resolve_dtype, resolve_store
+    source = find_run(None if model is None else str(model))[0]
+    path = None if source is None else Path(source)
+    if path is None or (not (path / MANIFEST_NAME).is_file() and any(any(path.glob(g)) for g in SOURCE_GLOBS)):
+        path = resolve_store(source, resolve_dtype(source, dtype), progress=False)  # a checkpoint: prepared once
+    elif dtype is not None:
+        resolve_dtype(source, dtype)  # refuses a dtype the store does not hold
+    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)  # else a store (or its error)

@@ -6,13 +6,13 @@ Two phases, both before any weight is read:
    layout found (``--task`` or detected on the training source; dev and test follow the training layout) and
    every record checked for the layout's fields. A bad file fails here, naming file and line.
 2. :meth:`RawData.splits` (the tokenizer only): the templates (chat rendering for ``messages``), every example's
-   token length against ``--max-length``, examples repeated across the given files, then the split.
+   token length against ``--max-length``, then the split (which drops dev / test examples that are in the
+   training split and refuses a dev / test source wholly inside it: :func:`~zoedge.train.sampling.disjoint`).
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ class RawData:
         """Phase 2: every given source's examples, each checked against ``max_length``.
 
         Raises:
-            DataError: naming where a record fails its template or is too long, or is repeated across sources.
+            DataError: naming where a record fails its template or is too long.
         """
         out: dict[str, list[Example]] = {}
         for role, rows in self.rows.items():
@@ -54,7 +54,6 @@ class RawData:
             if max_length is not None:
                 check_lengths(tokenizer, examples, [w for w, _ in rows], max_length)
             out[role] = examples
-        _refuse_repeats(out, self.rows)
         return out
 
     def splits(self, data: Any, tokenizer: Any) -> Splits:
@@ -132,23 +131,3 @@ def check_lengths(tokenizer: Any, examples: Sequence[Example], wheres: Sequence[
                     raise DataError(wheres[start + i], f"is too long: {err.problem}",
                                     f"{err.fix} (--max-length {max_length} now)") from None
             raise
-
-
-def _key(e: Example) -> str:
-    return json.dumps([e.prompt, list(e.candidates), e.label, e.kind, list(e.segments)], ensure_ascii=False)
-
-
-def _refuse_repeats(examples: Mapping[str, list[Example]], rows: Mapping[str, list[tuple[str, Any]]]) -> None:
-    """An example of one given source repeated in another would leak training data into dev/test."""
-    seen: dict[str, str] = {}
-    for role in ROLES:
-        if role not in examples:
-            continue
-        mine: dict[str, str] = {}
-        for e, (where, _) in zip(examples[role], rows[role]):
-            k = _key(e)
-            if k in seen:
-                raise DataError(where, f"repeats the example at {seen[k]} (the same example in two splits "
-                                "would score the model on what it trained on)", "remove it from one of the files")
-            mine.setdefault(k, where)
-        seen.update(mine)

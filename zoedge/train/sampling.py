@@ -3,13 +3,20 @@
 Every source is shuffled by its own ``random.Random`` seeded from a string
 derived from the run's sampling seed, so the result is the same on every
 machine and Python version (string seeds do not depend on ``PYTHONHASHSEED``).
+
+The splits are disjoint by content, whatever the files hold: a dev or test example
+whose normalised prompt and candidates (:func:`content_key`) equal a training
+example's is dropped (and counted in :attr:`Splits.dropped`); a dev or test split
+that would be left empty that way is refused.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
+import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from zoedge.errors import DataError
@@ -27,20 +34,56 @@ class Splits:
     train: list[Example]
     dev: list[Example]
     test: list[Example]
+    #: split name -> examples dropped because their content is in the training split
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
-#: a pool too small for every request: dev and test each get at most this share of it (at least one example)
-HELD_OUT_SHARE = 0.1
+def content_key(e: Example) -> str:
+    """An example's content as compared across splits: prompt and candidates, Unicode-normalised (NFKC),
+    case-folded, whitespace collapsed; the label is left out (the same text with another label is the same
+    input)."""
+    def norm(text: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return json.dumps([norm(e.prompt), [norm(c) for c in e.candidates]], ensure_ascii=False)
+
+
+def disjoint(splits: Splits) -> Splits:
+    """``splits`` with every dev / test example whose content is in the training split dropped.
+
+    Raises:
+        DataError: a dev or test split that had examples has none left.
+    """
+    seen = {content_key(e) for e in splits.train}
+    kept, dropped = {}, {}
+    for name in ("dev", "test"):
+        items = getattr(splits, name)
+        kept[name] = [e for e in items if content_key(e) not in seen]
+        if len(kept[name]) < len(items):
+            dropped[name] = len(items) - len(kept[name])
+            log.warning("dropped %d of %d %s examples: their content is in the training split",
+                        dropped[name], len(items), name)
+            if not kept[name]:
+                raise DataError(f"{name} data", f"all {len(items)} of its examples are also in the training split "
+                                "(same prompt and candidates)", f"give --{name} a file of other examples than "
+                                "--train's (dev and test never hold an example the run trains on)")
+    return Splits(splits.train, kept["dev"], kept["test"], dropped)
 
 
 def _shares(pool: int, wants: Sequence[int]) -> list[int]:
-    """Split ``pool`` items among requests (train first, then held-out splits). When short, each held-out request
-    gets at most :data:`HELD_OUT_SHARE` of the pool (at least one item) and train the rest."""
+    """Split ``pool`` items among requests; shrink proportionally when short (each
+    non-zero request keeps at least one item while the pool allows)."""
     if sum(wants) <= pool:
         return list(wants)
-    cap = max(1, round(pool * HELD_OUT_SHARE))
-    held = [min(w, cap) for w in wants[1:]]
-    return [min(wants[0], max(0, pool - sum(held))), *held]
+    got = [w * pool // sum(wants) for w in wants]
+    for i, w in enumerate(wants):
+        if w and not got[i]:
+            donor = max(range(len(got)), key=got.__getitem__)
+            if sum(got) < pool:
+                got[i] = 1
+            elif got[donor] > 1:  # the pool is all shared out: the largest share gives one up
+                got[donor], got[i] = got[donor] - 1, 1
+    got[0] += pool - sum(got)  # rounding leftovers go to train (index 0)
+    return got
 
 
 def split(train: Sequence[Example], n_train: int = 1000, n_dev: int = 500, n_test: int = 1000,
@@ -59,10 +102,10 @@ def split(train: Sequence[Example], n_train: int = 1000, n_dev: int = 500, n_tes
         dev, test: separate sources, sampled independently when given.
 
     Returns:
-        The three splits.
+        The three splits, disjoint by content (:func:`disjoint`).
 
     Raises:
-        DataError: a negative size or an empty train pool.
+        DataError: a negative size, an empty train pool, or a dev / test source wholly inside the training split.
     """
     for name, n in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test)):
         if n < 0:
@@ -82,16 +125,11 @@ def split(train: Sequence[Example], n_train: int = 1000, n_dev: int = 500, n_tes
             out[name] = items[:n]
     sizes = _shares(len(pool), [n for _, n in carved])
     if sizes != [n for _, n in carved]:
-        got = ", ".join(f"{k} {n}" for (k, _), n in zip(carved, sizes))
-        if not sizes[0]:
-            raise DataError("train data", f"has {len(pool)} examples, too few to carve "
-                            f"{' and '.join(k for k, _ in carved)} from (it would leave: {got})",
-                            "give more examples, separate --dev/--test files, or --n-dev 0 / --n-test 0")
-        log.warning("%d examples are fewer than the %s asked for: carved %s (held-out splits take at most %d%% "
-                    "each; give --dev/--test files or --n-dev/--n-test to choose)", len(pool),
-                    ", ".join(f"{k} {n}" for k, n in carved), got, round(HELD_OUT_SHARE * 100))
+        log.warning("%d examples are fewer than the %s asked for: carved %s (give --dev/--test files or smaller "
+                    "--n-dev/--n-test to choose)", len(pool), ", ".join(f"{k} {n}" for k, n in carved),
+                    ", ".join(f"{k} {n}" for (k, _), n in zip(carved, sizes)))
     start = 0  # carve dev/test first so the train size does not change which examples they get
     for (name, _), size in reversed(list(zip(carved, sizes))):
         out[name] = pool[start:start + size]
         start += size
-    return Splits(out["train"], out["dev"], out["test"])
+    return disjoint(Splits(out["train"], out["dev"], out["test"]))
