@@ -288,7 +288,8 @@ def test_finetune_completion_then_eval_a_test_file_alone(tmp_path, hf_dir, capsy
     assert main(["finetune", "--model", str(hf_dir / "hf"), "--train", str(train), "--steps", "2",
                  "--batch-size", "4", "--output", str(out), "--no-progress", "--eps", "1e-2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["data"] == {"train": 36, "dev": 7, "test": 7}  # 50 examples, shared as 1000/200/200
+    sizes = {k: summary["data"][k] for k in ("train", "dev", "test")}
+    assert sizes == {"train": 36, "dev": 7, "test": 7}  # 50 examples, shared as 1000/200/200
     assert summary["layout"] == "completion" and summary["lr"]["loss"] == "token"
     assert summary["lr"] == {"value": 4e-5, "source": "the plugin's default", "loss": "token"}
     assert summary["dev_after"]["f1"] is not None and summary["dev_after"]["perplexity"] is not None
@@ -313,6 +314,17 @@ def _readme_block(marker: str) -> list[str]:
     return [line for line in block.splitlines()[1:] if line.strip()]
 
 
+def _vary(value, i: int):
+    """``value`` with `` i`` appended to its strings (roles kept)."""
+    if isinstance(value, str):
+        return f"{value} {i}"
+    if isinstance(value, list):
+        return [_vary(v, i) for v in value]
+    if isinstance(value, dict):
+        return {k: v if k == "role" else _vary(v, i) for k, v in value.items()}
+    return value
+
+
 def test_readme_your_data_section_is_true(tmp_path, hf_dir, capsys, monkeypatch):
     """Every record shown is one layout's (as --help shows it); the commands run as written on a tiny model."""
     from zoedge.train.tasks import TASKS
@@ -332,7 +344,7 @@ def test_readme_your_data_section_is_true(tmp_path, hf_dir, capsys, monkeypatch)
     write_jsonl(tmp_path / "held_out.jsonl", [{"question": r["prompt"], "answer": r["completion"]} for r in held_out])
     for name, line in zip(layouts, lines):  # the first command, on a file of each layout
         record = json.loads(line)
-        write_jsonl(tmp_path / "my.jsonl", [dict(record, id=i) for i in range(8)])
+        write_jsonl(tmp_path / "my.jsonl", [_vary(record, i) for i in range(8)])  # 8 distinct examples
         out = tmp_path / "runs" / name
         assert main(commands[0].split()[1:] + tiny + ["--output", str(out)]) == 0, capsys.readouterr().err
         assert json.loads((out / "summary.json").read_text())["layout"] == name
@@ -354,6 +366,6 @@ def test_default_model_finetunes_your_data_with_defaults(tmp_path, smollm2_dir, 
     out = tmp_path / "run"
     assert main(["finetune", "--train", str(train), "--output", str(out), "--no-progress", "--no-export"]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["data"] == {"train": 72, "dev": 14, "test": 14} and s["layout"] == layout
+    assert [s["data"][k] for k in ("train", "dev", "test")] == [72, 14, 14] and s["layout"] == layout
     assert s["dev_after"]["loss"] < s["dev_before"]["loss"] - 0.05, (s["dev_before"], s["dev_after"])
     assert s["dev_after"]["f1"] is not None and s["lr"]["value"] == 4e-5
