@@ -298,6 +298,7 @@ def test_finetune_completion_then_eval_a_test_file_alone(tmp_path, hf_dir, capsy
     assert main(["eval", "--model", str(out), "--test", str(other), "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["test"]["examples"] == 10 and "dev" not in res and res["test"]["exact_match"] is not None
+    assert "accuracy" not in res["test"] and res["test"]["perplexity"] > 1  # the metrics that fit the layout
     assert main(["eval", "--model", str(out), "--test", str(train), "--no-progress"]) == 2
     assert re.search(r"holds 36 example\(s\) of the finetune run's training split.*--other-split",
                      capsys.readouterr().err)

@@ -584,7 +584,7 @@ def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path, tok
             if ev.nonfinite:
                 raise nonfinite_cause(model, f"{name} scores ({ev.nonfinite} of {ev.examples} examples)",
                                       trained=False, dtype=s.dtype)
-            res[name] = asdict(ev)
+            res[name] = {k: v for k, v in asdict(ev).items() if v is not None}  # the metrics of its layout
         res["seconds"] = time.perf_counter() - t0
     res["threads"] = threads.to_dict()
     res["split"] = {k: v for k, v in split_record(splits).items() if k != "train"}
