@@ -65,7 +65,8 @@ Replay (checkpoints without weights; the storage remark of *Fine-Tuning Language
 Models with Just Forward Passes*): a plugin whose streamed weights after step t
 are exactly the base weights after ``apply`` of updates 1..t, in order, block by
 block (nothing else ever writes ``block.tensors``; ``apply`` reads only the
-``Update`` and options fixed at construction) sets ``replayable = True``. The
+``Update`` and options fixed at construction) sets ``replayable = True`` in its class body: the claim is never
+inherited (a subclass that does not restate it is not replayable). The
 trainer then may checkpoint the log of updates instead of the weights, and
 :meth:`ZOOptimizer.replay` rebuilds the weights from the base store on resume
 (see :mod:`zoedge.train.update_log`). The default is False: a subclass that
@@ -134,6 +135,13 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     #: the streamed weights are a pure function of the base and the applied updates (see the module docstring):
     #: checkpoints may hold the update log instead of the weights
     replayable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """``replayable`` is a claim about a class's own update, never inherited: a subclass that does not restate
+        it in its body is not replayable (a changed ``apply`` cannot resume from an update log silently)."""
+        super().__init_subclass__(**kwargs)
+        if "replayable" not in cls.__dict__:
+            cls.replayable = False
 
     def __init__(self, *, seed: int = 0, lr: float = 1e-6, **defaults: Any) -> None:
         self._placeholder = torch.zeros(0)
