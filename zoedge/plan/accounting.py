@@ -556,6 +556,9 @@ class Plan:
     gpu_peak_by_unit: dict[str, int] = field(default_factory=dict)
     runtime_units: list[str] = field(default_factory=list)
     fits: list[dict[str, Any]] = field(default_factory=list)
+    #: the optimizer state a plugin declares (:meth:`~zoedge.optim.base.ZOOptimizer.state_spec`), kept on the host
+    #: tier: counted in ``host_ram`` (ram tier) or ``disk`` (disk tier)
+    optimizer_state: int = 0
 
     @property
     def device_peak(self) -> int:
@@ -607,8 +610,15 @@ def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
     return {"optimizer state (factors)": sim.state["embed"] + sim.state["head"] + sim.state["layer"] * spec.layers}
 
 
-def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES) -> Plan:
-    """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring)."""
+def declared_state(spec: ModelSpec, optimizer: Any) -> int:
+    """Bytes of the per-weight state ``optimizer`` (a built plugin) declares for every stored tensor of ``spec``."""
+    return optimizer.state_bytes((t.name, tuple(t.shape)) for b in spec.block_list() for t in b.tensors)
+
+
+def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES,
+              optimizer_state: int = 0) -> Plan:
+    """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring); ``optimizer_state``:
+    the bytes of a plugin's declared state (:func:`declared_state`), kept on the host tier."""
     work.check()
     sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes, plugin=m.plugin,
                    options=dict(m.options))
@@ -625,6 +635,10 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
         staging = biggest if m.dense else 0  # allocated only when something is written back
         host = (work.prefetch + 1) * biggest + staging + cached  # read ring + write-back staging + RAM cache
     disk = stored * (2 if (work.tier == "disk" and m.dense) else 1)  # + the working copy of dense disk runs
+    if work.tier == "ram":
+        host += optimizer_state
+    else:
+        disk += optimizer_state
     h2d = stored
     d2h = sum(b.nbytes for b in blocks if all(t.quant == "none" for t in b.tensors)) if m.dense else 0
     disk_read = (stored - sum(b.nbytes for b in blocks[:work.ram_cache_blocks])) if work.tier == "disk" else 0
@@ -638,7 +652,7 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
                 workspace_long_lived={**long_lived(spec, m, work.prefetch, lean=False, unit=work.unit), **state},
                 workspace_transient_peak=wsim.peak, host_ram=host, disk=disk,
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
-                flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes)
+                flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes, optimizer_state=optimizer_state)
     plan.gpu_peak_by_unit = {u: sum(unit_long_lived(spec, m, work.prefetch, u).values()) + sum(state.values()) + sim.peak
                              + hw.cuda_extra for u in LEAN_UNITS}
     plan.runtime_units = runtime_units(spec)

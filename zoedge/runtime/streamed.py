@@ -260,6 +260,10 @@ class UpdatePart:
         out = self.block.buffer(z.key, self.name, self.rows)
         return z.fills[self.name](out, self.start, self.total)
 
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These rows of ``tensor``, a tensor shaped like the weight (e.g. its optimizer state)."""
+        return tensor if self.ndim == 0 else tensor[self.rows[0]:self.rows[1]]
+
     def mul_(self, value: float) -> UpdatePart:
         """``tensor *= value``."""
         self.tensor.mul_(value)
