@@ -15,7 +15,7 @@ from zoedge.errors import ConfigError, PluginError
 from zoedge.optim.base import Update, ZOOptimizer
 from zoedge.optim.first_order import FOSettings
 from zoedge.optim.lowrank import LowRankPerturbed
-from zoedge.optim.noise import NOISE_KINDS, NoiseSource, make_noise, stream_seed
+from zoedge.noise.source import NOISE_KINDS, NoiseSource, make_noise, stream_seed
 from zoedge.optim.registry import register_optimizer
 from zoedge.optim.sparse_delta import SparseDeltaWeight, sample_entries
 from zoedge.optim.state import StateSpec

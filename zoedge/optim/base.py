@@ -84,7 +84,7 @@ import torch
 
 from zoedge.errors import PluginError
 from zoedge.optim.first_order import FOSettings
-from zoedge.optim.noise import LEGACY_GENERATOR, NoiseSource
+from zoedge.noise.source import LEGACY_GENERATOR, NoiseSource
 from zoedge.optim.state import OptimizerState, StateSpec
 from zoedge.runtime.streamed import BlockVisitor, Resident
 from zoedge.store.manifest import BlockEntry

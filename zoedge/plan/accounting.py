@@ -404,7 +404,7 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoedge.adapters import EMBED, HEAD, adapter_for
-    from zoedge.optim.noise import NoiseSource
+    from zoedge.noise.source import NoiseSource
     from zoedge.plan.tracker import DeviceMemoryTracker
     from zoedge.runtime.dequantized import Dequantized
     from zoedge.runtime.perturbed import NoisePerturbed

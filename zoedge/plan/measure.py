@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from zoedge.optim.noise import NoiseSource
+from zoedge.noise.source import NoiseSource
 
 
 class _MetaNoise(NoiseSource):

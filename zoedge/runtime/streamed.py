@@ -41,7 +41,7 @@ import torch
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.adapters.base import layer_index
 from zoedge.errors import ConfigError, PluginError
-from zoedge.optim.noise import NoiseDraw, batched_draws
+from zoedge.noise.source import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
@@ -119,7 +119,7 @@ class Resident:
         :meth:`perturbed`, updates through :meth:`parts`; the same numbers in every runtime mode.
 
         Where it is drawn is the runtime's choice: with block-sized workspaces, now, once (plain draws
-        (:class:`~zoedge.optim.noise.NoiseDraw`) queued and filled together, in parallel, or read in the noise
+        (:class:`~zoedge.noise.source.NoiseDraw`) queued and filled together, in parallel, or read in the noise
         cache's own buffer when it keeps them); lean, or from a source that forms θ + αz without a draw, where
         it is used. Its tensors are read-only (they may be the noise cache's)."""
         names = list(self.tensors) if names is None else list(names)

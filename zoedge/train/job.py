@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
-from zoedge.optim import noise_cache
+from zoedge.noise import cache as noise_cache
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict

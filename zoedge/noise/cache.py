@@ -11,7 +11,7 @@ drawn once a step, the others twice, as without a cache. A block's noise workspa
 the cache and the update reads it there, so nothing is copied.
 
 The cache never serves stale values: a draw is a pure function of (generator, run seed, step, tensor, stream, kind)
-and of its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served only for exactly those. It
+and of its dtype and element count (:mod:`zoedge.noise.source`), and an entry is served only for exactly those. It
 changes no result (tests compare runs with and without it bit for bit); only CPU draws of whole tensors go
 through it (an accelerator draws fast, and its memory is the scarce one).
 
@@ -30,7 +30,7 @@ from zoedge.runtime.host import available_memory
 from zoedge.runtime.memory import allocate
 
 if TYPE_CHECKING:
-    from zoedge.optim.noise import NoiseSource
+    from zoedge.noise.source import NoiseSource
 
 #: the share of the memory available once the model is loaded that the default budget takes (RAM tier, CPU)
 DEFAULT_SHARE = 0.25
