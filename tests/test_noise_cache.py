@@ -6,7 +6,7 @@ import torch
 
 from zoedge.noise import source as nz
 from zoedge.noise.cache import NoiseCache, attach, budget
-from zoedge.runtime.memory import ALLOCATIONS
+from zoedge.memory import ALLOCATIONS
 
 SHAPES = {"big": (3, nz.CHUNK // 2 + 5), "mid": (300, 1000), "small": (7, 5), "bias": (11,), "scalar": ()}
 

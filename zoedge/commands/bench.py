@@ -275,6 +275,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
     from zoedge.runtime.engines import OpTimes, SyncEngine
+    from zoedge.runtime.host import available_memory
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 
@@ -285,7 +286,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
                           engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False,
                           workers=threads.workers, worker_threads=threads.worker_threads)
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
-    noise_cache.attach(opt.noise, args.noise_cache, dev, args.tier)
+    noise_cache.attach(opt.noise, args.noise_cache, dev, args.tier, available_memory())
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
     noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant

@@ -133,7 +133,7 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
     from zoedge.plan.tracker import DeviceMemoryTracker
-    from zoedge.runtime.memory import ALLOCATIONS
+    from zoedge.memory import ALLOCATIONS
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 

@@ -45,7 +45,7 @@ from zoedge.noise.source import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
-from zoedge.runtime.memory import allocate
+from zoedge.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule

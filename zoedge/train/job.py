@@ -36,6 +36,7 @@ import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.noise import cache as noise_cache
+from zoedge.runtime.host import available_memory
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
@@ -247,7 +248,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                                worker_threads=threads.worker_threads)) as model:
         tok = load_tokenizer(store)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
-        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
+        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
                                    local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
         on_device = model.device.type != "cpu"
         if on_device:
