@@ -45,8 +45,7 @@ from zoedge.store.atomic import atomic_write_bytes
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
-from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
-from zoedge.train.guard import check_finite_weights
+from zoedge.train.checkpoint import check_finite_weights, checkpoint_folders, latest_checkpoint
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
 from zoedge.train.world import World
