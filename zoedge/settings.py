@@ -28,7 +28,8 @@ S = TypeVar("S", bound="Settings")
 
 
 def setting(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,  # noqa: A002
-            minimum: float | None = None, metavar: str | None = None, no: str | None = None) -> Any:
+            minimum: float | None = None, metavar: str | None = None, no: str | None = None,
+            maximum: float | None = None) -> Any:
     """A settings field: default, help text (shown by ``--help``) and constraints checked by :meth:`Settings.check`.
 
     Args:
@@ -39,8 +40,10 @@ def setting(default: Any, help: str, *, type: Any = None, choices: tuple[str, ..
         minimum: smallest allowed value (numbers; also refuses NaN and infinities).
         metavar: the placeholder ``--help`` shows.
         no: for a setting that is on by default: the help of its ``--no-NAME`` switch.
+        maximum: largest allowed value (numbers).
     """
-    meta = {"help": help, "type": type, "choices": choices, "minimum": minimum, "metavar": metavar, "no": no}
+    meta = {"help": help, "type": type, "choices": choices, "minimum": minimum, "metavar": metavar, "no": no,
+            "maximum": maximum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,6 +80,9 @@ class Settings:
                 if low is not None and value < low:
                     what = "a positive integer" if low == 1 and isinstance(value, int) else f"a value >= {low:g}"
                     raise ConfigError(flag(f.name), f"{value} is too small", f"use {what}")
+                high = meta.get("maximum")
+                if high is not None and value > high:
+                    raise ConfigError(flag(f.name), f"{value} is too large", f"use a value <= {high:g}")
         self.check_more()
 
     def check_more(self) -> None:
@@ -99,7 +105,9 @@ class ModelOptions(Settings):
     unit: str = setting("layer", "what streams through a device slot: layer (a decoder layer) or half (OPT: its "
                         "attention and MLP halves as separate units, smaller slots; ram tier, no first-order "
                         "blocks; results bit-equal to layer)", choices=("layer", "half"))
-    dtype: str = setting("fp32", "precision of the prepared store (and of the compute)", choices=("fp32", "bf16", "fp16"))
+    dtype: str | None = setting(None, "precision of the compute: a checkpoint is prepared in it (default fp32); a "
+                                "store made by `zoedge prepare` computes in its own (another --dtype is refused)",
+                                type=str, choices=("fp32", "bf16", "fp16"))
 
     def check_more(self) -> None:
         super().check_more()
@@ -113,7 +121,7 @@ class ScoringOptions(Settings):
     GROUP: ClassVar[str] = "data"
 
     seed: int = setting(0, "seed of the train/dev/test split; finetune also draws the batch order and the "
-                        "optimizer's noise from it")
+                        "optimizer's noise from it", minimum=0, maximum=2**32 - 1)
     max_length: int = setting(256, "longest token row (prompt + candidate); longer prompts lose tokens "
                               "from the left", minimum=2)
     eval_batch_size: int = setting(32, "examples per evaluation batch (examples of similar length are "
@@ -212,6 +220,9 @@ class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
         if self.n_train < self.batch_size:
             raise ConfigError("--n-train", f"{self.n_train} is smaller than --batch-size {self.batch_size}",
                               f"use --n-train {self.batch_size} or more, or a smaller --batch-size")
+        if self.allow_changes and not self.resume:
+            raise ConfigError("--allow-changes", "is given without --resume (a fresh run has nothing to change)",
+                              "add --resume to continue the run in --output with new settings, or drop it")
 
     def options(self, parsed: dict[str, Any]) -> dict[str, Any]:
         """The plugin options: ``parsed`` (from --opt) plus --lr / --eps / --weight-decay.

@@ -73,6 +73,8 @@ class Adapter(ABC):
 
     #: ``config.model_type`` values this adapter serves.
     model_types: tuple[str, ...] = ()
+    #: whether positions are learned embeddings (a row longer than ``max_position_embeddings`` cannot run)
+    learned_positions: bool = False
 
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.config = config

@@ -16,6 +16,7 @@ class OPTAdapter(Adapter):
     """Adapter for ``OPTForCausalLM`` checkpoints."""
 
     model_types = ("opt",)
+    learned_positions = True
 
     def block_prefixes(self) -> dict[str, str]:
         out = {EMBED: "", HEAD: ""}
