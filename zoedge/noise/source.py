@@ -290,6 +290,8 @@ class NoiseSource:
 
     def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str, defer: bool = False
               ) -> torch.Tensor:
+        if out.is_meta:  # meta tensors hold no values (device-memory accounting): nothing to draw
+            return out
         if out.device.type != "cpu":
             gen = self._generator(out.device, step, name, stream)
             if kind == "normal":

@@ -31,16 +31,6 @@ import torch
 from zoedge.noise.source import NoiseSource
 
 
-class _MetaNoise(NoiseSource):
-    """Meta tensors hold no values: drawing into them is a no-op (a ``torch.Generator`` cannot be made for meta)."""
-
-    def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
-        return out if out.is_meta else super().normal_(out, step, name, stream)
-
-    def uniform_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
-        return out if out.is_meta else super().uniform_(out, step, name, stream)
-
-
 @dataclass
 class StepMeasurement:
     """Figures of measured steps (bytes, seconds)."""
@@ -155,7 +145,7 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         host_tier = ALLOCATIONS.nbytes["host"] + ALLOCATIONS.nbytes["pinned"] - host_before
         opt = build(optimizer, options or {}, seed=seed)
         if dev.type == "meta":
-            opt.noise = _MetaNoise(seed)
+            opt.noise = NoiseSource(seed)
         batch_ = synthetic_batch(model.config.vocab_size, batch, seq, scored, seed)
         times: list[float] = []
         losses: list[float] = []

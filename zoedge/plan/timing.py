@@ -43,7 +43,7 @@ from zoedge.runtime.timeline import Hardware as Rates
 from zoedge.store.manifest import dtype_of
 
 if TYPE_CHECKING:
-    from zoedge.plan.accounting import Method, ModelSpec, Workload
+    from zoedge.plan.spec import Method, ModelSpec, Workload
     from zoedge.plan.hardware import Hardware
 
 #: what the twin's width is cut to (any family: attributes a config lacks are not set)
