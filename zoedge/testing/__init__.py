@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-import zoedge
+from zoedge.runtime.streamed import load
+from zoedge.store.prepare import prepare
 from zoedge.optim.base import ZOOptimizer
 from zoedge.runtime.streamed import BlockVisitor, Resident, StreamedModel
 from zoedge.testing.tiny import CharTokenizer, save_tiny, toy_examples
@@ -47,7 +48,7 @@ Reference = Callable[[dict[str, torch.Tensor], Callable[[Mapping[str, torch.Tens
 def tiny_store(directory: Path, family: str = "llama", seed: int = 0) -> tuple[torch.nn.Module, Path]:
     """A tiny random HF model of ``family`` saved under ``directory/hf`` and prepared into ``directory/store``."""
     model = save_tiny(family, directory / "hf", seed=seed)
-    zoedge.prepare(directory / "hf", directory / "store", progress=False, log=lambda s: None)
+    prepare(directory / "hf", directory / "store", progress=False, log=lambda s: None)
     return model, directory / "store"
 
 
@@ -77,7 +78,7 @@ def resident_loss(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ba
 def run_streamed(opt: ZOOptimizer, store: Path, steps_batches: Sequence[Batch], **load_options: Any
                  ) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
     """The plugin's steps on the streamed model (constant lr), then a flush: (per-step pass losses, weights)."""
-    model = zoedge.load(store, **load_options)
+    model = load(store, **load_options)
     losses = []
     try:
         for t, batch in enumerate(steps_batches):
@@ -145,7 +146,7 @@ def check_resume_equals_uninterrupted(make_plugin: MakePlugin, *, family: str = 
     ex = toy_examples()
 
     def trainer(out: Path, tier: str) -> Trainer:
-        model = zoedge.load(store, tier=tier, working_dir=out / "working" if tier == "disk" else None)
+        model = load(store, tier=tier, working_dir=out / "working" if tier == "disk" else None)
         return Trainer(model, CharTokenizer(), make_plugin(seed), ex, ex[:4], [],
                        TrainSettings(steps=steps, batch_size=batch_size, seed=seed, **settings), out, progress=False,
                        log=lambda s: None)
