@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from zoedge.commands.values import AMOUNT, COUNT, RATE
+from zoedge.names import GPU_NAMES, QUANT_KINDS, STORE_DTYPES
 
-GPU_NAMES = ("rtx4090", "a100-80g", "h100", "h200")  # == zoedge.plan.hardware.GPUS
 #: ZO2's published peak GPU memory (NVML device-used; OPT fp16, MeZO, batch 1, seq 2048, random weights)
 ZO2_GB = {"opt-1.3b": 3.75, "opt-2.7b": 4.14, "opt-6.7b": 4.99, "opt-13b": 6.18, "opt-30b": 8.86, "opt-66b": 12.07,
           "opt-175b": 18.04}
@@ -61,9 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="--optimizer's options (repeatable; see `zoedge plugins NAME`)")
     p.add_argument("--rank", type=COUNT, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
     p.add_argument("--q", type=COUNT, default=1, help="random directions per step (2q passes; default 1)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", choices=STORE_DTYPES, default=None,
                    help="stored/compute dtype (default: the store's, else fp16)")
-    p.add_argument("--quant", choices=("none", "int8", "nf4"), default=None,
+    p.add_argument("--quant", choices=QUANT_KINDS, default=None,
                    help="quantized decoder-layer matrices (default: the store's, else none)")
     p.add_argument("--layers", type=COUNT, default=None, help="plan for this many decoder layers (default: full depth)")
     p.add_argument("--batch", type=COUNT, default=1, help="sequences per step (default 1)")

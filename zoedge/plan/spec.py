@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from zoedge.errors import ConfigError
+from zoedge.names import QUANT_KINDS
 from zoedge.store.manifest import BlockEntry
 
-QUANTS = ("none", "int8", "nf4")
+QUANTS = QUANT_KINDS
 #: units the runtime streams (``StreamedModel(unit=...)``)
 RUNTIME_UNITS = ("layer", "half")
 
