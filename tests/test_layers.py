@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 #: lowest first; a package's layer is that of its longest listed prefix
 LAYERS: list[tuple[str, ...]] = [
-    ("zoedge.errors", "zoedge.memory", "zoedge.names"),
+    ("zoedge.errors", "zoedge.memory", "zoedge.names", "zoedge.hardware"),
     ("zoedge.models", "zoedge.adapters", "zoedge.settings"),
     ("zoedge.store",),
     ("zoedge.noise",),
@@ -134,7 +134,7 @@ def test_names_are_torch_free_and_match_their_figures():
     code = "import sys, zoedge.names; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
     from zoedge.names import GPU_NAMES, QUANT_KINDS, STORE_DTYPES
-    from zoedge.plan.hardware import GPUS
+    from zoedge.hardware import GPUS
     from zoedge.store.manifest import DTYPES
 
     assert tuple(GPUS) == GPU_NAMES and set(STORE_DTYPES) <= set(DTYPES) and QUANT_KINDS[0] == "none"

@@ -57,7 +57,7 @@ def predicted(args: argparse.Namespace) -> int | None:
     from zoedge.errors import ConfigError
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.hardware import hardware
 
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     try:

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     from zoedge.optim.registry import build, parse_opts
     from zoedge.plan.accounting import Workload, declared_state, make_plan, method, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.hardware import hardware
 
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
                   disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,

@@ -58,7 +58,7 @@ import torch
 
 from zoedge.errors import ConfigError
 from zoedge.names import STORE_DTYPES
-from zoedge.plan.hardware import GiB, Hardware
+from zoedge.hardware import GiB, Hardware
 from zoedge.plan.spec import QUANTS, RUNTIME_UNITS, Method, ModelSpec, Workload, method  # noqa: F401 (re-exported)
 from zoedge.plan.timing import step_time
 from zoedge.runtime.streamed import CHUNK_BYTES
