@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     m = method(args.method, args.q, args.rank)
     work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
     work.check()
+    from zoedge.output_dir import result_file, write_result
+    target = result_file(args.json, {f"the model {i + 1}": m for i, m in enumerate(args.models) if Path(m).exists()})
     human = sys.stderr if args.json == "-" else sys.stdout
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
@@ -204,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)
-        if args.json == "-":
+        if target is None:
             print(out)
         else:
-            Path(args.json).write_text(out + "\n")
+            write_result(target, out + "\n")
     return 0

@@ -38,13 +38,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoedge.output_dir import check_apart, result_file, write_result
     from zoedge.plan.shapes import write_checkpoint
 
+    target = result_file(args.json, {"--tokenizer-from": args.tokenizer_from})
+    check_apart({"OUT": args.out, "--json": target}, {"--tokenizer-from": args.tokenizer_from})
     human = sys.stderr if args.json == "-" else sys.stdout
     summary = write_checkpoint(args.shape, args.out, args.layers, args.dtype, args.seed, args.tokenizer_from,
                                progress=not args.no_progress, log=lambda s: print(s, file=human))
     if args.json == "-":
         print(json.dumps(summary, indent=1))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    elif target is not None:
+        write_result(target, json.dumps(summary, indent=1) + "\n")
     return 0
