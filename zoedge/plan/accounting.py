@@ -66,6 +66,27 @@ from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
 
 
+#: optimizer plugins the plan has a footprint for, and the footprint
+FOOTPRINTS = {"mezo": "mezo", "hzo": "lowrank"}
+
+
+def method_for(optimizer: str, options: dict[str, Any]) -> Method:
+    """The footprint of optimizer plugin ``optimizer`` with plugin ``options`` (``--opt``: mezo's q, hzo's rank).
+
+    Raises:
+        ConfigError: no footprint for that plugin, or (from the plugin) options it refuses.
+    """
+    from zoedge.optim.registry import build
+
+    plugin = build(optimizer, options, seed=0)
+    if optimizer not in FOOTPRINTS:
+        if plugin.dense and plugin.passes == 2 and plugin.fo_pass is None:  # perturbs densely, two passes: MeZO's
+            return replace(method("mezo"), note=f"{optimizer}: a dense two-pass plugin, planned with MeZO's footprint")
+        raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
+                          f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
+    return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)))
+
+
 # ------------------------------------------------------------------------------------------------- the model
 def _owners(config: Any, tied: dict[str, str]) -> frozenset[str]:
     from zoedge.adapters import adapter_for
