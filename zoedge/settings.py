@@ -173,7 +173,40 @@ RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints"
 
 
 @dataclass
-class FinetuneSettings(TrainSettings, DataOptions, ModelOptions):
+class PeftOptions(Settings):
+    """Parameter-efficient training: adapters on a frozen base (see docs/lora.md)."""
+
+    GROUP: ClassVar[str] = "adapter"
+
+    peft: str = setting("none", "train adapters instead of the model's weights: lora (the base stays frozen in its "
+                        "store format and is never written back; OUTPUT/adapter is a PEFT directory) or none",
+                        choices=("none", "lora"))
+    lora_rank: int = setting(8, "LoRA rank r (with --peft lora)", minimum=1)
+    lora_alpha: float = setting(16.0, "LoRA alpha; the adapter is scaled by alpha / rank (with --peft lora)",
+                                minimum=0)
+    lora_targets: str = setting("q_proj,v_proj", "comma-separated names of the nn.Linear modules that get an "
+                                "adapter (a module matches if its name is one of them or ends with .NAME; "
+                                "with --peft lora)", metavar="NAMES")
+    merge: bool = setting(False, "with --peft lora: also write the model with the adapters merged to OUTPUT/model")
+
+    def lora_spec(self) -> Any:
+        """The :class:`~zoedge.runtime.lora.LoraSpec` of these options (None without ``--peft lora``)."""
+        from zoedge.runtime.lora import LoraSpec
+        if self.peft != "lora":
+            return None
+        return LoraSpec(self.lora_rank, self.lora_alpha, LoraSpec.parse_targets(self.lora_targets))
+
+    def check_more(self) -> None:
+        super().check_more()
+        if self.peft == "lora":
+            self.lora_spec()  # refuses a bad rank / alpha / target list
+        elif self.merge:
+            raise ConfigError("--merge", "without --peft lora", "add --peft lora (full fine-tuning writes the "
+                              "model itself to OUTPUT/model)")
+
+
+@dataclass
+class FinetuneSettings(PeftOptions, TrainSettings, DataOptions, ModelOptions):
     """Everything ``zoedge finetune`` takes."""
 
     GROUP: ClassVar[str] = "run"
@@ -238,6 +271,8 @@ class EvalSettings(DataOptions, ModelOptions):
     GROUP: ClassVar[str] = "output"
 
     json: str | None = setting(None, "also write the results to this JSON file", type=str, metavar="FILE")
+    adapter: str | None = setting(None, "a PEFT LoRA adapter directory (e.g. a finetune run's OUTPUT/adapter) to "
+                                  "evaluate on top of --model, its base", type=str, metavar="DIR")
     other_split: bool = setting(False, "with a finetune run as --model: evaluate on a split other than the run's "
                                 "(it may overlap the training data)")
     progress: bool = setting(True, "progress bars on stderr", no="no progress bars")

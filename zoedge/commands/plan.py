@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s, "
         "memory 1008 GB/s; a100-80g 80 GiB, 312, PCIe 4.0 ~25, 2039; h100 80 GiB, 989, PCIe 5.0 ~50, 3350; h200 141 "
         "GB, 989, PCIe 5.0 ~52 (measured by zoedge), 4800. Disk: NVMe Gen4, 7 GB/s read, 5 GB/s write. Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --method lowrank\n"
-        "  zoedge plan opt-1.3b opt-13b opt-175b --json plan.json")
+        "  zoedge plan opt-1.3b opt-13b opt-175b --json plan.json\n  zoedge plan opt-175b --quant nf4 --peft lora")
     p.add_argument("models", metavar="MODEL", nargs="+",
                    help="named shape (opt-1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
                    "Face checkpoint directory, or a prepared store")
@@ -54,6 +54,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "perturbations, its factors counted, no write-back; over an int8/nf4 store each matrix is expanded "
                    "just in time at its op); forward: one plain forward returning the logits")
     p.add_argument("--rank", type=int, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
+    p.add_argument("--peft", choices=("none", "lora"), default="none",
+                   help="lora: MeZO trains LoRA adapters on the frozen base (adapters counted; no write-back, no "
+                   "working copy; as `finetune --peft lora`)")
+    p.add_argument("--lora-rank", type=int, default=8, help="--peft lora: the adapters' rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="--peft lora: alpha (default 16)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
+                   help="--peft lora: the nn.Linear modules that get adapters (default q_proj,v_proj)")
     p.add_argument("--q", type=int, default=1, help="random directions per step (2q passes; default 1)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="stored/compute dtype (default: the store's, else fp16)")
@@ -176,7 +183,10 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
                   disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,
                   disk_write_gbps=args.disk_write_gbps, memory_gbps=args.gpu_mem_gbps)
-    m = method(args.method, args.q, args.rank)
+    from zoedge.runtime.lora import LoraSpec
+    lora = (LoraSpec(args.lora_rank, args.lora_alpha, LoraSpec.parse_targets(args.lora_targets))
+            if args.peft == "lora" else None)
+    m = method(args.method, args.q, args.rank, lora)
     work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
     work.check()
     human = sys.stderr if args.json == "-" else sys.stdout

@@ -10,9 +10,12 @@ A finetune run owns its ``--output`` directory::
     run.json         the run's settings and the history of its resumes (see :mod:`zoedge.train.run_record`)
     checkpoints/     see :mod:`zoedge.train.checkpoint`
     metrics.jsonl    one line per step (a resume drops the lines past its checkpoint)
-    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint
+    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint (none
+                     with --peft lora: the base is never written)
     model/           the exported Hugging Face model (written last, never with non-finite weights; not with
-                     --no-export, which removes an earlier one)
+                     --no-export, which removes an earlier one; with --peft lora only with --merge: the base with
+                     the adapters merged)
+    adapter/         --peft lora: the PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
     curves.png       dev accuracy and training loss against steps
     summary.json     every effective setting, the split, the results
 
@@ -140,7 +143,8 @@ def check_writable_file(path: Path, option: str) -> None:
 
 
 def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None) -> Path:
-    """Write the current weights as a Hugging Face model directory (safetensors), atomically.
+    """Write the current weights (with adapters attached: merged into the base) as a Hugging Face model directory
+    (safetensors), atomically.
 
     Raises:
         TrainingError: a weight is not finite (nothing is written).
@@ -150,7 +154,7 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:  # block by block: a model larger than memory is exported holding one block
-        write_streamed(tmp / "model.safetensors", model.weight_stream(), metadata={"format": "pt"},
+        write_streamed(tmp / "model.safetensors", model.merged_stream(), metadata={"format": "pt"},
                        check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,12 +243,15 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
                         + (" or less" if splits.train else " with at least one training example"))
     optimizer = build(s.optimizer, options, seed=s.seed)
-    working = out / "working" if s.tier == "disk" else None
+    spec = s.lora_spec()
+    working = out / "working" if s.tier == "disk" and spec is None else None  # adapters: the base is read-only
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
                                working_dir=working, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
+        if spec is not None:
+            model.attach_lora(spec, seed=s.seed)
         tok = load_tokenizer(store)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
         cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
@@ -263,7 +270,10 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         start_step = trainer.step
         result = trainer.fit()
         test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-        if world.is_main and s.export:  # every rank holds the same weights: one writes
+        if world.is_main and s.export and model.lora is not None:
+            check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", ckpts)
+            model.lora.save_peft(out / "adapter", base_model=str(store))
+        if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
             export_model(model, out / "model", ckpts)
         elif world.is_main:  # an earlier run's model would not be this run's
             shutil.rmtree(out / "model", ignore_errors=True)
@@ -285,7 +295,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss, "peak_gpu_bytes": peak,
-        "model_dir": str(out / "model") if s.export else None,
+        "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
+        "adapter_dir": str(out / "adapter") if s.export and model.lora is not None else None,
+        "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test)},
         "metrics": str(metrics_path), "plot": None,
@@ -391,6 +403,9 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
+        if s.adapter is not None:
+            from zoedge.runtime.lora import read_peft_dir, spec_of_peft
+            model.attach_lora(spec_of_peft(read_peft_dir(s.adapter)[0])).load_peft(s.adapter)
         tok = load_tokenizer(store)
         t0 = time.perf_counter()
         res: dict[str, Any] = {name: asdict(evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress,
