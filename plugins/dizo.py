@@ -20,19 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from zoedge.optim.api import Update
-from zoedge.optim.registry import register_optimizer
-from zoedge.runtime.streamed import BlockVisitor, Resident
+from zoedge.optim.api import BlockVisitor, Resident, Update, register_optimizer
 from zoedge_plugins.mezo import MeZO
-
-
-def read_base(block: Resident, name: str, out: torch.Tensor) -> torch.Tensor:
-    """Tensor ``name`` of ``block`` before training (the pre-trained θ₀, or an adapter's initialisation) into ``out``.
-
-    Raises:
-        ConfigError: the tensor is stored quantized (no exact θ₀ to project toward).
-    """
-    return block.initial(name, out)
 
 
 class _Projection(BlockVisitor):
@@ -49,7 +38,7 @@ class _Projection(BlockVisitor):
             return
         base = block.workspace("anchor")
         for n in names:
-            read_base(block, n, base[n])
+            block.stored(n, base[n])  # θ₀
             if self.j == 0:  # first iteration: the drift norms, γ = t
                 norm = float(torch.linalg.vector_norm((block.tensors[n] - base[n]).float()))
                 o.norm[n], o.gamma[n] = norm, norm

@@ -19,8 +19,8 @@ from torch.func import functional_call
 import zoedge
 from zoedge.errors import ConfigError
 from zoedge.optim import registry
-from zoedge.optim.api import Update, ZOOptimizer
-from zoedge.optim.registry import build, register_optimizer
+from zoedge.optim.api import Update, ZOOptimizer, register_optimizer
+from zoedge.optim.registry import build
 from zoedge.runtime.lora import LoraSpec, init_a
 from zoedge.runtime.streamed import Resident
 from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
@@ -139,7 +139,7 @@ class _Runtime:
     def workspace(self, key, block):
         return {n: self.bufs.setdefault((key, n), torch.empty_like(t)) for n, t in block.tensors.items()}
 
-    def initial(self, i, name, out):
+    def stored(self, i, name, out):
         return out.zero_() if name.endswith("lora_B.weight") else out.copy_(init_a(tuple(out.shape), SEED, name))
 
 

@@ -429,13 +429,14 @@ class NoiseSource:
         return type(self)(run_seed, generator)
 
     def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
-             buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """``out = theta + alpha * z`` with z this source's ``normal_`` noise for (step, name, stream).
+             buffer: torch.Tensor | None = None, start: int = 0, total: int | None = None) -> torch.Tensor:
+        """``out = theta + alpha * z`` with z elements ``[start, start + theta.numel())`` of this source's
+        ``normal_`` noise for (step, name, stream) of a tensor of ``total`` elements (default: ``theta``'s own).
 
         ``out`` may be ``theta`` (in place). This class draws z into ``buffer`` (shaped like ``theta``; allocated
         when None) and adds it; :class:`PoolNoise` reads its pool directly. Returns ``out``.
         """
-        z = self.normal_(torch.empty_like(theta) if buffer is None else buffer, step, name, stream)
+        z = self.normal_at_(torch.empty_like(theta) if buffer is None else buffer, step, name, stream, start, total)
         return torch.add(theta, z, alpha=alpha, out=out)
 
 
@@ -554,13 +555,21 @@ class PoolNoise(NoiseSource):
         return out
 
     def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
-             buffer: torch.Tensor | None = None) -> torch.Tensor:
+             buffer: torch.Tensor | None = None, start: int = 0, total: int | None = None) -> torch.Tensor:
         """``out = theta + alpha * z`` reading the pool windows directly: one pass, no draw, no buffer."""
         if not (out.is_contiguous() and theta.is_contiguous()):
-            return super().add_(out, theta, alpha, step, name, stream, buffer)
-        o, t = out.view(-1), theta.view(-1)
-        for lo, hi, window in self._windows(theta, step, name, stream):
-            torch.add(t[lo:hi], window, alpha=alpha, out=o[lo:hi])
+            return super().add_(out, theta, alpha, step, name, stream, buffer, start, total)
+        n = theta.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        o, t, pool = out.view(-1), theta.view(-1), self.pool(theta.device, theta.dtype)
+        for k, off in enumerate(self.offsets(step, name, stream, total)):
+            lo, hi = k * CHUNK, min(total, (k + 1) * CHUNK)
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                torch.add(t[a - start:b - start], pool[off + a - lo:off + b - lo], alpha=alpha,
+                          out=o[a - start:b - start])
         return out
 
 
@@ -580,6 +589,17 @@ class NoiseDraw:
     def queue(self, out: torch.Tensor) -> None:
         """Fill all of ``out`` (shaped like the tensor) when the open :func:`batched_draws` block ends."""
         self.source._queue(out, self.step, self.name, self.stream)
+
+    @property
+    def free(self) -> bool:
+        """Whether :meth:`add_` forms θ + αz without drawing z (the source's ``redraw_is_free``)."""
+        return self.source.redraw_is_free
+
+    def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, start: int = 0, total: int | None = None
+             ) -> torch.Tensor:
+        """``out = theta + alpha * z``, z elements ``[start, start + theta.numel())`` of the draw (see
+        :meth:`NoiseSource.add_`)."""
+        return self.source.add_(out, theta, alpha, self.step, self.name, self.stream, start=start, total=total)
 
     def held(self, like: torch.Tensor) -> torch.Tensor | None:
         """The draw in the noise cache's own buffer, shaped like ``like`` (filled when the open

@@ -2,7 +2,7 @@
 
 Dense ZO methods draw each tensor's noise twice a step on the CPU: z_t for this step's passes, and z_{t-1} again
 for the lazy update of the previous step (applied when the block is next resident: see
-:mod:`zoedge.optim.api`). Drawing N(0, 1) values costs about as much as the passes' other non-forward work
+:mod:`zoedge.optim.base`). Drawing N(0, 1) values costs about as much as the passes' other non-forward work
 together (``zoedge bench`` shows it as ``noise``); a copy costs a small fraction of a draw. A
 :class:`NoiseCache` keeps the latest draw of each (tensor, stream) in one buffer per tensor, allocated once
 (:func:`zoedge.runtime.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zoedge.errors import ConfigError, DataError
-from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.base import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.streamed import BlockVisitor, Forward, StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
