@@ -295,3 +295,54 @@ def test_bad_targets_name_the_option(stores):
         model.attach_lora(LoraSpec(targets=("query",)))
     with pytest.raises(ConfigError, match="--lora-rank"):
         LoraSpec(rank=0)
+
+
+# ----------------------------------------------------------------------------- finetune / eval end to end
+@pytest.mark.parametrize("family,tier", [("llama", "ram"), ("opt", "disk")])
+def test_finetune_writes_a_peft_adapter_and_eval_takes_it(tmp_path, monkeypatch, family, tier):
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    from zoedge.cli import main
+    from zoedge.train.demo_task import demo_examples
+    from tests.test_tasks import _tokenizer
+
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    common = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    cfg = (LlamaConfig(**common, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True)
+           if family == "llama" else OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
+    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(40, seed=1)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    data = ["--train", str(tmp_path / "train.jsonl"), "--n-train", "24", "--n-dev", "8", "--n-test", "0",
+            "--no-progress"]
+    assert main(["finetune", "--model", str(tmp_path / "hf"), *data, "--batch-size", "4", "--steps", "3",
+                 "--lr", "5e-2", "--eps", "1e-2", "--tier", tier, "--peft", "lora", "--lora-rank", "4", "--merge",
+                 "--no-plot", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter_dir"] == str(out / "adapter") and 0 < summary["adapter_bytes"] < 64 * 1024
+    assert not (out / "working").exists()  # the base is read-only: no working copy on the disk tier
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 16.0, ["q_proj", "v_proj"])
+    # peft loads it onto the base with the logits of zoedge's forward (the store is the base, fp32)
+    store = zoedge.load(summary["store"])
+    store.attach_lora(LoraSpec(4, 16.0)).load_peft(out / "adapter")
+    assert any(t.abs().sum() > 0 for n, t in store.lora.tensors.items() if "lora_B" in n)  # trained
+    ids, mask = batch(vocab=320)
+    mine = store(ids, mask)
+    kw = {} if family == "opt" else {"position_ids": mask.cumsum(-1) * mask - 1}
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        ref = peft.PeftModel.from_pretrained(base, out / "adapter").eval()(input_ids=ids, attention_mask=mask,
+                                                                             **kw).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "model")(input_ids=ids, attention_mask=mask, **kw).logits
+    torch.testing.assert_close(mine[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-4)
+    torch.testing.assert_close(merged[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-4)
+    # zoedge eval --adapter: the run's dev figures
+    assert main(["eval", "--model", summary["store"], "--adapter", str(out / "adapter"), *data,
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["dev"]["loss"] == pytest.approx(summary["dev_after"]["loss"], abs=1e-6)
+    assert ev["dev"]["loss"] != pytest.approx(summary["dev_before"]["loss"], abs=1e-7)
