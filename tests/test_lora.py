@@ -346,3 +346,21 @@ def test_finetune_writes_a_peft_adapter_and_eval_takes_it(tmp_path, monkeypatch,
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["dev"]["loss"] == pytest.approx(summary["dev_after"]["loss"], abs=1e-6)
     assert ev["dev"]["loss"] != pytest.approx(summary["dev_before"]["loss"], abs=1e-7)
+
+
+def test_plan_counts_adapters_and_no_write_back(tmp_path):
+    from zoedge.plan.accounting import Workload, make_plan, method, model_spec
+    from zoedge.plan.hardware import hardware
+
+    save_tiny("llama", tmp_path / "hf", tie=True)
+    spec = model_spec(str(tmp_path / "hf"), "fp32")
+    work = Workload(batch=2, seq=16)
+    lora = LoraSpec(rank=4, alpha=8.0)
+    full = make_plan(spec, method("mezo"), work, hardware("rtx4090"))
+    plan = make_plan(spec, method("mezo", lora=lora), work, hardware("rtx4090"))
+    # q_proj 32 -> 32, v_proj 32 -> 16 (2 kv heads of 8): r * (in + out) fp32 values each, 3 layers
+    assert plan.device_long_lived["LoRA adapters (fp32)"] == 3 * 4 * ((32 + 32) + (32 + 16)) * 4
+    assert plan.moved["d2h"] == 0 and plan.moved["disk_write"] == 0 and full.moved["d2h"] > 0
+    assert plan.disk == plan.stored_bytes and plan.time["step_s"] < full.time["step_s"]
+    with pytest.raises(ConfigError, match="--peft lora"):
+        method("lowrank", lora=lora)

@@ -645,7 +645,7 @@ NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; befor
 def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
     """The plugin's long-lived device state for the whole depth (its factors, deltas), from what its own hooks
     allocated per block in the simulation: ``{}`` without a plugin."""
-    if not sim.state:
+    if not any(sim.state.values()):  # no plugin, or one without state (MeZO on adapters)
         return {}
     return {"optimizer state (factors)": sim.state["embed"] + sim.state["head"] + sim.state["layer"] * spec.layers}
 
