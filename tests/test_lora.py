@@ -364,3 +364,35 @@ def test_plan_counts_adapters_and_no_write_back(tmp_path):
     assert plan.disk == plan.stored_bytes and plan.time["step_s"] < full.time["step_s"]
     with pytest.raises(ConfigError, match="--peft lora"):
         method("lowrank", lora=lora)
+
+
+def test_hzo_factors_are_written_as_an_exact_peft_adapter(tmp_path):
+    """HZO keeps every period's A and V: its change is [A_1 … A_K][V_1 … V_K]ᵀ, written with no SVD."""
+    from transformers import AutoModelForCausalLM
+
+    from zoedge.optim.lora import factors_adapter
+
+    save_tiny("llama", tmp_path / "hf", tie=True)
+    zoedge.prepare(tmp_path / "hf", tmp_path / "store", progress=False, log=lambda s: None)
+    ex = toy_examples()
+    opts = {"nu": "3", "rank": "2", "vector": "frozen", "freeze": "embed", "lr": "5e-2", "eps": "1e-2"}
+    model = zoedge.load(tmp_path / "store")
+    trainer = Trainer(model, CharTokenizer(), build("hzo", opts, seed=SEED), ex, ex[:4], [],
+                      TrainSettings(steps=7, batch_size=BS, seed=SEED, eval_every=2), tmp_path / "run",
+                      progress=False, log=lambda s: None)
+    trainer.fit()  # periods 0, 3, 6; flushes (evals) merge mid-period too
+    factors = trainer.opt.lora_factors()
+    assert {tuple(b.shape[1:]) for b, _ in factors.values()} == {(2 * 3,)}
+    factors_adapter(factors, model.config, tmp_path / "adapter", str(tmp_path / "hf"))
+    ids, mask = batch()
+    mine = model(ids, mask)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        before = base(input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(-1) * mask - 1).logits
+        ref = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(
+            input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(-1) * mask - 1).logits
+    torch.testing.assert_close(mine[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-4)
+    assert (mine - before)[mask.bool()].abs().max() > 1e-3  # it trained
+    dense = build("hzo", {**opts, "vector": "dense"}, seed=SEED)  # 1-D deltas: not all factors, no adapter
+    dense.dense_merged = True
+    assert dense.lora_factors() == {}

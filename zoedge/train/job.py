@@ -15,7 +15,8 @@ A finetune run owns its ``--output`` directory::
     model/           the exported Hugging Face model (written last, never with non-finite weights; not with
                      --no-export, which removes an earlier one; with --peft lora only with --merge: the base with
                      the adapters merged)
-    adapter/         --peft lora: the PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+    adapter/         a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors): --peft lora's adapters,
+                     or a plugin's exact factors (HZO: vector=frozen, freeze=embed, no first-order tail)
     curves.png       dev accuracy and training loss against steps
     summary.json     every effective setting, the split, the results
 
@@ -270,9 +271,18 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         start_step = trainer.step
         result = trainer.fit()
         test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
+        adapter = None
         if world.is_main and s.export and model.lora is not None:
             check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", ckpts)
-            model.lora.save_peft(out / "adapter", base_model=str(store))
+            adapter = model.lora.save_peft(out / "adapter", base_model=str(store))
+        elif world.is_main:
+            shutil.rmtree(out / "adapter", ignore_errors=True)  # an earlier run's adapter would not be this run's
+            if s.export and (factors := optimizer.lora_factors()):
+                from zoedge.optim.lora import factors_adapter  # the plugin kept its change as factors: exact
+                try:
+                    adapter = factors_adapter(factors, model.config, out / "adapter", base_model=str(store))
+                except ConfigError as e:  # the model itself is exported; the adapter is what cannot be
+                    log_stderr(f"no OUTPUT/adapter: {e}")
         if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
             export_model(model, out / "model", ckpts)
         elif world.is_main:  # an earlier run's model would not be this run's
@@ -296,7 +306,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss, "peak_gpu_bytes": peak,
         "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
-        "adapter_dir": str(out / "adapter") if s.export and model.lora is not None else None,
+        "adapter_dir": str(adapter) if adapter is not None else None,
         "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test)},
