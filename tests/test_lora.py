@@ -71,7 +71,10 @@ PLUGINS = {
     "hizoo-l": {"lr": "5e-2", "eps": "1e-2", "alpha": "1e-3"},
     "oot-spsa": {"lr": "5e-2", "eps": "1e-2"},
 }
-STORES = {"ram": ("none", "ram"), "disk": ("none", "disk"), "int8": ("int8", "ram"), "nf4": ("nf4", "ram")}
+#: (store quantization, tier, runtime layout): the CPU's in-place binding, the accelerator's slots with
+#: just-in-time perturbations of the adapters (lean), the disk tier, int8 / nf4 stores
+STORES = {"ram": ("none", "ram", {}), "lean": ("none", "ram", {"in_place": False, "chunk_bytes": 256}),
+          "disk": ("none", "disk", {}), "int8": ("int8", "ram", {}), "nf4": ("nf4", "ram", {})}
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +100,9 @@ def load_lora(store, tier, **kw):
     return model
 
 
-def make_trainer(store, tier, out, name, steps=STEPS):
+def make_trainer(store, tier, out, name, steps=STEPS, **kw):
     ex = toy_examples()
-    return Trainer(load_lora(store, tier), CharTokenizer(), build(name, PLUGINS[name], seed=SEED), ex, ex[:4], [],
+    return Trainer(load_lora(store, tier, **kw), CharTokenizer(), build(name, PLUGINS[name], seed=SEED), ex, ex[:4], [],
                    TrainSettings(steps=steps, batch_size=BS, seed=SEED, eval_every=0), out, progress=False,
                    log=lambda s: None)
 
@@ -202,10 +205,10 @@ def streamed_run(opt, model, examples, steps):
 @pytest.mark.parametrize("where", list(STORES))
 @pytest.mark.parametrize("name", list(PLUGINS))
 def test_only_adapters_train_and_streamed_equals_resident(stores, tmp_path, oot, name, where):
-    quant, tier = STORES[where]
+    quant, tier, layout = STORES[where]
     store = stores[quant]
     digest = store_digest(store)
-    model = load_lora(store, tier)
+    model = load_lora(store, tier, **layout)
     base = model.state_dict()
     init = model.lora.state_dict()
     ex = toy_examples()
@@ -222,25 +225,29 @@ def test_only_adapters_train_and_streamed_equals_resident(stores, tmp_path, oot,
     ref_model = peft_model(base, store.parent / "hf")
     ref_adapters = {n: t.clone() for n, t in init.items()}
     ref_losses = resident_run(build(name, PLUGINS[name], seed=SEED), ref_model, ref_adapters, ex, STEPS)
-    assert losses == ref_losses  # the same floats: the LoRA forward is PEFT's op for op
-    for n in after:
-        assert torch.equal(after[n], ref_adapters[n]), n
+    if "chunk_bytes" not in layout:  # the same floats: the LoRA forward is PEFT's op for op
+        assert losses == ref_losses
+        assert all(torch.equal(after[n], ref_adapters[n]) for n in after)
+    else:  # adapters formed in row chunks: the products' summation order differs
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        for n in after:
+            torch.testing.assert_close(after[n], ref_adapters[n], rtol=1e-4, atol=1e-5)
     model.close()
 
 
 @pytest.mark.parametrize("where", list(STORES))
 @pytest.mark.parametrize("name", list(PLUGINS))
 def test_resume_is_bit_equal(stores, tmp_path, oot, name, where):
-    quant, tier = STORES[where]
+    quant, tier, layout = STORES[where]
     store = stores[quant]
-    straight = make_trainer(store, tier, tmp_path / "a", name)
+    straight = make_trainer(store, tier, tmp_path / "a", name, **layout)
     straight.fit()
-    half = make_trainer(store, tier, tmp_path / "b", name)
+    half = make_trainer(store, tier, tmp_path / "b", name, **layout)
     first = [half.train_step()["loss"] for _ in range(STEPS // 2)]
     half.save()
     ckpt = next((tmp_path / "b" / "checkpoints").glob("step-*"))
     assert (ckpt / "model.safetensors").stat().st_size < 64 * 1024  # the adapters only
-    resumed = make_trainer(store, tier, tmp_path / "b", name)
+    resumed = make_trainer(store, tier, tmp_path / "b", name, **layout)
     assert resumed.resume()
     resumed.fit()
     straight_losses = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
