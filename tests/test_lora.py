@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping
 
 import pytest
@@ -353,6 +354,10 @@ def test_finetune_writes_a_peft_adapter_and_eval_takes_it(tmp_path, monkeypatch,
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["dev"]["loss"] == pytest.approx(summary["dev_after"]["loss"], abs=1e-6)
     assert ev["dev"]["loss"] != pytest.approx(summary["dev_before"]["loss"], abs=1e-7)
+    if family == "llama":  # the run directory itself: its store and adapter, its split (no --merge model here)
+        shutil.rmtree(out / "model")
+        assert main(["eval", "--model", str(out), "--no-progress", "--json", str(tmp_path / "run.json")]) == 0
+        assert json.loads((tmp_path / "run.json").read_text())["dev"] == ev["dev"]
 
 
 def test_plan_counts_adapters_and_no_write_back(tmp_path):

@@ -351,6 +351,8 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
     p = Path(model)
     if (p / "summary.json").is_file() and (p / "model").is_dir():
         return str(p / "model"), p
+    if (p / "summary.json").is_file() and (p / "adapter").is_dir():  # a --peft lora run: its base + adapter
+        return model, p
     if p.name == "model" and (p.parent / "summary.json").is_file():
         return model, p.parent
     return model, None
@@ -375,6 +377,9 @@ def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettin
     for name, value in recorded.items():
         if name in s.data_settings() and name not in given:
             setattr(s, name, value)
+    if not (run / "model").is_dir():  # an adapter run without --merge: the adapter on the run's store
+        s.model = summary.get("store")
+        s.adapter = s.adapter or str(run / "adapter")
     return s, summary
 
 
