@@ -408,3 +408,14 @@ def test_hzo_factors_are_written_as_an_exact_peft_adapter(tmp_path):
     dense = build("hzo", {**opts, "vector": "dense"}, seed=SEED)  # 1-D deltas: not all factors, no adapter
     dense.dense_merged = True
     assert dense.lora_factors() == {}
+
+
+def test_concurrent_layers_train_the_same_adapters(stores):
+    """The CPU's concurrent decoder layers (workers) see the same adapters and give the same floats."""
+    runs = []
+    for workers in (0, 2):
+        model = load_lora(stores["none"], "ram", workers=workers)
+        losses = streamed_run(build("mezo", PLUGINS["mezo"], seed=SEED), model, toy_examples(), STEPS)
+        runs.append((losses, model.lora.state_dict(), model.layer_mode()))
+    assert runs[1][2].startswith("concurrent") and runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())

@@ -766,7 +766,8 @@ class StreamedModel:
         self.tier.attach(self.schedule)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All current weights as CPU tensors (quantized ones dequantized), tied aliases included."""
+        """All current weights as CPU tensors (quantized ones dequantized), tied aliases included; with adapters
+        attached, the frozen base's (the adapters: ``lora.state_dict()``, merged: :meth:`merged_stream`)."""
         self.synchronize()
         out: dict[str, torch.Tensor] = {}
         for i in range(len(self.blocks)):
