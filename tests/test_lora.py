@@ -419,3 +419,11 @@ def test_concurrent_layers_train_the_same_adapters(stores):
         runs.append((losses, model.lora.state_dict(), model.layer_mode()))
     assert runs[1][2].startswith("concurrent") and runs[0][0] == runs[1][0]
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+
+
+def test_lora_defaults_fill_only_missing_options_a_plugin_has(oot):
+    from zoedge.train.job import LORA_DEFAULTS, peft_options
+
+    assert peft_options("mezo", {}) == LORA_DEFAULTS
+    assert peft_options("mezo", {"lr": 1.0}) == {**LORA_DEFAULTS, "lr": 1.0}
+    assert peft_options("oot-spsa", {"eps": 0.5}) == {"lr": LORA_DEFAULTS["lr"], "eps": 0.5}

@@ -189,6 +189,18 @@ def load_tokenizer(store: Path) -> Any:
     return tok
 
 
+#: ``--peft lora``: the plugin options a plugin gets unless given (when it has them), tuned for MeZO-LoRA on the
+#: demo task (docs/lora.md): ZO learning rates for adapters are orders of magnitude above full-parameter ones
+LORA_DEFAULTS = {"lr": 5e-3, "eps": 1e-2}
+
+
+def peft_options(optimizer: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus :data:`LORA_DEFAULTS` for the ones not given that plugin ``optimizer`` takes."""
+    from zoedge.optim.registry import load, options_of
+    known = options_of(load(optimizer))
+    return {**{k: v for k, v in LORA_DEFAULTS.items() if k in known and k not in options}, **options}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary.
@@ -211,6 +223,8 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
     options = s.options(parsed_options or {})
+    if s.peft == "lora":
+        options = peft_options(s.optimizer, options)
     out = Path(s.output)
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
