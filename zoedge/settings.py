@@ -215,8 +215,10 @@ class FinetuneSettings(PeftOptions, TrainSettings, DataOptions, ModelOptions):
     opt: list[str] = setting([], "plugin option KEY=VALUE (repeatable; see `zoedge plugins NAME`)",
                              metavar="KEY=VALUE")
     lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; mezo's "
-                               "is 4e-5, tuned for the demo)", type=float, minimum=0)
-    eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's)",
+                               "is 4e-5, tuned for the demo; with --peft lora 5e-3, tuned for MeZO-LoRA on the "
+                               "demo)", type=float, minimum=0)
+    eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's; with "
+                                "--peft lora 1e-2)",
                                 type=float, minimum=0)
     weight_decay: float | None = setting(None, "weight decay, the plugin option weight_decay (default: the "
                                          "plugin's)", type=float, minimum=0)
