@@ -10,6 +10,16 @@ from zoedge.train.trainer import _loss_passes, batch_indices
 from tests.tiny import CharTokenizer
 
 
+def zo_sgd_(theta, directions, q, lr, weight_decay):
+    """The reference ZO-SGD update, written from MeZO's formula θ ← θ − lr·((1/q) Σ_k g_k z_k + λθ), in place and in
+    the plugins' op order (decay first, then each direction) so that streamed == reference is bit for bit. The
+    tests' references use this, never a plugin's own helpers: a bug shared by both sides would pass."""
+    if weight_decay:
+        theta.mul_(1.0 - lr * weight_decay)
+    for z, g in directions:
+        theta.add_(z, alpha=-lr * g / q)
+
+
 def batches(examples, steps, bs, seed):
     tok = CharTokenizer()
     return [collate(tok, [examples[i] for i in batch_indices(len(examples), bs, seed, t)]) for t in range(steps)]

@@ -134,7 +134,8 @@ def test_half_units_train_bit_equal_to_layers(setup, capsys):
                                                      num_attention_heads=4, max_position_embeddings=64))
     opt.save_pretrained(tmp / "opt")
     _tokenizer(bos=True).save_pretrained(tmp / "opt")
-    opt_base = [a if a != str(tmp / "hf") else str(tmp / "opt") for a in base] + ["--steps", "2", "--threads", "1"]
+    opt_base = [a if a != str(tmp / "hf") else str(tmp / "opt") for a in base] + ["--steps", "2", "--threads", "1",
+                                                                                     "--max-length", "64"]
     runs = {}
     for unit in ("layer", "half"):
         assert main(opt_base + ["--unit", unit, "--output", str(tmp / unit)]) == 0

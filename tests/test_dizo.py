@@ -9,8 +9,8 @@ import zoedge
 from zoedge.optim.noise import NoiseSource
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.dizo import DiZO
-from zoedge_plugins.mezo import MeZO, mezo_update_
-from tests.plugin_harness import batches
+from zoedge_plugins.mezo import MeZO
+from tests.plugin_harness import batches, zo_sgd_
 from tests.test_mezo import resident_loss
 from tests.tiny import CharTokenizer, toy_examples
 
@@ -70,7 +70,7 @@ def resident_dizo(model, examples):
                     for a in (EPS, -EPS)]
             g = (step[0] - step[1]) / (2 * EPS)
             for n, p in params.items():
-                mezo_update_(p, [(zs[n], g)], 1, LR, 0.0)
+                zo_sgd_(p, [(zs[n], g)], 1, LR, 0.0)
             losses.append(step)
     return losses, params
 

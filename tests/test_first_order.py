@@ -13,8 +13,9 @@ from zoedge.optim.first_order import FOSettings
 from zoedge.optim.noise import NoiseSource
 from zoedge.train.batching import collate
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
-from zoedge_plugins.mezo import MeZO, mezo_update_
+from zoedge_plugins.mezo import MeZO
 from tests.test_mezo import resident_loss
+from tests.plugin_harness import zo_sgd_
 from tests.tiny import CharTokenizer, toy_examples
 
 STEPS, BS, LR, EPS, FO_LR, SEED = 5, 4, 1e-3, 1e-2, 0.05, 11
@@ -71,7 +72,7 @@ def resident_hybrid(model, examples, fo_prefix):
         with torch.no_grad():
             g = (step[1] - step[2]) / (2 * EPS)
             for n, z in zs.items():
-                mezo_update_(params[n], [(z, g)], 1, LR, 0.0)
+                zo_sgd_(params[n], [(z, g)], 1, LR, 0.0)
         losses.append(step)
     return losses, params
 

@@ -12,8 +12,8 @@ from zoedge.optim.noise import NoiseSource, stream_seed
 from zoedge.optim.sparse_delta import sample_entries
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.loho import LoHO
-from zoedge_plugins.mezo import MeZO, mezo_update_
-from tests.plugin_harness import batches, run_streamed
+from zoedge_plugins.mezo import MeZO
+from tests.plugin_harness import batches, run_streamed, zo_sgd_
 from tests.test_first_order import resident_hybrid
 from tests.test_mezo import resident_loss
 from tests.tiny import CharTokenizer, toy_examples
@@ -82,7 +82,7 @@ def resident_intra(model, examples, p, fo_prefix):
                                   for a in (EPS, -EPS)]
             g = (step[1] - step[2]) / (2 * EPS)
             for n, q in params.items():
-                mezo_update_(q, [(zs[n], g)], 1, LR, 0.0)
+                zo_sgd_(q, [(zs[n], g)], 1, LR, 0.0)
                 if n in entries:
                     q.view(-1).index_add_(0, entries[n], -FO_LR * q.grad.view(-1)[entries[n]])
                     q.grad = None

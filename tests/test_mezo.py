@@ -11,7 +11,8 @@ from zoedge.optim.noise import make_noise
 from zoedge.optim.noise_cache import NoiseCache
 from zoedge.train.batching import candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
-from zoedge_plugins.mezo import MeZO, mezo_update_
+from zoedge_plugins.mezo import MeZO
+from tests.plugin_harness import zo_sgd_
 from tests.tiny import CharTokenizer, save_tiny, toy_examples
 
 STEPS, BS, LR, EPS, WD, SEED = 20, 4, 1e-3, 1e-2, 0.1, 7
@@ -28,7 +29,8 @@ def resident_loss(model, params, batch):
 
 
 def resident_mezo(model, examples, q, noise_kind="gaussian"):
-    """Textbook MeZO on the resident model: eager updates, same noise function and update op order."""
+    """Textbook MeZO on the resident model, eager, the update written from the formula (tests.plugin_harness.zo_sgd_)
+    in the plugin's op order; only the seeded noise draw is shared with the plugin."""
     tok = CharTokenizer()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     noise = make_noise(noise_kind, SEED)
@@ -44,7 +46,7 @@ def resident_mezo(model, examples, q, noise_kind="gaussian"):
                     step_losses.append(float(resident_loss(model, pert, batch)))
             gs = [(step_losses[2 * k] - step_losses[2 * k + 1]) / (2 * EPS) for k in range(q)]
             for n, p in params.items():
-                mezo_update_(p, [(zs[k][n], gs[k]) for k in range(q)], q, LR, WD if p.ndim >= 2 else 0.0)
+                zo_sgd_(p, [(zs[k][n], gs[k]) for k in range(q)], q, LR, WD if p.ndim >= 2 else 0.0)
             losses.append(step_losses)
     return losses, params
 

@@ -105,16 +105,16 @@ def test_layout_matches_prepared_store(stores):
     ("opt", 1, 1, True, "half"), ("opt", 1, 2, False, "half")])
 def test_plan_equals_measured_cpu_step(stores, family, q, prefetch, lean, unit):
     """The acceptance check at small widths: the peak device bytes counted on a real CPU training step (two
-    steps: the second applies the lazy update) equal plan's prediction within 5% (they agree to < 0.1%), for the
-    lean runtime (the GPU's default) and its workspace mode, streaming whole layers or half layers."""
+    steps: the second applies the lazy update) equal plan's prediction within 0.5%, never above it (measured
+    0.17-0.47% below), for the lean runtime (the GPU's default) and its workspace mode, streaming whole layers or half layers."""
     work = Workload(batch=3, seq=12, scored=5, prefetch=prefetch, unit=unit)
     m = measure_step(stores[family], "cpu", options={"q": q}, batch=3, seq=12, scored=5, steps=2, prefetch=prefetch,
                      lean=lean, unit=unit)
-    plan = make_plan(model_spec(str(stores[family])), method("mezo", q), work, hardware("rtx4090"))
+    plan = make_plan(model_spec(str(stores[family])), method("mezo", q), work, hardware("rtx4090"), timing=False)
     peak, live = ((plan.device_peak, plan.device_long_lived) if lean else
                   (plan.workspace_device_peak, plan.workspace_long_lived))
     assert all(torch.isfinite(torch.tensor(m.losses)))
-    assert abs(m.tracked_peak / peak - 1) < 0.05
+    assert -0.005 < m.tracked_peak / peak - 1 <= 0
     # slots (+ workspaces) exactly; a few KiB more live in the run (rotary tables, the step's loss scalars)
     assert 0 <= m.tracked_long_lived - sum(live.values()) < 16 * 1024
 
@@ -129,7 +129,7 @@ def test_plan_equals_measured_lowrank_step_on_a_quantized_store(stores, store, u
     mask as for a padded one, a few hundred bytes that a larger batch would make more than 0.1% at this width.)"""
     work = Workload(batch=1, seq=8, scored=3, unit=unit)
     m = measure_step(stores[store], "cpu", optimizer="hzo", batch=1, seq=8, scored=3, steps=3, unit=unit)
-    plan = make_plan(model_spec(str(stores[store])), method("lowrank"), work, hardware("rtx4090"))
+    plan = make_plan(model_spec(str(stores[store])), method("lowrank"), work, hardware("rtx4090"), timing=False)
     assert all(torch.isfinite(torch.tensor(m.losses))) and len(set(m.losses)) > 1
     assert abs(m.tracked_peak / plan.device_peak - 1) < 0.001
     live = plan.device_long_lived
@@ -146,8 +146,8 @@ def test_ram_tier_host_allocations_are_the_stored_bytes(stores, capsys):
     for name in ("opt", "llama-nf4"):
         stored = sum(b.nbytes for b in load_manifest(stores[name]).blocks)
         m = measure_step(stores[name], "cpu", optimizer="hzo" if "nf4" in name else "mezo", batch=1, seq=8, steps=2)
-        assert m.host_tier_bytes == stored <= 1.05 * stored
-        plan = make_plan(model_spec(str(stores[name])), method("mezo"), Workload(1, 8), hardware("rtx4090"))
+        assert m.host_tier_bytes == stored
+        plan = make_plan(model_spec(str(stores[name])), method("mezo"), Workload(1, 8), hardware("rtx4090"), timing=False)
         assert plan.host_ram == plan.stored_bytes == stored
     assert main(["plan", str(stores["opt"]), "--seq", "8"]) == 0
     assert "(1.000 x the stored bytes)" in capsys.readouterr().out
@@ -160,15 +160,15 @@ def test_lean_step_holds_no_workspaces_and_chunks_bound_the_transients(stores):
     lean = measure_step(stores["opt"], "cpu", **kw)
     ws = measure_step(stores["opt"], "cpu", lean=False, **kw)
     assert lean.losses == ws.losses  # the same numbers, formed in other buffers
-    plan = make_plan(model_spec(str(stores["opt"])), method("mezo"), Workload(2, 10), hardware("rtx4090"))
+    plan = make_plan(model_spec(str(stores["opt"])), method("mezo"), Workload(2, 10), hardware("rtx4090"), timing=False)
     assert ws.tracked_long_lived - lean.tracked_long_lived == sum(plan.workspace_long_lived.values()) - sum(
         plan.device_long_lived.values()) > 0
-    assert abs(lean.tracked_peak / plan.device_peak - 1) < 0.05
+    assert -0.005 < lean.tracked_peak / plan.device_peak - 1 <= 0  # measured 0.18% below
     small = make_plan(model_spec(str(stores["opt"])), method("mezo"), Workload(2, 10), hardware("rtx4090"),
-                      chunk_bytes=4096)
+                      chunk_bytes=4096, timing=False)
     chunked = measure_step(stores["opt"], "cpu", chunk_bytes=4096, **kw)
     assert small.transient_peak != plan.transient_peak  # the chunks change what is formed (and the plan sees it)
-    assert abs(chunked.tracked_peak / small.device_peak - 1) < 0.05
+    assert -0.03 < chunked.tracked_peak / small.device_peak - 1 <= 0  # measured 2.7% below
     assert chunked.losses == pytest.approx(lean.losses, rel=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_meta_step_counts_like_the_cpu_step(stores):
     kw = dict(batch=2, seq=10, steps=2)
     cpu = measure_step(stores["opt"], "cpu", **kw)
     meta = measure_step(stores["opt"], "meta", **kw)
-    assert abs(meta.tracked_peak - cpu.tracked_peak) <= 0.01 * cpu.tracked_peak
+    assert abs(meta.tracked_peak / cpu.tracked_peak - 1) < 0.003  # measured 0.18%
 
 
 def test_in_place_cpu_step_holds_no_slots(stores):
@@ -194,13 +194,14 @@ def test_in_place_cpu_step_holds_no_slots(stores):
 
 def test_h200_measured_forward_peaks_match_the_plan():
     """zoedge's H200 measurements (streamed fp16 forwards, torch.cuda.max_memory_allocated) against plan's
-    forward prediction plus the cuBLAS workspace: within 5% (measured 0.2% off)."""
+    forward prediction plus the cuBLAS workspace: within 0.3%, never above it (0.18% and 0.22% below)."""
     cases = [("bench_stream_l7_pf1.json", "llama-2-7b", 6), ("bench_stream_smol_fp16.json", "smollm2-135m", None)]
     for fname, shape, layers in cases:
         rec = json.loads((MEASURED / fname).read_text())
         plan = make_plan(model_spec(shape, "fp16", layers=layers), method("forward"),
-                         Workload(rec["batch"], rec["seq"], prefetch=rec["prefetch"]), hardware("h200"))
-        assert abs(rec["memory"]["streamed"]["peak"] / plan.gpu_peak - 1) < 0.05, fname
+                         Workload(rec["batch"], rec["seq"], prefetch=rec["prefetch"]), hardware("h200"),
+                         timing=False)
+        assert -0.003 < rec["memory"]["streamed"]["peak"] / plan.gpu_peak - 1 <= 0, fname
 
 
 # ------------------------------------------------------------------------------------------ arithmetic
@@ -208,7 +209,7 @@ def test_opt175b_lean_and_workspaces():
     """The issue's paper figures for OPT-175B fp16, MeZO q=1, batch 1, seq 2048, prefetch 1: 18.9 GB with
     workspaces (lean=False), the lean runtime without the workspaces and the per-pass tied copies, and the design
     target's finer units."""
-    plan = make_plan(model_spec("opt-175b"), method("mezo"), Workload(1, 2048), hardware("rtx4090"))
+    plan = make_plan(model_spec("opt-175b"), method("mezo"), Workload(1, 2048), hardware("rtx4090"), timing=False)
     layer = 12 * 12288**2 * 2  # 12 h^2 fp16 (+ biases and norms)
     ws = plan.workspace_long_lived
     assert ws["ring slots"] == pytest.approx(2 * layer, rel=0.01)
@@ -223,33 +224,33 @@ def test_opt175b_lean_and_workspaces():
     assert lean_unit_bytes(spec, "half") == pytest.approx(8 * h * h * 2, rel=1e-3)     # fc1 + fc2 (+ biases, norm)
     assert lean_unit_bytes(spec, "layer") == pytest.approx(layer, rel=1e-3)
     assert plan.gpu_peak_by_unit["layer"] == plan.gpu_peak and plan.runtime_units == ["layer", "half"]
-    half = make_plan(model_spec("opt-175b"), method("mezo"), Workload(1, 2048, unit="half"), hardware("rtx4090"))
+    half = make_plan(model_spec("opt-175b"), method("mezo"), Workload(1, 2048, unit="half"), hardware("rtx4090"), timing=False)
     assert half.device_long_lived["ring slots"] == pytest.approx(2 * 8 * h * h * 2, rel=1e-3)  # 2 MLP halves
     assert half.gpu_peak == plan.gpu_peak_by_unit["half"] <= 8e9  # the runtime (unit="half"): 6.8 GB
     assert plan.gpu_peak_by_unit["linear"] <= 8e9               # design target (single Linears): not implemented
     assert plan.fits[0]["units_that_fit"] == ["linear", "half", "layer"]
-    assert plan.host_ram <= 1.05 * plan.stored_bytes
+    assert plan.host_ram == plan.stored_bytes  # the ram tier holds the stored bytes, nothing more
     # nf4 + a low-rank plugin (HZO): the slots hold the quantized bytes only, each matrix is expanded just in time
     # in 64 MiB row chunks; the runtime with half layers: 3.56 GB, whole layers 4.24 GB
     nf4 = make_plan(model_spec("opt-175b", quant="nf4"), method("lowrank"), Workload(1, 2048, unit="half"),
-                    hardware("rtx4090"))
+                    hardware("rtx4090"), timing=False)
     assert nf4.gpu_peak <= 6e9 and nf4.moved["d2h"] == 0 and nf4.gpu_peak_by_unit["layer"] <= 6e9
     spec = model_spec("opt-175b", quant="nf4")
     assert nf4.device_long_lived["ring slots"] == 2 * max(b.nbytes for b in units(spec, "half")[1:-1])
     assert 0 < nf4.device_long_lived["optimizer state (factors)"] < 0.3e9  # rank-4 fp32 factors of every matrix
-    dense = make_plan(model_spec("opt-175b"), method("lowrank"), Workload(1, 2048, unit="half"), hardware("rtx4090"))
+    dense = make_plan(model_spec("opt-175b"), method("lowrank"), Workload(1, 2048, unit="half"), hardware("rtx4090"), timing=False)
     assert nf4.transient_peak <= dense.transient_peak + 64 * 2**20  # at most one 64 MiB chunk expanded more
-    llama = make_plan(model_spec("llama-2-70b"), method("mezo"), Workload(1, 2048), hardware("rtx4090"))
+    llama = make_plan(model_spec("llama-2-70b"), method("mezo"), Workload(1, 2048), hardware("rtx4090"), timing=False)
     assert llama.runtime_units == ["layer"]  # the Llama adapter runs whole layers only
 
 
 def test_prefetch_and_quant_change_what_they_should():
-    base = make_plan(model_spec("llama-2-7b", layers=2), method("mezo"), Workload(1, 64), hardware("rtx4090"))
-    pf2 = make_plan(model_spec("llama-2-7b", layers=2), method("mezo"), Workload(1, 64, prefetch=2), hardware("rtx4090"))
+    base = make_plan(model_spec("llama-2-7b", layers=2), method("mezo"), Workload(1, 64), hardware("rtx4090"), timing=False)
+    pf2 = make_plan(model_spec("llama-2-7b", layers=2), method("mezo"), Workload(1, 64, prefetch=2), hardware("rtx4090"), timing=False)
     assert pf2.device_peak - base.device_peak == base.device_long_lived["ring slots"] // 2
     assert pf2.workspace_device_peak - base.workspace_device_peak == base.device_long_lived["ring slots"] // 2
     spec = model_spec("llama-2-7b", layers=2, quant="nf4")
-    nf4 = make_plan(spec, method("lowrank"), Workload(1, 64), hardware("rtx4090"))
+    nf4 = make_plan(spec, method("lowrank"), Workload(1, 64), hardware("rtx4090"), timing=False)
     assert spec.layer_block.nbytes < 0.3 * model_spec("llama-2-7b", layers=2).layer_block.nbytes  # 4 of 16 bits
     assert nf4.workspace_long_lived["optimizer workspaces"] == 0 and nf4.moved["d2h"] == 0
 
@@ -316,7 +317,7 @@ def test_help_documents_every_option(command, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason=(
+@pytest.mark.xfail(strict=True, reason=(
     "measured on an H200 (2026-11-29, docs/measurements/h200-2026-11-29/after-scheduler): the tracker equals the "
     "plan (600.8 vs 601.0 MB) but torch.cuda.max_memory_allocated of a training step is higher by about one fp32 "
     "tokens x vocab tensor (836.7 vs 634.6 MB here; 2860 vs 2330 MiB for 6 Llama-2-7B-width layers at 8 x 512), "
@@ -331,7 +332,7 @@ def test_cuda_step_matches_the_plan(tmp_path):
     m = measure_step(tmp_path / "store", "cuda", batch=4, seq=256, steps=2)
     name = torch.cuda.get_device_name()
     hw = hardware("h100" if ("H100" in name or "H200" in name) else "a100-80g")
-    plan = make_plan(model_spec(str(tmp_path / "store")), method("mezo"), Workload(4, 256), hw)
+    plan = make_plan(model_spec(str(tmp_path / "store")), method("mezo"), Workload(4, 256), hw, timing=False)
     print(f"cuda max allocated {m.cuda_max_allocated}, tracker {m.tracked_peak}, plan {plan.device_peak} "
           f"(+cuBLAS {plan.gpu_peak}), NVML {m.nvml_used}")
     assert abs(m.tracked_peak / plan.device_peak - 1) < 0.05

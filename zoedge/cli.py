@@ -13,12 +13,14 @@ a stub that reports the failure when, and only when, that command is used; the
 other commands keep working.
 
 Exit codes: 0 success; :attr:`ZoedgeError.exit_code` for errors the user can
-fix (2 bad input, 3 training stopped); 2 for argparse usage errors; 130 after
-Ctrl-C. Anything else is a bug and keeps its traceback.
+fix (2 bad input, 3 training stopped); 2 for argparse usage errors and a full disk
+(an ``OSError`` ENOSPC / EDQUOT that no command named itself); 130 after Ctrl-C. Anything else is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from types import ModuleType
@@ -26,7 +28,7 @@ from types import ModuleType
 from zoedge.errors import ConfigError, ZoedgeError
 
 #: Subcommand modules under ``zoedge.commands``, in the order ``--help`` lists them.
-COMMANDS: list[str] = ["prepare", "finetune", "eval", "plugins", "synth", "plan", "memory", "bench", "cache"]
+COMMANDS: list[str] = ["prepare", "finetune", "eval", "generate", "plugins", "synth", "plan", "memory", "bench", "cache"]
 
 PROG = "zoedge"
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
@@ -113,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     except ZoedgeError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk is not a bug: every write zoedge does not name itself still gets a message
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        hint = getattr(module, "RESUME_HINT", "")
+        print(f"error: {err.filename or 'a file'}: cannot be written (the disk is full). Fix: free disk space, then "
+              f"{hint or 'run the command again'}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         hint = getattr(module, "RESUME_HINT", "")
         print(f"\ninterrupted: `{PROG} {args.command}` was stopped (Ctrl-C)" + (f"; {hint}" if hint else ""),

@@ -1,15 +1,15 @@
-"""Every setting of ``zoedge finetune`` and ``zoedge eval``, declared once.
+"""Every setting of ``zoedge finetune``, ``zoedge eval`` and ``zoedge generate``, declared once.
 
 A setting is a dataclass field made by :func:`setting`: its default, its help
 text and its constraints. The command line is generated from the fields
 (:func:`add_options`), the trainer receives the same objects, and
 ``summary.json`` records them (``dataclasses.asdict``). Groups of settings:
 
-* :class:`ModelOptions`: which model and where it runs (finetune and eval);
+* :class:`ModelOptions`: which model and where it runs (finetune, eval and generate);
 * :class:`DataOptions`: the task, its data files and the split (finetune and
   eval share them, so both carve the same, disjoint train / dev / test);
 * :class:`TrainSettings`: the training loop (what :class:`~zoedge.train.trainer.Trainer` reads);
-* :class:`FinetuneSettings` and :class:`EvalSettings`: one command each.
+* :class:`FinetuneSettings`, :class:`EvalSettings` and :class:`GenerateSettings`: one command each.
 
 Options a user did not give are absent from the parsed namespace
 (``argparse.SUPPRESS``), so :func:`from_args` also returns which settings were
@@ -28,7 +28,8 @@ S = TypeVar("S", bound="Settings")
 
 
 def setting(default: Any, help: str, *, type: Any = None, choices: tuple[str, ...] | None = None,  # noqa: A002
-            minimum: float | None = None, metavar: str | None = None, no: str | None = None) -> Any:
+            minimum: float | None = None, metavar: str | None = None, no: str | None = None,
+            maximum: float | None = None) -> Any:
     """A settings field: default, help text (shown by ``--help``) and constraints checked by :meth:`Settings.check`.
 
     Args:
@@ -39,8 +40,10 @@ def setting(default: Any, help: str, *, type: Any = None, choices: tuple[str, ..
         minimum: smallest allowed value (numbers; also refuses NaN and infinities).
         metavar: the placeholder ``--help`` shows.
         no: for a setting that is on by default: the help of its ``--no-NAME`` switch.
+        maximum: largest allowed value (numbers).
     """
-    meta = {"help": help, "type": type, "choices": choices, "minimum": minimum, "metavar": metavar, "no": no}
+    meta = {"help": help, "type": type, "choices": choices, "minimum": minimum, "metavar": metavar, "no": no,
+            "maximum": maximum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,6 +80,9 @@ class Settings:
                 if low is not None and value < low:
                     what = "a positive integer" if low == 1 and isinstance(value, int) else f"a value >= {low:g}"
                     raise ConfigError(flag(f.name), f"{value} is too small", f"use {what}")
+                high = meta.get("maximum")
+                if high is not None and value > high:
+                    raise ConfigError(flag(f.name), f"{value} is too large", f"use a value <= {high:g}")
         self.check_more()
 
     def check_more(self) -> None:
@@ -99,7 +105,12 @@ class ModelOptions(Settings):
     unit: str = setting("layer", "what streams through a device slot: layer (a decoder layer) or half (OPT: its "
                         "attention and MLP halves as separate units, smaller slots; ram tier, no first-order "
                         "blocks; results bit-equal to layer)", choices=("layer", "half"))
-    dtype: str = setting("fp32", "precision of the prepared store (and of the compute)", choices=("fp32", "bf16", "fp16"))
+    dtype: str | None = setting(None, "precision of the compute: a checkpoint is prepared in it (default fp32); a "
+                                "store made by `zoedge prepare` computes in its own (another --dtype is refused)",
+                                type=str, choices=("fp32", "bf16", "fp16"))
+    threads: int | None = setting(None, "intra-op CPU threads (default: the cores this process may use, one left to "
+                                  "the disk tier's I/O thread on 4+ cores; a warning when other jobs already load "
+                                  "them)", type=int, minimum=1)
 
     def check_more(self) -> None:
         super().check_more()
@@ -113,7 +124,7 @@ class ScoringOptions(Settings):
     GROUP: ClassVar[str] = "data"
 
     seed: int = setting(0, "seed of the train/dev/test split; finetune also draws the batch order and the "
-                        "optimizer's noise from it")
+                        "optimizer's noise from it", minimum=0, maximum=2**32 - 1)
     max_length: int = setting(256, "longest token row (prompt + candidate); longer prompts lose tokens "
                               "from the left", minimum=2)
     eval_batch_size: int = setting(32, "examples per evaluation batch (examples of similar length are "
@@ -233,9 +244,6 @@ class FinetuneSettings(PeftOptions, TrainSettings, DataOptions, ModelOptions):
     metrics: str | None = setting(None, "per-step JSONL (default: OUTPUT/metrics.jsonl)", type=str, metavar="FILE")
     plot: bool = setting(True, "draw OUTPUT/curves.png (needs matplotlib)", no="do not draw OUTPUT/curves.png")
     progress: bool = setting(True, "progress bars on stderr", no="no progress bars")
-    threads: int | None = setting(None, "intra-op CPU threads (default: the cores this process may use, one left to "
-                                  "the disk tier's I/O thread on 4+ cores; a warning when other jobs already load "
-                                  "them)", type=int, minimum=1)
     noise_cache: int | None = setting(None, "host memory (MiB) that keeps each step's noise for the next step's "
                                       "lazy update, which then copies it instead of drawing it again (CPU; results "
                                       "are unchanged; 0: off; default: a quarter of the memory available once the "
@@ -247,6 +255,9 @@ class FinetuneSettings(PeftOptions, TrainSettings, DataOptions, ModelOptions):
         if self.n_train < self.batch_size:
             raise ConfigError("--n-train", f"{self.n_train} is smaller than --batch-size {self.batch_size}",
                               f"use --n-train {self.batch_size} or more, or a smaller --batch-size")
+        if self.allow_changes and not self.resume:
+            raise ConfigError("--allow-changes", "is given without --resume (a fresh run has nothing to change)",
+                              "add --resume to continue the run in --output with new settings, or drop it")
 
     def options(self, parsed: dict[str, Any]) -> dict[str, Any]:
         """The plugin options: ``parsed`` (from --opt) plus --lr / --eps / --weight-decay.
@@ -278,6 +289,43 @@ class EvalSettings(DataOptions, ModelOptions):
     other_split: bool = setting(False, "with a finetune run as --model: evaluate on a split other than the run's "
                                 "(it may overlap the training data)")
     progress: bool = setting(True, "progress bars on stderr", no="no progress bars")
+
+
+@dataclass
+class GenerateSettings(ModelOptions):
+    """Everything ``zoedge generate`` takes."""
+
+    GROUP: ClassVar[str] = "generation"
+
+    prompt: list[str] = setting([], "a prompt to complete (repeatable)", metavar="TEXT")
+    prompts: str | None = setting(None, "a file of prompts: one per line, or JSONL with \"prompt\" (a \"completion\" "
+                                  "is kept as the reference) or chat \"messages\" (rendered with the tokenizer's chat "
+                                  "template; trailing assistant turns are the reference)", type=str, metavar="FILE")
+    chat: bool = setting(False, "render each plain prompt as one user message with the tokenizer's chat template")
+    max_new_tokens: int = setting(64, "tokens generated per prompt (at most)", minimum=1)
+    temperature: float = setting(0.0, "0: greedy decoding (the most likely token, as transformers' do_sample=False); "
+                                 "above 0: sample at this temperature", minimum=0)
+    top_p: float = setting(1.0, "sampling: draw from the smallest set of tokens whose probability reaches P "
+                           "(1: all)", minimum=0)
+    top_k: int = setting(0, "sampling: draw from the K most likely tokens (0: all)", minimum=0)
+    stop: list[str] = setting([], "end a completion where this text appears; the text is not kept (repeatable; "
+                              "in bash, a newline is $'\\n')", metavar="TEXT")
+    seed: int = setting(0, "seed of sampled decoding: the same seed gives the same completions", minimum=0,
+                        maximum=2**32 - 1)
+    batch_size: int = setting(8, "prompts decoded together (left-padded to the longest of them)", minimum=1)
+    json: str | None = setting(None, "also write prompts, completions, token counts and tokens/s to this JSON file",
+                               type=str, metavar="FILE")
+
+    def check_more(self) -> None:
+        super().check_more()
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("--top-p", f"{self.top_p} is outside (0, 1]", "use a value in (0, 1], 1 to keep all tokens")
+        if "" in self.stop:
+            raise ConfigError("--stop", "an empty text would stop every completion at once", "drop it or give a text")
+
+    def sampling(self):  # -> zoedge.runtime.decoding.Sampling
+        from zoedge.runtime.decoding import Sampling
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------

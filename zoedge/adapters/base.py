@@ -13,6 +13,7 @@ Streaming units are called *blocks* and named ``"embed"``, ``"layers.<i>"`` and
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -73,6 +74,8 @@ class Adapter(ABC):
 
     #: ``config.model_type`` values this adapter serves.
     model_types: tuple[str, ...] = ()
+    #: whether positions are learned embeddings (a row longer than ``max_position_embeddings`` cannot run)
+    learned_positions: bool = False
 
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -154,11 +157,16 @@ class Adapter(ABC):
     # ---------------------------------------------------------------- running
     @abstractmethod
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-              position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None) -> Context:
+              position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None,
+              cache: Any = None) -> Context:
         """Compute the per-forward context once (masks, positions, rotary tables).
 
         With ``position_ids=None`` positions count real tokens only
         (``cumsum(mask) - 1``, as OPT does), so left padding does not shift them.
+
+        With a ``cache`` (a transformers ``Cache``, e.g. ``DynamicCache``) ``input_ids`` are the tokens after the
+        cached ones, ``attention_mask`` covers the cached and the new tokens, and every decoder layer receives the
+        cache, appends its keys and values to its own entry of it and attends to all of them (decoding).
         """
 
     @abstractmethod
@@ -181,15 +189,22 @@ class Adapter(ABC):
         module = self.skeleton.get_submodule(module_path)
         plen = len(module_path) + 1
         local = {n[plen:]: t for n, t in tensors.items() if n.startswith(module_path + ".")}
-        return functional_call(module, local, args, kwargs or {}, strict=True)
+        return functional_call(module, local, args, kwargs or {}, strict=True, tie_weights=False)
 
     @staticmethod
     def default_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Positions of real tokens: 0..n-1 after any left padding; padding gets -1 (never attended)."""
+        """Positions of real tokens: 0..n-1 after any left padding; padding gets -1 (never attended). A mask longer
+        than ``input_ids`` (cached tokens first) gives the positions of the last ``input_ids.shape[1]`` tokens."""
         if attention_mask is None:
             return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         mask = attention_mask.long()
-        return mask.cumsum(-1) * mask - 1
+        return (mask.cumsum(-1) * mask - 1)[:, -input_ids.shape[1]:]
+
+    @staticmethod
+    def cache_keyword(module: nn.Module) -> str:
+        """The keyword a transformers module's ``forward`` takes its KV cache by (``cache``; ``past_key_values``
+        in older transformers)."""
+        return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
     def embeds_stand_in(self, input_ids: torch.Tensor) -> torch.Tensor:
         """A zero-stride [B, T, H] stand-in for the embeddings: mask and rotary code only read its

@@ -19,7 +19,8 @@ from zoedge.adapters.base import EMBED, HEAD, Adapter, Context, layer_index
 
 
 class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records its keyword arguments and passes the state through."""
+    """Stands in for a decoder layer: records its keyword arguments (the KV cache and ``use_cache`` as the model
+    passes them) and passes the state through."""
 
     def __init__(self, sink: list[dict[str, Any]]) -> None:
         super().__init__()
@@ -28,8 +29,6 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:  # positional extras would be lost by a kwargs-only replay; none of our families uses them
             raise TypeError(f"decoder layer received {len(args)} unexpected positional arguments")
-        kwargs.pop("past_key_values", None)
-        kwargs["use_cache"] = False
         self.sink.append(kwargs)
         return hidden_states
 
@@ -67,7 +66,7 @@ class LlamaFamilyAdapter(Adapter):
             return HEAD
         return None
 
-    def begin(self, input_ids, attention_mask, position_ids=None, select=None) -> Context:
+    def begin(self, input_ids, attention_mask, position_ids=None, select=None, cache=None) -> Context:
         if position_ids is None:
             position_ids = self.default_positions(input_ids, attention_mask)
         dummy = self.embeds_stand_in(input_ids)
@@ -77,7 +76,8 @@ class LlamaFamilyAdapter(Adapter):
         base.layers, base.norm = self._recorders, nn.Identity()
         try:
             with torch.no_grad():
-                base(inputs_embeds=dummy, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+                base(inputs_embeds=dummy, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=cache is not None, **({self.cache_keyword(base): cache} if cache is not None else {}))
         finally:
             base.layers, base.norm = layers, norm
         return Context(input_ids, attention_mask, position_ids, [dict(k) for k in self._sink], select)

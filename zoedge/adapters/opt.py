@@ -16,6 +16,7 @@ class OPTAdapter(Adapter):
     """Adapter for ``OPTForCausalLM`` checkpoints."""
 
     model_types = ("opt",)
+    learned_positions = True
 
     def block_prefixes(self) -> dict[str, str]:
         out = {EMBED: "", HEAD: ""}
@@ -39,14 +40,16 @@ class OPTAdapter(Adapter):
     def is_attention(self, tensor: str) -> bool:
         return ".self_attn" in tensor  # self_attn.* and self_attn_layer_norm.*
 
-    def begin(self, input_ids, attention_mask, position_ids=None, select=None) -> Context:
+    def begin(self, input_ids, attention_mask, position_ids=None, select=None, cache=None) -> Context:
         if position_ids is None:
             position_ids = self.default_positions(input_ids, attention_mask)
         dummy = self.embeds_stand_in(input_ids)
-        # Same call as OPTDecoder.forward: the mask depends on the padding only.
-        mask = create_causal_mask(config=self.config, inputs_embeds=dummy, attention_mask=attention_mask,
-                                  past_key_values=None)
-        kwargs = {"attention_mask": mask, "position_ids": position_ids, "use_cache": False}
+        # Same call as OPTDecoder.forward: the mask depends on the padding (and the cached length) only. The cache is
+        # passed positionally: transformers 5 renamed the argument (past_key_values -> cache).
+        mask = create_causal_mask(self.config, dummy, attention_mask, cache)
+        kwargs = {"attention_mask": mask, "position_ids": position_ids, "use_cache": cache is not None}
+        if cache is not None:
+            kwargs[self.cache_keyword(self.skeleton.get_submodule(f"{_D}.layers.0"))] = cache
         return Context(input_ids, attention_mask, position_ids, [kwargs] * self.config.num_hidden_layers, select)
 
     def run(self, block: str, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -83,9 +86,10 @@ class OPTAdapter(Adapter):
             residual = x
             if layer.do_layer_norm_before:
                 x = self.call(f"{path}.self_attn_layer_norm", tensors, (x,))
+            cached = {k: kw[k] for k in ("cache", "past_key_values") if k in kw}
             x, _ = self.call(f"{path}.self_attn", tensors, (),
                              {"hidden_states": x, "position_ids": kw["position_ids"],
-                              "attention_mask": kw["attention_mask"]})
+                              "attention_mask": kw["attention_mask"], **cached})
             x = residual + x
             if not layer.do_layer_norm_before:
                 x = self.call(f"{path}.self_attn_layer_norm", tensors, (x,))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zoedge.commands.memory import add_common, options
+from zoedge.commands.values import AMOUNT
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,10 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "forward passes and stalls are one part.")
     add_common(p)
     p.set_defaults(steps=5)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--warmup", type=AMOUNT, default=1, help="untimed steps first (default 1)")
     p.add_argument("--compare", choices=("resident",), default=None,
                    help="also time resident MeZO in the same process (needs the whole model in device memory)")
-    p.add_argument("--noise-cache", type=int, default=None, metavar="MIB",
+    p.add_argument("--noise-cache", type=AMOUNT, default=None, metavar="MIB",
                    help="host memory keeping each step's noise for the next step's update, as zoedge finetune's "
                    "--noise-cache (default as there: a quarter of the memory available once the model is loaded on the "
                    "ram tier, 0 on disk)")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+
+from zoedge.commands.values import DAYS
 
 HELP = ("list or delete the block stores prepared automatically from --model DIR checkpoints; they live in "
         "$ZOEDGE_CACHE/stores (default ~/.cache/zoedge/stores). The converted default model next to it is "
@@ -24,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("prune", help="delete stores by age, by unused source, or all",
                         description="Delete cached stores. Give at least one selection; a deleted store is "
                         "prepared again the next time its checkpoint is used.")
-    pr.add_argument("--older-than", type=float, metavar="DAYS", default=None,
+    pr.add_argument("--older-than", type=DAYS, metavar="DAYS", default=None,
                     help="stores not used for more than DAYS days")
     pr.add_argument("--unused", action="store_true",
                     help="stores whose source checkpoint directory no longer exists, and unfinished builds")
@@ -43,6 +46,7 @@ def _when(t: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from zoedge.store.cache import cached_stores, prune, select_for_prune, stores_dir
+    from zoedge.store.lease import in_use
 
     stores = cached_stores()
     if args.action == "list":
@@ -54,13 +58,24 @@ def run(args: argparse.Namespace) -> int:
         for s in stores:
             state = "" if s.complete else " (unfinished)"
             gone = "" if s.source_exists else " (source gone)"
+            busy = in_use(s.path)
+            state += f" (in use by {busy})" if busy else ""
             print(f"{_mib(s.bytes)}  last used {_when(s.last_used)}  {s.path.name}{state}\n"
                   f"{'':13}from {s.source or '?'}{gone}")
         return 0
     picked = select_for_prune(stores, args.older_than, args.unused, args.all)
+    if args.dry_run:
+        kept = [(s, busy) for s in picked if (busy := in_use(s.path))]
+        freed = sum(s.bytes for s in picked) - sum(s.bytes for s, _ in kept)
+    else:
+        freed, kept = prune(picked)
     verb = "would delete" if args.dry_run else "deleted"
+    busy_paths = {s.path for s, _ in kept}
     for s in picked:
-        print(f"{verb} {s.path} ({_mib(s.bytes).strip()})")
-    freed = sum(s.bytes for s in picked) if args.dry_run else prune(picked)
-    print(f"{verb} {len(picked)} of {len(stores)} stores, {_mib(freed).strip()}")
+        if s.path not in busy_paths:
+            print(f"{verb} {s.path} ({_mib(s.bytes).strip()})")
+    for s, busy in kept:  # a store in use is never deleted under the process reading it
+        print(f"kept {s.path}: in use by {busy} (a running zoedge finetune or eval); prune it after that "
+              "process ends", file=sys.stderr)
+    print(f"{verb} {len(picked) - len(kept)} of {len(stores)} stores, {_mib(freed).strip()}")
     return 0

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from zoedge.commands.values import AMOUNT, COUNT
+
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by ``zoedge memory`` and ``zoedge bench``."""
@@ -17,17 +19,17 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", dest="optimizer", default="mezo", help="optimizer plugin (default: mezo)")
     p.add_argument("--opt-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="plugin option, repeatable (as `zoedge finetune --opt`)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--scored", type=int, default=0, help="scored positions per step; 0 = every position (default)")
-    p.add_argument("--steps", type=int, default=2, help="steps to run (the first allocates workspaces; default 2)")
+    p.add_argument("--batch", type=COUNT, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=COUNT, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--scored", type=AMOUNT, default=0, help="scored positions per step; 0 = every position (default)")
+    p.add_argument("--steps", type=COUNT, default=2, help="steps to run (the first allocates workspaces; default 2)")
     p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
-    p.add_argument("--prefetch", type=int, default=1, help="blocks uploaded ahead (default 1)")
+    p.add_argument("--prefetch", type=COUNT, default=1, help="blocks uploaded ahead (default 1)")
     p.add_argument("--working-dir", type=Path, default=None,
                    help="disk tier with dense updates: where the writable copy of the blocks goes")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="attention implementation (sdpa: fused kernels; eager: S x S scores) (default sdpa)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=COUNT, default=None,
                    help="torch CPU threads (default: the cores this process may use; see zoedge.runtime.threads)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

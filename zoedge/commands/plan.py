@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from zoedge.commands.values import AMOUNT, COUNT, RATE
+
 GPU_NAMES = ("rtx4090", "a100-80g", "h100", "h200")  # == zoedge.plan.hardware.GPUS
 #: ZO2's published peak GPU memory (NVML device-used; OPT fp16, MeZO, batch 1, seq 2048, random weights)
 ZO2_GB = {"opt-1.3b": 3.75, "opt-2.7b": 4.14, "opt-6.7b": 4.99, "opt-13b": 6.18, "opt-30b": 8.86, "opt-66b": 12.07,
@@ -36,50 +38,50 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="named shape (opt-1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
                    "Face checkpoint directory, or a prepared store")
     p.add_argument("--gpu", choices=GPU_NAMES, default="rtx4090", help="named GPU (default: rtx4090)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="override the GPU's memory (GiB)")
-    p.add_argument("--gpu-tflops", type=float, default=None, metavar="TF", help="override dense fp16 TFLOP/s")
-    p.add_argument("--pcie-gbps", type=float, default=None, metavar="GB/S",
+    p.add_argument("--gpu-memory", type=RATE, default=None, metavar="GIB", help="override the GPU's memory (GiB)")
+    p.add_argument("--gpu-tflops", type=RATE, default=None, metavar="TF", help="override dense fp16 TFLOP/s")
+    p.add_argument("--pcie-gbps", type=RATE, default=None, metavar="GB/S",
                    help="override the effective pinned host-to-device rate (GB/s)")
-    p.add_argument("--disk-gbps", type=float, default=None, metavar="GB/S", help="disk read rate (default 7 GB/s)")
-    p.add_argument("--disk-write-gbps", type=float, default=None, metavar="GB/S",
+    p.add_argument("--disk-gbps", type=RATE, default=None, metavar="GB/S", help="disk read rate (default 7 GB/s)")
+    p.add_argument("--disk-write-gbps", type=RATE, default=None, metavar="GB/S",
                    help="disk write rate: dense write-backs on the disk tier (default 5 GB/s)")
-    p.add_argument("--gpu-mem-gbps", type=float, default=None, metavar="GB/S",
+    p.add_argument("--gpu-mem-gbps", type=RATE, default=None, metavar="GB/S",
                    help="override the GPU's memory bandwidth (GB/s): costs the noise, perturbation and update work")
-    p.add_argument("--host-ram", type=float, default=None, metavar="GIB", help="host RAM available (GiB; "
+    p.add_argument("--host-ram", type=RATE, default=None, metavar="GIB", help="host RAM available (GiB; "
                    "default: not checked)")
-    p.add_argument("--efficiency", type=float, default=None, metavar="F",
+    p.add_argument("--efficiency", type=RATE, default=None, metavar="F",
                    help="fraction of peak FLOP/s a forward reaches (default 0.5, calibrated on an H200)")
     p.add_argument("--method", choices=("mezo", "lowrank", "forward"), default="mezo",
                    help="mezo: the shipped dense MeZO plugin; lowrank: the HZO plugin in factor mode (low-rank "
                    "perturbations, its factors counted, no write-back; over an int8/nf4 store each matrix is expanded "
                    "just in time at its op); forward: one plain forward returning the logits")
-    p.add_argument("--rank", type=int, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
+    p.add_argument("--rank", type=COUNT, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
     p.add_argument("--peft", choices=("none", "lora"), default="none",
                    help="lora: MeZO trains LoRA adapters on the frozen base (adapters counted; no write-back, no "
                    "working copy; as `finetune --peft lora`)")
-    p.add_argument("--lora-rank", type=int, default=8, help="--peft lora: the adapters' rank (default 8)")
+    p.add_argument("--lora-rank", type=COUNT, default=8, help="--peft lora: the adapters' rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="--peft lora: alpha (default 16)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
                    help="--peft lora: the nn.Linear modules that get adapters (default q_proj,v_proj)")
-    p.add_argument("--q", type=int, default=1, help="random directions per step (2q passes; default 1)")
+    p.add_argument("--q", type=COUNT, default=1, help="random directions per step (2q passes; default 1)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="stored/compute dtype (default: the store's, else fp16)")
     p.add_argument("--quant", choices=("none", "int8", "nf4"), default=None,
                    help="quantized decoder-layer matrices (default: the store's, else none)")
-    p.add_argument("--layers", type=int, default=None, help="plan for this many decoder layers (default: full depth)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--scored", type=int, default=0,
+    p.add_argument("--layers", type=COUNT, default=None, help="plan for this many decoder layers (default: full depth)")
+    p.add_argument("--batch", type=COUNT, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=COUNT, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--scored", type=AMOUNT, default=0,
                    help="scored positions per step (logits computed there only); 0 = every position, the LM loss "
                    "(default)")
-    p.add_argument("--prefetch", type=int, default=1, help="blocks uploaded ahead (default 1)")
+    p.add_argument("--prefetch", type=COUNT, default=1, help="blocks uploaded ahead (default 1)")
     p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
     p.add_argument("--unit", choices=("layer", "half"), default="layer",
                    help="streaming unit: layer (a decoder layer) or half (its attention and MLP halves; OPT, ram "
                    "tier) (default layer)")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="sdpa: fused kernels (flash / memory-efficient, O(S) memory); eager: S x S scores")
-    p.add_argument("--chunk-mib", type=float, default=64,
+    p.add_argument("--chunk-mib", type=RATE, default=64,
                    help="lean runtime: the row chunk perturbations and updates are formed in (MiB; default 64, "
                    "the runtime's chunk_bytes)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the plan(s) as JSON ('-' for stdout)")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from zoedge.commands.values import AMOUNT, COUNT
+
 SHAPE_NAMES = ("opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b", "llama-2-7b", "llama-2-13b",
                "llama-2-70b", "qwen2-72b", "smollm2-135m")  # == zoedge.plan.shapes.SHAPES (kept here: fast --help)
 
@@ -21,12 +23,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "stays at one layer's tensors while writing.")
     p.add_argument("shape", metavar="SHAPE", help=f"model shape: {', '.join(SHAPE_NAMES)}")
     p.add_argument("out", metavar="OUT", type=Path, help="directory to write (must not hold a checkpoint)")
-    p.add_argument("--layers", type=int, default=None, metavar="K",
+    p.add_argument("--layers", type=COUNT, default=None, metavar="K",
                    help="decoder layers to write (default: the model's full depth); figures measured on K layers "
                    "are extrapolated per layer")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="stored dtype of the weights (default: fp32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--seed", type=AMOUNT, default=0, help="seed of the random weights (default: 0)")
     p.add_argument("--tokenizer-from", type=Path, default=None, metavar="DIR",
                    help="copy the tokenizer files of DIR (e.g. the default model's) so `zoedge finetune` runs on OUT")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the summary as JSON ('-' for stdout)")

@@ -650,8 +650,10 @@ def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
     return {"optimizer state (factors)": sim.state["embed"] + sim.state["head"] + sim.state["layer"] * spec.layers}
 
 
-def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES) -> Plan:
-    """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring)."""
+def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES,
+              timing: bool = True) -> Plan:
+    """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring); ``timing=False``
+    plans the bytes only (``time`` empty, each fit's ``step_s`` None), without the timing model's schedule."""
     work.check()
     sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes, plugin=m.plugin,
                    options=dict(m.options), lora=m.lora)
@@ -674,7 +676,7 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     disk_write = d2h if work.tier == "disk" else 0
     flops = {"embed": sim.flops["embed"], "layer": sim.flops["layer"], "head": sim.flops["head"]}
     total_flops = m.passes * sum(flops["layer" if b.name.startswith("layers.") else b.name] for b in blocks)
-    time = step_time(spec, m, work, hw, flops).to_dict()
+    time = step_time(spec, m, work, hw, flops).to_dict() if timing else {}
     plan = Plan(spec.label, spec.layers, spec.measured_layers, spec.dtype, spec.quant, m, work, hw,
                 params=sum(t.numel for b in blocks for t in b.tensors), stored_bytes=stored,
                 device_long_lived=live, transient_peak=sim.peak, transient_by_block=sim.block_peaks,
@@ -687,7 +689,7 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     plan.runtime_units = runtime_units(spec)
     plan.fits = _fits(spec, m, work, hw, sim.peak + sum(state.values()), wsim.peak + sum(state.values()))
     for f in plan.fits:  # the predicted step of each tier and prefetch depth
-        f["step_s"] = step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"], unit=f["unit"]), hw,
+        f["step_s"] = None if not timing else step_time(spec, m, replace(work, tier=f["tier"], prefetch=f["prefetch"], unit=f["unit"]), hw,
                                 flops).timeline.total
     return plan
 

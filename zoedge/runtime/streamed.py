@@ -51,7 +51,7 @@ from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
 from zoedge.runtime.slots import Slot, bind, make_slot
-from zoedge.store.manifest import BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
+from zoedge.store.manifest import MANIFEST_NAME, BlockEntry, Manifest, Part, TensorEntry, dtype_of, load_manifest
 from zoedge.store.safetensors_io import WeightStream
 
 
@@ -690,7 +690,7 @@ class StreamedModel:
 
     def run(self, visitor: BlockVisitor, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, select: torch.Tensor | None = None,
-            head_fn: Callable[[int, torch.Tensor], Any] | None = None) -> list[Any]:
+            head_fn: Callable[[int, torch.Tensor], Any] | None = None, cache: Any = None) -> list[Any]:
         """Stream every block once. With ``inputs`` run ``visitor.passes`` forward passes; without, only visit
         (apply pending updates: the flush before eval/save).
 
@@ -701,6 +701,9 @@ class StreamedModel:
             position_ids: default ``cumsum(mask) - 1``.
             select: flat indices into B×T: the head computes logits only there ([N, V]).
             head_fn: ``head_fn(p, logits)`` reduces pass p's logits (e.g. to a loss) so they need not be kept.
+            cache: a transformers KV cache (one pass): ``inputs`` follow the tokens it holds, ``attention_mask``
+                covers both, and each decoder layer appends its keys and values to it (see :meth:`Adapter.begin`;
+                decoding, :mod:`zoedge.runtime.decoding`). The layers then run one after another.
 
         Returns:
             Per pass, ``head_fn(p, logits)`` or the logits.
@@ -714,11 +717,11 @@ class StreamedModel:
             attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
             position_ids = position_ids.to(self.device) if position_ids is not None else None
             select = select.to(self.device) if select is not None else None
-            state.begin(self.adapter.begin(inputs, attention_mask, position_ids, select), inputs)
+            state.begin(self.adapter.begin(inputs, attention_mask, position_ids, select, cache), inputs)
         updates = may_update(visitor)
         n = len(self.blocks)
         issued = 0
-        concurrent = self._concurrent_layers(visitor, state)
+        concurrent = self._concurrent_layers(visitor, state) if cache is None else None  # the cache is batch-wide
         for i, block in enumerate(self.blocks):
             if concurrent is not None and i in concurrent:
                 if i == concurrent.start:
@@ -753,6 +756,16 @@ class StreamedModel:
         return self.run(Forward(), input_ids, attention_mask, position_ids, select)[0]
 
     __call__ = forward
+
+    def generate(self, prompts: Any, **knobs: Any) -> str | list[str]:
+        """Complete ``prompts`` (a text, or a list of texts / ``{"messages": [...]}`` chats) with the store's tokenizer,
+        each new token one streamed pass with a per-layer KV cache. ``knobs``: ``max_new_tokens``, ``temperature``
+        (0, the default: greedy), ``top_p``, ``top_k``, ``stop``, ``seed``, ``batch_size``, ``chat`` (see
+        :func:`zoedge.generation.generate`, which also returns token counts and timings). Returns the completion
+        text, or a list of them for a list."""
+        from zoedge.generation import generate
+        texts = [c.completion for c in generate(self, prompts, **knobs).completions]
+        return texts if isinstance(prompts, (list, tuple)) else texts[0]
 
     def synchronize(self) -> None:
         """Wait for every enqueued copy and kernel (and disk write)."""
@@ -930,7 +943,22 @@ class _PassState:
                     self.states[p] = self.head_fn(p, self.states[p])
 
 
-def load(store: str | Path, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-         **kwargs: Any) -> StreamedModel:
-    """Open a prepared block store as a :class:`StreamedModel` (see its Args)."""
-    return StreamedModel(store, device=device, tier=tier, prefetch=prefetch, **kwargs)
+def load(model: str | Path | None = None, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
+         dtype: str | None = None, **kwargs: Any) -> StreamedModel:
+    """Open a model as a :class:`StreamedModel` (see its Args for the others): ``model`` is a prepared block store, a
+    Hugging Face checkpoint directory (prepared once, in ``dtype``, default fp32, into zoedge's cache), a finetune
+    run's output directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
+
+    Raises:
+        StoreError: ``model`` is neither of those (no manifest.json, no checkpoint weights), or a damaged store.
+        ConfigError: ``dtype`` other than a store's own.
+    """
+    from zoedge.store.cache import SOURCE_GLOBS
+    from zoedge.train.job import find_run, resolve_dtype, resolve_store
+    source = find_run(None if model is None else str(model))[0]
+    path = None if source is None else Path(source)
+    if path is None or (not (path / MANIFEST_NAME).is_file() and any(any(path.glob(g)) for g in SOURCE_GLOBS)):
+        path = resolve_store(source, resolve_dtype(source, dtype), progress=False)  # a checkpoint: prepared once
+    elif dtype is not None:
+        resolve_dtype(source, dtype)  # refuses a dtype the store does not hold
+    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)  # else a store (or its error)

@@ -1,8 +1,11 @@
 """zoedge's one atomic file write: temp file + fsync + rename, so readers see all of a file or none of it."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+from zoedge.errors import StoreError
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview, *, per_process: bool = False) -> None:
@@ -28,3 +31,12 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, *, per_process: boo
 def atomic_write_text(path: Path, text: str) -> None:
     """:func:`atomic_write_bytes` of UTF-8 text, with a per-process temp file."""
     atomic_write_bytes(path, text.encode(), per_process=True)
+
+
+def write_error(path: Path | str, what: str, error: OSError, fix: str) -> StoreError:
+    """The error for an ``OSError`` while writing ``what`` to ``path``: disk full named as such, else its reason."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full"
+    else:
+        reason = error.strerror or str(error)
+    return StoreError(path, f"cannot write {what} ({reason})", fix)

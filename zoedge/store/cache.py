@@ -9,6 +9,8 @@ quant) is an ordinary store plus two files:
   Content is compared, so a checkpoint re-saved in place is detected even with the same size and a
   restored mtime; ctime, which no user call can set back, changes on every write or rename.
 * ``last-used``: touched on every use (its mtime is the "last used" of ``zoedge cache list``).
+* ``.leases/``: one per process using the store (:mod:`zoedge.store.lease`); a store with a live lease is
+  neither pruned nor rebuilt (a rebuild is refused, naming the process, until that process ends).
 
 A store is built in ``<store>.partial`` (its source record in ``<store>.partial.json``; resumed after an
 interruption only if the source's contents are unchanged) and renamed into place when complete, under a lock
@@ -24,11 +26,12 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from zoedge.errors import ConfigError, StoreError
+from zoedge.store.lease import StoreLease, in_use
 from zoedge.store.manifest import MANIFEST_NAME
 from zoedge.store.verify import RACY_NS, atomic_write_text, cache_root, sha256_file, stamp_of
 
@@ -106,11 +109,16 @@ def _remove(path: Path) -> None:
 
 
 def prepared_store(src: Path, dtype: str = "fp32", quant: str = "none", progress: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
+                   log: Callable[[str], None] = print, lease: ExitStack | None = None) -> Path:
     """The cached store of checkpoint ``src``, built (or rebuilt, when ``src`` changed) as needed.
 
+    Args:
+        lease: when given, a :class:`~zoedge.store.lease.StoreLease` on the store is taken (under the build lock,
+            so the store cannot go between its check and the lease) and entered into it.
+
     Raises:
-        ConfigError, CheckpointError, StoreError: as :func:`zoedge.prepare`.
+        ConfigError, CheckpointError, StoreError: as :func:`zoedge.prepare`; StoreError also when ``src``
+            changed but the store is in use by another process (it is not rebuilt under that process).
     """
     from zoedge.store.manifest import unfinished_store_error
     from zoedge.store.prepare import prepare, resumable
@@ -132,7 +140,14 @@ def prepared_store(src: Path, dtype: str = "fp32", quant: str = "none", progress
                 if json.dumps(record, indent=1) != text:  # new stamps of files that hashed the same
                     atomic_write_text(store / SOURCE_NAME, json.dumps(record, indent=1))
                 (store / LAST_USED).touch()
+                if lease is not None:
+                    lease.enter_context(StoreLease(store))
                 return store
+            busy = in_use(store)
+            if busy:
+                raise StoreError(store, f"{src} changed since this store was prepared from it ({change}), but the "
+                                 f"store is in use by {busy} (a running zoedge finetune or eval), so it is not "
+                                 "rebuilt under it", "run this command again when that process has ended")
             log(f"{src} changed since {store} was prepared from it ({change}): preparing it again")
             _remove(store)
         partial = store.with_name(store.name + ".partial")
@@ -145,6 +160,8 @@ def prepared_store(src: Path, dtype: str = "fp32", quant: str = "none", progress
         os.replace(pending, partial / SOURCE_NAME)
         (partial / LAST_USED).touch()
         os.replace(partial, store)
+        if lease is not None:
+            lease.enter_context(StoreLease(store))
     return store
 
 
@@ -245,16 +262,24 @@ def select_for_prune(stores: list[CachedStore], older_than_days: float | None = 
     return picked
 
 
-def prune(stores: list[CachedStore]) -> int:
-    """Delete the given stores (each under its build lock); return the bytes freed."""
-    freed = 0
+def prune(stores: list[CachedStore]) -> tuple[int, list[tuple[CachedStore, str]]]:
+    """Delete the given stores (each under its build lock) except those in use (a live lease).
+
+    Returns:
+        (bytes freed, [(store kept, who uses it)]).
+    """
+    freed, kept = 0, []
     for s in stores:
         if not s.path.is_relative_to(stores_dir()):
             raise StoreError(s.path, "is not inside the cache", "only stores under " + str(stores_dir()) + " are pruned")
         base = s.path.with_name(_leftover(s.path.name) or s.path.name)
         with _locked(base):
+            busy = in_use(s.path)
+            if busy:
+                kept.append((s, busy))
+                continue
             _remove(s.path)
             if s.path.name.endswith(".partial"):
                 s.path.with_name(s.path.name + ".json").unlink(missing_ok=True)
         freed += s.bytes
-    return freed
+    return freed, kept

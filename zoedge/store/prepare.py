@@ -20,8 +20,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,7 @@ from transformers import AutoConfig, PretrainedConfig
 from zoedge.adapters import adapter_for, supported_model_types
 from zoedge.errors import CheckpointError, ConfigError, StoreError
 from zoedge.store.atomic import atomic_write_bytes
+from zoedge.store.lease import in_use
 from zoedge.store import quant as q
 from zoedge.store.manifest import (DTYPES, MANIFEST_NAME, BlockEntry, Manifest, TensorEntry, block_file, block_from_dict,
                                    plan_block)
@@ -97,6 +96,10 @@ def _check_dst(dst: Path, fp: dict) -> None:
         raise StoreError(dst, "exists and is not a directory", "choose a new or empty directory for DST")
     if not dst.is_dir():
         return
+    busy = in_use(dst)
+    if busy:
+        raise StoreError(dst, f"is in use by {busy} (a running zoedge finetune or eval)",
+                         "prepare into another directory, or run prepare again when that process has ended")
     manifest, blocks = dst / MANIFEST_NAME, dst / "blocks"
     if not manifest.exists() and not blocks.is_dir() and any(dst.iterdir()):
         raise StoreError(dst, "is not empty and is not a zoedge block store",
@@ -268,9 +271,8 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
                         tied={a: s for a, s in adapter.tied().items()}, source=fp)
     try:
         for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / (name + ".tmp"))
-                os.replace(dst / (name + ".tmp"), dst / name)
+            if (src / name).is_file():  # fsynced like the blocks: the manifest must never outlive them
+                atomic_write_bytes(dst / name, (src / name).read_bytes())
         atomic_write_bytes(dst / MANIFEST_NAME, manifest.to_json().encode())
     except OSError as e:
         _raise_write_error(dst, e)

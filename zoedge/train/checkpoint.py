@@ -156,9 +156,11 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        previous = latest_checkpoint(root)
         raise StoreError(root, f"cannot write checkpoint {name} ({reason})",
-                         "free disk space or fix permissions, then re-run with --resume; the previous "
-                         "checkpoint is intact") from None
+                         "free disk space or fix permissions, then " +
+                         (f"re-run with --resume; the previous checkpoint {previous.name} is intact" if previous else
+                          "run the command again (there is no earlier checkpoint: the run starts over)")) from None
     except BaseException:  # e.g. a non-finite block found halfway: nothing of this checkpoint is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise

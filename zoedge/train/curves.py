@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from zoedge.store.atomic import write_error
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,13 @@ def plot_curves(metrics: Path, evals: dict[str, dict[str, Any]], path: Path) -> 
     ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="lower left", fontsize="small")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, "the plot", e, "free disk space or fix permissions, then re-run the same command "
+                          "with --resume (or add --no-plot)") from None
+    finally:
+        plt.close(fig)
     return str(path)

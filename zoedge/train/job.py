@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import closing, nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,19 +44,26 @@ from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
 from zoedge.store.manifest import MANIFEST_NAME
-from zoedge.store.atomic import atomic_write_bytes
+from zoedge.store.atomic import atomic_write_bytes, write_error
+from zoedge.store.lease import StoreLease
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
 from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
-from zoedge.train.guard import check_finite_weights
+from zoedge.train.guard import check_finite_weights, nonfinite_cause
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
 from zoedge.train.world import World
 
 
-def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True) -> Path:
-    """A prepared store for ``model`` (store dir, HF dir, or None for the default model)."""
+def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", progress: bool = True,
+                  lease: ExitStack | None = None) -> Path:
+    """A prepared store for ``model`` (store dir, HF dir, or None for the default model).
+
+    Args:
+        lease: when given, a lease on the store is entered into it: while it is held, no zoedge command deletes
+            or rebuilds the store (see :mod:`zoedge.store.lease`).
+    """
     if model is None:
         from zoedge.models import default_model_dir
         src = default_model_dir()
@@ -65,12 +72,58 @@ def resolve_store(model: str | None, dtype: str = "fp32", quant: str = "none", p
         if (src / MANIFEST_NAME).is_file():
             from zoedge.store.cache import require_tokenizer
             require_tokenizer(src)
+            if lease is not None:
+                lease.enter_context(StoreLease(src))
             return src
         if not src.is_dir():
             raise ConfigError("--model", f"{model} does not exist",
                               "give a Hugging Face checkpoint directory or a store made by `zoedge prepare`")
     from zoedge.store.cache import prepared_store
-    return prepared_store(src, dtype, quant, progress=progress, log=log_stderr)
+    return prepared_store(src, dtype, quant, progress=progress, log=log_stderr, lease=lease)
+
+
+def side_files(store: Path) -> dict[str, bytes]:
+    """The store's config, generation config and tokenizer files (what an export needs besides the weights)."""
+    return {name: (store / name).read_bytes() for name in SIDE_FILES if (store / name).is_file()}
+
+
+def check_max_length(store: Path, max_length: int, log: Any = log_stderr) -> None:
+    """Refuse a ``--max-length`` past a model's learned positions; warn past a rotary model's trained length.
+
+    Raises:
+        ConfigError: a model with learned position embeddings (OPT) and ``max_length`` above their count.
+    """
+    from transformers import AutoConfig
+
+    from zoedge.adapters import ADAPTERS
+    config = AutoConfig.from_pretrained(store)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or max_length <= limit:
+        return
+    learned = any(config.model_type in a.model_types and a.learned_positions for a in ADAPTERS)
+    if learned:
+        raise ConfigError("--max-length", f"{max_length} is beyond the {limit} positions the model {store} has "
+                          f"({config.model_type}: learned position embeddings, max_position_embeddings {limit})",
+                          f"use --max-length {limit} or less (longer prompts then lose tokens from the left)")
+    log(f"warning: --max-length {max_length} is beyond the {limit} positions {store} was trained on "
+        f"(max_position_embeddings); rows longer than {limit} tokens run past it and may score poorly")
+
+
+def resolve_dtype(model: str | None, dtype: str | None) -> str:
+    """The compute dtype a run uses: a prepared store's own, else ``dtype`` (default fp32).
+
+    Raises:
+        ConfigError: ``dtype`` given for a store of another dtype (the store cannot compute in it).
+    """
+    if model is None or not (Path(model) / MANIFEST_NAME).is_file():
+        return dtype or "fp32"
+    from zoedge.store.manifest import load_manifest
+    stored = load_manifest(model, verify=False).dtype
+    if dtype is not None and dtype != stored:
+        raise ConfigError("--dtype", f"{dtype}, but the store {model} holds {stored} weights and computes in "
+                          f"{stored}", f"drop --dtype (the run then records {stored}), or prepare a {dtype} store "
+                          f"from the checkpoint: zoedge prepare CHECKPOINT NEW_DIR --dtype {dtype}")
+    return stored
 
 
 def load_splits(data: DataOptions) -> Splits:
@@ -87,7 +140,11 @@ def load_splits(data: DataOptions) -> Splits:
             raise ConfigError("--task", f"{name!r} is not a built-in task and no --train file was given",
                               f"use --task {' / '.join(BUILTIN_TASKS)}, or give --train FILE.jsonl")
         return split(builtin_task(name, seed=0), data.n_train, data.n_dev, data.n_test, data.seed)
-    layout = None if data.task in (None, *BUILTIN_TASKS) else data.task
+    if data.task in BUILTIN_TASKS:  # a built-in task has no files: it would be ignored
+        raise ConfigError("--task", f"{data.task!r} is a built-in task, but --train {data.train} is given",
+                          "drop --task (the layout of the file is detected) or give the file's layout (e.g. --task "
+                          "sst2), or drop --train to use the built-in task")
+    layout = data.task
     load = (lambda p: load_jsonl(p, layout) if p else None)
     return split(load(data.train), data.n_train, data.n_dev, data.n_test, data.seed, dev=load(data.dev),
                  test=load(data.test))
@@ -124,9 +181,17 @@ def dumps(obj: Any) -> str:
     return json.dumps(json_safe(obj), indent=1, allow_nan=False)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temporary sibling + fsync + rename)."""
-    atomic_write_bytes(path, text.encode())
+def write_atomic(path: Path, text: str, then: str = "run the command again") -> None:
+    """Replace ``path`` with ``text`` atomically (temporary sibling + fsync + rename).
+
+    Raises:
+        StoreError: it cannot be written (disk full, permissions; the fix ends with ``then``); the old file, if
+            any, is intact.
+    """
+    try:
+        atomic_write_bytes(path, text.encode())
+    except OSError as e:
+        raise write_error(path, path.name, e, f"free disk space or fix permissions, then {then}") from None
 
 
 def check_writable_file(path: Path, option: str) -> None:
@@ -143,29 +208,42 @@ def check_writable_file(path: Path, option: str) -> None:
         raise ConfigError(option, f"cannot write {path} (permission denied)", "choose a writable path")
 
 
-def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None) -> Path:
+def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
+                 files: dict[str, bytes] | None = None) -> Path:
     """Write the current weights (with adapters attached: merged into the base) as a Hugging Face model directory
     (safetensors), atomically.
 
+    Args:
+        files: config and tokenizer files by name (default: the store's now); a run passes the ones it read when
+            it started (:func:`side_files`), so the export is the model it trained whatever happens to the store.
+
     Raises:
         TrainingError: a weight is not finite (nothing is written).
+        StoreError: the model cannot be written (disk full, permissions); nothing of it is left.
     """
     from zoedge.store.safetensors_io import write_streamed
+    from zoedge.train.guard import last_good
+    files = side_files(model.store) if files is None else files
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:  # block by block: a model larger than memory is exported holding one block
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # block by block: a model larger than memory is exported holding one block
         write_streamed(tmp / "model.safetensors", model.merged_stream(), metadata={"format": "pt"},
                        check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        again = (f"then re-run the same command with --resume to write it; {last_good(ckpt_dir)}"
+                 if ckpt_dir is not None else "then export again")
+        raise write_error(out, "the exported model", e, f"free disk space or fix permissions, {again}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for name in SIDE_FILES:
-        if (model.store / name).is_file():
-            shutil.copyfile(model.store / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return out
 
 
@@ -218,6 +296,7 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
             problems; :class:`~zoedge.errors.TrainingError` when training diverges (or a rank is lost).
     """
     s.check()
+    s.dtype = resolve_dtype(s.model, s.dtype)  # what is used is what is recorded
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
         log_stderr(f"warning: {threads.warning}")
@@ -228,14 +307,14 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     out = Path(s.output)
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
-        with run_record.OutputLock(out) if world.is_main else nullcontext():
-            return _finetune(s, options, out, world, threads)
+        with run_record.OutputLock(out) if world.is_main else nullcontext(), ExitStack() as held:
+            return _finetune(s, options, out, world, threads, held)
     finally:
         world.close()
 
 
 def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
-              threads: ThreadChoice) -> dict[str, Any]:
+              threads: ThreadChoice, held: ExitStack) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
     started = time.perf_counter()
@@ -247,11 +326,13 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         record = run_record.reconcile(out, s, options, resume_from)  # refuses unapproved changes
         if resume_from is None:
             run_record.clear_previous_outputs(out, metrics_path)
-        store = resolve_store(s.model, s.dtype, progress=s.progress)
+        store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)  # held until the run ends
     world.barrier()  # rank 0 has checked the run record and prepared (or found) the store
     if not world.is_main:
         record = run_record.read_record(out) or {}
-        store = resolve_store(s.model, s.dtype, progress=False)
+        store = resolve_store(s.model, s.dtype, progress=False, lease=held)
+    export_files = side_files(store)  # the export's config and tokenizer: the ones this run starts with
+    check_max_length(store, s.max_length, log_stderr if world.is_main else (lambda message: None))
     splits = load_splits(s)
     if len(splits.train) < s.batch_size:
         raise DataError("--n-train", f"leaves {len(splits.train)} training examples, fewer than --batch-size "
@@ -298,7 +379,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                 except ConfigError as e:  # the model itself is exported; the adapter is what cannot be
                     log_stderr(f"no OUTPUT/adapter: {e}")
         if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
-            export_model(model, out / "model", ckpts)
+            export_model(model, out / "model", ckpts, export_files)
         elif world.is_main:  # an earlier run's model would not be this run's
             shutil.rmtree(out / "model", ignore_errors=True)
         peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
@@ -331,7 +412,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     if s.plot:
         from zoedge.train.curves import plot_curves
         summary["plot"] = plot_curves(metrics_path, record.get("evals", {}), out / "curves.png")
-    write_atomic(out / "summary.json", dumps(summary))
+    write_atomic(out / "summary.json", dumps(summary), "re-run the same command with --resume")
     world.barrier()
     return summary
 
@@ -363,6 +444,11 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
     if model is None:
         return None, None
     p = Path(model)
+    for run in (p, p.parent) if p.name == "model" else (p,):
+        pid = run_record.running_pid(run)
+        if pid is not None:  # its model/ is absent, an earlier run's, or being replaced
+            raise ConfigError("--model", f"{run} is a finetune run in progress (pid {pid}); its model is written "
+                              "when the run ends", "evaluate it after the run has finished")
     if (p / "summary.json").is_file() and (p / "model").is_dir():
         return str(p / "model"), p
     if (p / "summary.json").is_file() and (p / "adapter").is_dir():  # a --peft lora run: its base + adapter
@@ -391,6 +477,8 @@ def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettin
     for name, value in recorded.items():
         if name in s.data_settings() and name not in given:
             setattr(s, name, value)
+    if "dtype" not in given and recorded.get("dtype"):  # the precision the run trained (and exported) in
+        s.dtype = recorded["dtype"]
     if not (run / "model").is_dir():  # an adapter run without --merge: the adapter on the run's store
         s.model = summary.get("store")
         s.adapter = s.adapter or str(run / "adapter")
@@ -427,8 +515,14 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     splits = load_splits(s)
     if summary is not None and not s.other_split:
         check_run_split(splits, summary, s, given)
-    store = resolve_store(s.model, progress=s.progress)
-    threads = choose_threads(None, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
+    s.dtype = resolve_dtype(s.model, s.dtype)
+    with ExitStack() as held:  # the store is leased while it is read
+        return _eval(s, splits, target, resolve_store(s.model, s.dtype, progress=s.progress, lease=held))
+
+
+def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path) -> dict[str, Any]:
+    check_max_length(store, s.max_length)
+    threads = choose_threads(s.threads, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
@@ -437,9 +531,15 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
             model.attach_lora(spec_of_peft(read_peft_dir(s.adapter)[0])).load_peft(s.adapter)
         tok = load_tokenizer(store)
         t0 = time.perf_counter()
-        res: dict[str, Any] = {name: asdict(evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress,
-                                                     name))
-                               for name, ex in (("dev", splits.dev), ("test", splits.test)) if ex}
+        res: dict[str, Any] = {}
+        for name, ex in (("dev", splits.dev), ("test", splits.test)):
+            if not ex:
+                continue
+            ev = evaluate(model, tok, ex, s.eval_batch_size, s.max_length, s.progress, name)
+            if ev.nonfinite:
+                raise nonfinite_cause(model, f"{name} scores ({ev.nonfinite} of {ev.examples} examples)",
+                                      trained=False, dtype=s.dtype)
+            res[name] = asdict(ev)
         res["seconds"] = time.perf_counter() - t0
     res["threads"] = threads.to_dict()
     res["split"] = {k: v for k, v in split_record(splits).items() if k != "train"}

@@ -76,6 +76,23 @@ class OutputLock:
             self.fd = None
 
 
+def running_pid(out: Path) -> str | None:
+    """The pid of a finetune running in ``out`` now (it holds the :class:`OutputLock`), or None."""
+    try:
+        fd = os.open(Path(out) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def run_defining(s: FinetuneSettings, options: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide the trained weights (compared on resume); plugin options merged in."""
     out = {k: v for k, v in to_dict(s).items() if k not in RESUME_FREE and k not in ("opt", "lr", "eps", "weight_decay")}

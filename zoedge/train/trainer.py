@@ -40,7 +40,8 @@ from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import free_disk, latest_checkpoint, load_checkpoint, save_checkpoint
-from zoedge.train.guard import StepGuard
+from zoedge.store.atomic import write_error
+from zoedge.train.guard import StepGuard, first_nonfinite, last_good, nonfinite_cause
 from zoedge.train.tasks import Example
 from zoedge.train.update_log import UpdateLog, changed_replay_error, store_identity
 from zoedge.train.world import DirectionSplit, World, state_checksum
@@ -80,9 +81,13 @@ def make_scheduler(optimizer: ZOOptimizer, schedule: str, steps: int) -> torch.o
 
 @dataclass
 class Evaluation:
+    """Mean loss and accuracy; ``nonfinite``: examples in batches whose loss was NaN or infinite (then ``loss`` is
+    NaN and ``accuracy`` None: a broken model gets no figures; callers turn it into an error)."""
+
     loss: float
     accuracy: float | None
     examples: int
+    nonfinite: int = 0
 
 
 def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
@@ -95,20 +100,26 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
     if not examples:
         return Evaluation(float("nan"), None, 0)
     world = world or World()
-    total_loss, correct, n, cls = 0.0, 0, 0, 0
+    total_loss, correct, n, cls, bad = 0.0, 0, 0, 0, 0
     parts = length_batches(tokenizer, examples, batch_size)[world.rank::world.size]  # sharded across ranks
     for part in tqdm(parts, desc=desc, leave=False, disable=not progress):
         batch = collate(tokenizer, part, max_length, share_prompts=True)
         loss, pred = _loss_passes(model, Forward(), batch)[0]
-        total_loss += float(loss) * len(part)
+        value = float(loss)
+        if not math.isfinite(value):  # argmax over NaN scores would pick the first candidate: no figure at all
+            bad += len(part)
+            continue
+        total_loss += value * len(part)
         n += len(part)
         if part[0].kind == "classification":
             correct += int((pred.cpu() == batch.labels).sum())
             cls += len(part)
-    if world.size > 1:
-        total_loss, correct, n, cls = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls],
-                                                                         dtype=torch.float64)).tolist()
-        correct, n, cls = int(correct), int(n), int(cls)
+    if world.size > 1:  # every rank learns of a non-finite batch anywhere (and all raise together)
+        total_loss, correct, n, cls, bad = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls, bad],
+                                                                              dtype=torch.float64)).tolist()
+        correct, n, cls, bad = int(correct), int(n), int(cls), int(bad)
+    if bad:
+        return Evaluation(float("nan"), None, n + bad, bad)
     return Evaluation(total_loss / n, correct / cls if cls else None, n)
 
 
@@ -191,6 +202,7 @@ class Trainer:
         self.scheduler = make_scheduler(optimizer, settings.schedule, settings.steps)
         self.all_blocks = frozenset(b.name for b in model.blocks)
         self.step = 0
+        self.loaded_step = 0  # the step whose weights were loaded (a resume's checkpoint step)
         self.last_plugin_metrics: dict[str, float] = {}  # the plugin's metrics of the last step (progress bar)
         self.last_losses: list[float] = []                # the last step's loss per pass
         self.progress = progress and self.world.is_main
@@ -320,7 +332,7 @@ class Trainer:
                               "weights without a log of updates since the store that this run can continue "
                               + (f"(changed: {', '.join(changed)})" if changed else "(written with full)"),
                               "resume with --checkpoint-weights full or auto (a log of updates starts with the run)")
-        self.step = int(state["step"])
+        self.step = self.loaded_step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
         self.check_consistent(f"resume from {path}")  # every rank must have read the same checkpoint
         return True
@@ -366,7 +378,10 @@ class Trainer:
                 self.fo.step(losses[self.opt.grad_pass])
         self.last_losses = values.tolist()  # per pass
         metrics = self.opt.finish_step(list(values))
-        self.guard.check(self.step + 1, values.tolist(), metrics, lr)  # before the update is applied or saved
+        untouched = None
+        if self.step == self.loaded_step:  # no update applied yet: a non-finite loss may be the loaded weights'
+            untouched = lambda: first_nonfinite(self.model.weight_stream().chunks)  # noqa: E731
+        self.guard.check(self.step + 1, values.tolist(), metrics, lr, untouched)  # before the update is applied
         if self.updates is not None:
             owed = self.opt.owed
             self.updates.record(self.opt.pending, None if owed == self.all_blocks else owed)  # type: ignore[arg-type]
@@ -399,6 +414,10 @@ class Trainer:
         ev = evaluate(self.model, self.tok, examples, self.s.eval_batch_size, self.s.max_length, self.progress, desc,
                       self.world)
         self.eval_seconds += time.perf_counter() - t0
+        if ev.nonfinite:
+            raise nonfinite_cause(self.model, f"{desc} scores ({ev.nonfinite} of {ev.examples} examples)",
+                                  trained=self.step > self.loaded_step, dtype=self.model.manifest.dtype,
+                                  ckpt_dir=self.ckpt_dir)
         return ev
 
     def fit(self) -> TrainResult:
@@ -416,7 +435,8 @@ class Trainer:
                      f"the first step: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result.fo_memory.items()))
         t0 = time.perf_counter()
         bar = tqdm(total=self.s.steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
-        with open(self.metrics_path if self.world.is_main else os.devnull, "a") as mf:  # rank 0 writes
+        # rank 0 writes; unbuffered: a failed write (disk full) leaves nothing buffered to fail again at close
+        with open(self.metrics_path if self.world.is_main else os.devnull, "ab", buffering=0) as mf:
             while self.step < self.s.steps:
                 m = self.train_step()
                 if self.threads is not None:
@@ -426,8 +446,12 @@ class Trainer:
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
                     e = self.evaluate(self.dev, "dev")
                     m["dev_loss"], m["dev_accuracy"] = e.loss, e.accuracy
-                mf.write(json.dumps(m) + "\n")
-                mf.flush()
+                try:
+                    mf.write((json.dumps(m) + "\n").encode())
+                except OSError as e:
+                    raise write_error(self.metrics_path, f"the metrics of step {self.step}", e, "free disk space or "
+                                      f"fix permissions, then re-run the same command with --resume; "
+                                      f"{last_good(self.ckpt_dir)}") from None
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in self.last_plugin_metrics.items()})
                 if self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.steps:
