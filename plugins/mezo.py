@@ -6,7 +6,7 @@ two passes θ ± εz_k, projected gradient g_k = (L₊ − L₋) / (2ε). The up
 resident (λ skipped for 1-D tensors: biases and norm weights).
 
 Noise: ``noise=gaussian`` (default), ``rademacher`` (±1) or ``pool`` (windows of one pre-drawn pool: no
-per-step draw, no noise workspace); their statistics are in :mod:`zoedge.optim.noise`.
+per-step draw, no noise workspace); their statistics are in :mod:`zoedge.noise.source`.
 
 Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
 ``stochastic_rounding=True`` computes it in fp32 and rounds stochastically
@@ -67,7 +67,7 @@ class MeZO(ZOOptimizer):
         q: number of random directions per step (2q passes per residency).
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
         noise: the direction noise: gaussian (N(0, 1)), rademacher (±1) or pool (windows of one pre-drawn pool,
-            no per-step draw); statistics in zoedge/optim/noise.py.
+            no per-step draw); statistics in zoedge/noise/source.py.
 
     Replayable (``replayable = True``): a checkpoint may hold the log of updates instead of the weights
     (``--checkpoint-weights updates``); subclasses that change weights elsewhere set it back to False.

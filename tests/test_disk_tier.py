@@ -116,7 +116,7 @@ def test_cpu_training_holds_the_ring_and_no_slot_or_staging(store, tmp_path, pre
     from collections import Counter
 
     from tests.tiny import CharTokenizer, toy_examples
-    from zoedge.runtime.memory import ALLOCATIONS
+    from zoedge.memory import ALLOCATIONS
     from zoedge.train.trainer import TrainSettings, Trainer
     from zoedge_plugins.mezo import MeZO
 

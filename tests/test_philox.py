@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoedge.optim import philox
+from zoedge.noise import philox
 
 native = pytest.mark.skipif(philox.backend() != "native", reason=f"no C kernel: {philox.backend()}")
 KEY = 0x0123_4567_89AB_CDEF

@@ -200,17 +200,14 @@ class PeftOptions(Settings):
                                 "with --peft lora)", metavar="NAMES")
     merge: bool = setting(False, "with --peft lora: also write the model with the adapters merged to OUTPUT/model")
 
-    def lora_spec(self) -> Any:
-        """The :class:`~zoedge.runtime.lora.LoraSpec` of these options (None without ``--peft lora``)."""
-        from zoedge.runtime.lora import LoraSpec
-        if self.peft != "lora":
-            return None
-        return LoraSpec(self.lora_rank, self.lora_alpha, LoraSpec.parse_targets(self.lora_targets))
-
     def check_more(self) -> None:
         super().check_more()
         if self.peft == "lora":
-            self.lora_spec()  # refuses a bad rank / alpha / target list
+            if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+                raise ConfigError("--lora-alpha", f"{self.lora_alpha}", "use a positive alpha (e.g. 16)")
+            if not [t for t in self.lora_targets.split(",") if t.strip()]:
+                raise ConfigError("--lora-targets", repr(self.lora_targets), "give comma-separated module names, "
+                                  "e.g. q_proj,v_proj")
         elif self.merge:
             raise ConfigError("--merge", "without --peft lora", "add --peft lora (full fine-tuning writes the "
                               "model itself to OUTPUT/model)")

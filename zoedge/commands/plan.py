@@ -55,6 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="mezo: the shipped dense MeZO plugin; lowrank: the HZO plugin in factor mode (low-rank "
                    "perturbations, its factors counted, no write-back; over an int8/nf4 store each matrix is expanded "
                    "just in time at its op); forward: one plain forward returning the logits")
+    p.add_argument("--optimizer", default=None, metavar="NAME",
+                   help="also count this plugin's declared optimizer state (momentum, moments) on the host tier")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="--optimizer's options (repeatable; see `zoedge plugins NAME`)")
     p.add_argument("--rank", type=COUNT, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
     p.add_argument("--peft", choices=("none", "lora"), default="none",
                    help="lora: MeZO trains LoRA adapters on the frozen base (adapters counted; no write-back, no "
@@ -130,7 +134,9 @@ def detail(plan) -> str:
     lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)} ({plan.host_ram / plan.stored_bytes:.3f} x the stored bytes), disk "
-              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
+              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)}"
+              + (f"; optimizer state {_g(plan.optimizer_state)} on the {w.tier} tier" if plan.optimizer_state else "")
+              + ")",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
               *time_lines(t),
@@ -179,7 +185,8 @@ def summary(plans) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from zoedge.plan.accounting import Workload, make_plan, method, model_spec
+    from zoedge.optim.registry import build, parse_opts
+    from zoedge.plan.accounting import Workload, declared_state, make_plan, method, model_spec
     from zoedge.plan.hardware import hardware
 
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
@@ -195,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
         spec = model_spec(name, args.dtype, args.quant, args.layers)
-        plans.append(make_plan(spec, m, work, hw, int(args.chunk_mib * 2**20)))
+        state = declared_state(spec, build(args.optimizer, parse_opts(args.opt), seed=0)) if args.optimizer else 0
+        plans.append(make_plan(spec, m, work, hw, int(args.chunk_mib * 2**20), optimizer_state=state))
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "

@@ -76,7 +76,7 @@ whose ``apply`` reads evolving plugin state must not claim it.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -84,7 +84,8 @@ import torch
 
 from zoedge.errors import PluginError
 from zoedge.optim.first_order import FOSettings
-from zoedge.optim.noise import LEGACY_GENERATOR, NoiseSource
+from zoedge.noise.source import LEGACY_GENERATOR, NoiseSource
+from zoedge.optim.state import OptimizerState, StateSpec
 from zoedge.runtime.streamed import BlockVisitor, Resident
 from zoedge.store.manifest import BlockEntry
 
@@ -124,7 +125,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
     #: the framework's own methods: a plugin overriding one is refused by the registry
     FRAMEWORK_METHODS: ClassVar[tuple[str, ...]] = ("on_resident", "pass_tensors", "finish_step", "flushed",
                                                     "apply_pending", "state_dict", "load_state_dict",
-                                                    "only_directions", "evaluates", "replay")
+                                                    "only_directions", "evaluates", "replay", "state_of", "state_bytes")
     #: forward passes per step, all run while each block is resident
     passes: int = 2
     #: the unperturbed pass that first-order blocks train on (``None``: the plugin has no FO blocks)
@@ -157,6 +158,9 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         self._in_step = False
         self.first_order: Any = None       # zoedge.optim.first_order.FirstOrder, attached by the trainer
         self._directions: frozenset[int] | None = None  # directions this process evaluates (None: all)
+        #: the per-weight state the plugin declares (:meth:`state_spec`), owned by the framework
+        self.block_state = OptimizerState()
+        self._lent: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host state, its device copy) to write back
 
     # ------------------------------------------------------------ plugin hooks
     @property
@@ -228,6 +232,39 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         LoRA adapter exactly, with no factorisation. Default ``{}``: not kept (or other tensors changed too)."""
         return {}
 
+    def state_spec(self, name: str, shape: tuple[int, ...]) -> Mapping[str, StateSpec]:
+        """The state this plugin keeps for weight ``name`` of ``shape`` (state name -> dtype and shape; shape None:
+        the weight's), e.g. ``{"m": StateSpec(torch.float32)}`` for momentum. The framework owns it: zero at first
+        use, on the host tier, on the block's device in :meth:`state_of`, checkpointed and resumed, counted by
+        ``plan``. Default none."""
+        return {}
+
+    def state_of(self, block: Resident, key: str) -> dict[str, torch.Tensor]:
+        """State ``key`` of ``block``'s tensors that declare it (:meth:`state_spec`), by tensor name, on the
+        block's device. Change it in place in ``apply`` (or ``on_flush``): the framework keeps the change."""
+        out = {}
+        for name, weight in block.tensors.items():
+            spec = self.state_spec(name, tuple(weight.shape)).get(key)
+            if spec is None:
+                continue
+            host = self.block_state.get(key, name, spec, weight)
+            if host.device != weight.device:
+                dev = host.to(weight.device)
+                self._lent.append((host, dev))
+                host = dev
+            out[name] = host
+        return out
+
+    def state_bytes(self, tensors: Iterable[tuple[str, tuple[int, ...]]]) -> int:
+        """Bytes of the declared state of weights ``(name, shape)`` (what ``plan`` counts)."""
+        return sum(spec.nbytes(shape) for name, shape in tensors for spec in self.state_spec(name, shape).values())
+
+    def _return_state(self) -> None:
+        """Write the device copies :meth:`state_of` lent back to the host tier."""
+        for host, dev in self._lent:
+            host.copy_(dev)
+        self._lent = []
+
     def plugin_state(self) -> dict[str, Any]:
         """Plugin state to checkpoint: tensors (keyed by name) and JSON-able values."""
         return {}
@@ -250,6 +287,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
             self.draw(block)
         else:
             self.on_flush(block)
+        self._return_state()
 
     def apply_pending(self, block: Resident) -> None:
         """Apply the pending update to ``block``, exactly once.
@@ -267,6 +305,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
             raise PluginError(who, f"was not resident in step {self._pending.step}, so it owes no update",
                               "apply updates only through the trainer")
         self.apply(block, self._pending)
+        self._return_state()
         self._applied.add(block.name)
         if self.dense:
             block.mark_dirty()
@@ -341,6 +380,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
                               "replay before the first step of the resumed run")
         for update in updates:
             self.apply(block, update)
+        self._return_state()
         if updates and self.dense:
             block.mark_dirty()
 
@@ -390,7 +430,8 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         pending = None if pend is None else {"data": pend.data, "metrics": pend.metrics, "step": pend.step,
                                              "owed": sorted(self._owed), "applied": sorted(self._applied)}
         return {"param_groups": groups, "seed": self.seed, "noise_generator": self.noise.generator,
-                "steps_done": self.steps_done, "pending": pending, "plugin": self.plugin_state()}
+                "steps_done": self.steps_done, "pending": pending, "plugin": self.plugin_state(),
+                "block_state": self.block_state.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # type: ignore[override]
         for group, saved in zip(self.param_groups, state["param_groups"]):
@@ -406,6 +447,7 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
             self._pending = Update(dict(pend["data"]), dict(pend["metrics"]), int(pend["step"]))
             self._owed, self._applied = set(pend["owed"]), set(pend["applied"])
         self.load_plugin_state(state.get("plugin", {}))
+        self.block_state.load_state_dict(state.get("block_state", {}))
 
 
 class _SomePasses(BlockVisitor):

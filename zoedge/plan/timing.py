@@ -43,7 +43,7 @@ from zoedge.runtime.timeline import Hardware as Rates
 from zoedge.store.manifest import dtype_of
 
 if TYPE_CHECKING:
-    from zoedge.plan.accounting import Method, ModelSpec, Workload
+    from zoedge.plan.spec import Method, ModelSpec, Workload
     from zoedge.plan.hardware import Hardware
 
 #: what the twin's width is cut to (any family: attributes a config lacks are not set)
@@ -99,8 +99,8 @@ def _twin_store(config_json: str, layers: int) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    import zoedge
     from zoedge.adapters import adapter_for
+    from zoedge.store.prepare import prepare
 
     raw = json.loads(config_json)
     config = twin_config(AutoConfig.for_model(raw.pop("model_type"), **raw), layers)
@@ -111,7 +111,7 @@ def _twin_store(config_json: str, layers: int) -> Path:
     config.save_pretrained(root / "hf")
     shapes = adapter_for(config, torch.float32, torch.device("meta"), where="config").expected_shapes()
     save_file({n: torch.zeros(s) for n, s in shapes.items()}, str(root / "hf" / "model.safetensors"))
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
+    prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
     return root / "store"
 
 
@@ -120,13 +120,13 @@ def _record(config_json: str, layers: int, passes: int, dense: bool, tier: str, 
             ram_cache_blocks: int) -> tuple[Op, ...]:
     import torch
 
-    import zoedge
+    from zoedge.runtime.streamed import load
 
     store = _twin_store(config_json, layers)
     with tempfile.TemporaryDirectory(prefix="zoedge-plan-work-") as work:
         extra = {"working_dir": Path(work)} if tier == "disk" else {}
         # the accelerator's schedule (slots, uploads, write-backs: in_place=False), emitted but never executed
-        m = zoedge.load(store, tier=tier, prefetch=prefetch, ram_cache_blocks=ram_cache_blocks,
+        m = load(store, tier=tier, prefetch=prefetch, ram_cache_blocks=ram_cache_blocks,
                         engine=_Emitted(), in_place=False, **extra)
         try:
             visitor = _visitor(passes, dense)

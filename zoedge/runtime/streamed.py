@@ -41,12 +41,12 @@ import torch
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.adapters.base import layer_index
 from zoedge.errors import ConfigError, PluginError
-from zoedge.optim.noise import NoiseDraw, batched_draws
+from zoedge.noise.source import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
 from zoedge.runtime.lora import LoraAdapters, LoraSpec, init_a
-from zoedge.runtime.memory import allocate
+from zoedge.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
@@ -125,7 +125,7 @@ class Resident:
         :meth:`perturbed`, updates through :meth:`parts`; the same numbers in every runtime mode.
 
         Where it is drawn is the runtime's choice: with block-sized workspaces, now, once (plain draws
-        (:class:`~zoedge.optim.noise.NoiseDraw`) queued and filled together, in parallel, or read in the noise
+        (:class:`~zoedge.noise.source.NoiseDraw`) queued and filled together, in parallel, or read in the noise
         cache's own buffer when it keeps them); lean, or from a source that forms θ + αz without a draw, where
         it is used. Its tensors are read-only (they may be the noise cache's)."""
         names = list(self.tensors) if names is None else list(names)
@@ -256,6 +256,10 @@ class UpdatePart:
             return whole if self.ndim == 0 or self.rows == (0, len(whole)) else whole[self.rows[0]:self.rows[1]]
         out = self.block.buffer(z.key, self.name, self.rows)
         return z.fills[self.name](out, self.start, self.total)
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These rows of ``tensor``, a tensor shaped like the weight (e.g. its optimizer state)."""
+        return tensor if self.ndim == 0 else tensor[self.rows[0]:self.rows[1]]
 
     def mul_(self, value: float) -> UpdatePart:
         """``tensor *= value``."""

@@ -39,7 +39,9 @@ from typing import Any
 import torch
 
 from zoedge.errors import ConfigError, DataError, StoreError
-from zoedge.optim import noise_cache
+from zoedge.noise import cache as noise_cache
+from zoedge.runtime.host import available_memory
+from zoedge.runtime.lora import LoraSpec
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
@@ -49,8 +51,8 @@ from zoedge.store.lease import StoreLease
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
-from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
-from zoedge.train.guard import check_finite_weights, nonfinite_cause
+from zoedge.train.checkpoint import check_finite_weights, checkpoint_folders, latest_checkpoint
+from zoedge.train.guard import nonfinite_cause
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
 from zoedge.train.world import World
@@ -339,7 +341,8 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
                         + (" or less" if splits.train else " with at least one training example"))
     optimizer = build(s.optimizer, options, seed=s.seed)
-    spec = s.lora_spec()
+    spec = (LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora"
+            else None)
     working = out / "working" if s.tier == "disk" and spec is None else None  # adapters: the base is read-only
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
@@ -350,7 +353,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
             model.attach_lora(spec, seed=s.seed)
         tok = load_tokenizer(store)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
-        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
+        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
                                    local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
         on_device = model.device.type != "cpu"
         if on_device:

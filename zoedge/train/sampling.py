@@ -10,12 +10,8 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from zoedge.errors import DataError
-
-if TYPE_CHECKING:  # tasks.py imports this module; Example is only an annotation here
-    from zoedge.train.tasks import Example
+from zoedge.train.example import Example
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 *generator* (:data:`GENERATORS`, recorded in checkpoints):
 
 * ``philox`` (the default): on the CPU, value ``i`` of a tensor's flattened, contiguous layout is made from word
-  ``i`` of the Philox4x32-10 stream keyed by the stream seed (:mod:`zoedge.optim.philox`: a vectorised C kernel,
+  ``i`` of the Philox4x32-10 stream keyed by the stream seed (:mod:`zoedge.noise.philox`: a vectorised C kernel,
   or the same operations in torch). The values are the same on every CPU and do not depend on how a draw is
   split: a target is filled in chunks of :data:`CHUNK` elements, in parallel on the intra-op threads.
 * ``mt19937`` (zoedge's noise before the Philox kernel; checkpoints that do not name a generator use it):
@@ -26,7 +26,7 @@ and fills the whole target. Consequences:
 * so who draws them does not matter: a block's whole-tensor draws may be queued
   (:meth:`NoiseSource.draw` → :meth:`NoiseDraw.queue`) and drawn together in
   one :func:`batched_draws` block, every tensor's chunks in parallel, and a
-  :class:`~zoedge.optim.noise_cache.NoiseCache` may serve a draw made before.
+  :class:`~zoedge.noise.cache.NoiseCache` may serve a draw made before.
 
 Named variants (:data:`NOISE_KINDS`, :func:`make_noise`; a plugin option such as MeZO's ``noise=``) replace
 the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and unit variance; ``uniform_``
@@ -64,10 +64,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from zoedge.optim import philox
+from zoedge.noise import philox
 
 if TYPE_CHECKING:
-    from zoedge.optim.noise_cache import NoiseCache
+    from zoedge.noise.cache import NoiseCache
 
 #: elements per CPU chunk (4 MiB of fp32), the unit of work of the parallel fill (and, for ``mt19937``, of seeding):
 #: large enough that a chunk's overhead costs nothing measurable, small enough that a block's tensors split
@@ -157,7 +157,7 @@ class _Chunks:
 
     def run(self, jobs: list[_Job]) -> None:
         """Draw ``jobs``. Where the Philox kernel was built with OpenMP, its jobs are drawn in small pieces on
-        torch's own intra-op threads (:func:`~zoedge.optim.philox.fill_many`). The others: on the calling thread
+        torch's own intra-op threads (:func:`~zoedge.noise.philox.fill_many`). The others: on the calling thread
         and ``threads - 1`` pool workers, each taking the next job (largest first) until none is left; on the
         calling thread alone when they are few elements in all."""
         if philox.parallel():
@@ -271,7 +271,7 @@ class NoiseSource:
         self.generator = generator
         self._generators: dict[torch.device, torch.Generator] = {}
         #: CPU draws of whole tensors are kept here within its budget and served from it when drawn again
-        #: (:class:`~zoedge.optim.noise_cache.NoiseCache`; None: every draw is drawn)
+        #: (:class:`~zoedge.noise.cache.NoiseCache`; None: every draw is drawn)
         self.cache: NoiseCache | None = None
 
     def _generator(self, device: torch.device, step: int, name: str, stream: str) -> torch.Generator:
@@ -290,6 +290,8 @@ class NoiseSource:
 
     def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str, defer: bool = False
               ) -> torch.Tensor:
+        if out.is_meta:  # meta tensors hold no values (device-memory accounting): nothing to draw
+            return out
         if out.device.type != "cpu":
             gen = self._generator(out.device, step, name, stream)
             if kind == "normal":
