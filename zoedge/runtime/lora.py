@@ -218,8 +218,9 @@ class LoraAdapters:
             value = state[n] if n in state else None
             if value is None or tuple(value.shape) != tuple(t.shape):
                 got = tuple(value.shape) if value is not None else "missing"
-                raise ConfigError(where, f"adapter tensor {n} is {got}, the run needs {tuple(t.shape)}",
-                                  "resume with the same --lora-rank / --lora-targets and model")
+                raise ConfigError(where, f"adapter tensor {n} is {got}, the model's adapters need {tuple(t.shape)}",
+                                  "use adapters made for this model with the same rank and targets (--lora-rank, "
+                                  "--lora-targets; a resume: the checkpointed run's)")
             t.copy_(value)
 
     def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
