@@ -303,6 +303,10 @@ def test_bad_targets_name_the_option(stores):
         model.attach_lora(LoraSpec(targets=("query",)))
     with pytest.raises(ConfigError, match="--lora-rank"):
         LoraSpec(rank=0)
+    lora = model.attach_lora(SPEC)
+    wrong = {n: torch.zeros(t.shape[0] + 1, *t.shape[1:]) for n, t in lora.tensors.items()}
+    with pytest.raises(ConfigError, match="same rank and targets"):
+        lora.load_state_dict(wrong, "adapter dir")
 
 
 # ----------------------------------------------------------------------------- finetune / eval end to end
