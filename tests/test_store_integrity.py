@@ -97,6 +97,31 @@ def test_flip_after_stamping_is_refused_even_with_mtime_restored(store, monkeypa
     refused(store, "'layers.1' is corrupt")
 
 
+def test_block_changed_while_hashed_is_refused_and_not_stamped(store, monkeypatch):
+    """A writer changes a block while it is being hashed, after the hash read it (so the hash matches the
+    manifest), size and mtime put back: the load is refused, and nothing was stamped for the block, so the next
+    load hashes it again and finds the change."""
+    monkeypatch.setattr(verify, "RACY_NS", 0)  # no stamp is distrusted for being recent: only the check refuses
+    victim = store / "blocks" / "0002.layers.1.bin"
+    real = verify.sha256_file
+
+    def hash_then_write(path):
+        digest = real(path)
+        if Path(path).name == victim.name:
+            st = victim.stat()
+            raw = bytearray(victim.read_bytes())
+            raw[7] ^= 0x10
+            victim.write_bytes(bytes(raw))
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return digest
+
+    monkeypatch.setattr(verify, "sha256_file", hash_then_write)
+    refused(store, str(victim), "'layers.1' changed while it was being verified")
+    monkeypatch.setattr(verify, "sha256_file", real)
+    monkeypatch.setattr(verify, "_MEMORY", {})
+    refused(store, "'layers.1' is corrupt")
+
+
 def test_stamped_load_hashes_nothing_and_a_touched_block_is_rehashed(store, monkeypatch):
     monkeypatch.setattr(verify, "RACY_NS", 0)
     hashed = count_hashes(monkeypatch)

@@ -20,14 +20,25 @@ Phases (``--phases``, default all three):
   folder means after the first checkpoint, none before it. After every kill every ``step-*`` checkpoint must
   load (checksums verified); every final run must succeed and export weights bit-equal to the reference run's.
 
+* ``re-save`` (finetune phases): a finished run is resumed with its own ``--steps``, which re-saves its last step
+  and re-exports; it is stopped as soon as the re-save's ``.tmp-step-*`` folder appears (plus 0–20 ms), up to
+  ``--per-trial`` times, then resumed to the end. After every such stop the last step's checkpoint must still be
+  there, whole.
+
+``--signal TERM`` stops the runs with SIGTERM instead of SIGKILL: zoedge must then exit 143 (or 0 when it had just
+finished) within 60 s, leaving the same guarantees. A restart uses ``--resume`` when the run folder holds a
+checkpoint, else starts afresh (``--resume`` with no checkpoint is an error). A checkpoint is *lost* when the
+newest intact step after a stop is older than the newest one before that run started.
+
 Trials go on until every category has ``--kills`` kills (default 20; ``--max-trials`` caps it). Prints one line
-per trial, a table per category and a final JSON line; exits 1 on any corrupt store or checkpoint, failed resume
-or mismatch.
+per trial, a table per category and a final JSON line; exits 1 on any corrupt store or checkpoint, lost checkpoint,
+failed resume or mismatch.
 
 Example (15-30 minutes on 2 busy CPU cores)::
 
     python tools/kill_finetune.py                       # all phases, >= 20 kills per category
     python tools/kill_finetune.py --phases disk --kills 5
+    nice -n 19 python tools/kill_finetune.py --phases ram --kills 5 --signal TERM
 """
 from __future__ import annotations
 
@@ -48,8 +59,10 @@ from pathlib import Path
 
 import torch
 
-CATEGORIES = {"prepare": ("prepare", "after-manifest"), "ram": ("before", "during-write", "after"),
-              "disk": ("before", "during-write", "after")}
+CATEGORIES = {"prepare": ("prepare", "after-manifest"), "ram": ("before", "during-write", "after", "re-save"),
+              "disk": ("before", "during-write", "after", "re-save")}
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+STOP_SIGNAL = signal.SIGKILL  # set from --signal
 
 
 # ------------------------------------------------------------------ models and commands
@@ -99,6 +112,7 @@ class Run:
 
     def __init__(self, proc: mp.process.BaseProcess, log: Path) -> None:
         self.proc, self.log, self.pid = proc, log, proc.pid
+        self.hung = False  # did not exit within 60 s of SIGTERM (then SIGKILLed)
 
     def poll(self) -> int | None:
         return self.proc.exitcode
@@ -110,8 +124,14 @@ class Run:
         return self.proc.exitcode
 
     def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)  # kill -9, as a user's power cut or OOM killer would
-        self.proc.join()
+        """Stop with ``STOP_SIGNAL``: SIGKILL (kill -9, as a power cut or the OOM killer would) or SIGTERM (what
+        a scheduler or `kill` sends; zoedge must stop cleanly)."""
+        os.kill(self.pid, STOP_SIGNAL)
+        self.proc.join(None if STOP_SIGNAL == signal.SIGKILL else 60)
+        if self.proc.exitcode is None:
+            self.hung = True
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.join()
 
     @property
     def returncode(self) -> int | None:
@@ -195,13 +215,42 @@ def locked_by(out: Path, pid: int) -> bool:
         return False
 
 
-def landed(out: Path) -> str:
-    """Where a finetune kill landed, read off the run folder."""
+def landed(out: Path, writing: bool) -> str:
+    """Where a finetune kill landed: ``writing`` (a ``.tmp-step-*`` folder was there when the signal was sent, or
+    is left after it), else read off the run folder."""
     ckpts = out / "checkpoints"
-    if any(ckpts.glob(".tmp-step-*")):
+    if writing or any(ckpts.glob(".tmp-step-*")):
         return "during-write"
     from zoedge.train.checkpoint import checkpoint_folders
     return "after" if checkpoint_folders(ckpts) else "before"
+
+
+def newest_step(out: Path) -> int:
+    """The step of the newest intact checkpoint (-1: none)."""
+    from zoedge.train.checkpoint import latest_checkpoint
+    path = latest_checkpoint(out / "checkpoints")
+    return -1 if path is None else int(path.name.rsplit("-", 1)[1])
+
+
+def writing_checkpoint(out: Path) -> bool:
+    return any((out / "checkpoints").glob(".tmp-step-*"))
+
+
+def _tmp_folders(out: Path) -> set[tuple[int, int]]:
+    found = set()
+    for p in (out / "checkpoints").glob(".tmp-step-*"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        found.add((st.st_ino, st.st_ctime_ns))
+    return found
+
+
+def new_write(out: Path) -> Callable[[], bool]:
+    """A condition: a checkpoint write began (a ``.tmp-step-*`` folder that a stopped run did not leave)."""
+    stale = _tmp_folders(out)
+    return lambda: bool(_tmp_folders(out) - stale)
 
 
 def wait_until(proc: Run, cond: Callable[[], bool], timeout: float, poll: float = 0.002) -> bool:
@@ -216,14 +265,27 @@ def wait_until(proc: Run, cond: Callable[[], bool], timeout: float, poll: float 
     return False
 
 
-def kill_after(proc: Run, delay: float) -> bool:
-    """SIGKILL ``proc`` after ``delay`` seconds unless it exits first; True when killed."""
+def kill_after(proc: Run, delay: float, out: Path | None = None) -> bool | str:
+    """Stop ``proc`` after ``delay`` seconds unless it exits first; False when it exited first, else True, or (with
+    ``out``) where the stop landed (see :func:`landed`)."""
     try:
         proc.wait(timeout=max(delay, 0.0))
         return False
     except subprocess.TimeoutExpired:
+        writing = out is not None and writing_checkpoint(out)
         proc.kill()
-        return True
+        return True if out is None else landed(out, writing)
+
+
+def stopped_cleanly(proc: Run) -> str:
+    """'' when a stopped run ended as its signal demands (SIGKILL: killed; SIGTERM: exit 143, or 0 when it had just
+    finished), else what went wrong."""
+    if proc.hung:
+        return "did not exit within 60 s of SIGTERM"
+    code = proc.returncode
+    if STOP_SIGNAL == signal.SIGTERM and code not in (143, 0):
+        return f"exit {code} after SIGTERM (not 143): {proc.last_lines()}"
+    return ""
 
 
 def timeline(launch: Launcher, argv: list[str], marks: dict[str, Callable[[], bool]]) -> dict[str, float]:
@@ -294,10 +356,13 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, l
     from safetensors.torch import load_file
 
     ref_out = work / f"ref-{tier}"
-    ckpts = ref_out / "checkpoints"
-    t = timeline(launch, finetune_command(model, ref_out, tier, args),
-                 {"out": lambda: (ref_out / "run.json").is_file(), "ckpt": lambda: any(ckpts.glob("step-*"))})
+    timeline(launch, finetune_command(model, ref_out, tier, args), {})  # also prepares the cached store
     ref = load_file(str(ref_out / "model" / "model.safetensors"))
+    timed = work / f"ref-{tier}-timed"  # timed with the store prepared, as the trials run
+    ckpts = timed / "checkpoints"
+    t = timeline(launch, finetune_command(model, timed, tier, args),
+                 {"out": lambda: (timed / "run.json").is_file(), "ckpt": lambda: any(ckpts.glob("step-*"))})
+    shutil.rmtree(timed, ignore_errors=True)
     print(f"{tier} reference: {t['end']:.1f} s; run folder at {t.get('out', 0):.1f} s, first checkpoint at "
           f"{t.get('ckpt', 0):.1f} s", flush=True)
     before_window = max(t.get("ckpt", t["end"]) - t.get("out", 0.0), 0.05)
@@ -309,15 +374,15 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, l
         others = [c for i in range(args.per_trial) for c in ("during-write", "after") if need[c] > i]
         aims = ["before"] * max(0, min(need["before"], args.per_trial)) + others  # no checkpoint yet, then some
         for k in range(len(aims) + 1):
-            cmd = finetune_command(model, out, tier, args) + (["--resume"] if k else [])
+            had, writing = newest_step(out), new_write(out)
+            cmd = finetune_command(model, out, tier, args) + (["--resume"] if had >= 0 else [])
             proc = launch.start(cmd)
             if k < len(aims):
                 aim, killed = aims[k], False
                 if aim == "before" and wait_until(proc, lambda: locked_by(out, proc.pid), 300):
-                    killed = kill_after(proc, rng.uniform(0, before_window))
-                elif aim == "during-write" and wait_until(proc, lambda: any((out / "checkpoints").glob(".tmp-step-*")),
-                                                          300, poll=0.001):
-                    killed = kill_after(proc, rng.uniform(0, 0.02))
+                    killed = kill_after(proc, rng.uniform(0, before_window), out)
+                elif aim == "during-write" and wait_until(proc, writing, 300, poll=0.001):
+                    killed = kill_after(proc, rng.uniform(0, 0.02), out)
                 elif aim == "after":
                     lines = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").is_file() else 0
 
@@ -326,15 +391,12 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, l
                         return (any((out / "checkpoints").glob("step-*")) and m.is_file()
                                 and len(m.read_text().splitlines()) > lines)
                     if wait_until(proc, trained, 300, poll=0.01):
-                        killed = kill_after(proc, rng.uniform(0, train_window / 2))
+                        killed = kill_after(proc, rng.uniform(0, train_window / 2), out)
                 if killed:
-                    where = landed(out)
+                    where = killed
                     tally[f"{tier}/{where}"] += 1
-                    ok, why = checkpoints_ok(out)
-                    notes.append(f"killed {where}" + ("" if ok else f" CORRUPT {why}"))
-                    if not ok:
-                        tally[f"{tier}/corrupt"] += 1
-                        problems.append(f"{tier} trial {trial}: {why}")
+                    note = check_stop(proc, out, had, f"{tier} trial {trial}", tally, tier, problems)
+                    notes.append(f"stopped {where}" + note)
                     continue
                 if proc.poll() is None:
                     proc.wait()
@@ -346,9 +408,29 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, l
                 notes.append(why)
                 problems.append(f"{tier} trial {trial}: {why}")
             break
-        final = out / "model" / "model.safetensors"
-        same = final.is_file() and (lambda got: got.keys() == ref.keys() and all(
-            torch.equal(got[n], ref[n]) for n in ref))(load_file(str(final)))
+        def exported_equal() -> bool:
+            final = out / "model" / "model.safetensors"
+            return final.is_file() and (lambda got: got.keys() == ref.keys() and all(
+                torch.equal(got[n], ref[n]) for n in ref))(load_file(str(final)))
+        same = exported_equal()
+        if same and tally[f"{tier}/re-save"] < args.kills:  # stop the re-save of the finished run's last step
+            for _ in range(args.per_trial):
+                had, writing = newest_step(out), new_write(out)
+                proc = launch.start(finetune_command(model, out, tier, args) + ["--resume"])
+                if not wait_until(proc, writing, 300, poll=0.001):
+                    proc.wait()
+                    break
+                if kill_after(proc, rng.uniform(0, 0.02), out):
+                    tally[f"{tier}/re-save"] += 1
+                    notes.append("stopped re-save" + check_stop(proc, out, had, f"{tier} trial {trial} re-save",
+                                                                tally, tier, problems))
+            proc = launch.start(finetune_command(model, out, tier, args) + ["--resume"])
+            proc.wait()
+            if proc.returncode != 0:
+                tally[f"{tier}/failed"] += 1
+                problems.append(f"{tier} trial {trial}: resume after the re-save stops: exit {proc.returncode}: "
+                                f"{proc.last_lines()}")
+            same = exported_equal()
         tally[f"{tier}/equal" if same else f"{tier}/different"] += 1
         if not same:
             problems.append(f"{tier} trial {trial}: exported weights differ from the reference")
@@ -356,6 +438,27 @@ def run_finetune(tier: str, args: argparse.Namespace, model: Path, work: Path, l
               f"{'bit-equal' if same else 'DIFFERENT weights'}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         trial += 1
+
+
+def check_stop(proc: Run, out: Path, had: int, where: str, tally: Counter, tier: str, problems: list[str]) -> str:
+    """After a stop: every checkpoint loads, none was lost, the signal was handled; returns a note."""
+    note = ""
+    ok, why = checkpoints_ok(out)
+    if not ok:
+        tally[f"{tier}/corrupt"] += 1
+        problems.append(f"{where}: {why}")
+        note += f" CORRUPT {why}"
+    now = newest_step(out)
+    if now < had:
+        tally[f"{tier}/lost"] += 1
+        problems.append(f"{where}: the newest checkpoint went from step {had} to {now}")
+        note += f" LOST step {had} (now {now})"
+    bad = stopped_cleanly(proc)
+    if bad:
+        tally[f"{tier}/unclean"] += 1
+        problems.append(f"{where}: {bad}")
+        note += f" UNCLEAN {bad}"
+    return note
 
 
 def main() -> int:
@@ -370,9 +473,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12, help="finetune steps per run (default 12)")
     ap.add_argument("--save-every", type=int, default=3, help="checkpoint interval (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times (default 0)")
+    ap.add_argument("--signal", choices=tuple(SIGNALS), default="KILL",
+                    help="how runs are stopped: KILL (SIGKILL, default) or TERM (SIGTERM: zoedge must exit 143)")
     ap.add_argument("--json", type=Path, default=None, help="also write the final JSON to this file")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
+    global STOP_SIGNAL
+    STOP_SIGNAL = SIGNALS[args.signal]
     rng = random.Random(args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="zoedge-kill-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -389,15 +496,17 @@ def main() -> int:
         model = make_model(work, "hf", hidden=32, layers=2, tokenizer=True)
         for tier in tiers:
             run_finetune(tier, args, model, work, launch, rng, tally, problems)
-    result = {"phases": args.phases, "kills_wanted": args.kills, "seconds": round(time.monotonic() - t0, 1),
+    result = {"phases": args.phases, "signal": args.signal, "kills_wanted": args.kills, "seconds": round(time.monotonic() - t0, 1),
               "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2), "tally": dict(tally),
               "problems": problems}
-    print("\n| phase | where the kills landed | kills | corrupt | failed resumes | final result equal / different |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| phase | where the SIG{args.signal}s landed | kills | corrupt | lost checkpoints | unclean exits | "
+          "failed resumes | final result equal / different |")
+    print("|---|---|---|---|---|---|---|---|")
     for phase in args.phases:
         for c in CATEGORIES[phase]:
             key = f"{phase}/{c}"
-            print(f"| {phase} | {c} | {tally[key]} | {tally[f'{phase}/corrupt']} | {tally[f'{phase}/failed']} | "
+            print(f"| {phase} | {c} | {tally[key]} | {tally[f'{phase}/corrupt']} | {tally[f'{phase}/lost']} | "
+                  f"{tally[f'{phase}/unclean']} | {tally[f'{phase}/failed']} | "
                   f"{tally[f'{phase}/equal']} / {tally[f'{phase}/different']} |")
     print(json.dumps(result), flush=True)
     if args.json:

@@ -14,15 +14,18 @@ other commands keep working.
 
 Exit codes: 0 success; :attr:`ZoedgeError.exit_code` for errors the user can
 fix (2 bad input, 3 training stopped); 2 for argparse usage errors and a full disk
-(an ``OSError`` ENOSPC / EDQUOT that no command named itself); 130 after Ctrl-C. Anything else is a bug and keeps
-its traceback.
+(an ``OSError`` ENOSPC / EDQUOT that no command named itself); 130 after Ctrl-C, 143 after SIGTERM (handled like
+Ctrl-C: the command stops where it is, its writes are atomic, a second SIGTERM ends it at once). Anything else is a
+bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import errno
 import importlib
+import signal
 import sys
+import threading
 from types import ModuleType
 
 from zoedge.errors import ConfigError, ZoedgeError
@@ -32,6 +35,16 @@ COMMANDS: list[str] = ["prepare", "finetune", "eval", "generate", "plugins", "sy
 
 PROG = "zoedge"
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM, so it unwinds like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 class _Unavailable:
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     module = modules[args.command]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(module.run(args) or 0)
     except ZoedgeError as err:
@@ -122,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.filename or 'a file'}: cannot be written (the disk is full). Fix: free disk space, then "
               f"{hint or 'run the command again'}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         hint = getattr(module, "RESUME_HINT", "")
-        print(f"\ninterrupted: `{PROG} {args.command}` was stopped (Ctrl-C)" + (f"; {hint}" if hint else ""),
+        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"\ninterrupted: `{PROG} {args.command}` was stopped ({how})" + (f"; {hint}" if hint else ""),
               file=sys.stderr)
-        return INTERRUPTED
+        return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # python -m zoedge.cli ...

@@ -23,6 +23,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from zoedge.errors import ConfigError
+from zoedge.names import STORE_DTYPES
 
 S = TypeVar("S", bound="Settings")
 
@@ -107,7 +108,7 @@ class ModelOptions(Settings):
                         "blocks; results bit-equal to layer)", choices=("layer", "half"))
     dtype: str | None = setting(None, "precision of the compute: a checkpoint is prepared in it (default fp32); a "
                                 "store made by `zoedge prepare` computes in its own (another --dtype is refused)",
-                                type=str, choices=("fp32", "bf16", "fp16"))
+                                type=str, choices=STORE_DTYPES)
     threads: int | None = setting(None, "intra-op CPU threads (default: the cores this process may use, one left to "
                                   "the disk tier's I/O thread on 4+ cores; a warning when other jobs already load "
                                   "them)", type=int, minimum=1)

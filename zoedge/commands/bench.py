@@ -254,8 +254,10 @@ def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, s
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from zoedge.output_dir import result_file
     from zoedge.runtime.threads import apply_threads, choose_threads
 
+    result_file(args.json, {"the store": args.store})  # checked before the work
     threads = choose_threads(args.threads, args.tier)
     apply_threads(threads)
     human = sys.stderr if args.json == "-" else sys.stdout
@@ -428,5 +430,6 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
               file=human)
     if args.json:
         out = json.dumps(result, indent=1)
-        print(out) if args.json == "-" else Path(args.json).write_text(out + "\n")
+        from zoedge.output_dir import write_result
+        print(out) if args.json == "-" else write_result(Path(args.json), out + "\n")
     return 0

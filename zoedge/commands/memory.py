@@ -57,7 +57,7 @@ def predicted(args: argparse.Namespace) -> int | None:
     from zoedge.errors import ConfigError
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.hardware import hardware
 
     opt = build(args.optimizer, options(args.opt_arg), seed=0)
     try:
@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.plan.measure import measure_step
     from zoedge.runtime.threads import apply_threads, choose_threads
 
+    from zoedge.output_dir import result_file, write_result
+    target = result_file(args.json, {"the store": args.store})
     apply_threads(choose_threads(args.threads, args.tier))
     human = sys.stderr if args.json == "-" else sys.stdout
     m = measure_step(args.store, args.device, optimizer=args.optimizer, options=options(args.opt_arg),
@@ -101,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = json.dumps({**m.to_dict(), "predicted_device_peak": pred, "ratio": ratio,
                           "store": str(args.store)}, indent=1)
-        print(out) if args.json == "-" else Path(args.json).write_text(out + "\n")
+        print(out) if target is None else write_result(target, out + "\n")
     return 0

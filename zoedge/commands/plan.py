@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from zoedge.commands.values import AMOUNT, COUNT, RATE
+from zoedge.names import GPU_NAMES, QUANT_KINDS, STORE_DTYPES
 
-GPU_NAMES = ("rtx4090", "a100-80g", "h100", "h200")  # == zoedge.plan.hardware.GPUS
 #: ZO2's published peak GPU memory (NVML device-used; OPT fp16, MeZO, batch 1, seq 2048, random weights)
 ZO2_GB = {"opt-1.3b": 3.75, "opt-2.7b": 4.14, "opt-6.7b": 4.99, "opt-13b": 6.18, "opt-30b": 8.86, "opt-66b": 12.07,
           "opt-175b": 18.04}
@@ -68,9 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
                    help="--peft lora: the nn.Linear modules that get adapters (default q_proj,v_proj)")
     p.add_argument("--q", type=COUNT, default=1, help="random directions per step (2q passes; default 1)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", choices=STORE_DTYPES, default=None,
                    help="stored/compute dtype (default: the store's, else fp16)")
-    p.add_argument("--quant", choices=("none", "int8", "nf4"), default=None,
+    p.add_argument("--quant", choices=QUANT_KINDS, default=None,
                    help="quantized decoder-layer matrices (default: the store's, else none)")
     p.add_argument("--layers", type=COUNT, default=None, help="plan for this many decoder layers (default: full depth)")
     p.add_argument("--batch", type=COUNT, default=1, help="sequences per step (default 1)")
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
     from zoedge.optim.registry import build, parse_opts
     from zoedge.plan.accounting import Workload, declared_state, make_plan, method, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.hardware import hardware
 
     hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
                   disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,
@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     m = method(args.method, args.q, args.rank, lora)
     work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
     work.check()
+    from zoedge.output_dir import result_file, write_result
+    target = result_file(args.json, {f"the model {i + 1}": m for i, m in enumerate(args.models) if Path(m).exists()})
     human = sys.stderr if args.json == "-" else sys.stdout
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
@@ -214,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)
-        if args.json == "-":
+        if target is None:
             print(out)
         else:
-            Path(args.json).write_text(out + "\n")
+            write_result(target, out + "\n")
     return 0

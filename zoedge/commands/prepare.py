@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 from zoedge.errors import ConfigError
+from zoedge.names import QUANT_KINDS, STORE_DTYPES
 
-DTYPES = ("fp32", "bf16", "fp16")
-QUANTS = ("none", "int8", "nf4")  # == zoedge.store.quant.QUANT_KINDS (not imported here: keeps --help fast)
 
 RESUME_HINT = "the finished blocks are kept; re-run the same command to resume"
 
@@ -30,9 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "with the same options.")
     p.add_argument("src", metavar="SRC", type=Path, help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("dst", metavar="DST", type=Path, help="block store directory to create or resume")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+    p.add_argument("--dtype", choices=STORE_DTYPES, default="fp32",
                    help="stored and compute precision of the weights (default: fp32)")
-    p.add_argument("--quant", choices=QUANTS, default="none",
+    p.add_argument("--quant", choices=QUANT_KINDS, default="none",
                    help="store the decoder layers' matrices int8 or nf4 (bitsandbytes, blockwise); they are "
                    "dequantized on the device to --dtype (default: none)")
     p.add_argument("--json", metavar="FILE", default=None,

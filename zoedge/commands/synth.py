@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from zoedge.commands.values import AMOUNT, COUNT
+from zoedge.names import STORE_DTYPES
 
 SHAPE_NAMES = ("opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b", "llama-2-7b", "llama-2-13b",
                "llama-2-70b", "qwen2-72b", "smollm2-135m")  # == zoedge.plan.shapes.SHAPES (kept here: fast --help)
@@ -26,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=COUNT, default=None, metavar="K",
                    help="decoder layers to write (default: the model's full depth); figures measured on K layers "
                    "are extrapolated per layer")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+    p.add_argument("--dtype", choices=STORE_DTYPES, default="fp32",
                    help="stored dtype of the weights (default: fp32)")
     p.add_argument("--seed", type=AMOUNT, default=0, help="seed of the random weights (default: 0)")
     p.add_argument("--tokenizer-from", type=Path, default=None, metavar="DIR",
@@ -37,13 +38,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoedge.output_dir import check_apart, result_file, write_result
     from zoedge.plan.shapes import write_checkpoint
 
+    target = result_file(args.json, {"--tokenizer-from": args.tokenizer_from})
+    check_apart({"OUT": args.out, "--json": target}, {"--tokenizer-from": args.tokenizer_from})
     human = sys.stderr if args.json == "-" else sys.stdout
     summary = write_checkpoint(args.shape, args.out, args.layers, args.dtype, args.seed, args.tokenizer_from,
                                progress=not args.no_progress, log=lambda s: print(s, file=human))
     if args.json == "-":
         print(json.dumps(summary, indent=1))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    elif target is not None:
+        write_result(target, json.dumps(summary, indent=1) + "\n")
     return 0

@@ -57,7 +57,8 @@ from typing import Any
 import torch
 
 from zoedge.errors import ConfigError
-from zoedge.plan.hardware import GiB, Hardware
+from zoedge.names import STORE_DTYPES
+from zoedge.hardware import GiB, Hardware
 from zoedge.plan.spec import QUANTS, RUNTIME_UNITS, Method, ModelSpec, Workload, method  # noqa: F401 (re-exported)
 from zoedge.plan.timing import step_time
 from zoedge.runtime.lora import LoraAdapters, LoraSpec
@@ -84,7 +85,7 @@ def layout(config: Any, dtype: str, quant: str = "none") -> tuple[list[BlockEntr
     from zoedge.adapters import adapter_for
     from zoedge.store.manifest import plan_block
 
-    if dtype not in ("fp32", "fp16", "bf16"):
+    if dtype not in STORE_DTYPES:
         raise ConfigError("--dtype", repr(dtype), "use fp32, fp16 or bf16")
     if quant not in QUANTS:
         raise ConfigError("--quant", repr(quant), f"use one of {', '.join(QUANTS)}")

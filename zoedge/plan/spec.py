@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from zoedge.errors import ConfigError
+from zoedge.names import QUANT_KINDS
 from zoedge.runtime.lora import LoraSpec
 from zoedge.store.manifest import BlockEntry
 
-QUANTS = ("none", "int8", "nf4")
+QUANTS = QUANT_KINDS
 #: units the runtime streams (``StreamedModel(unit=...)``)
 RUNTIME_UNITS = ("layer", "half")
 

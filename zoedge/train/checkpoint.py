@@ -15,7 +15,9 @@ store instead, replayed onto the store on resume (:mod:`zoedge.train.update_log`
 A checkpoint is written into ``.tmp-step-N``, every file fsynced, then the
 folder is renamed and ``latest`` replaced atomically. A SIGKILL at any moment
 leaves either the old ``latest`` (pointing at a complete folder) or the new
-one. ``state.json`` records the sha256 of both tensor files (key
+one; re-saving an existing step exchanges the folders
+(:func:`zoedge.output_dir.replace_dir`), so the old copy or the new one is
+always there. ``state.json`` records the sha256 of both tensor files (key
 ``"checksums"``); a checkpoint is *intact* when its files exist, match their
 checksums and its state has the keys in :data:`REQUIRED_STATE`.
 :func:`latest_checkpoint` returns the newest intact one: when ``latest`` is
@@ -39,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zoedge.errors import StoreError, TrainingError
+from zoedge.output_dir import aside, replace_dir, restore_aside
 from zoedge.store.safetensors_io import WeightStream, write_streamed
 
 log = logging.getLogger(__name__)
@@ -131,7 +134,10 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
     tmp, final = root / f".tmp-{name}", root / name
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a kill; one writer per run (its lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob(".old-step-*"):
+            restore_aside(root / old.name[len(".old-"):])
         tmp.mkdir()
         # each chunk is checked before it is written; a non-finite one stops the write and the folder goes
         if stream is not None:
@@ -143,9 +149,7 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a re-saved step: exchanged, never deleted first
         latest_tmp = root / f".{LATEST}.tmp"
         latest_tmp.write_text(name)
         _fsync_file(latest_tmp)
@@ -216,8 +220,16 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_folders(root: Path) -> list[Path]:
-    """Every ``step-*`` folder under ``root``, oldest first."""
-    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    """Every ``step-*`` folder under ``root``, oldest first (a step whose re-save was killed between its two
+    renames: the old copy, kept aside)."""
+    if not root.is_dir():
+        return []
+    found = {p.name: p for p in root.glob("step-*") if p.is_dir()}
+    for p in root.glob(".old-step-*"):
+        name = p.name[len(".old-"):]
+        if p.is_dir() and name not in found and aside(root / name) == p:
+            found[name] = p
+    return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:

