@@ -366,7 +366,7 @@ def test_finetune_writes_a_peft_adapter_and_eval_takes_it(tmp_path, monkeypatch,
 
 def test_plan_counts_adapters_and_no_write_back(tmp_path):
     from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.hardware import hardware
 
     save_tiny("llama", tmp_path / "hf", tie=True)
     spec = model_spec(str(tmp_path / "hf"), "fp32")

@@ -67,6 +67,27 @@ from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
 
 
+#: optimizer plugins the plan has a footprint for, and the footprint
+FOOTPRINTS = {"mezo": "mezo", "hzo": "lowrank"}
+
+
+def method_for(optimizer: str, options: dict[str, Any], lora: LoraSpec | None = None) -> Method:
+    """The footprint of optimizer plugin ``optimizer`` with plugin ``options`` (``--opt``: mezo's q, hzo's rank),
+    training ``lora`` adapters on a frozen base when given (``--peft lora``).
+
+    Raises:
+        ConfigError: no footprint for that plugin, (from the plugin) options it refuses, or ``lora`` with a
+            plugin other than mezo.
+    """
+    if optimizer not in FOOTPRINTS:
+        raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
+                          f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
+    from zoedge.optim.registry import build
+
+    plugin = build(optimizer, options, seed=0)
+    return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)), lora)
+
+
 # ------------------------------------------------------------------------------------------------- the model
 def _owners(config: Any, tied: dict[str, str]) -> frozenset[str]:
     from zoedge.adapters import adapter_for

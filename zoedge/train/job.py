@@ -228,6 +228,7 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
         TrainingError: a weight is not finite (nothing is written).
         StoreError: the model cannot be written (disk full, permissions); nothing of it is left.
     """
+    from zoedge.store.atomic import fsync_dir, write_durable
     from zoedge.store.safetensors_io import write_streamed
     from zoedge.train.guard import last_good
     files = side_files(model.store) if files is None else files
@@ -239,7 +240,8 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
         write_streamed(tmp / "model.safetensors", model.merged_stream(), metadata={"format": "pt"},
                        check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
         for name, data in files.items():
-            (tmp / name).write_bytes(data)
+            write_durable(tmp / name, data)
+        fsync_dir(tmp)  # a power cut after the rename finds the new export whole
         output_dir.replace_dir(tmp, out)  # an earlier export is exchanged, never deleted first
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -545,7 +547,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     """Loss and accuracy of a model (store / HF dir / finetune output / default) on dev and test."""
     given = set(given or ())
     s.check()
-    target = Path(s.json) if s.json else None
+    target = Path(s.json) if s.json and s.json != "-" else None  # '-': the command prints the results
     if target is not None:
         check_writable_file(target, "--json")
     s, summary = eval_settings_from_run(s, given)
