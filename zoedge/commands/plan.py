@@ -150,9 +150,9 @@ def summary(plans) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from zoedge.hardware import hardware
     from zoedge.optim.registry import build, parse_opts
     from zoedge.plan.accounting import Workload, declared_state, make_plan, method, method_for, model_spec
+    from zoedge.hardware import hardware
     from zoedge.settings import from_args
 
     s, _ = from_args(PlanSettings, args)
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
         spec = model_spec(name, s.dtype, s.quant, s.layers)
-        state = declared_state(spec, build(_optimizer(s), parse_opts(s.opt), seed=0)) if s.method != "forward" else 0
+        state = 0 if s.method == "forward" else declared_state(spec, build(_optimizer(s), parse_opts(s.opt), seed=0))
         plans.append(make_plan(spec, m, work, hw, int(s.chunk_mib * 2**20), optimizer_state=state))
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)

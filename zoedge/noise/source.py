@@ -408,7 +408,7 @@ class NoiseSource:
 
     def describe(self) -> dict[str, str]:
         """Variant, generator and how CPU draws were computed (``native``: the C kernel; ``unused``: no CPU draw
-        in this process, e.g. a run on an accelerator) and by which kernel (:func:`~zoedge.optim.philox.kernel`:
+        in this process, e.g. a run on an accelerator) and by which kernel (:func:`~zoedge.noise.philox.kernel`:
         the one built at install time, or at first use), for run summaries."""
         philox_cpu = self.generator == "philox"
         return {"kind": self.kind, "generator": self.generator,

@@ -79,12 +79,15 @@ def method_for(optimizer: str, options: dict[str, Any], lora: LoraSpec | None = 
         ConfigError: no footprint for that plugin, (from the plugin) options it refuses, or ``lora`` with a
             plugin other than mezo.
     """
-    if optimizer not in FOOTPRINTS:
-        raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
-                          f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
     from zoedge.optim.registry import build
 
     plugin = build(optimizer, options, seed=0)
+    if optimizer not in FOOTPRINTS:
+        if plugin.dense and plugin.passes == 2 and plugin.fo_pass is None:  # perturbs densely, two passes: MeZO's
+            return replace(method("mezo", lora=lora),
+                           note=f"{optimizer}: a dense two-pass plugin, planned with MeZO's footprint")
+        raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
+                          f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
     return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)), lora)
 
 
