@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from zoedge.settings import FinetuneSettings, add_options
 
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(flag(key), f"optimizer '{settings.optimizer}' has no option '{key}' (its options: "
                                   f"{', '.join(known) or 'none'})",
                                   f"drop {flag(key)}, or set the plugin's own options with --opt KEY=VALUE")
+    if settings.json and settings.json != "-":
+        from zoedge.train.job import check_writable_file
+        check_writable_file(Path(settings.json), "--json")
     s = run_finetune(settings, parsed)
     if launched_rank() != 0:  # torchrun / accelerate launch: rank 0 reports for the run
         return 0
@@ -57,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
           f"{s['tokens_per_s'] or 0:.0f} tokens/s); peak memory {peak}\n"
           f"model: {s['model_dir'] or 'not exported (--no-export)'}  summary: {settings.output}/summary.json"
           + (f"  curves: {s['plot']}" if s["plot"] else ""), file=sys.stderr)
-    from zoedge.train.job import json_safe
-    print(json.dumps(json_safe({k: s[k] for k in ("dev_before", "dev_after", "test_after", "steps", "seconds")}),
+    from zoedge.train.job import dumps, json_safe, write_atomic
+    if settings.json and settings.json != "-":
+        write_atomic(Path(settings.json), dumps(s))
+    print(dumps(s) if settings.json == "-" else
+          json.dumps(json_safe({k: s[k] for k in ("dev_before", "dev_after", "test_after", "steps", "seconds")}),
                      allow_nan=False))
     return 0

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     s.check()
     if not s.prompt and s.prompts is None:
         raise ConfigError("zoedge generate", "no prompt given", "give --prompt TEXT (repeatable) or --prompts FILE")
-    target = Path(s.json) if s.json else None
+    target = Path(s.json) if s.json and s.json != "-" else None  # '-': the JSON on stdout, completions on stderr
     if target is not None:
         check_writable_file(target, "--json")
     prompts = prompts_from(s.prompt, s.prompts)  # read and checked before the model loads
@@ -52,21 +52,24 @@ def run(args: argparse.Namespace) -> int:
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
     with ExitStack() as held:  # the store is leased while it is read
-        store = resolve_store(s.model, s.dtype, lease=held)
+        store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)
         with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
             out = generate(model, prompts, load_tokenizer(store), max_new_tokens=s.max_new_tokens,
                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop, seed=s.seed,
                            batch_size=s.batch_size, chat=s.chat)
+    human = sys.stderr if s.json == "-" else sys.stdout
     for k, c in enumerate(out.completions):
         if len(out.completions) > 1:
-            print(f"### {k + 1}: {_one_line(c.prompt)}")
-        print(c.completion, flush=True)
+            print(f"### {k + 1}: {_one_line(c.prompt)}", file=human)
+        print(c.completion, file=human, flush=True)
     rate = f"{out.tokens_per_s:.1f}" if out.tokens_per_s else "n/a"
     log_stderr(f"{len(out.completions)} prompts, {out.new_tokens} new tokens in {out.seconds:.2f} s ({rate} tokens/s, "
                f"prefill {out.prefill_seconds:.2f} s); {threads.threads} threads, {s.device}, {s.tier} tier")
+    result = dumps({**out.to_dict(), "store": str(store), "threads": threads.to_dict(), "options": to_dict(s)})
     if target is not None:
-        write_atomic(target, dumps({**out.to_dict(), "store": str(store),
-                                    "threads": threads.to_dict(), "options": to_dict(s)}))
+        write_atomic(target, result)
+    elif s.json == "-":
+        print(result)
     return 0
 
 

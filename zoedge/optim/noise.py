@@ -406,9 +406,12 @@ class NoiseSource:
 
     def describe(self) -> dict[str, str]:
         """Variant, generator and how CPU draws were computed (``native``: the C kernel; ``unused``: no CPU draw
-        in this process, e.g. a run on an accelerator), for run summaries."""
+        in this process, e.g. a run on an accelerator) and by which kernel (:func:`~zoedge.optim.philox.kernel`:
+        the one built at install time, or at first use), for run summaries."""
+        philox_cpu = self.generator == "philox"
         return {"kind": self.kind, "generator": self.generator,
-                "cpu_backend": philox.backend(load=False) if self.generator == "philox" else "torch"}
+                "cpu_backend": philox.backend(load=False) if philox_cpu else "torch",
+                "cpu_kernel": philox.kernel() if philox_cpu else None}
 
     @property
     def identity(self) -> tuple[str, int]:

@@ -276,7 +276,8 @@ def parse_opts(items: Iterable[str]) -> dict[str, str]:
         key = key.strip()
         if not sep or not key:
             raise PluginError(f"--opt {item!r}", "is not KEY=VALUE",
-                              "write each option as --opt KEY=VALUE, e.g. --opt eps=1e-3")
+                              "write each option as --opt KEY=VALUE, e.g. --opt eps=1e-3 (the optimizer itself "
+                              "is --optimizer NAME)")
         if key in out:
             raise PluginError(f"--opt {key}", f"is given twice ({out[key]!r} and {value!r})", "give it once")
         out[key] = value

@@ -110,6 +110,25 @@ def method(name: str, q: int = 1, rank: int = 4) -> Method:
     return table[name]
 
 
+#: optimizer plugins the plan has a footprint for, and the footprint
+FOOTPRINTS = {"mezo": "mezo", "hzo": "lowrank"}
+
+
+def method_for(optimizer: str, options: dict[str, Any]) -> Method:
+    """The footprint of optimizer plugin ``optimizer`` with plugin ``options`` (``--opt``: mezo's q, hzo's rank).
+
+    Raises:
+        ConfigError: no footprint for that plugin, or (from the plugin) options it refuses.
+    """
+    if optimizer not in FOOTPRINTS:
+        raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
+                          f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
+    from zoedge.optim.registry import build
+
+    plugin = build(optimizer, options, seed=0)
+    return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)))
+
+
 # ------------------------------------------------------------------------------------------------- the model
 @dataclass
 class ModelSpec:

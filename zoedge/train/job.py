@@ -503,7 +503,7 @@ def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     """Loss and accuracy of a model (store / HF dir / finetune output / default) on dev and test."""
     given = set(given or ())
     s.check()
-    target = Path(s.json) if s.json else None
+    target = Path(s.json) if s.json and s.json != "-" else None  # '-': the command prints the results
     if target is not None:
         check_writable_file(target, "--json")
     s, summary = eval_settings_from_run(s, given)
