@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", help="only mutants on these lines, e.g. 30-45")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run (a timeout kills the mutant)")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--list", action="store_true", help="print the modules and their tests")
+    ap.add_argument("--list", action="store_true", help="print the modules, their mutant counts and their tests")
     a = ap.parse_args(argv)
     if a.list or not a.module:
         for m, t in TESTS.items():
-            print(f"{m}: {' '.join(t)}")
+            print(f"{m} ({len(sites((ROOT / m).read_text()))} mutants): {' '.join(t)}")
         return 0
     path = ROOT / a.module
     tests = shlex.split(a.tests) if a.tests else TESTS[a.module]
