@@ -6,9 +6,9 @@ need ``zoedge*`` found automatically *and* the ``plugins/`` folder installed
 as the package ``zoedge_plugins`` (mapped in setup.cfg's ``package_dir``), so
 the list is computed here. Works for wheels and for editable installs.
 
-The noise kernel ``zoedge/optim/philox.c`` is built here into a plain shared library,
-``zoedge/optim/_philox<EXT_SUFFIX>`` (wheels carry it; editable installs build it in place), which
-``zoedge/optim/philox.py`` loads with ctypes, so no compiler is needed at run time. It is linked with
+The noise kernel ``zoedge/noise/philox.c`` is built here into a plain shared library,
+``zoedge/noise/_philox<EXT_SUFFIX>`` (wheels carry it; editable installs build it in place), which
+``zoedge/noise/philox.py`` loads with ctypes, so no compiler is needed at run time. It is linked with
 OpenMP where the compiler has it (the library then runs on the libgomp torch already loaded) and is portable
 (no -march: on x86-64 the value loops are compiled per vector ISA, see philox.c). Without a working compiler
 the package installs anyway; philox.py then builds the kernel at first use, or draws with torch.
@@ -30,7 +30,7 @@ if "zoedge" not in PACKAGES:
         "installed. Fix: create zoedge/__init__.py."
     )
 
-SOURCE = "zoedge/optim/philox.c"
+SOURCE = "zoedge/noise/philox.c"
 #: as philox.py's FLAGS (``-ffp-contract=off`` keeps a*b + c two roundings: the values depend on it)
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 #: tried in this order until one builds: OpenMP and the per-ISA loops, then without either
@@ -59,7 +59,7 @@ class BuildKernel(build_ext):
 
 
 KERNEL = Extension(
-    "zoedge.optim._philox",
+    "zoedge.noise._philox",
     sources=[SOURCE],
     extra_compile_args=FLAGS,
     define_macros=[("ZOEDGE_PHILOX_SOURCE_SHA256",

@@ -24,15 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from zoedge.adapters import layer_index
-from zoedge.errors import ConfigError
-from zoedge.optim.api import Update, ZOOptimizer
-from zoedge.optim.first_order import FOSettings
-from zoedge.optim.lowrank import LowRankPerturbed
-from zoedge.optim.registry import register_optimizer
-from zoedge.runtime.perturbed import Fill
-from zoedge.runtime.streamed import Resident
-from zoedge.store.manifest import BlockEntry
+from zoedge.optim.api import (BlockEntry, ConfigError, Fill, FOSettings, LowRankPerturbed, Resident, Update,
+                              ZOOptimizer, layer_index, register_optimizer)
 
 
 @register_optimizer("hzo")
@@ -105,7 +98,7 @@ class HZO(ZOOptimizer):
 
     # --------------------------------------------------------------- hooks
     def z(self, step: int, name: str) -> Fill:
-        """A 1-D tensor's dense noise (any range of it: the lean runtime forms it just in time)."""
+        """A 1-D tensor's dense noise (any range of it)."""
         return self.noise.draw(step, name, "z0")
 
     def draw(self, block: Resident) -> None:
@@ -129,7 +122,7 @@ class HZO(ZOOptimizer):
                 seen[name] = LowRankPerturbed(t, factor.to(t.dtype), v.to(t.dtype), 1.0)
             else:
                 base = t + self.d[name].to(t.dtype) if name in self.d else t  # 1-D: small
-                seen[name] = block.perturbed(name, "z0", self.z(self.t, name), sign * self.eps, base) if sign \
+                seen[name] = block.perturbed(name, "z0", sign * self.eps, base) if sign \
                     else base
         return seen
 

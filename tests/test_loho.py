@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoedge
 from zoedge.optim.first_order import FirstOrder
-from zoedge.optim.noise import NoiseSource, stream_seed
+from zoedge.noise.source import NoiseSource, stream_seed
 from zoedge.optim.sparse_delta import sample_entries
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.loho import LoHO

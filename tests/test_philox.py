@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoedge.optim import philox
+from zoedge.noise import philox
 
 native = pytest.mark.skipif(philox.backend() != "native", reason=f"no C kernel: {philox.backend()}")
 KEY = 0x0123_4567_89AB_CDEF
@@ -170,7 +170,7 @@ def test_the_installed_kernel_loads_without_a_compiler_and_gives_the_reference_b
     import sys
 
     script = ("import shutil, torch\n"
-              "from zoedge.optim import philox\n"
+              "from zoedge.noise import philox\n"
               "assert shutil.which('cc') is None and shutil.which('gcc') is None\n"
               "a = philox.fill_(torch.empty(70001), 99, 257)\n"
               "b = philox.reference_fill_(torch.empty(70001), 99, 257)\n"

@@ -12,7 +12,7 @@ from tests.tiny import save_tiny
 from zoedge.cli import main
 from zoedge.errors import ConfigError
 from zoedge.plan.accounting import Workload, layout, make_plan, method, model_spec, units
-from zoedge.plan.hardware import Hardware, hardware
+from zoedge.hardware import Hardware, hardware
 from zoedge.plan.measure import measure_step
 from zoedge.plan.tracker import DeviceMemoryTracker
 

@@ -9,7 +9,7 @@ import pytest
 
 from zoedge.cli import main
 from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-from zoedge.plan.hardware import Hardware, hardware
+from zoedge.hardware import Hardware, hardware
 from zoedge.plan.timing import arithmetic_bytes, record_schedule
 
 MEASURED = Path(__file__).resolve().parents[1] / "docs" / "measurements" / "h200-2026-11-29"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from zoedge.optim import philox
+from zoedge.noise import philox
 
 
 def _fill(path: Path):

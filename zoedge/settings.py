@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from zoedge.errors import ConfigError
+from zoedge.names import GPU_NAMES, QUANT_KINDS, STORE_DTYPES
 
 S = TypeVar("S", bound="Settings")
 
@@ -158,7 +159,7 @@ class DtypeOptions(Settings):
     dtype: str | None = setting(None, "precision of the compute: a checkpoint is prepared in it (default fp32); a "
                                 "store made by `zoedge prepare` computes in its own (another --dtype is refused); "
                                 "prepare and synth: of the stored weights; plan: the store's, else fp16, when not "
-                                "given", type=str, choices=("fp32", "bf16", "fp16"))
+                                "given", type=str, choices=STORE_DTYPES)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class QuantOptions(Settings):
 
     quant: str = setting("none", "store the decoder layers' matrices int8 or nf4 (bitsandbytes, blockwise; "
                          "dequantized on the device to --dtype); plan: the store's, else none, when not given",
-                         choices=("none", "int8", "nf4"))
+                         choices=QUANT_KINDS)
 
 
 @dataclass
@@ -449,7 +450,7 @@ class PlanSettings(JsonOptions, OptimizerOptions, SyntheticStepOptions, Sequence
     method: str | None = setting(None, "the step counted: forward (one plain forward returning the logits); mezo "
                                  "and lowrank are the old spellings of --optimizer mezo and --optimizer hzo "
                                  "(default: the --optimizer's step)", type=str, choices=("mezo", "lowrank", "forward"))
-    gpu: str = setting("rtx4090", "named GPU", choices=("rtx4090", "a100-80g", "h100", "h200"))
+    gpu: str = setting("rtx4090", "named GPU", choices=GPU_NAMES)
     gpu_memory: float | None = setting(None, "override the GPU's memory (GiB)", type=float, above=0,
                                        metavar="GIB")
     gpu_tflops: float | None = setting(None, "override dense fp16 TFLOP/s", type=float, above=0, metavar="TF")

@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 class TimedNoise:
     """Wraps an optimizer's noise source and adds up the wall time of every call into it (drawing noise), and of
-    the draws queued by such calls and made at the end of a :func:`~zoedge.optim.noise.batched_draws` block."""
+    the draws queued by such calls and made at the end of a :func:`~zoedge.noise.source.batched_draws` block."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -49,17 +49,17 @@ class TimedNoise:
 
     @property
     def seconds(self) -> float:
-        from zoedge.optim.noise import batched_draw_seconds
+        from zoedge.noise.source import batched_draw_seconds
         return self._calls + batched_draw_seconds() - self._batched_at_reset
 
     @seconds.setter
     def seconds(self, value: float) -> None:
-        from zoedge.optim.noise import batched_draw_seconds
+        from zoedge.noise.source import batched_draw_seconds
         self._calls, self._batched_at_reset = value, batched_draw_seconds()
 
     def draw(self, step: int, name: str, stream: str) -> Any:
         """A draw whose fills come back through this wrapper (timed)."""
-        from zoedge.optim.noise import NoiseDraw
+        from zoedge.noise.source import NoiseDraw
         return NoiseDraw(self, step, name, stream)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
@@ -211,12 +211,12 @@ def resident_forwards(model: Any, batch: Any, passes: int = 2):
 def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian",
                   generator: str | None = None):
     """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code),
-    with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool) drawn
+    with the noise variant ``noise`` (:mod:`zoedge.noise.source`; pool noise is added straight from the pool) drawn
     by ``generator``: by default torch's own, as the paper's code draws (``torch.normal``; here in parallel chunks,
     which is no slower than its single call)."""
     import torch
 
-    from zoedge.optim.noise import TORCH_GENERATOR, make_noise
+    from zoedge.noise.source import TORCH_GENERATOR, make_noise
 
     source = make_noise(noise, seed).reseeded(seed, generator or TORCH_GENERATOR)
     params = list(model.named_parameters())  # tied weights appear once
@@ -269,11 +269,12 @@ def _bench(s: BenchSettings, store: Path, threads: Any, human: Any, dev: Any, wo
     import torch
     from tqdm.auto import tqdm
 
-    from zoedge.optim import noise_cache
-    from zoedge.optim.noise import TORCH_GENERATOR
+    from zoedge.noise import cache as noise_cache
+    from zoedge.noise.source import TORCH_GENERATOR
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
     from zoedge.runtime.engines import OpTimes, SyncEngine
+    from zoedge.runtime.host import available_memory
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 
@@ -284,7 +285,7 @@ def _bench(s: BenchSettings, store: Path, threads: Any, human: Any, dev: Any, wo
                           engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False,
                           workers=threads.workers, worker_threads=threads.worker_threads)
     opt = build(s.optimizer, options(s.opt), seed=0)
-    noise_cache.attach(opt.noise, s.noise_cache, dev, s.tier)
+    noise_cache.attach(opt.noise, s.noise_cache, dev, s.tier, available_memory())
     opt.noise = noise = TimedNoise(opt.noise)
     batch = synthetic_batch(model.config.vocab_size, s.batch_size, s.max_length, s.scored)
     noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant

@@ -37,7 +37,7 @@ def predicted(store: Path, s: MemorySettings) -> int | None:
     """The plan's device peak for the same step, or None when the plan has no footprint for the optimizer."""
     from zoedge.errors import ConfigError
     from zoedge.plan.accounting import Workload, make_plan, method_for, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.hardware import hardware
 
     try:
         m = method_for(s.optimizer, options(s.opt))

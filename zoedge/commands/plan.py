@@ -99,7 +99,9 @@ def detail(plan) -> str:
     lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)} ({plan.host_ram / plan.stored_bytes:.3f} x the stored bytes), disk "
-              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
+              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)}"
+              + (f"; optimizer state {_g(plan.optimizer_state)} on the {w.tier} tier" if plan.optimizer_state else "")
+              + ")",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
               *time_lines(t),
@@ -148,9 +150,9 @@ def summary(plans) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from zoedge.optim.registry import parse_opts
-    from zoedge.plan.accounting import Workload, make_plan, method, method_for, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.optim.registry import build, parse_opts
+    from zoedge.plan.accounting import Workload, declared_state, make_plan, method, method_for, model_spec
+    from zoedge.hardware import hardware
     from zoedge.settings import from_args
 
     s, _ = from_args(PlanSettings, args)
@@ -167,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
         spec = model_spec(name, s.dtype, s.quant, s.layers)
-        plans.append(make_plan(spec, m, work, hw, int(s.chunk_mib * 2**20)))
+        state = 0 if s.method == "forward" else declared_state(spec, build(_optimizer(s), parse_opts(s.opt), seed=0))
+        plans.append(make_plan(spec, m, work, hw, int(s.chunk_mib * 2**20), optimizer_state=state))
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "

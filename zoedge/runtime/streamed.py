@@ -31,7 +31,7 @@ pass of a residency sees: :class:`BlockVisitor` documents the hooks.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,12 @@ import torch
 
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.adapters.base import layer_index
-from zoedge.errors import ConfigError
-from zoedge.optim.noise import NoiseDraw, batched_draws
+from zoedge.errors import ConfigError, PluginError
+from zoedge.noise.source import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
-from zoedge.runtime.memory import allocate
+from zoedge.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
@@ -80,8 +80,8 @@ class Resident:
     writable: frozenset[str]
     dirty: bool = False
     runtime: StreamedModel | None = field(default=None, repr=False)
-    #: this residency's latest noise of each key (:meth:`noise`): workspace or noise-cache tensors
-    drawn: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    #: this residency's latest noise of each key (:meth:`noise`)
+    drawn: dict[str, BlockNoise] = field(default_factory=dict, repr=False)
     #: concurrent layers (:mod:`zoedge.runtime.pipeline`): the set of workspaces this residency uses, and the
     #: pass whose weights ``pass_tensors`` is forming (it gets its own :data:`SCRATCH`); None: the shared ones
     workspace_set: int | None = None
@@ -105,58 +105,82 @@ class Resident:
             views = self._views[key] = self.runtime.workspace(key, self)
         return dict(views)
 
-    # -- perturbations: the runtime decides where noise and θ + αz live (see docs/architecture.md) ---------------
+    # -- noise, perturbations and updates: the runtime decides where noise and θ + αz live ----------------------
     @property
     def lean(self) -> bool:
         """True: perturbations are formed just in time per tensor or row chunk (:mod:`zoedge.runtime.perturbed`),
         nothing block-sized is allocated. False: noise is drawn once per residency into a block-sized workspace
-        and θ + αz formed into another (fewer draws; the CPU's in-place binding)."""
+        and θ + αz formed into another (fewer draws; the CPU's in-place binding). Plugins never need it."""
         return bool(getattr(self.runtime, "lean", False))
 
-    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None
-              ) -> dict[str, torch.Tensor] | None:
+    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None) -> BlockNoise:
         """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
-        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once,
-        and returns it by tensor name: a plain draw (:class:`~zoedge.optim.noise.NoiseDraw`) that the noise cache
-        keeps is read in the cache's own buffer (drawn into it unless it holds it already: no copy either way),
-        the others go to workspace ``key``; plain draws are queued and drawn together, every tensor's chunks in
-        parallel (:func:`~zoedge.optim.noise.batched_draws`), any other fill runs at once. The tensors are
-        read-only (they may be the cache's). Lean mode draws nothing here (:meth:`perturbed` regenerates it where
-        it is used) and returns None."""
-        if self.lean:
-            return None
-        z = dict(self.workspace(key))
-        with batched_draws():
-            for name in self.tensors if names is None else names:
-                fill = fill_of(name)
-                if not isinstance(fill, NoiseDraw):
-                    fill(z[name], 0, z[name].numel())
-                elif (kept := fill.held(z[name])) is not None:
-                    z[name] = kept
-                else:
-                    fill.queue(z[name])  # drawn with the block's other tensors, in parallel, at the block's end
-        self.drawn[key] = z
-        return z
+        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Passes read it through
+        :meth:`perturbed`, updates through :meth:`parts`; the same numbers in every runtime mode.
 
-    def perturbed(self, name: str, key: str, fill: Fill, alpha: float, base: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-        """What a pass sees of tensor ``name``: θ + α·z (or ``base`` + α·z, ``base`` shaped like θ), z being noise
-        ``key`` (``fill``; see :meth:`noise`, which must have been called for ``key`` in this residency). Lean: a
-        :class:`NoisePerturbed` formed by each op that reads it; workspace mode: formed now into the ``scratch``
-        workspace."""
+        Where it is drawn is the runtime's choice: with block-sized workspaces, now, once (plain draws
+        (:class:`~zoedge.noise.source.NoiseDraw`) queued and filled together, in parallel, or read in the noise
+        cache's own buffer when it keeps them); lean, or from a source that forms θ + αz without a draw, where
+        it is used. Its tensors are read-only (they may be the noise cache's)."""
+        names = list(self.tensors) if names is None else list(names)
+        fills = {name: fill_of(name) for name in names}
+        drawn: dict[str, torch.Tensor] | None = None
+        if not self.lean and not all(getattr(f, "free", False) for f in fills.values()):
+            drawn = dict(self.workspace(key))
+            with batched_draws():
+                for name, fill in fills.items():
+                    if not isinstance(fill, NoiseDraw):
+                        fill(drawn[name], 0, drawn[name].numel())
+                    elif (kept := fill.held(drawn[name])) is not None:
+                        drawn[name] = kept
+                    else:
+                        fill.queue(drawn[name])  # drawn with the block's other tensors, in parallel, at the block's end
+            drawn = {name: drawn[name] for name in names}
+        noise = self.drawn[key] = BlockNoise(self, key, fills, drawn)
+        return noise
+
+    def forget_noise(self) -> None:
+        """The noise drawn so far is not this step's (the framework calls it after a block's update): a pass that
+        reads a key not drawn again is refused (:meth:`perturbed`)."""
+        self.drawn.clear()
+
+    def perturbed(self, name: str, key: str, alpha: float, base: torch.Tensor | None = None) -> torch.Tensor:
+        """What a pass sees of tensor ``name``: θ + α·z (or ``base`` + α·z, ``base`` shaped like θ), z being this
+        residency's noise ``key`` (:meth:`noise`). Lean: a :class:`NoisePerturbed` formed by each op that reads
+        it; otherwise formed now into the ``scratch`` workspace.
+
+        Raises:
+            PluginError: noise ``key`` of ``name`` was not drawn in this residency (call :meth:`noise` in ``draw``).
+            ConfigError: tensor ``name`` is stored quantized.
+        """
+        noise = self.drawn.get(key)
+        if noise is None or name not in noise.fills:
+            raise PluginError(f"block {self.name}", f"a pass reads noise {key!r} of {name}, which was not drawn in "
+                              "this residency", f"draw it in the plugin's draw(block): block.noise({key!r}, ...)")
         theta = self.tensors[name] if base is None else base
         if isinstance(theta, Dequantized):
             raise ConfigError(name, f"is stored quantized ({theta.kind}): a dense perturbation of it is not supported",
                               "use a low-rank optimizer (hzo) with a quantized store, or prepare with --quant none")
+        fill = noise.fills[name]
         if self.lean:
             assert self.runtime is not None
             return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
-        z = self.drawn[key][name] if key in self.drawn else self.workspace(key)[name]
-        return torch.add(theta, z, alpha=alpha, out=self.workspace(SCRATCH)[name])
+        out = self.workspace(SCRATCH)[name]
+        if noise.tensors is None:  # θ + αz straight from the source: no noise workspace
+            return fill.add_(out, theta, alpha)  # type: ignore[attr-defined]
+        return torch.add(theta, noise.tensors[name], alpha=alpha, out=out)
+
+    def parts(self, names: Sequence[str] | None = None) -> Iterator[UpdatePart]:
+        """The parts to update tensors ``names`` (default all) in, in place: lean, row chunks of at most the
+        runtime's ``chunk_bytes``; otherwise whole tensors."""
+        for name in self.tensors if names is None else names:
+            t = self.tensors[name]
+            row = t[0].numel() if t.ndim > 1 else 1
+            for a, b in self.chunks(name):
+                yield UpdatePart(self, name, t[a:b] if t.ndim else t, (a, b), a * row, t.numel(), t.ndim)
 
     def chunks(self, name: str) -> list[tuple[int, int]]:
-        """Row ranges to update tensor ``name`` in (lean: chunks of at most the runtime's ``chunk_bytes``;
-        workspace mode: the whole tensor)."""
+        """Row ranges of tensor ``name``'s :meth:`parts`."""
         t = self.tensors[name]
         if t.ndim == 0 or not self.lean:
             return [(0, t.shape[0] if t.ndim else 1)]
@@ -165,13 +189,96 @@ class Resident:
 
     def buffer(self, key: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A scratch shaped like rows ``rows`` of tensor ``name`` (default all): lean, a fresh tensor (freed by the
-        caller dropping it); workspace mode, that part of workspace ``key``."""
+        caller dropping it); otherwise that part of workspace ``key``."""
         t = self.tensors[name]
         part = t if rows is None or t.ndim == 0 else t[rows[0]:rows[1]]
         if self.lean:
             return torch.empty(part.shape, dtype=t.dtype, device=t.device)
         ws = self.workspace(key)[name]
         return ws if rows is None or t.ndim == 0 else ws[rows[0]:rows[1]]
+
+    def stored(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` as prepared (the pre-trained θ₀), read from the store into ``out``.
+
+        Raises:
+            ConfigError: the tensor is stored quantized (no exact θ₀).
+        """
+        model = self.runtime
+        assert model is not None
+        entry = model.blocks[self.index]
+        t = next(x for x in entry.tensors if x.name == name)
+        if t.quant != "none":
+            raise ConfigError(f"stored tensor {name}", f"is quantized ({t.quant}): its exact prepared values are "
+                              "not kept", "use it unquantized (prepare with --quant none)")
+        part = t.parts["data"]
+        with open(Path(model.store) / entry.file, "rb") as f:
+            f.seek(part.offset)
+            raw = bytearray(f.read(part.nbytes))
+        return out.copy_(torch.frombuffer(raw, dtype=dtype_of(part.dtype)).view(out.shape))
+
+
+@dataclass
+class BlockNoise:
+    """A residency's noise ``key`` (:meth:`Resident.noise`): its fill per tensor, and the drawn tensors when the
+    runtime drew it whole (None: formed where used)."""
+
+    block: Resident = field(repr=False)
+    key: str
+    fills: dict[str, Fill]
+    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Tensor ``name``'s noise, whole (read-only; lean: drawn now into a fresh tensor)."""
+        if self.tensors is not None:
+            return self.tensors[name]
+        out = self.block.buffer(self.key, name)
+        return self.fills[name](out, 0, out.numel())
+
+
+@dataclass
+class UpdatePart:
+    """Rows ``rows`` of tensor ``name`` of a resident block, to update in place (:meth:`Resident.parts`).
+
+    ``tensor`` is the rows' view of the weight; ``start`` / ``total``: the rows' first element in the flat
+    tensor and the tensor's element count (the range of a :data:`~zoedge.runtime.perturbed.Fill`); ``ndim``:
+    the whole tensor's.
+    """
+
+    block: Resident = field(repr=False)
+    name: str
+    tensor: torch.Tensor = field(repr=False)
+    rows: tuple[int, int]
+    start: int
+    total: int
+    ndim: int
+
+    def noise(self, z: BlockNoise) -> torch.Tensor:
+        """``z``'s values of these rows (read-only; valid until ``z`` is read again for another part)."""
+        if z.tensors is not None:
+            whole = z.tensors[self.name]
+            return whole if self.ndim == 0 or self.rows == (0, len(whole)) else whole[self.rows[0]:self.rows[1]]
+        out = self.block.buffer(z.key, self.name, self.rows)
+        return z.fills[self.name](out, self.start, self.total)
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These rows of ``tensor``, a tensor shaped like the weight (e.g. its optimizer state)."""
+        return tensor if self.ndim == 0 else tensor[self.rows[0]:self.rows[1]]
+
+    def mul_(self, value: float) -> UpdatePart:
+        """``tensor *= value``."""
+        self.tensor.mul_(value)
+        return self
+
+    def add_(self, z: BlockNoise | torch.Tensor, alpha: float = 1.0) -> UpdatePart:
+        """``tensor += alpha · z``: ``z`` a tensor shaped like these rows, or a block noise (formed from its source
+        without a draw where it can be)."""
+        if isinstance(z, torch.Tensor):
+            self.tensor.add_(z, alpha=alpha)
+        elif z.tensors is None and getattr(fill := z.fills[self.name], "free", False):
+            fill.add_(self.tensor, self.tensor, alpha, self.start, self.total)  # type: ignore[attr-defined]
+        else:
+            self.tensor.add_(self.noise(z), alpha=alpha)
+        return self
 
 
 class BlockVisitor:

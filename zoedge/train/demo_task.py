@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 
 from zoedge.errors import DataError
-from zoedge.train.tasks import Example
+from zoedge.train.example import Example
 
 CANDIDATES = (" terrible", " great")
 CODE_CANDIDATES = (" A", " B")  # negative, positive: nothing in the words tells which is which

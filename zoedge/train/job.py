@@ -40,7 +40,8 @@ import torch
 
 from zoedge import output_dir
 from zoedge.errors import ConfigError, DataError, StoreError
-from zoedge.optim import noise_cache
+from zoedge.noise import cache as noise_cache
+from zoedge.runtime.host import available_memory
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
@@ -50,8 +51,8 @@ from zoedge.store.lease import StoreLease
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
-from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
-from zoedge.train.guard import check_finite_weights, nonfinite_cause
+from zoedge.train.checkpoint import check_finite_weights, checkpoint_folders, latest_checkpoint
+from zoedge.train.guard import nonfinite_cause
 from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
 from zoedge.train.world import World
@@ -343,7 +344,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                                worker_threads=threads.worker_threads)) as model:
         tok = load_tokenizer(store)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
-        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
+        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
                                    local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
         on_device = model.device.type != "cpu"
         if on_device:

@@ -17,12 +17,9 @@ import random
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from zoedge.errors import DataError
-
-if TYPE_CHECKING:  # tasks.py imports this module; Example is only an annotation here
-    from zoedge.train.tasks import Example
+from zoedge.train.example import Example
 
 log = logging.getLogger(__name__)
 

@@ -19,60 +19,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from zoedge.errors import DataError
+from zoedge.train.example import KINDS, Example
 from zoedge.train.sampling import Splits, split
 
 log = logging.getLogger(__name__)
 __all__ = ["Example", "TASKS", "TaskFormat", "Splits", "split", "builtin_task", "load_jsonl",
            "read_jsonl", "detect_task", "task_format", "BUILTIN_TASKS", "KINDS"]
 
-KINDS = ("classification", "generation")
 _JSONL_FIX = "write one JSON object per line (blank lines are allowed)"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One task example.
-
-    Args:
-        prompt: the text the model conditions on.
-        candidates: the continuations to score (generation: ``(answer,)``).
-        label: index of the gold candidate (generation: 0).
-        kind: ``"classification"`` or ``"generation"``.
-
-    Raises:
-        DataError: empty candidates, label out of range or an unknown kind.
-    """
-
-    prompt: str
-    candidates: tuple[str, ...]
-    label: int
-    kind: str = "classification"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.candidates, tuple):
-            object.__setattr__(self, "candidates", tuple(self.candidates))
-        what = f"example {self.prompt[:40]!r}"
-        if self.kind not in KINDS:
-            raise DataError(what, f"kind {self.kind!r} is unknown", f"use one of {KINDS}")
-        if not self.candidates or not all(isinstance(c, str) and c for c in self.candidates):
-            raise DataError(what, f"candidates {self.candidates!r} must be non-empty strings",
-                            "give at least one non-empty candidate string")
-        if self.kind == "generation" and (len(self.candidates) != 1 or self.label != 0):
-            raise DataError(what, "a generation example needs candidates=(answer,) and label=0",
-                            "use Example.generation(prompt, answer)")
-        if not 0 <= self.label < len(self.candidates):
-            raise DataError(what, f"label {self.label} is outside 0..{len(self.candidates) - 1}",
-                            "give the index of the gold candidate")
-
-    @classmethod
-    def generation(cls, prompt: str, answer: str) -> Example:
-        """Build a generation example (teacher-forced loss on ``answer``)."""
-        return cls(prompt, (answer,), 0, "generation")
 
 
 # ----------------------------------------------------------------------------

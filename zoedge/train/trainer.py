@@ -33,8 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from zoedge.errors import ConfigError, DataError
-from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.base import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
+from zoedge.runtime.host import DiskTier
 from zoedge.runtime.streamed import BlockVisitor, Forward, StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
@@ -191,6 +192,8 @@ class Trainer:
         self.split = DirectionSplit(optimizer, self.world) if settings.dp_mode == "directions" else None
         self.data_world = self.world if self.split is None else World()  # the ranks the batch is split across
         self.model, self.tok, self.opt = model, tokenizer, optimizer
+        if isinstance(model.tier, DiskTier) and model.tier.working:  # the plugin's state waits where the weights do
+            optimizer.block_state.directory = model.tier.working[0].parent / "optimizer-state"
         self.train, self.dev, self.test = list(train), list(dev), list(test)
         self.s = settings
         self.output = Path(output)

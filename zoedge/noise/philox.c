@@ -9,7 +9,7 @@
  * The floating-point work uses only +, -, *, /, sqrt and exact integer <-> float conversions, in an order
  * fixed by this source: IEEE 754 makes every result the same on every CPU, as long as the compiler
  * neither fuses a multiply and an add (-ffp-contract=off) nor reorders (no -ffast-math). Vector and
- * scalar code therefore agree bit for bit, and zoedge/optim/philox.py repeats the same operations in
+ * scalar code therefore agree bit for bit, and zoedge/noise/philox.py repeats the same operations in
  * torch as the reference (and the fallback without a C compiler); tests/test_philox.py checks that they
  * agree. log and sin/cos are zoedge's own short series, accurate to about 1e-7, not libm's.
  *
