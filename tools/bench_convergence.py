@@ -18,7 +18,10 @@ earlier ``--json`` files (their results in order, the first one's reference).
 ``--threads 1`` so that every run sees the same load and their wall times compare.
 
 Tasks (built-in, :mod:`zoedge.train.demo_task`): ``demo`` (sentiment, " terrible" / " great") and ``codes``
-(the same reviews under arbitrary label words " A" / " B": at chance zero-shot, the mapping must be learned).
+(the same reviews under arbitrary label words " A" / " B": at chance zero-shot, the mapping must be learned); and
+this tool's ``compare`` (which of two 2-digit numbers is larger, " first" / " second": arithmetic the model must
+learn, at chance zero-shot). ``--eval-on test`` evaluates on a third disjoint split (``--n-test`` examples) instead
+of dev, for a held-out figure after tuning on dev (tools/bench_methods.py); the curve keys stay ``dev_*``.
 
 Examples::
 
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -45,7 +49,26 @@ try:
     import zoedge  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoedge.train.tasks import BUILTIN_TASKS, builtin_task  # noqa: E402
+from zoedge.train.tasks import BUILTIN_TASKS, Example, builtin_task  # noqa: E402
+
+def compare_examples(n: int, seed: int = 0) -> list[Example]:
+    """``n`` unique, label-balanced examples of "which of two distinct 2-digit numbers is larger", seeded order."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    if not 1 <= n <= len(pairs):
+        raise SystemExit(f"compare task: n={n} must be in [1, {len(pairs)}]")
+    rng = random.Random(f"zoedge-compare:{seed}")
+    rng.shuffle(pairs)
+    firsts = [p for p in pairs if p[0] > p[1]]
+    seconds = [p for p in pairs if p[0] < p[1]]
+    chosen = [(p, 0) for p in firsts[:(n + 1) // 2]] + [(p, 1) for p in seconds[:n // 2]]
+    rng.shuffle(chosen)
+    return [Example(f"{a} or {b}: the larger number is the", (" first", " second"), label)
+            for (a, b), label in chosen]
+
+
+#: tasks this tool defines besides zoedge's built-in ones
+TOOL_TASKS = {"compare": compare_examples}
+TASKS = BUILTIN_TASKS + tuple(TOOL_TASKS)
 
 DEFAULT_OPTS = ("mezo", "hizoo-l:alpha=1e-8", "dizo:cycle=20,iters=5", "loho:fo_layers=2,fo_lr=1e-3",
                 "hzo:fo_layers=2,nu=10,fo_lr=1e-3,rank=8")
@@ -56,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default=None, help="HF checkpoint or prepared store (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--task", choices=BUILTIN_TASKS, default="demo")
+    p.add_argument("--task", choices=TASKS, default="demo")
     p.add_argument("--opt", action="append", default=None, metavar="NAME[:k=v,...]",
                    help=f"optimizer and options (repeatable; default: {' '.join(DEFAULT_OPTS)})")
     p.add_argument("--lr", type=float, default=1e-5, help="ZO learning rate given to every plugin (option lr)")
@@ -67,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=0, help="examples of the test split (used with --eval-on test)")
+    p.add_argument("--eval-on", choices=("dev", "test"), default="dev", help="the split the curve evaluates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--jobs", type=int, default=1, help="optimizers run at once, each in its own process")
@@ -78,10 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def splits(task: str, n_train: int, n_dev: int) -> tuple[list, list]:
-    """Disjoint train and dev examples of a built-in task (the same for every optimizer and seed)."""
-    ex = builtin_task(task, n_train + n_dev, seed=0)
-    return ex[:n_train], ex[n_train:]
+def splits(task: str, n_train: int, n_dev: int, n_test: int = 0) -> tuple[list, list, list]:
+    """Disjoint train, dev and test examples of a task (the same for every optimizer and seed)."""
+    n = n_train + n_dev + n_test
+    ex = TOOL_TASKS[task](n, seed=0) if task in TOOL_TASKS else builtin_task(task, n, seed=0)
+    return ex[:n_train], ex[n_train:n_train + n_dev], ex[n_train + n_dev:]
 
 
 def spec_options(spec: str) -> tuple[str, dict[str, str]]:
@@ -119,7 +145,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     model.use_engine(Counting())
     tok = AutoTokenizer.from_pretrained(store)
-    train, dev = splits(args.task, args.n_train, args.n_dev)
+    train, dev, test = splits(args.task, args.n_train, args.n_dev, args.n_test)
+    if args.eval_on == "test":
+        if not test:
+            raise SystemExit("--eval-on test needs --n-test > 0")
+        dev = test
     opt = build(name, options, seed=args.seed)
     with tempfile.TemporaryDirectory() as out:
         t = Trainer(model, tok, opt, train, dev, [], TrainSettings(steps=10**9, batch_size=args.batch_size,
@@ -157,7 +187,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     return {"optimizer": args.one, "options": options, "steps": steps, "passes": passes, "train_seconds": seconds,
             "train_cpu_seconds": cpu_seconds, "curve": curve, "peak_rss_bytes": peak,
             "up_bytes_per_step": moved["up"] / steps, "down_bytes_per_step": moved["down"] / steps,
-            "fo_memory": fo}
+            "fo_memory": fo, "eval_split": args.eval_on, "seed": args.seed}
 
 
 def first_reach(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:

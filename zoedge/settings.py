@@ -360,15 +360,44 @@ RESUME_FREE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints"
 
 
 @dataclass
-class FinetuneSettings(JsonOptions, NoiseCacheOptions, OptimizerOptions, TrainSettings, DataOptions, ModelOptions):
+class PeftOptions(Settings):
+    """Parameter-efficient training: adapters on a frozen base (see docs/lora.md)."""
+
+    GROUP: ClassVar[str] = "adapter"
+
+    peft: str = setting("none", "train adapters instead of the model's weights: lora (the base stays frozen in its "
+                        "store format and is never written back; OUTPUT/adapter is a PEFT directory) or none",
+                        choices=("none", "lora"))
+    lora_rank: int = setting(8, "LoRA rank r (with --peft lora)", minimum=1)
+    lora_alpha: float = setting(16.0, "LoRA alpha; the adapter is scaled by alpha / rank (with --peft lora)",
+                                minimum=0)
+    lora_targets: str = setting("q_proj,v_proj", "comma-separated names of the nn.Linear modules that get an "
+                                "adapter (a module matches if its name is one of them or ends with .NAME; "
+                                "with --peft lora)", metavar="NAMES")
+
+    def check_more(self) -> None:
+        super().check_more()
+        if self.peft == "lora":
+            if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+                raise ConfigError("--lora-alpha", f"{self.lora_alpha}", "use a positive alpha (e.g. 16)")
+            if not [t for t in self.lora_targets.split(",") if t.strip()]:
+                raise ConfigError("--lora-targets", repr(self.lora_targets), "give comma-separated module names, "
+                                  "e.g. q_proj,v_proj")
+
+
+@dataclass
+class FinetuneSettings(PeftOptions, JsonOptions, NoiseCacheOptions, OptimizerOptions, TrainSettings, DataOptions,
+                       ModelOptions):
     """Everything ``zoedge finetune`` takes."""
 
     GROUP: ClassVar[str] = "run"
 
-    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; mezo's is 4e-5, "
-                               "tuned for the demo, and lowers the dev loss of the token-level layouts too; "
-                               "summary.json records the value used and the loss kind)", type=float, minimum=0)
-    eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's)",
+    lr: float | None = setting(None, "learning rate, the plugin option lr (default: the plugin's; mezo's "
+                               "is 4e-5, tuned for the demo, and lowers the dev loss of the token-level layouts "
+                               "too; with --peft lora 5e-3, tuned for MeZO-LoRA on the demo; summary.json records "
+                               "the value used and the loss kind)", type=float, minimum=0)
+    eps: float | None = setting(None, "perturbation scale, the plugin option eps (default: the plugin's; with "
+                                "--peft lora 1e-2)",
                                 type=float, minimum=0)
     weight_decay: float | None = setting(None, "weight decay, the plugin option weight_decay (default: the "
                                          "plugin's)", type=float, minimum=0)
@@ -382,9 +411,13 @@ class FinetuneSettings(JsonOptions, NoiseCacheOptions, OptimizerOptions, TrainSe
                                   "run's (they are recorded in summary.json)")
     metrics: str | None = setting(None, "per-step JSONL (default: OUTPUT/metrics.jsonl)", type=str, metavar="FILE")
     plot: bool = setting(True, "draw OUTPUT/curves.png (needs matplotlib)", no="do not draw OUTPUT/curves.png")
+    merge: bool = setting(False, "with --peft lora: also write the model with the adapters merged to OUTPUT/model")
 
     def check_more(self) -> None:
         super().check_more()
+        if self.merge and self.peft != "lora":
+            raise ConfigError("--merge", "without --peft lora", "add --peft lora (full fine-tuning writes the "
+                              "model itself to OUTPUT/model)")
         if self.n_train < self.batch_size:
             raise ConfigError("--n-train", f"{self.n_train} is smaller than --batch-size {self.batch_size}",
                               f"use --n-train {self.batch_size} or more, or a smaller --batch-size")
@@ -416,6 +449,8 @@ class EvalSettings(JsonOptions, DataOptions, ModelOptions):
 
     GROUP: ClassVar[str] = "output"
 
+    adapter: str | None = setting(None, "a PEFT LoRA adapter directory (e.g. a finetune run's OUTPUT/adapter) to "
+                                  "evaluate on top of --model, its base", type=str, metavar="DIR")
     other_split: bool = setting(False, "with a finetune run as --model: evaluate on a split other than the run's "
                                 "(it may overlap the training data)")
 
@@ -445,8 +480,8 @@ class BenchSettings(NoiseCacheOptions, MemorySettings):
 
 
 @dataclass
-class PlanSettings(JsonOptions, OptimizerOptions, SyntheticStepOptions, SequenceOptions, BatchOptions, PlacementOptions,
-                   LayersOptions, QuantOptions, LayoutOptions):
+class PlanSettings(PeftOptions, JsonOptions, OptimizerOptions, SyntheticStepOptions, SequenceOptions, BatchOptions,
+                   PlacementOptions, LayersOptions, QuantOptions, LayoutOptions):
     """Everything ``zoedge plan MODEL...`` takes (besides the models)."""
 
     GROUP: ClassVar[str] = "plan"

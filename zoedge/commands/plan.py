@@ -160,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware(s.gpu, gpu_memory_gb=s.gpu_memory, pcie_gbps=s.pcie_gbps, gpu_tflops=s.gpu_tflops,
                   disk_gbps=s.disk_gbps, host_ram_gb=s.host_ram, efficiency=s.efficiency,
                   disk_write_gbps=s.disk_write_gbps, memory_gbps=s.gpu_mem_gbps)
-    m = method("forward") if s.method == "forward" else method_for(_optimizer(s), parse_opts(s.opt))
+    from zoedge.runtime.lora import LoraSpec
+    lora = LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora" else None
+    m = method("forward") if s.method == "forward" else method_for(_optimizer(s), parse_opts(s.opt), lora)
     work = Workload(s.batch_size, s.max_length, s.scored, s.prefetch, s.tier, s.attention, unit=s.unit)
     work.check()
     from zoedge.output_dir import result_file, write_result

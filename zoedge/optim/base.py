@@ -226,6 +226,12 @@ class ZOOptimizer(torch.optim.Optimizer, BlockVisitor, metaclass=ABCMeta):
         ``None``: the passes cannot be split (``--dp-mode directions`` refuses the plugin)."""
         return None
 
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """After a flush: when every change the plugin made to the weights is ΔW = B A of 2-D tensors whose factors
+        it kept, those factors by tensor name (B [m, k], A [k, n], fp32, CPU): ``finetune`` writes them as a PEFT
+        LoRA adapter exactly, with no factorisation. Default ``{}``: not kept (or other tensors changed too)."""
+        return {}
+
     def state_spec(self, name: str, shape: tuple[int, ...]) -> Mapping[str, StateSpec]:
         """The state this plugin keeps for weight ``name`` of ``shape`` (state name -> dtype and shape; shape None:
         the weight's), e.g. ``{"m": StateSpec(torch.float32)}`` for momentum. The framework owns it: zero at first

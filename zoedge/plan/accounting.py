@@ -61,6 +61,7 @@ from zoedge.names import STORE_DTYPES
 from zoedge.hardware import GiB, Hardware
 from zoedge.plan.spec import QUANTS, RUNTIME_UNITS, Method, ModelSpec, Workload, method  # noqa: F401 (re-exported)
 from zoedge.plan.timing import step_time
+from zoedge.runtime.lora import LoraAdapters, LoraSpec
 from zoedge.runtime.streamed import CHUNK_BYTES
 from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
@@ -70,21 +71,24 @@ from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 FOOTPRINTS = {"mezo": "mezo", "hzo": "lowrank"}
 
 
-def method_for(optimizer: str, options: dict[str, Any]) -> Method:
-    """The footprint of optimizer plugin ``optimizer`` with plugin ``options`` (``--opt``: mezo's q, hzo's rank).
+def method_for(optimizer: str, options: dict[str, Any], lora: LoraSpec | None = None) -> Method:
+    """The footprint of optimizer plugin ``optimizer`` with plugin ``options`` (``--opt``: mezo's q, hzo's rank),
+    training ``lora`` adapters on a frozen base when given (``--peft lora``).
 
     Raises:
-        ConfigError: no footprint for that plugin, or (from the plugin) options it refuses.
+        ConfigError: no footprint for that plugin, (from the plugin) options it refuses, or ``lora`` with a
+            plugin other than mezo.
     """
     from zoedge.optim.registry import build
 
     plugin = build(optimizer, options, seed=0)
     if optimizer not in FOOTPRINTS:
         if plugin.dense and plugin.passes == 2 and plugin.fo_pass is None:  # perturbs densely, two passes: MeZO's
-            return replace(method("mezo"), note=f"{optimizer}: a dense two-pass plugin, planned with MeZO's footprint")
+            return replace(method("mezo", lora=lora),
+                           note=f"{optimizer}: a dense two-pass plugin, planned with MeZO's footprint")
         raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
                           f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
-    return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)))
+    return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)), lora)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -211,14 +215,31 @@ def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, uni
         "ring slots": (prefetch + 1) * max(b.nbytes for b in streamed),
         "tied-weight slot": sum(b.nbytes for b in dedicated),
     }
+    if m.lora is not None:
+        per = lora_bytes(spec, m.lora, unit)
+        out["LoRA adapters (fp32)"] = per["embed"] + per["head"] + per["layer"] * spec.layers
     if lean:
         return out
-    out["optimizer workspaces"] = m.workspaces * max(_tensor_bytes(b) for b in units(spec, unit))
+    sizes = lora_bytes(spec, m.lora, unit)["units"] if m.lora is not None else [_tensor_bytes(b) for b in units(spec, unit)]
+    out["optimizer workspaces"] = m.workspaces * max(sizes)
     out["tied copies (one per pass)"] = 0
     if m.dense and spec.tied:
         sizes = {t.name: t.numel * dtype_of(t.dtype).itemsize for b in spec.blocks for t in b.tensors}
         out["tied copies (one per pass)"] = m.passes * sum(sizes[src] for src in set(spec.tied.values()))
     return out
+
+
+def lora_bytes(spec: ModelSpec, lora: LoraSpec, unit: str = "layer") -> dict[str, Any]:
+    """Adapter bytes of the embed, of one decoder layer (all its units), of the head, and of each unit (the
+    adapters the runtime attaches, made on the meta device)."""
+    from zoedge.adapters import adapter_for
+    layer = int(spec.layer_block.name.split(".")[1])
+    adapter = adapter_for(_cut(spec.config, layer + 1, "sdpa"), DTYPES[spec.dtype], "meta")
+    blocks = units(spec, unit)
+    ad = LoraAdapters(lora, adapter.skeleton, blocks, spec.tied, torch.device("meta"))
+    each = {b.name: ad.nbytes(b.name) for b in blocks}
+    return {"embed": each.get("embed", 0), "head": each.get("head", 0),
+            "layer": sum(v for k, v in each.items() if k.startswith("layers.")), "units": list(each.values())}
 
 
 def runtime_units(spec: ModelSpec) -> list[str]:
@@ -301,15 +322,17 @@ def _meta_weights(spec: ModelSpec, adapter: Any, dtype: torch.dtype, chunk_bytes
 
 
 def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, perturbed: bool = False,
-             chunk_bytes: int = CHUNK_BYTES, plugin: str | None = None, options: dict[str, Any] | None = None
-             ) -> Simulation:
+             chunk_bytes: int = CHUNK_BYTES, plugin: str | None = None, options: dict[str, Any] | None = None,
+             lora: LoraSpec | None = None) -> Simulation:
     """Run embed, two decoder layers and the head on the meta device as ``StreamedModel.run`` does (every pass,
     the trainer's loss at the head, the streaming units of ``work.unit``) and count the transient bytes; see the
     module docstring. ``perturbed``: every pass sees every weight as the lean runtime's just-in-time θ + εz (a
     dense method), formed in row chunks of ``chunk_bytes``. ``plugin``: the registered optimizer plugin (with
     ``options``) decides what each pass sees and updates the blocks, as in a training run (its hooks are called
     as the runtime calls them); three steps run, the third counted, when its state (created by the second step's
-    updates) exists for every block. Quantized matrices are bound as the runtime binds them (expanded one matrix
+    updates) exists for every block. ``lora``: the plugin sees each unit's adapters (the runtime's residents with
+    adapters attached) and the passes run the base with them (:class:`~zoedge.runtime.lora.LoraWeight`). Quantized
+    matrices are bound as the runtime binds them (expanded one matrix
     or row chunk at a time by the ops)."""
     from types import SimpleNamespace
 
@@ -337,6 +360,12 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
         opt = build(plugin, dict(options or {}), seed=0)
         opt.noise = NoiseSource(0)
     runtime = SimpleNamespace(lean=True, chunk_bytes=chunk_bytes)  # what a Resident asks of its runtime
+    adapters = None
+    if lora is not None:
+        from zoedge.store.manifest import BlockEntry, TensorEntry
+        entries = [BlockEntry(u, "", 0, "", [TensorEntry(n, spec.dtype, list(weights[n].shape))
+                                             for n in names if n not in tied]) for u, names in units]
+        adapters = LoraAdapters(lora, adapter.skeleton, entries, tied, torch.device("meta"))
 
     def seen(p: int) -> dict[str, torch.Tensor]:  # what pass p's blocks see (the runtime's perturb of MeZO)
         if not perturbed:
@@ -372,7 +401,13 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
             for i, (unit, names) in enumerate(units):
                 with tracker.section() as sec:
                     res = None
-                    if opt is not None:
+                    if opt is not None and adapters is not None:
+                        res = Resident(unit, i, adapters.of(unit), frozenset(adapters.of(unit)), runtime=runtime,
+                                       frozen={n: weights[n] for n in names if n not in tied})
+                        before = tracker.live
+                        with torch.no_grad():
+                            opt.on_resident(res)
+                    elif opt is not None:
                         res = Resident(unit, i, {n: weights[n] for n in names if n not in tied},
                                        frozenset(n for n in names if not isinstance(weights[n], Dequantized)),
                                        runtime=runtime)
@@ -385,6 +420,8 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
                         with torch.set_grad_enabled(False):
                             if res is not None:
                                 w = dict(opt.pass_tensors(res, p))
+                                if adapters is not None:
+                                    w = adapters.compose(res.frozen, w)
                                 for alias, src in tied.items():
                                     if src in w:
                                         tied_seen[p][src] = w[src]
@@ -516,7 +553,7 @@ NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; befor
 def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
     """The plugin's long-lived device state for the whole depth (its factors, deltas), from what its own hooks
     allocated per block in the simulation: ``{}`` without a plugin."""
-    if not sim.state:
+    if not any(sim.state.values()):  # no plugin, or one without state (MeZO on adapters)
         return {}
     return {"optimizer state (factors)": sim.state["embed"] + sim.state["head"] + sim.state["layer"] * spec.layers}
 
@@ -533,7 +570,7 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
     ``optimizer_state``: the bytes of a plugin's declared state (:func:`declared_state`), kept on the host tier."""
     work.check()
     sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes, plugin=m.plugin,
-                   options=dict(m.options))
+                   options=dict(m.options), lora=m.lora)
     wsim = simulate(spec, work, m.passes, m.loss, chunk_bytes=chunk_bytes) if m.dense else sim
     state = plugin_state(spec, sim)
     live = {**long_lived(spec, m, work.prefetch, lean=True, unit=work.unit), **state}

@@ -8,6 +8,7 @@ from typing import Any
 
 from zoedge.errors import ConfigError
 from zoedge.names import QUANT_KINDS
+from zoedge.runtime.lora import LoraSpec
 from zoedge.store.manifest import BlockEntry
 
 QUANTS = QUANT_KINDS
@@ -34,16 +35,19 @@ class Method:
     #: the registered plugin whose own hooks the plan runs (on the meta device), and its options
     plugin: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    #: LoRA adapters (``--peft lora``): the plugin trains them, the base is frozen (no write-back, no working copy)
+    lora: LoraSpec | None = None
 
 
-def method(name: str, q: int = 1, rank: int = 4) -> Method:
+def method(name: str, q: int = 1, rank: int = 4, lora: LoraSpec | None = None) -> Method:
     """The footprint of a method: ``mezo`` (the shipped plugin; q directions), ``lowrank`` (the HZO plugin in
     factor mode, rank ``rank``: perturbations as lazy ``LowRankPerturbed`` products over the stored, possibly
     quantized, weights, no dense workspace, no write-back; the plan runs the plugin's own hooks and counts its
     factors) or ``forward`` (one plain streamed forward returning the logits, as ``StreamedModel.forward``).
 
     Raises:
-        ConfigError: unknown method, q < 1, or (lowrank) q > 1 or rank < 1.
+        ConfigError: unknown method, q < 1, (lowrank) q > 1 or rank < 1, or ``lora`` with a method other than
+            mezo (``lora``: MeZO on LoRA adapters, the base frozen).
     """
     if q < 1:
         raise ConfigError("--q", f"{q}", "use 1 or more directions")
@@ -57,6 +61,13 @@ def method(name: str, q: int = 1, rank: int = 4) -> Method:
     }
     if name not in table:
         raise ConfigError("--method", f"unknown method {name!r}", f"use one of {', '.join(table)}")
+    if lora is not None:
+        if name != "mezo":
+            raise ConfigError("--peft lora", f"with --method {name}", "plan LoRA with --method mezo (MeZO on the "
+                              "adapters)")
+        return Method("mezo", 2 * q, q + 1, False, f"MeZO on LoRA adapters (rank {lora.rank}, "
+                      f"{','.join(lora.targets)}; q={q}; base frozen: no write-back, no working copy)",
+                      plugin="mezo", options=(("q", q),), lora=lora)
     return table[name]
 
 

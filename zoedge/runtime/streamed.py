@@ -45,6 +45,7 @@ from zoedge.noise.source import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
+from zoedge.runtime.lora import LoraAdapters, LoraSpec, init_a
 from zoedge.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
@@ -72,6 +73,9 @@ class Resident:
     ``tensors`` are the slot's views of the stored tensors (tied aliases excluded:
     a tied tensor is seen, perturbed and updated once, in the block that stores it).
     ``writable`` names the tensors whose changes are written back (quantized ones are not).
+    With LoRA adapters attached (:meth:`StreamedModel.attach_lora`), ``tensors`` are the block's adapter tensors
+    (all of them trainable, none written back: they live beside the model) and ``frozen`` the stored base they
+    adapt, read-only (see :mod:`zoedge.runtime.lora`).
     """
 
     name: str
@@ -87,6 +91,8 @@ class Resident:
     workspace_set: int | None = None
     forming: int | None = None
     _views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # workspace key -> views
+    #: adapters attached: the block's stored tensors, never changed (empty otherwise)
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def mark_dirty(self) -> None:
         """Call after changing ``tensors`` in place: the block is written back to the host tier."""
@@ -198,23 +204,14 @@ class Resident:
         return ws if rows is None or t.ndim == 0 else ws[rows[0]:rows[1]]
 
     def stored(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Tensor ``name`` as prepared (the pre-trained θ₀), read from the store into ``out``.
+        """Tensor ``name`` before training into ``out``: as prepared (the pre-trained θ₀, read from the store), or,
+        with adapters attached, an adapter's initialisation.
 
         Raises:
             ConfigError: the tensor is stored quantized (no exact θ₀).
         """
-        model = self.runtime
-        assert model is not None
-        entry = model.blocks[self.index]
-        t = next(x for x in entry.tensors if x.name == name)
-        if t.quant != "none":
-            raise ConfigError(f"stored tensor {name}", f"is quantized ({t.quant}): its exact prepared values are "
-                              "not kept", "use it unquantized (prepare with --quant none)")
-        part = t.parts["data"]
-        with open(Path(model.store) / entry.file, "rb") as f:
-            f.seek(part.offset)
-            raw = bytearray(f.read(part.nbytes))
-        return out.copy_(torch.frombuffer(raw, dtype=dtype_of(part.dtype)).view(out.shape))
+        assert self.runtime is not None
+        return self.runtime.stored(self.index, name, out)
 
 
 @dataclass
@@ -385,6 +382,7 @@ class StreamedModel:
         self.unit = unit
         # The streaming units: the stored blocks, or parts of them (each a contiguous span of its block's bytes).
         self.blocks, spans = _split(self.adapter, self.manifest.blocks, unit)
+        self._spans = spans
         if tier not in ("ram", "disk"):
             raise ConfigError("--tier", f"unknown value {tier!r}", "use ram or disk")
         host_is_device = self.device.type == "cpu"
@@ -423,6 +421,41 @@ class StreamedModel:
         #: the concurrent layers' seconds (:attr:`LayerPipeline.seconds`), summed over every pass that used them
         self.layer_seconds: dict[str, float] = {}
         self._layers_refused: str | None = None  # why the layers run one after another although workers are set
+        #: LoRA adapters (:meth:`attach_lora`): the only trained tensors; the base is then read-only
+        self.lora: LoraAdapters | None = None
+
+    def attach_lora(self, spec: LoraSpec, seed: int = 0) -> LoraAdapters:
+        """Attach LoRA adapters (see :mod:`zoedge.runtime.lora`): from now on every visitor sees each block's
+        adapter tensors as its ``tensors`` and the base as ``frozen``; no pass writes the base back.
+
+        Raises:
+            ConfigError: adapters are attached already, or ``spec``'s targets match no linear of the model.
+        """
+        if self.lora is not None:
+            raise ConfigError("--peft", "LoRA adapters are attached already", "attach them once per model")
+        if self._workspaces:
+            raise ConfigError("--peft", "adapters attached after the model streamed", "attach them right after load")
+        self.lora = LoraAdapters(spec, self.adapter.skeleton, self.blocks, self.aliases, self.device, seed)
+        return self.lora
+
+    def stored(self, i: int, name: str, out: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Resident.stored` (block ``i``)."""
+        if self.lora is not None and name in self.lora.tensors:
+            if name.endswith(".lora_B.weight"):
+                return out.zero_()
+            return out.copy_(init_a(tuple(out.shape), self.lora.seed, name))
+        entry = self.blocks[i]
+        t = next(x for x in entry.tensors if x.name == name)
+        if t.quant != "none":
+            raise ConfigError(f"stored tensor {name}", f"is quantized ({t.quant}): its exact prepared values are "
+                              "not kept", "use it unquantized (prepare with --quant none), or train adapters on it "
+                              "(--peft lora)")
+        part = t.parts["data"]
+        j, start, _ = self._spans[i]  # the unit's span of its stored block
+        with open(Path(self.store) / self.manifest.blocks[j].file, "rb") as f:
+            f.seek(start + part.offset)
+            raw = bytearray(f.read(part.nbytes))
+        return out.copy_(torch.frombuffer(raw, dtype=dtype_of(part.dtype)).view(out.shape))
 
     # ------------------------------------------------------------------ setup
     def _block_index(self, name: str | None) -> int:
@@ -438,6 +471,8 @@ class StreamedModel:
             if key.startswith(LAYER_SET):  # only decoder layers run concurrently: sized to the largest of them
                 blocks = [b for b in self.blocks if layer_index(b.name) is not None]
             size = max(sum(_nbytes(t.numel, t.dtype) for t in b.tensors) for b in blocks)
+            if self.lora is not None:  # the visitors see adapters (smaller than their block, but fp32)
+                size = max(size, *(self.lora.nbytes(b.name) for b in blocks))
             self._workspaces[key] = allocate(size, self.device, "workspace")
         buf, out, off = self._workspaces[key], {}, 0
         for name, t in block.tensors.items():
@@ -539,9 +574,16 @@ class StreamedModel:
         """Block ``i`` bound in ``slot``, after the visitor's ``on_resident``."""
         block = self.blocks[i]
         # quantized tensors are bound as views of their stored parts, expanded by the ops that read them
-        res = Resident(block.name, i, bind(slot, i, block, self.chunk_bytes),
-                       frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self,
-                       workspace_set=workspace_set)
+        bound = bind(slot, i, block, self.chunk_bytes)
+        if self.lora is not None:  # the visitor trains the adapters; the base is frozen
+            adapters = self.lora.of(block.name)
+            res = Resident(block.name, i, adapters, frozenset(adapters), runtime=self, workspace_set=workspace_set,
+                           frozen=bound)
+            pass_state.residents[i] = res
+            visitor.on_resident(res)
+            return res
+        res = Resident(block.name, i, bound, frozenset(t.name for t in block.tensors if t.quant == "none"),
+                       runtime=self, workspace_set=workspace_set)
         pass_state.residents[i] = res
         visitor.on_resident(res)
         if res.dirty and len(res.writable) != len(res.tensors):
@@ -572,6 +614,17 @@ class StreamedModel:
                     f"({available / 2**30:.1f} GiB)")
                 return None
         return range(layers[0], layers[-1] + 1)
+
+    def pass_weights(self, visitor: BlockVisitor, res: Resident, p: int) -> dict[str, torch.Tensor]:
+        """The weights block ``res`` runs pass ``p`` with: the visitor's, combined with the frozen base when
+        adapters are attached."""
+        seen = visitor.pass_tensors(res, p)
+        return dict(seen) if self.lora is None else self.lora.compose(res.frozen, seen)
+
+    def writes_back(self, i: int, visitor_updates: bool) -> bool:
+        """Whether block ``i``'s residency may write it back: the visitor may update, the block has unquantized
+        tensors and no adapters are attached (they are the only trained tensors)."""
+        return visitor_updates and self.lora is None and any(t.quant == "none" for t in self.blocks[i].tensors)
 
     def layer_mode(self) -> str:
         """How the decoder layers ran: concurrently on how many workers, or one after another (and why, where
@@ -611,7 +664,7 @@ class StreamedModel:
                 weights = []
                 for p in range(visitor.passes):
                     res.forming = p
-                    weights.append(dict(visitor.pass_tensors(res, p)))
+                    weights.append(self.pass_weights(visitor, res, p))
                 res.forming = None
                 return weights
 
@@ -676,13 +729,12 @@ class StreamedModel:
         for i, block in enumerate(self.blocks):
             if concurrent is not None and i in concurrent:
                 if i == concurrent.start:
-                    self._compute_layers(concurrent, visitor, state, [
-                        updates and any(t.quant == "none" for t in self.blocks[j].tensors) for j in concurrent])
+                    self._compute_layers(concurrent, visitor, state, [self.writes_back(j, updates) for j in concurrent])
                 continue
             if self.in_place:  # the block's bytes are where compute reads them: an update lands in place
                 for j in range(i, min(i + self.prefetch + 1, n)):  # disk reads ahead, as many as the ring holds
                     self.tier.read_ahead(j)
-                self._compute(i, visitor, state, updates and any(t.quant == "none" for t in block.tensors))
+                self._compute(i, visitor, state, self.writes_back(i, updates))
                 continue
             while issued < min(i + self.prefetch + 1, n):
                 self._upload(issued)
@@ -691,12 +743,12 @@ class StreamedModel:
             # I/O thread then reads while the device queues copy into slots or compute.
             for j in range(issued, min(issued + self.prefetch + 1, n)):
                 self.tier.read_ahead(j)
-            writes_back = updates and any(t.quant == "none" for t in block.tensors)
+            writes_back = self.writes_back(i, updates)
             self._compute(i, visitor, state, writes_back)
             if writes_back and i not in self.dedicated:
                 self._offload(i, state.residents)
         for i in self.dedicated:  # a tied owner's slot is read by the head: write it back after the pass
-            if updates and any(t.quant == "none" for t in self.blocks[i].tensors):
+            if self.writes_back(i, updates):
                 self._offload(i, state.residents)
         self.engine.outputs_ready()
         return state.states if state.compute else []
@@ -731,7 +783,8 @@ class StreamedModel:
         self.tier.attach(self.schedule)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All current weights as CPU tensors (quantized ones dequantized), tied aliases included."""
+        """All current weights as CPU tensors (quantized ones dequantized), tied aliases included; with adapters
+        attached, the frozen base's (the adapters: ``lora.state_dict()``, merged: :meth:`merged_stream`)."""
         self.synchronize()
         out: dict[str, torch.Tensor] = {}
         for i in range(len(self.blocks)):
@@ -747,6 +800,36 @@ class StreamedModel:
         entries = [(t.name, dtype_of(t.parts["data"].dtype if t.quant == "none" else t.dtype), tuple(t.shape))
                    for b in self.blocks for t in b.tensors]
         return WeightStream(entries, (self._block_state(i) for i in range(len(self.blocks))))
+
+    def trained_stream(self) -> WeightStream:
+        """What training changes, for a checkpoint: the adapters when attached, else every weight
+        (:meth:`weight_stream`)."""
+        if self.lora is None:
+            return self.weight_stream()
+        self.synchronize()
+        return WeightStream.of(self.lora.state_dict())
+
+    def load_trained(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trained_stream` (the adapters, or :meth:`load_state_dict`).
+
+        Raises:
+            ConfigError: a tensor is missing or has the wrong shape.
+        """
+        if self.lora is None:
+            self.load_state_dict(state)
+        else:
+            self.synchronize()
+            self.lora.load_state_dict(state)
+
+    def merged_stream(self) -> WeightStream:
+        """The model's weights with the adapters merged (W + scaling · B A; no adapters: :meth:`weight_stream`),
+        block by block, for exporting a merged model."""
+        stream = self.weight_stream()
+        if self.lora is None:
+            return stream
+        lora = self.lora
+        return WeightStream(stream.entries, ({n: lora.merged(n, t) for n, t in chunk.items()}
+                                             for chunk in stream.chunks))
 
     def _block_state(self, i: int) -> dict[str, torch.Tensor]:
         """Block ``i``'s tensors (views of its host bytes; quantized ones dequantized), after a synchronize."""
@@ -853,10 +936,10 @@ class _PassState:
         grad_pass = getattr(self.visitor, "grad_pass", None)  # duck-typed visitors may not declare it
         for p in range(self.visitor.passes):
             with torch.set_grad_enabled(p == grad_pass):
-                tensors = dict(self.visitor.pass_tensors(res, p))
+                tensors = m.pass_weights(self.visitor, res, p)
                 for alias, src in m.aliases.items():
                     if src in tensors:
-                        self.tied_seen[p][src] = m._keep_tied(p, src, tensors[src], res.tensors[src])
+                        self.tied_seen[p][src] = m._keep_tied(p, src, tensors[src], (res.frozen or res.tensors)[src])
                     if m.adapter.block_of(alias) == name:
                         tensors[alias] = self.tied_seen[p][src]
                 self.states[p] = m.adapter.run(name, tensors, self.states[p], self.ctx)

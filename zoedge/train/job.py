@@ -11,9 +11,13 @@ A finetune run owns its ``--output`` directory (what it writes, removes and refu
     run.json         the run's settings and the history of its resumes (see :mod:`zoedge.train.run_record`)
     checkpoints/     see :mod:`zoedge.train.checkpoint`
     metrics.jsonl    one line per step (a resume drops the lines past its checkpoint)
-    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint
+    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint (none
+                     with --peft lora: the base is never written)
     model/           the exported Hugging Face model (written last, never with non-finite weights; not with
-                     --no-export, which removes an earlier one)
+                     --no-export, which removes an earlier one; with --peft lora only with --merge: the base with
+                     the adapters merged)
+    adapter/         a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors): --peft lora's adapters,
+                     or a plugin's exact factors (HZO: vector=frozen, freeze=embed, no first-order tail)
     curves.png       dev accuracy and training loss against steps
     summary.json     every effective setting, the split, the results
 
@@ -43,6 +47,7 @@ from zoedge import output_dir
 from zoedge.errors import ConfigError, DataError, StoreError
 from zoedge.noise import cache as noise_cache
 from zoedge.runtime.host import available_memory
+from zoedge.runtime.lora import LoraSpec
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
@@ -224,7 +229,8 @@ def check_writable_file(path: Path, option: str) -> None:
 
 def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
                  files: dict[str, bytes] | None = None) -> Path:
-    """Write the current weights as a Hugging Face model directory (safetensors), atomically.
+    """Write the current weights (with adapters attached: merged into the base) as a Hugging Face model directory
+    (safetensors), atomically.
 
     Args:
         files: config and tokenizer files by name (default: the store's now); a run passes the ones it read when
@@ -243,7 +249,7 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         # block by block: a model larger than memory is exported holding one block
-        write_streamed(tmp / "model.safetensors", model.weight_stream(), metadata={"format": "pt"},
+        write_streamed(tmp / "model.safetensors", model.merged_stream(), metadata={"format": "pt"},
                        check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
         for name, data in files.items():
             write_durable(tmp / name, data)
@@ -280,6 +286,18 @@ def load_tokenizer(store: Path) -> Any:
     return tok
 
 
+#: ``--peft lora``: the plugin options a plugin gets unless given (when it has them), tuned for MeZO-LoRA on the
+#: demo task (docs/lora.md): ZO learning rates for adapters are orders of magnitude above full-parameter ones
+LORA_DEFAULTS = {"lr": 5e-3, "eps": 1e-2}
+
+
+def peft_options(optimizer: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus :data:`LORA_DEFAULTS` for the ones not given that plugin ``optimizer`` takes."""
+    from zoedge.optim.registry import load, options_of
+    known = options_of(load(optimizer))
+    return {**{k: v for k, v in LORA_DEFAULTS.items() if k in known and k not in options}, **options}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None, raw: RawData | None = None
                  ) -> dict[str, Any]:
@@ -306,6 +324,11 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
     options = s.options(parsed_options or {})
+    lr_used = lr_record(s.optimizer, options, raw.loss_kind)
+    if s.peft == "lora":
+        options = peft_options(s.optimizer, options)
+        if lr_used["source"] == "the plugin's default" and "lr" in options:
+            lr_used.update(value=options["lr"], source="--peft lora's default")
     out = Path(s.output)
     output_dir.check_apart({"--output": out, "--metrics": s.metrics}, run_inputs(s))
     if s.metrics is not None and os.path.realpath(s.metrics) != os.path.realpath(out / "metrics.jsonl"):
@@ -314,19 +337,18 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
         with run_record.OutputLock(out) if world.is_main else nullcontext(), ExitStack() as held:
-            return _finetune(s, options, out, world, threads, raw, held)
+            return _finetune(s, options, out, world, threads, raw, held, lr_used)
     finally:
         world.close()
 
 
 def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
-              threads: ThreadChoice, raw: RawData, held: ExitStack) -> dict[str, Any]:
+              threads: ThreadChoice, raw: RawData, held: ExitStack, lr_used: dict[str, Any]) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
     started = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir(s.model))
     splits = raw.splits(s, tok)
-    lr_used = lr_record(s.optimizer, options, raw.loss_kind)
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
@@ -353,12 +375,16 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
                         + (" or less" if splits.train else " with at least one training example"))
     optimizer = build(s.optimizer, options, seed=s.seed)
-    working = out / "working" if s.tier == "disk" else None
+    spec = (LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora"
+            else None)
+    working = out / "working" if s.tier == "disk" and spec is None else None  # adapters: the base is read-only
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
                                working_dir=working, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
+        if spec is not None:
+            model.attach_lora(spec, seed=s.seed)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
         cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
                                    local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
@@ -378,7 +404,19 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         start_step = trainer.step
         result = trainer.fit()
         test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-        if world.is_main and s.export:  # every rank holds the same weights: one writes
+        adapter = None
+        if world.is_main and s.export and model.lora is not None:
+            check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", ckpts)
+            adapter = model.lora.save_peft(out / "adapter", base_model=str(store))
+        elif world.is_main:
+            shutil.rmtree(out / "adapter", ignore_errors=True)  # an earlier run's adapter would not be this run's
+            if s.export and (factors := optimizer.lora_factors()):
+                from zoedge.optim.lora import factors_adapter  # the plugin kept its change as factors: exact
+                try:
+                    adapter = factors_adapter(factors, model.config, out / "adapter", base_model=str(store))
+                except ConfigError as e:  # the model itself is exported; the adapter is what cannot be
+                    log_stderr(f"no OUTPUT/adapter: {e}")
+        if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
             export_model(model, out / "model", ckpts, export_files)
         elif world.is_main:  # an earlier run's model would not be this run's
             output_dir.remove(out / "model")
@@ -400,7 +438,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss, "peak_gpu_bytes": peak,
-        "model_dir": str(out / "model") if s.export else None,
+        "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
+        "adapter_dir": str(adapter) if adapter is not None else None,
+        "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test), "dropped_as_in_train": splits.dropped,
                                                 "files": data_id},
@@ -459,6 +499,8 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
                               "when the run ends", "evaluate it after the run has finished")
     if (p / "summary.json").is_file() and (p / "model").is_dir():
         return str(p / "model"), p
+    if (p / "summary.json").is_file() and (p / "adapter").is_dir():  # a --peft lora run: its base + adapter
+        return model, p
     if p.name == "model" and (p.parent / "summary.json").is_file():
         return model, p.parent
     run = p if output_dir.is_run(p) else None
@@ -494,6 +536,9 @@ def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettin
             setattr(s, name, value)
     if "dtype" not in given and recorded.get("dtype"):  # the precision the run trained (and exported) in
         s.dtype = recorded["dtype"]
+    if not (run / "model").is_dir():  # an adapter run without --merge: the adapter on the run's store
+        s.model = summary.get("store")
+        s.adapter = s.adapter or str(run / "adapter")
     return s, summary
 
 
@@ -576,6 +621,9 @@ def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path, tok
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
+        if s.adapter is not None:
+            from zoedge.runtime.lora import read_peft_dir, spec_of_peft
+            model.attach_lora(spec_of_peft(read_peft_dir(s.adapter)[0])).load_peft(s.adapter)
         t0 = time.perf_counter()
         res: dict[str, Any] = {}
         for name, ex in (("dev", splits.dev), ("test", splits.test)):

@@ -206,6 +206,11 @@ class Trainer:
         self.fo: FirstOrder | None = None
         if fo_blocks or fo_extra:
             who = optimizer.name or type(optimizer).__name__
+            if model.lora is not None:
+                raise ConfigError(f"--peft lora with optimizer '{who}'", "it trains first-order blocks or tensors "
+                                  f"({', '.join(fo_blocks) or 'its own'}) of the base, which stays frozen under "
+                                  "adapters", "turn its first-order part off (hzo: --opt fo_layers=0), use a "
+                                  "zeroth-order optimizer (mezo, dizo, hizoo-l), or drop --peft")
             if settings.dp_mode == "directions":
                 raise ConfigError(f"--dp-mode directions with optimizer '{who}'", "it trains first-order tensors "
                                   "(their gradient needs the batch split)", "use --dp-mode batch (the default)")
@@ -255,6 +260,8 @@ class Trainer:
             return "its weights are not a pure function of the base and its updates (its replayable is False)"
         if self.fo is not None:
             return "it trains first-order blocks (their weights are not in the update log)"
+        if self.model.lora is not None:
+            return "it trains LoRA adapters (checkpointed whole: they are small)"
         return ""
 
     # ------------------------------------------------------------------ state
@@ -278,7 +285,7 @@ class Trainer:
             state["run"] = self.identity
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:  # every rank holds the same state: one writes it
-            weights = self.model.weight_stream() if kind == "full" else None
+            weights = self.model.trained_stream() if kind == "full" else None
             path = save_checkpoint(self.ckpt_dir, self.step, weights, state, self.s.keep_checkpoints)
         self.world.barrier()
         return path
@@ -345,7 +352,7 @@ class Trainer:
             self.replayed = log.replay(self.model, self.opt, path)
             self.log(f"replayed {self.replayed['block_updates']} block updates in {self.replayed['seconds']:.1f} s")
         else:
-            self.model.load_state_dict(weights)
+            self.model.load_trained(weights)
         if self.fo is not None:
             self.fo.reload(self.model)
             self.fo.load_state_dict(state["first_order"])
@@ -367,6 +374,8 @@ class Trainer:
         """Data-parallel runs: stop unless every rank holds the same trained state (see World.check_consistent)."""
         if self.world.size > 1:
             extra = [v for v in self.opt.plugin_state().values() if isinstance(v, torch.Tensor)]
+            if self.model.lora is not None:
+                extra += list(self.model.lora.tensors.values())
             if self.fo is not None:
                 extra += [p.detach() for b in self.fo.blocks for p in self.fo.params[b].values()]
                 extra += [p.detach() for p in self.fo.extra.values()]
