@@ -17,36 +17,11 @@ projection one visit-only stream; the phase count is reported in the next step's
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import torch
 
-from zoedge.errors import ConfigError
-from zoedge.optim.api import Update
-from zoedge.optim.registry import register_optimizer
-from zoedge.runtime.streamed import BlockVisitor, Resident
-from zoedge.store.manifest import dtype_of
+from zoedge.optim.api import BlockVisitor, Resident, Update, register_optimizer
 from zoedge_plugins.mezo import MeZO
-
-
-def read_base(block: Resident, name: str, out: torch.Tensor) -> torch.Tensor:
-    """Tensor ``name`` of ``block`` as prepared (the pre-trained θ₀), read from the store file into ``out``.
-
-    Raises:
-        ConfigError: the tensor is stored quantized (no exact θ₀ to project toward).
-    """
-    model = block.runtime
-    assert model is not None
-    entry = model.blocks[block.index]
-    t = next(x for x in entry.tensors if x.name == name)
-    if t.quant != "none":
-        raise ConfigError(f"dizo projected tensor {name}", f"is stored quantized ({t.quant})",
-                          "project unquantized tensors only (--opt project=...), or prepare with --quant none")
-    part = t.parts["data"]
-    with open(Path(model.store) / entry.file, "rb") as f:
-        f.seek(part.offset)
-        raw = bytearray(f.read(part.nbytes))
-    return out.copy_(torch.frombuffer(raw, dtype=dtype_of(part.dtype)).view(out.shape))
 
 
 class _Projection(BlockVisitor):
@@ -63,7 +38,7 @@ class _Projection(BlockVisitor):
             return
         base = block.workspace("anchor")
         for n in names:
-            read_base(block, n, base[n])
+            block.stored(n, base[n])  # θ₀
             if self.j == 0:  # first iteration: the drift norms, γ = t
                 norm = float(torch.linalg.vector_norm((block.tensors[n] - base[n]).float()))
                 o.norm[n], o.gamma[n] = norm, norm

@@ -23,9 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from zoedge.optim.api import Update, ZOOptimizer
-from zoedge.optim.registry import register_optimizer
-from zoedge.runtime.streamed import Resident
+from zoedge.optim.api import Resident, Update, ZOOptimizer, register_optimizer
 from zoedge_plugins.mezo import mezo_update_
 
 

@@ -14,8 +14,13 @@ X + (A ± εU) Vᵀ, still rank r. Nothing is written to the base per step; the 
 once at the end of each period (one write-back per block per period) and at every flush (eval, checkpoint,
 export). ``factors=off`` applies each step's update to the base (dense, written back every step).
 
+Every merged period's A and V are also kept (CPU, fp32; plugin state): the run's whole change of each 2-D tensor
+is Σ_p A_p V_pᵀ = [A_1 … A_K] [V_1 … V_K]ᵀ, an exact LoRA adapter of rank r·K (:meth:`HZO.lora_factors`, written
+by ``finetune`` to OUTPUT/adapter when nothing else changed: ``vector=frozen``, ``freeze=embed``, no first-order
+tail).
+
 Resume is bit-equal to an uninterrupted run with the same eval/save steps (a flush merges the factors).
-Not yet: keeping every period's factors to the end (needed for a quantized base, which cannot be merged into).
+Not yet: training a quantized base through the kept factors (they are merged into the base today).
 """
 from __future__ import annotations
 
@@ -24,15 +29,8 @@ from typing import Any, Literal
 
 import torch
 
-from zoedge.adapters import layer_index
-from zoedge.errors import ConfigError
-from zoedge.optim.api import Update, ZOOptimizer
-from zoedge.optim.first_order import FOSettings
-from zoedge.optim.lowrank import LowRankPerturbed
-from zoedge.optim.registry import register_optimizer
-from zoedge.runtime.perturbed import Fill
-from zoedge.runtime.streamed import Resident
-from zoedge.store.manifest import BlockEntry
+from zoedge.optim.api import (BlockEntry, ConfigError, Fill, FOSettings, LowRankPerturbed, Resident, Update,
+                              ZOOptimizer, layer_index, register_optimizer)
 
 
 @register_optimizer("hzo")
@@ -73,6 +71,8 @@ class HZO(ZOOptimizer):
         self.fo_pass = 0 if fo_layers else None
         self.a: dict[str, torch.Tensor] = {}   # factor mode: 2-D tensor -> A (m×r, fp32)
         self.d: dict[str, torch.Tensor] = {}   # factor mode: 1-D tensor -> dense delta (fp32)
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}  # merged periods: 2-D tensor -> {"A<p>"/"V<p>": CPU fp32}
+        self.dense_merged = False  # a 1-D delta was merged (the change is not all factors)
 
     # ------------------------------------------------------------ schedule
     def period(self, step: int) -> int:
@@ -105,7 +105,7 @@ class HZO(ZOOptimizer):
 
     # --------------------------------------------------------------- hooks
     def z(self, step: int, name: str) -> Fill:
-        """A 1-D tensor's dense noise (any range of it: the lean runtime forms it just in time)."""
+        """A 1-D tensor's dense noise (any range of it)."""
         return self.noise.draw(step, name, "z0")
 
     def draw(self, block: Resident) -> None:
@@ -129,7 +129,7 @@ class HZO(ZOOptimizer):
                 seen[name] = LowRankPerturbed(t, factor.to(t.dtype), v.to(t.dtype), 1.0)
             else:
                 base = t + self.d[name].to(t.dtype) if name in self.d else t  # 1-D: small
-                seen[name] = block.perturbed(name, "z0", self.z(self.t, name), sign * self.eps, base) if sign \
+                seen[name] = block.perturbed(name, "z0", sign * self.eps, base) if sign \
                     else base
         return seen
 
@@ -178,18 +178,36 @@ class HZO(ZOOptimizer):
                                   "prepare the store with --quant none, or freeze it (--opt freeze=...)")
             if name in self.a:
                 _, v = self._uv(name, t, step)
-                t.addmm_(self.a.pop(name).to(t.dtype), v.T.to(t.dtype))
+                a = self.a.pop(name)
+                t.addmm_(a.to(t.dtype), v.T.to(t.dtype))
+                kept, p = self.kept.setdefault(name, {}), self.period(step)
+                kept[f"A{p}"] = kept[f"A{p}"] + a.cpu() if f"A{p}" in kept else a.cpu().clone()
+                kept[f"V{p}"] = v.float().cpu()
                 changed = True
             elif name in self.d:
                 t.add_(self.d.pop(name).to(t.dtype))
-                changed = True
+                self.dense_merged = changed = True
         if changed:
             block.mark_dirty()
 
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each 2-D tensor's change as B = [A_1 … A_K], A = [V_1 … V_K]ᵀ over the merged periods (after a flush);
+        ``{}`` when 1-D tensors or first-order blocks changed too, or with ``factors=off``."""
+        if self.dense_merged or self.fo_layers or self.factors == "off":
+            return {}
+        out = {}
+        for name, kept in self.kept.items():
+            periods = sorted(int(k[1:]) for k in kept if k.startswith("A"))
+            out[name] = (torch.cat([kept[f"A{p}"] for p in periods], dim=1),
+                         torch.cat([kept[f"V{p}"] for p in periods], dim=1).T.contiguous())
+        return out
+
     # --------------------------------------------------------------- state
     def plugin_state(self) -> dict[str, Any]:
-        return {"a": self.a, "d": self.d}
+        return {"a": self.a, "d": self.d, "kept": self.kept, "dense_merged": self.dense_merged}
 
     def load_plugin_state(self, state: Mapping[str, Any]) -> None:
         self.a = {k: v.clone() for k, v in state.get("a", {}).items()}
         self.d = {k: v.clone() for k, v in state.get("d", {}).items()}
+        self.kept = {k: {p: v.clone() for p, v in kept.items()} for k, kept in state.get("kept", {}).items()}
+        self.dense_merged = bool(state.get("dense_merged", False))

@@ -23,16 +23,9 @@ from typing import Literal
 
 import torch
 
-from zoedge.adapters import layer_index
-from zoedge.optim.api import Update
-from zoedge.optim.first_order import FOSettings
-from zoedge.optim.noise import stream_seed
-from zoedge.optim.registry import register_optimizer
-from zoedge.optim.sparse_delta import SparseDeltaWeight, sample_entries
-from zoedge.runtime.perturbed import Fill
-from zoedge.runtime.streamed import Resident
-from zoedge.store.manifest import BlockEntry, dtype_of
-from zoedge_plugins.mezo import MeZO, mezo_update_
+from zoedge.optim.api import (BlockEntry, Fill, FOSettings, Resident, SparseDeltaWeight, Update, dtype_of,
+                              layer_index, register_optimizer, sample_entries, stream_seed)
+from zoedge_plugins.mezo import MeZO
 
 #: optimizer-state bytes per trained element, in units of the element's own bytes
 STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0, "adamw8bit": 0.5}
@@ -164,14 +157,10 @@ class LoHO(MeZO):
         return super().end_step(losses[1:] if self.chosen else losses)
 
     def apply(self, block: Resident, update: Update) -> None:
-        if not self.entries:
-            return super().apply(block, update)
-        # MeZO's update with the step's z zeroed on the FO entries, then Δ merged into the weight
-        for name, theta in block.tensors.items():
-            wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
-            z = self.z(update.step, name, 0)(block.buffer("scratch", name), 0, theta.numel())
-            mezo_update_(theta, [(z, update["g"][0])], 1, update["lr"], wd)
-            if name in self.delta:
-                with torch.no_grad():
-                    theta.view(-1).index_add_(0, self.entries[name], self.delta[name].to(theta.dtype))
-                    self.delta[name].zero_()
+        """MeZO's update (its z zeroed on the FO entries, see :meth:`z`), then Δ merged into the weight."""
+        super().apply(block, update)
+        for name in self.delta.keys() & block.tensors.keys():
+            with torch.no_grad():
+                block.tensors[name].view(-1).index_add_(0, self.entries[name],
+                                                        self.delta[name].to(block.tensors[name].dtype))
+                self.delta[name].zero_()

@@ -6,7 +6,7 @@ two passes θ ± εz_k, projected gradient g_k = (L₊ − L₋) / (2ε). The up
 resident (λ skipped for 1-D tensors: biases and norm weights).
 
 Noise: ``noise=gaussian`` (default), ``rademacher`` (±1) or ``pool`` (windows of one pre-drawn pool: no
-per-step draw, no noise workspace); their statistics are in :mod:`zoedge.optim.noise`.
+per-step draw, no noise workspace); their statistics are in :mod:`zoedge.noise.source`.
 
 Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
 ``stochastic_rounding=True`` computes it in fp32 and rounds stochastically
@@ -15,24 +15,21 @@ Precision: the update is computed in the stored dtype. With a bf16/fp16 store,
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from zoedge.optim.api import Update, ZOOptimizer
-from zoedge.optim.noise import NOISE_KINDS, make_noise
-from zoedge.optim.registry import register_optimizer
-from zoedge.runtime.perturbed import Fill
-from zoedge.runtime.streamed import Resident
+from zoedge.optim.api import NOISE_KINDS, Fill, Resident, Update, ZOOptimizer, make_noise, register_optimizer
 
 
-def mezo_update_(theta: torch.Tensor, directions: Iterable[tuple[torch.Tensor, float]], q: int, lr: float,
-                 weight_decay: float) -> None:
+def mezo_update_(theta: Any, directions: Iterable[tuple[Any, float]], q: int, lr: float, weight_decay: float) -> None:
     """θ ← θ − lr·((1/q) Σ_k g_k z_k + λθ), in place, in this exact op order (the tests' reference re-uses it).
 
     Args:
-        theta: the weight (or an fp32 copy of it), updated in place.
-        directions: (z_k, g_k) pairs of the step that produced the update; may be a generator that draws each
-            z_k into one reused buffer just before it is needed.
+        theta: the weight (or an fp32 copy of it), updated in place; or a block's update part
+            (:class:`~zoedge.optim.api.UpdatePart`, whose ``add_`` also takes a block's noise).
+        directions: (z_k, g_k) pairs of the step that produced the update (tensors, or block noises for a
+            part); may be a generator that draws each z_k just before it is needed.
         q: number of directions.
         lr: that step's learning rate.
         weight_decay: λ (0 for biases / norm weights).
@@ -70,7 +67,7 @@ class MeZO(ZOOptimizer):
         q: number of random directions per step (2q passes per residency).
         stochastic_rounding: round bf16/fp16 updates stochastically instead of to nearest.
         noise: the direction noise: gaussian (N(0, 1)), rademacher (±1) or pool (windows of one pre-drawn pool,
-            no per-step draw); statistics in zoedge/optim/noise.py.
+            no per-step draw); statistics in zoedge/noise/source.py.
 
     Replayable (``replayable = True``): a checkpoint may hold the log of updates instead of the weights
     (``--checkpoint-weights updates``); subclasses that change weights elsewhere set it back to False.
@@ -96,29 +93,20 @@ class MeZO(ZOOptimizer):
         self.passes = 2 * q
 
     def z(self, step: int, name: str, k: int) -> Fill:
-        """Direction ``k``'s noise for tensor ``name`` at ``step`` (any row range of it; see
-        :data:`zoedge.runtime.perturbed.Fill`): every draw of a tensor's z, in the passes and in the update, goes
-        through here, so they are the same numbers however they are chunked."""
+        """Direction ``k``'s noise for tensor ``name`` at ``step`` (any range of it): every draw of a tensor's z,
+        in the passes and in the update, goes through here, so they are the same numbers however they are formed."""
         return self.noise.draw(step, name, f"z{k}")
 
     def draw(self, block: Resident) -> None:
-        """z_k for this step, once per residency, reused by the +ε and −ε passes (lean runtimes regenerate it): only
-        the directions this rank evaluates (direction-split data parallel), and none when the noise source forms
-        θ ± εz directly (e.g. ``noise=pool``)."""
-        if self.noise.redraw_is_free:
-            return
+        """z_k for this step, once per residency, read by the +ε and −ε passes: only the directions this rank
+        evaluates (direction-split data parallel)."""
         for k in filter(self.evaluates, range(self.q)):
             block.noise(f"z{k}", lambda name, k=k: self.z(self.t, name, k))
 
     def perturb(self, block: Resident, p: int) -> Mapping[str, torch.Tensor]:
         k, minus = divmod(p, 2)
         alpha = -self.eps if minus else self.eps
-        if self.noise.redraw_is_free and not block.lean:  # θ ± εz straight from the source, no noise workspace
-            out = block.workspace("scratch")
-            for name, theta in block.tensors.items():
-                self.noise.add_(out[name], theta, alpha, self.t, name, f"z{k}")
-            return out
-        return {name: block.perturbed(name, f"z{k}", self.z(self.t, name, k), alpha) for name in block.tensors}
+        return {name: block.perturbed(name, f"z{k}", alpha) for name in block.tensors}
 
     def direction_passes(self) -> list[list[int]] | None:
         """Direction k's passes: 2k (θ + εz_k) and 2k + 1 (θ − εz_k); None for a subclass with other passes."""
@@ -132,35 +120,16 @@ class MeZO(ZOOptimizer):
                       {"projected_grad": sum(gs) / len(gs)})
 
     def apply(self, block: Resident, update: Update) -> None:
-        """θ ← θ − lr((1/q) Σ g_k z_k + λθ), row chunk by row chunk (the whole tensor unless the runtime is lean);
-        the step's z_k are drawn again: in workspace mode each z_k for the whole block at once (in parallel, into
-        the workspace ``z<k>`` this step's ``draw`` fills next), lean one chunk at a time into scratch."""
-        free = self.noise.redraw_is_free
-        drawn = None if free or block.lean else [block.noise(f"z{k}", lambda name, k=k: self.z(update.step, name, k))
-                                                 for k in range(self.q)]
-        for name, theta in block.tensors.items():
-            wd = update["weight_decay"] if theta.ndim >= 2 else 0.0
-            sr = self.stochastic_rounding and theta.dtype in (torch.float16, torch.bfloat16)
-            if free and not sr:  # same op order as mezo_update_, z read from the source
-                if wd:
-                    theta.mul_(1.0 - update["lr"] * wd)
-                for k, g in enumerate(update["g"]):
-                    self.noise.add_(theta, theta, -update["lr"] * g / self.q, update.step, name, f"z{k}")
-                continue
-            row = theta[0].numel() if theta.ndim > 1 else 1
-            for a, b in block.chunks(name):
-                part = theta[a:b] if theta.ndim else theta
-                if drawn is not None:  # workspace mode: the whole tensor, drawn above
-                    directions = ((z[name], g) for z, g in zip(drawn, update["g"]))
-                else:
-                    scratch = block.buffer("scratch", name, (a, b))
-                    directions = ((self.z(update.step, name, k)(scratch, a * row, theta.numel()), g)
-                                  for k, g in enumerate(update["g"]))
-                if sr:
-                    value = part.float()  # fp32 master of this part for the update (allocates; SR path only)
-                    mezo_update_(value, directions, self.q, update["lr"], wd)
-                    uniform = self.noise.uniform_at_(torch.empty_like(value), update.step, name, "sr", a * row,
-                                                     theta.numel())
-                    stochastic_round_(part, value, uniform)
-                else:
-                    mezo_update_(part, directions, self.q, update["lr"], wd)
+        """θ ← θ − lr((1/q) Σ g_k z_k + λθ), part by part, the z_k of the update's step drawn again."""
+        lr, gs, q = update["lr"], update["g"], self.q
+        zs = [block.noise(f"z{k}", lambda name, k=k: self.z(update.step, name, k)) for k in range(q)]
+        for part in block.parts():
+            wd = update["weight_decay"] if part.ndim >= 2 else 0.0
+            if self.stochastic_rounding and part.tensor.dtype in (torch.float16, torch.bfloat16):
+                value = part.tensor.float()  # fp32 master of this part for the update (allocates; SR path only)
+                mezo_update_(value, ((part.noise(z), g) for z, g in zip(zs, gs)), q, lr, wd)
+                uniform = self.noise.uniform_at_(torch.empty_like(value), update.step, part.name, "sr", part.start,
+                                                 part.total)
+                stochastic_round_(part.tensor, value, uniform)
+            else:
+                mezo_update_(part, zip(zs, gs), q, lr, wd)

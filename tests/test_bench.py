@@ -25,7 +25,7 @@ def store(tmp_path_factory):
 
 def _bench(store, tmp_path, *extra: str) -> dict:
     out = tmp_path / "bench.json"
-    assert main(["bench", str(store), "--batch", "4", "--seq", "32", "--steps", "4", "--warmup", "1", "--threads",
+    assert main(["bench", str(store), "--batch-size", "4", "--max-length", "32", "--steps", "4", "--warmup", "1", "--threads",
                  "1", "--no-progress", "--json", str(out), *extra]) == 0
     return json.loads(out.read_text())
 

@@ -17,7 +17,7 @@ from zoedge.plan.accounting import synthetic_batch
 from zoedge.plan.tracker import DeviceMemoryTracker
 from zoedge.runtime import streamed
 from zoedge.runtime.dequantized import Dequantized
-from zoedge.runtime.memory import ALLOCATIONS
+from zoedge.memory import ALLOCATIONS
 from zoedge.store import quant as q
 from zoedge.store.manifest import load_manifest
 from zoedge.train.trainer import _loss_passes

@@ -13,7 +13,7 @@ import torch
 
 import zoedge
 from zoedge.runtime import host
-from zoedge.runtime.memory import page_aligned
+from zoedge.memory import page_aligned
 from tests.tiny import save_tiny
 
 ALIGN = host.ALIGN

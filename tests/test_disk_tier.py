@@ -116,7 +116,7 @@ def test_cpu_training_holds_the_ring_and_no_slot_or_staging(store, tmp_path, pre
     from collections import Counter
 
     from tests.tiny import CharTokenizer, toy_examples
-    from zoedge.runtime.memory import ALLOCATIONS
+    from zoedge.memory import ALLOCATIONS
     from zoedge.train.trainer import TrainSettings, Trainer
     from zoedge_plugins.mezo import MeZO
 
@@ -169,7 +169,7 @@ def test_checkpoint_export_and_resume_hold_one_block(store, tmp_path, monkeypatc
 
     from safetensors.torch import load_file
 
-    import zoedge.train.guard as guard
+    import zoedge.train.checkpoint as checkpoint
     import zoedge.train.job as job
     from zoedge.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -186,7 +186,7 @@ def test_checkpoint_export_and_resume_hold_one_block(store, tmp_path, monkeypatc
 
     monkeypatch.setattr(m, "_block_state", block_state)
     peak = []
-    real_check = guard.check_finite_weights
+    real_check = checkpoint.check_finite_weights
 
     def counting_check(chunk, what, where):
         if "optimizer state" not in what:
@@ -194,7 +194,7 @@ def test_checkpoint_export_and_resume_hold_one_block(store, tmp_path, monkeypatc
             peak.append(sum(any(r() is not None for r in refs) for refs in alive))
         return real_check(chunk, what, where)
 
-    monkeypatch.setattr(guard, "check_finite_weights", counting_check)
+    monkeypatch.setattr(checkpoint, "check_finite_weights", counting_check)
     monkeypatch.setattr(job, "check_finite_weights", counting_check)
     state = {"step": 1, "optimizer": {}, "scheduler": {}}
     path = save_checkpoint(tmp_path / "ck", 1, m.weight_stream(), state)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoedge
-from zoedge.optim.noise import NoiseSource
+from zoedge.noise.source import NoiseSource
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.dizo import DiZO
 from zoedge_plugins.mezo import MeZO

@@ -323,7 +323,7 @@ def test_finetune_options_without_effect_or_out_of_range_are_refused(setup, monk
     (["plan", "llama-2-7b", "--disk-gbps", "nan"], "--disk-gbps: nan is not a finite number"),  # before: nan GB/s
     (["cache", "prune", "--older-than", "nan"], "--older-than: nan is not a finite number"),
     (["synth", "llama-2-7b", "OUT", "--layers", "0"], "--layers: 0 is too small"),
-    (["memory", "STORE", "--batch", "0"], "--batch: 0 is too small"),
+    (["memory", "STORE", "--batch-size", "0"], "--batch-size: 0 is too small"),
 ])
 def test_command_options_are_range_checked_where_parsed(argv, what, capsys):
     assert main(argv) == 2

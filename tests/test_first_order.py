@@ -10,7 +10,7 @@ import torch
 import zoedge
 from zoedge.errors import ConfigError
 from zoedge.optim.first_order import FOSettings
-from zoedge.optim.noise import NoiseSource
+from zoedge.noise.source import NoiseSource
 from zoedge.train.batching import collate
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
 from zoedge_plugins.mezo import MeZO

@@ -28,7 +28,7 @@ import torch
 
 import zoedge
 from tests.tiny import batch, resident_logits, save_tiny
-from zoedge.runtime.memory import ALLOCATIONS
+from zoedge.memory import ALLOCATIONS
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD
 
 pytestmark = pytest.mark.gpu

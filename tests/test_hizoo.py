@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoedge.optim.noise import NoiseSource
+from zoedge.noise.source import NoiseSource
 from zoedge_plugins.hizoo import HiZOOL
 from zoedge_plugins.mezo import MeZO
 from tests.plugin_harness import batches, quadratic_steps, resident_block, run_streamed

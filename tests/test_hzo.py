@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoedge
-from zoedge.optim.noise import NoiseSource
+from zoedge.noise.source import NoiseSource
 from zoedge.runtime.engines import SyncEngine
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.hzo import HZO

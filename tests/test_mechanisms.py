@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import zoedge_plugins.dizo as dizo_module
 from zoedge.optim.registry import build
+from zoedge.runtime.streamed import Resident
 from tests.plugin_harness import resident_block
 
 
@@ -110,7 +110,7 @@ def divergent_layers(monkeypatch):
     g = torch.Generator().manual_seed(0)
     target = {_Q: 2.0 * torch.randn(8, 8, generator=g), _V: 0.05 * torch.randn(8, 8, generator=g)}
     theta0 = {n: torch.zeros(8, 8) for n in target}
-    monkeypatch.setattr(dizo_module, "read_base", lambda block, name, out: out.copy_(theta0[name]))
+    monkeypatch.setattr(Resident, "stored", lambda block, name, out: out.copy_(theta0[name]))
 
     def loss(ts):
         return 0.5 * sum(((ts[n] - target[n]) ** 2).sum() for n in ts)

@@ -7,8 +7,8 @@ from torch.func import functional_call
 
 import zoedge
 from zoedge.errors import ConfigError
-from zoedge.optim.noise import make_noise
-from zoedge.optim.noise_cache import NoiseCache
+from zoedge.noise.source import make_noise
+from zoedge.noise.cache import NoiseCache
 from zoedge.train.batching import candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.trainer import TrainSettings, Trainer, batch_indices
 from zoedge_plugins.mezo import MeZO

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoedge.optim import noise as nz
-from zoedge.optim import philox
+from zoedge.noise import source as nz
+from zoedge.noise import philox
 
 
 @pytest.fixture

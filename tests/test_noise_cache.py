@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoedge.optim import noise as nz
-from zoedge.optim.noise_cache import NoiseCache, attach, budget
-from zoedge.runtime.memory import ALLOCATIONS
+from zoedge.noise import source as nz
+from zoedge.noise.cache import NoiseCache, attach, budget
+from zoedge.memory import ALLOCATIONS
 
 SHAPES = {"big": (3, nz.CHUNK // 2 + 5), "mid": (300, 1000), "small": (7, 5), "bias": (11,), "scalar": ()}
 

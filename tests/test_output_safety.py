@@ -72,12 +72,14 @@ def test_metrics_aliasing_an_input_is_refused(setup, capsys):
     for extra in (["--output", str(tmp / "run2"), "--metrics", str(tmp / "run2" / "summary.json")],
                   ["--output", str(tmp / "run" / "model" / "inner")]):
         assert main(base + ["--steps", "1"] + extra) == 2
-        assert ("--metrics" if "--metrics" in extra else "inside the zoedge run") in capsys.readouterr().err
+        assert ("--metrics" if "--metrics" in extra else "inside model of the zoedge run") in capsys.readouterr().err
     assert not (tmp / "run" / "model" / "inner").exists()
     # eval's --json too
     assert main(["eval", "--model", str(tmp / "hf"), "--train", str(tmp / "train.jsonl"), "--no-progress",
                  "--json", str(tmp / "train.jsonl")]) == 2
     assert "--json" in capsys.readouterr().err and (tmp / "train.jsonl").read_text() == text
+    assert main(["generate", "--model", str(tmp / "hf"), "--prompt", "hi", "--json", str(tmp / "hf" / "out.json")]) == 2
+    assert "--json" in capsys.readouterr().err and not (tmp / "hf" / "out.json").exists()
 
 
 def test_non_empty_folder_that_is_not_a_run_is_refused(setup, capsys):
@@ -186,9 +188,9 @@ def test_dev_and_test_never_hold_a_training_example(setup, monkeypatch, capsys):
     out = tmp / "run"
     train = str(tmp / "train.jsonl")
     captured = []
-    import zoedge.train.job as job
-    real = job.load_splits
-    monkeypatch.setattr(job, "load_splits", lambda d: captured.append(real(d)) or captured[-1])
+    from zoedge.train.data import RawData  # the data's split, carved before the model loads
+    real = RawData.splits
+    monkeypatch.setattr(RawData, "splits", lambda self, d, tok: captured.append(real(self, d, tok)) or captured[-1])
     assert main(base + ["--steps", "1", "--no-plot", "--output", str(out), "--dev", train, "--test", train]) == 0
     splits = captured[0]
     trained = {content_key(e) for e in splits.train}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoedge.optim.noise import CHUNK, NoiseSource
+from zoedge.noise.source import CHUNK, NoiseSource
 from zoedge.plan.tracker import DeviceMemoryTracker
 from zoedge.runtime.perturbed import NoisePerturbed, row_chunks
 

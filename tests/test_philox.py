@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoedge.optim import philox
+from zoedge.noise import philox
 
 native = pytest.mark.skipif(philox.backend() != "native", reason=f"no C kernel: {philox.backend()}")
 KEY = 0x0123_4567_89AB_CDEF
@@ -89,10 +89,12 @@ def test_bad_kind_or_key_is_refused():
         philox.fill_(torch.empty(4), -1)
 
 
-def test_without_a_compiler_the_torch_implementation_is_used_with_a_warning(monkeypatch, tmp_path):
+def test_without_a_kernel_or_a_compiler_the_torch_implementation_is_used_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(philox, "__file__", str(tmp_path / "philox.py"))  # no installed library next to it
     kernel = philox._Kernel()
-    with pytest.warns(RuntimeWarning, match="no C compiler .*no-such-cc.* Fix: install a C compiler"):
+    with pytest.warns(RuntimeWarning, match="no kernel was built when zoedge was installed; no C compiler "
+                      ".*no-such-cc.* Fix: reinstall zoedge where a C compiler works"):
         assert kernel.load() is None
     assert "no-such-cc" in kernel.why_not
 
@@ -100,10 +102,11 @@ def test_without_a_compiler_the_torch_implementation_is_used_with_a_warning(monk
 @native
 def test_the_library_is_built_once_per_cache_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path))
-    first = philox._Kernel()
+    first = philox._Kernel(installed=False)  # the run-time build (the fallback to the installed library)
     assert first.load() is not None and first.path.parent == tmp_path / "kernels"
+    assert first.origin == "built at first use"
     built = first.path.stat().st_mtime_ns
-    again = philox._Kernel()
+    again = philox._Kernel(installed=False)
     assert again.load() is not None and again.path == first.path and again.path.stat().st_mtime_ns == built
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.path.name]  # no temporaries left
 
@@ -137,7 +140,7 @@ def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
     monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path))
     path = philox._Kernel()._build(shutil.which(os.environ.get("CC", "cc")))  # built, not loaded in this process
     path.write_bytes(b"not a shared library")
-    again = philox._Kernel()
+    again = philox._Kernel(installed=False)
     assert again.load() is not None and again.path == path and path.stat().st_size > 1000
     assert torch.equal(_bits(philox.fill_(torch.empty(64), 3)), _bits(philox.reference_fill_(torch.empty(64), 3)))
 
@@ -147,3 +150,85 @@ def test_rademacher_value_i_is_bit_i_mod_32_of_word_i_div_32():
     expected = [-1.0 if words[i // 32] >> (i % 32) & 1 else 1.0 for i in range(512)]
     assert philox.fill_(torch.empty(512), KEY, 0, "rademacher").tolist() == expected
     assert philox.fill_(torch.empty(100), KEY, 300, "rademacher").tolist() == expected[300:400]
+
+
+# ------------------------------------------------------------------------------ the kernel built at install time
+INSTALLED = [p for p in Path(philox.__file__).parent.glob("_philox*") if p.suffix in (".so", ".pyd", ".dylib")]
+installed = pytest.mark.skipif(not INSTALLED, reason="zoedge was installed without building the kernel (no compiler)")
+
+
+def _without_a_compiler(tmp_path) -> dict[str, str]:
+    """The environment of a process that finds no C compiler: an empty PATH, no CC."""
+    (tmp_path / "empty-bin").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "ZOEDGE_NATIVE")}
+    return {**env, "PATH": str(tmp_path / "empty-bin"), "ZOEDGE_CACHE": str(tmp_path / "cache")}
+
+
+@installed
+def test_the_installed_kernel_loads_without_a_compiler_and_gives_the_reference_bits(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import shutil, torch\n"
+              "from zoedge.noise import philox\n"
+              "assert shutil.which('cc') is None and shutil.which('gcc') is None\n"
+              "a = philox.fill_(torch.empty(70001), 99, 257)\n"
+              "b = philox.reference_fill_(torch.empty(70001), 99, 257)\n"
+              "assert torch.equal(a.view(torch.int32), b.view(torch.int32))\n"
+              "print(philox.backend(), philox.parallel(), philox.kernel(), sep='|')\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_without_a_compiler(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    backend, parallel, kernel = done.stdout.strip().split("|")
+    assert backend == "native" and kernel.startswith("installed: ") and parallel in ("True", "False")
+    assert not (tmp_path / "cache" / "kernels").exists()  # nothing compiled at run time
+
+
+@installed
+def test_an_installed_kernel_built_from_another_source_is_not_used(monkeypatch, tmp_path):
+    edited = tmp_path / "philox.c"
+    edited.write_bytes(philox.SOURCE.read_bytes() + b"\n/* edited after the install */\n")
+    monkeypatch.setattr(philox, "SOURCE", edited)
+    with pytest.raises(philox._Unavailable, match="built from another philox.c"):
+        philox._installed_library()
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path))
+    kernel = philox._Kernel()
+    if shutil.which(os.environ.get("CC", "cc")):  # the run-time build takes over, from the edited source
+        assert kernel.load() is not None and kernel.origin == "built at first use"
+        assert "built from another philox.c" in kernel.installed_why
+
+
+@installed
+def test_the_installed_kernel_is_preferred_and_named():
+    kernel = philox._Kernel()
+    assert kernel.load() is not None and kernel.origin == "installed" and kernel.path in INSTALLED
+
+
+@installed
+def test_a_finetune_run_without_a_compiler_uses_and_records_the_installed_kernel(tmp_path):
+    """As the demo, on a tiny model: no `cc` on PATH after the install; summary.json's noise says which kernel ran."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.test_tasks import _tokenizer
+    from zoedge.train.demo_task import demo_examples
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
+    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(24, seed=1)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    argv = [sys.executable, "-m", "zoedge", "finetune", "--model", str(tmp_path / "hf"), "--train",
+            str(tmp_path / "train.jsonl"), "--batch-size", "4", "--n-train", "16", "--n-dev", "4", "--n-test", "4",
+            "--steps", "1", "--threads", "1", "--no-progress", "--no-plot", "--no-export", "--output",
+            str(tmp_path / "run")]
+    done = subprocess.run(argv, env=_without_a_compiler(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "noise kernel is unavailable" not in done.stderr
+    noise = json.loads((tmp_path / "run" / "summary.json").read_text())["noise"]
+    assert noise["cpu_backend"] == "native" and noise["cpu_kernel"].startswith("installed: "), noise

@@ -12,7 +12,7 @@ from tests.tiny import save_tiny
 from zoedge.cli import main
 from zoedge.errors import ConfigError
 from zoedge.plan.accounting import Workload, layout, make_plan, method, model_spec, units
-from zoedge.plan.hardware import Hardware, hardware
+from zoedge.hardware import Hardware, hardware
 from zoedge.plan.measure import measure_step
 from zoedge.plan.tracker import DeviceMemoryTracker
 
@@ -149,7 +149,7 @@ def test_ram_tier_host_allocations_are_the_stored_bytes(stores, capsys):
         assert m.host_tier_bytes == stored
         plan = make_plan(model_spec(str(stores[name])), method("mezo"), Workload(1, 8), hardware("rtx4090"), timing=False)
         assert plan.host_ram == plan.stored_bytes == stored
-    assert main(["plan", str(stores["opt"]), "--seq", "8"]) == 0
+    assert main(["plan", str(stores["opt"]), "--max-length", "8"]) == 0
     assert "(1.000 x the stored bytes)" in capsys.readouterr().out
 
 
@@ -282,7 +282,7 @@ def test_synth_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 
 def test_plan_cli_json(capsys):
-    assert main(["plan", "opt-1.3b", "--layers", "2", "--seq", "64", "--gpu", "h100", "--json", "-"]) == 0
+    assert main(["plan", "opt-1.3b", "--layers", "2", "--max-length", "64", "--gpu", "h100", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"] == "opt-1.3b" and data["layers"] == 2 and data["measured_layers"] == 24
     assert data["gpu_peak"] == data["device_peak"] + 32 * 2**20
@@ -291,12 +291,12 @@ def test_plan_cli_json(capsys):
 
 def test_memory_and_bench_cli_real_runs(stores, capsys, tmp_path):
     out = tmp_path / "m.json"
-    assert main(["memory", str(stores["llama"]), "--seq", "8", "--batch", "2", "--steps", "2", "--no-progress",
+    assert main(["memory", str(stores["llama"]), "--max-length", "8", "--batch-size", "2", "--steps", "2", "--no-progress",
                  "--json", str(out)]) == 0
     m = json.loads(out.read_text())
     assert abs(m["ratio"] - 1) < 0.05 and m["host_rss"] > 0
     out = tmp_path / "b.json"
-    assert main(["bench", str(stores["opt"]), "--seq", "8", "--steps", "2", "--warmup", "0", "--compare",
+    assert main(["bench", str(stores["opt"]), "--max-length", "8", "--steps", "2", "--warmup", "0", "--compare",
                  "resident", "--no-progress", "--json", str(out)]) == 0
     b = json.loads(out.read_text())
     assert len(b["step_s"]) == 2 and b["tokens_per_s"] > 0 and b["ratio_streamed_to_resident"] > 0

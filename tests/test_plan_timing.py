@@ -9,7 +9,7 @@ import pytest
 
 from zoedge.cli import main
 from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-from zoedge.plan.hardware import Hardware, hardware
+from zoedge.hardware import Hardware, hardware
 from zoedge.plan.timing import arithmetic_bytes, record_schedule
 
 MEASURED = Path(__file__).resolve().parents[1] / "docs" / "measurements" / "h200-2026-11-29"
@@ -74,7 +74,7 @@ def test_dense_arithmetic_is_costed_at_memory_bandwidth():
 
 
 def test_pcie_rate_flips_transfer_and_compute_bound(capsys):
-    args = ["llama-2-7b", "--layers", "2", "--seq", "512", "--gpu", "rtx4090"]
+    args = ["llama-2-7b", "--layers", "2", "--max-length", "512", "--gpu", "rtx4090"]
     slow = _plan([*args, "--pcie-gbps", "1"], capsys)
     fast = _plan([*args, "--pcie-gbps", "10000"], capsys)
     assert slow["time"]["bound"] == "transfer" and fast["time"]["bound"] == "compute"
@@ -87,8 +87,8 @@ def test_pcie_rate_flips_transfer_and_compute_bound(capsys):
 
 
 def test_disk_tier_reads_and_write_backs_bound_the_step(capsys):
-    base = ["llama-2-7b", "--layers", "2", "--seq", "64", "--tier", "disk", "--pcie-gbps", "1000"]
-    reads = _plan([*base, "--method", "lowrank", "--disk-gbps", "1"], capsys)["time"]
+    base = ["llama-2-7b", "--layers", "2", "--max-length", "64", "--tier", "disk", "--pcie-gbps", "1000"]
+    reads = _plan([*base, "--optimizer", "hzo", "--disk-gbps", "1"], capsys)["time"]
     assert reads["bound"] == "transfer" and reads["critical_path_s"]["read"] > 0.9 * reads["step_s"]
     writes = _plan([*base, "--disk-write-gbps", "0.5"], capsys)
     t = writes["time"]

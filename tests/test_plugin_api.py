@@ -8,7 +8,7 @@ from torch.func import functional_call
 import zoedge
 from zoedge.optim.api import Update, ZOOptimizer
 from zoedge.optim.lowrank import LowRankPerturbed
-from zoedge.optim.noise import NoiseSource
+from zoedge.noise.source import NoiseSource
 from zoedge.train.batching import collate
 from zoedge.train.trainer import _loss_passes, batch_indices
 from tests.test_mezo import resident_loss

@@ -24,10 +24,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smol_store(smollm2_dir, tmp_path_factory):
-    store = tmp_path_factory.mktemp("smollm2") / "store"
-    zoedge.prepare(smollm2_dir, store, dtype="fp32", progress=False, log=lambda s: None)
-    return store
+def smol_store(smollm2_dir):
+    """The default model's fp32 store in the zoedge cache (prepared once, as finetune and eval use it)."""
+    from zoedge.train.job import resolve_store
+    return resolve_store(str(smollm2_dir), "fp32", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,22 @@ def _max_delta(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = Non
     return d.max().item()
 
 
-@pytest.mark.parametrize("tier", ["ram", "disk"])
-def test_streamed_equals_resident_real(smol_store, smol_model, smol_batch, tier):
+@pytest.fixture(scope="module")
+def smol_reference(smol_model, smol_batch):
+    """The resident model's logits, and its head applied to the last position of each row alone."""
     ids, mask = smol_batch
-    ref = resident_logits(smol_model, ids, mask)
+    last = torch.arange(ids.shape[0]) * ids.shape[1] + ids.shape[1] - 1
+    with torch.no_grad():
+        pos = mask.cumsum(-1) * mask - 1
+        hidden = smol_model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        ref_sel = smol_model.lm_head(hidden.reshape(-1, hidden.shape[-1])[last])
+    return resident_logits(smol_model, ids, mask), last, ref_sel
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_streamed_equals_resident_real(smol_store, smol_model, smol_batch, smol_reference, tier):
+    ids, mask = smol_batch
+    ref, last, ref_sel = smol_reference
     m = zoedge.load(smol_store, tier=tier, prefetch=2)
     try:
         got = m(ids, mask)
@@ -77,12 +89,7 @@ def test_streamed_equals_resident_real(smol_store, smol_model, smol_batch, tier)
         # select: logits at the last position only ([B, V]). The reference applies the resident LM head to
         # the same rows: a [B, H] @ [H, V] GEMM sums in another order than the [B*T, H] one above, so it is
         # compared shape for shape.
-        last = torch.arange(ids.shape[0]) * ids.shape[1] + ids.shape[1] - 1
         sel = m(ids, mask, select=last)
-        with torch.no_grad():
-            pos = mask.cumsum(-1) * mask - 1
-            hidden = smol_model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            ref_sel = smol_model.lm_head(hidden.reshape(-1, hidden.shape[-1])[last])
         assert torch.equal(sel, ref_sel), f"{tier} select: max |delta| {_max_delta(sel, ref_sel):.3g}"
     finally:
         m.close()

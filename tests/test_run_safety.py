@@ -42,8 +42,9 @@ def test_eval_carves_the_finetune_split(setup, monkeypatch, capsys):
     """With default options, eval's dev/test are the run's dev/test, never its training examples."""
     tmp, _, base = setup
     carved = []
-    real_split = job.split
-    monkeypatch.setattr(job, "split", lambda *a, **k: carved.append(real_split(*a, **k)) or carved[-1])
+    import zoedge.train.data as data  # where the split is carved (before the model loads)
+    real_split = data.split
+    monkeypatch.setattr(data, "split", lambda *a, **k: carved.append(real_split(*a, **k)) or carved[-1])
     args = [a for a in base if a not in ("--n-train", "40", "--n-dev", "8", "--n-test", "8")]
     out = tmp / "run"
     assert main(args + ["--steps", "1", "--output", str(out)]) == 0

@@ -34,3 +34,10 @@ def test_every_example_in_exactly_one_split(n_train, n_dev, n_test):
             if n >= sum(1 for w in wants if w):
                 assert all(size > 0 for size, w in zip(sizes, wants) if w), (n, wants, sizes)
             assert all(size <= w for size, w in zip(sizes, wants) if w != n_train), (n, wants, sizes)
+
+
+def test_defaults_are_the_papers_sizes_and_seed_zero():
+    """split(pool) samples 1000 / 500 / 1000 (the MeZO papers' sizes) with seed 0."""
+    s = split(pool(3000))
+    assert (len(s.train), len(s.dev), len(s.test)) == (1000, 500, 1000)
+    assert s == split(pool(3000), 1000, 500, 1000, seed=0) and s != split(pool(3000), seed=1)

@@ -280,8 +280,7 @@ def test_store_without_config_names_the_directory_and_file(store):
 
 # ------------------------------------------------------------------ directories that are not stores
 def test_store_without_manifest_says_what_the_directory_is(store, tmp_path):
-    with pytest.raises(StoreError, match="is a Hugging Face checkpoint, not a prepared zoedge block store"):
-        zoedge.load(tmp_path / "hf")
+    # (zoedge.load of a Hugging Face checkpoint prepares it into the cache: tests/test_generate.py)
     source = json.loads((store / MANIFEST_NAME).read_text())["source"]["source"]
     (store / MANIFEST_NAME).unlink()
     msg = refused(store, "unfinished zoedge block store", "zoedge prepare")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoedge
-from zoedge.runtime.memory import ALLOCATIONS
+from zoedge.memory import ALLOCATIONS
 from tests.tiny import FAMILIES, batch, resident_logits, save_tiny
 
 

@@ -73,6 +73,10 @@ LAYOUTS: dict[str, tuple[dict, Example]] = {
                 Example("Q: 2+2?", ("3", "4"), 1)),
     "generation": ({"text": "Capital of France:", "answer": " Paris"},
                    Example("Capital of France:", (" Paris",), 0, "generation")),
+    "completion": ({"prompt": "Capital of France:", "completion": " Paris"},
+                   Example("Capital of France:", (" Paris",), 0, "generation", eos=True)),
+    "text": ({"text": "Paris is in France."},
+             Example("", ("Paris is in France.",), 0, "generation", (("Paris is in France.", True),), True)),
     "sst2": ({"sentence": "a charming film ", "label": 1},
              Example("a charming film It was", (" terrible", " great"), 1)),
     "rte": ({"premise": "A dog runs.", "hypothesis": "An animal moves.", "label": 0},
@@ -103,7 +107,7 @@ def test_each_layout_loads_explicit_and_detected(tmp_path: Path, name: str) -> N
 
 
 def test_registry_covers_layouts() -> None:
-    assert set(TASKS) == set(LAYOUTS)
+    assert set(TASKS) == set(LAYOUTS) | {"messages"}  # messages: tests/test_layouts.py (needs a tokenizer)
     assert task_format("SST-2") is TASKS["sst2"]
     with pytest.raises(DataError, match="sst3"):
         task_format("sst3")

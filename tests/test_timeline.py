@@ -6,7 +6,8 @@ import torch
 
 import zoedge
 from tests.tiny import batch, save_tiny, tiny_config
-from zoedge.runtime.timeline import Costs, Hardware, block_flops, predict
+from zoedge.hardware import Hardware
+from zoedge.runtime.timeline import Costs, block_flops, predict
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_transfer_bound_critical_path(forward_ops):
 
 
 def test_costs_from_bytes_and_flops(forward_ops):
-    hw = Hardware("test", upload_gbps=1.0, offload_gbps=1.0, disk_read_gbps=1.0, disk_write_gbps=1.0, tflops=1e-3)
+    hw = Hardware("test", gpu_memory=None, pcie=1e9, gpu_flops=1e9, disk=1e9, disk_write=1e9, efficiency=1.0)
     costs = Costs(hw, block_flops=[0.0, 2e9, 2e9, 1e9], passes=2)
     up = next(op for op in forward_ops if op.kind == "upload" and op.block == 1)
     comp = next(op for op in forward_ops if op.kind == "compute" and op.block == 1)

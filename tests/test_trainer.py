@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zoedge
-from zoedge.errors import DataError, TrainingError
+from zoedge.errors import DataError, StoreError, TrainingError
 from zoedge.train.checkpoint import latest_checkpoint, load_checkpoint
 from zoedge.train.trainer import TrainSettings, Trainer
 from zoedge_plugins.mezo import MeZO
@@ -78,7 +78,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(store, tmp_path):
     weights = t2.model.state_dict()
     weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")  # a diverged update
     t2.model.load_state_dict(weights)
-    with pytest.raises(TrainingError, match="non-finite loss"):
+    # the evaluation before training already sees it: an error naming the non-finite tensor, never a metric
+    with pytest.raises((TrainingError, StoreError), match="not finite|non-finite loss"):
         t2.fit()
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") == good
     load_checkpoint(good)

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 import zoedge
-from zoedge.errors import ConfigError, StoreError
+from zoedge.errors import ConfigError, PluginError, StoreError
+from zoedge.optim.api import Update
 from zoedge.optim.registry import build
 from zoedge.train import trainer as trainer_module
 from zoedge.train.checkpoint import latest_checkpoint
 from zoedge.train.trainer import TrainSettings, Trainer
 from tests.test_cli_finetune import setup  # noqa: F401 (a fixture: a tiny model with a tokenizer and data)
 from tests.tiny import CharTokenizer, save_tiny, toy_examples
+from zoedge_plugins.mezo import MeZO
 
 STEPS, SAVE_AT = 4, 2
 
@@ -227,3 +229,34 @@ def test_no_replay_across_changed_plugin_options(stores, tmp_path):
     run.save()  # the weights, with the log (auto)
     again = make(stores["llama", 0], tmp_path / "a", checkpoint_weights="auto")
     assert again.resume(["--seed 9"]) and again.updates is None and again.checkpoint_kind() == "full"
+
+
+class HalfStepMeZO(MeZO):
+    """A subclass that changes the update and says nothing about replay."""
+
+    def apply(self, block, update: Update) -> None:
+        super().apply(block, Update({**update.data, "lr": update["lr"] / 2}, update.metrics, update.step))
+
+
+class RestatedMeZO(MeZO):
+    replayable = True
+
+    def apply(self, block, update: Update) -> None:
+        super().apply(block, update)
+
+
+def test_a_subclass_changing_the_update_cannot_resume_from_updates_silently(stores, tmp_path, monkeypatch):
+    assert MeZO.replayable and not HalfStepMeZO.replayable and RestatedMeZO.replayable
+    model = zoedge.load(stores["llama", 0])
+    ex = toy_examples()
+    settings = dict(steps=STEPS, batch_size=4, seed=5, eval_every=0)
+    opt = HalfStepMeZO(seed=5, lr=1e-3, eps=1e-2)
+    with pytest.raises(ConfigError, match="checkpoint-weights"):
+        Trainer(model, CharTokenizer(), opt, ex, ex[:4], [], TrainSettings(**settings, checkpoint_weights="updates"),
+                tmp_path / "u", progress=False, log=lambda s: None)
+    monkeypatch.setattr(trainer_module, "free_disk", lambda path: 0)  # auto would pick updates for MeZO
+    run = Trainer(model, CharTokenizer(), opt, ex, ex[:4], [], TrainSettings(**settings, checkpoint_weights="auto"),
+                  tmp_path / "a", progress=False, log=lambda s: None)
+    assert run.checkpoint_kind() == "full"
+    with pytest.raises(PluginError, match="not replayable"):
+        opt.replay(None, [])

@@ -596,7 +596,7 @@ def main() -> int:
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--scored", type=int, default=4, help="scored positions per step (default 4: one per row)")
         p.add_argument("--noise", choices=("gaussian", "rademacher", "pool"), default="gaussian",
-                       help="MeZO's direction noise (zoedge/optim/noise.py; default gaussian)")
+                       help="MeZO's direction noise (zoedge/noise/source.py; default gaussian)")
         p.add_argument("--page-cache", action="store_true",
                        help="let the few-layer store sit in the page cache (default: drop its pages after each read "
                        "and write, as the disk tier does for a store larger than the available memory)")

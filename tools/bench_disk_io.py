@@ -46,7 +46,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch
 
 from zoedge.runtime.host import _drop_pages, probe_direct_io, read_file_into, write_file_from
-from zoedge.runtime.memory import page_aligned
+from zoedge.memory import page_aligned
 
 LAYER_7B = 4 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # fp32 bytes of one Llama-2-7B decoder layer
 MODES = {"buffered": False, "direct": True}

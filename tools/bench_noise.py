@@ -2,7 +2,7 @@
 
     nice python tools/bench_noise.py --numel 134515008 --threads 2 --repeat 5
 
-(134515008 = the parameters of SmolLM2-135M.) For each variant of :mod:`zoedge.optim.noise` (``gaussian``,
+(134515008 = the parameters of SmolLM2-135M.) For each variant of :mod:`zoedge.noise.source` (``gaussian``,
 ``rademacher``, ``pool``) and each generator (``philox``: zoedge's C kernel; ``mt19937``: torch's generator)
 prints the median time of ``normal_`` (materialising the noise) per thread count, in ns per value, and the
 speed-up, and, as the yardstick every variant pays anyway, one ``out = θ + εz`` pass (``add_``: for ``pool``
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from zoedge.optim import philox
-from zoedge.optim.noise import GENERATORS, NOISE_KINDS, make_noise
+from zoedge.noise import philox
+from zoedge.noise.source import GENERATORS, NOISE_KINDS, make_noise
 
 
 def main() -> None:

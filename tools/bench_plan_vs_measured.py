@@ -35,7 +35,7 @@ import torch
 
 import zoedge
 from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-from zoedge.plan.hardware import hardware
+from zoedge.hardware import hardware
 from zoedge.plan.measure import measure_step
 from zoedge.plan.shapes import write_checkpoint
 

@@ -43,9 +43,9 @@ for pf in 1 2; do
 done
 
 stage "zoedge memory and zoedge bench on CUDA (MeZO step, Llama-2-7B width, 6 layers, fp16, batch 8 x 512)"
-timeout 90 zoedge memory "$W/bs-l7/store-fp16" --device cuda --batch 8 --seq 512 --steps 2 --no-progress \
+timeout 90 zoedge memory "$W/bs-l7/store-fp16" --device cuda --batch-size 8 --max-length 512 --steps 2 --no-progress \
   --json "$OUT/memory_l7.json" 2>>"$OUT/stderr.log" | tail -20
-timeout 120 zoedge bench "$W/bs-l7/store-fp16" --device cuda --batch 8 --seq 512 --steps 5 --compare resident \
+timeout 120 zoedge bench "$W/bs-l7/store-fp16" --device cuda --batch-size 8 --max-length 512 --steps 5 --compare resident \
   --no-progress --json "$OUT/bench_l7.json" 2>>"$OUT/stderr.log" | tail -20
 
 fi

@@ -27,6 +27,7 @@ import ast
 import copy
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -146,19 +147,20 @@ def run_tests(tests: list[str], timeout: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("module", nargs="?", help="a module of TESTS (path from the repository root)")
-    ap.add_argument("--tests", nargs="+", help="pytest arguments instead of the module's mapped test files")
+    ap.add_argument("--tests", help="pytest arguments (one string, e.g. \"tests/test_x.py -k y\") instead of the "
+                    "module's mapped tests")
     ap.add_argument("--every", type=int, default=1, help="run every k-th mutant only (a sample)")
     ap.add_argument("--lines", help="only mutants on these lines, e.g. 30-45")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run (a timeout kills the mutant)")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--list", action="store_true", help="print the modules and their tests")
+    ap.add_argument("--list", action="store_true", help="print the modules, their mutant counts and their tests")
     a = ap.parse_args(argv)
     if a.list or not a.module:
         for m, t in TESTS.items():
-            print(f"{m}: {' '.join(t)}")
+            print(f"{m} ({len(sites((ROOT / m).read_text()))} mutants): {' '.join(t)}")
         return 0
     path = ROOT / a.module
-    tests = a.tests or TESTS[a.module]
+    tests = shlex.split(a.tests) if a.tests else TESTS[a.module]
     dirty = subprocess.run(["git", "status", "--porcelain", "--", a.module], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     if dirty:

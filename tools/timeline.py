@@ -9,10 +9,10 @@ link's bandwidth, its block's forward FLOPs (``FlopCounterMode`` on a meta-devic
 recorded passes is placed on the upload / compute / offload lanes (:mod:`zoedge.runtime.timeline`): the
 critical path gives the predicted time per pass, with transfer/compute overlap and compute stalls.
 
-Hardware presets (effective rates, see ``zoedge/runtime/timeline.py``): ``rtx4090``, ``a100``; ``h200``
-takes its compute rate from the H200 measurement in ``docs/measurements/h200-2026-11-29`` (resident forward
-of 6 Llama-2-7B-width layers, fp16, 8x512: 24.0 ms) and a nominal PCIe 5.0 x16 pinned rate of 50 GB/s
-(not measured). Any rate can be overridden.
+Hardware: the named GPUs of ``zoedge/hardware.py`` (``plan``'s figures: effective link rates, compute at
+``gpu_flops × efficiency``); ``h200-measured`` takes its compute rate from the H200 measurement in
+``docs/measurements/h200-2026-11-29`` (resident forward of 6 Llama-2-7B-width layers, fp16, 8x512: 24.0 ms).
+Any rate can be overridden.
 
 Examples::
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 try:
@@ -34,8 +35,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
+from zoedge.hardware import GPUS, Hardware
 from zoedge.plan.timing import emitted_schedule
-from zoedge.runtime.timeline import PRESETS, Costs, Hardware, block_flops, predict
+from zoedge.runtime.timeline import Costs, block_flops, predict
 
 MODELS = {
     "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -59,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--passes", type=int, default=1, help="forward passes per residency (MeZO: 2q)")
     p.add_argument("--train", action="store_true", help="dense updates: every block is written back")
-    p.add_argument("--hardware", choices=sorted([*PRESETS, "h200"]), default="h200")
-    for name in ("upload_gbps", "offload_gbps", "disk_read_gbps", "disk_write_gbps", "tflops"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=None, help="override the preset")
+    p.add_argument("--hardware", choices=sorted([*GPUS, "h200-measured"]), default="h200-measured")
+    for name, unit in (("pcie", "bytes/s"), ("disk", "bytes/s"), ("disk_write", "bytes/s"), ("gpu_flops", "FLOP/s"),
+                       ("efficiency", "fraction")):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"override the GPU's ({unit})")
     p.add_argument("--png", type=Path, default=None, help="draw the lanes (needs matplotlib)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -75,17 +78,17 @@ def model_config(name: str, layers: int, **override):
 
 
 def hardware(args: argparse.Namespace) -> Hardware:
-    if args.hardware == "h200":
+    if args.hardware == "h200-measured":
         ref = H200_RESIDENT
         cfg = model_config(ref["model"], ref["layers"])
         flops = sum(block_flops(cfg, _block_names(cfg), ref["batch"], ref["seq"]))
-        hw = Hardware("H200 (compute from the measured resident forward), PCIe 5.0 x16 pinned (nominal), NVMe Gen4",
-                      50.0, 50.0, 7.0, 5.0, flops / ref["seconds"] / 1e12)
+        hw = replace(GPUS["h200"], name="h200 (compute from the measured resident forward)",
+                     gpu_flops=flops / ref["seconds"], efficiency=1.0)
     else:
-        hw = PRESETS[args.hardware]
-    over = {k: getattr(args, k) for k in ("upload_gbps", "offload_gbps", "disk_read_gbps", "disk_write_gbps", "tflops")
+        hw = GPUS[args.hardware]
+    over = {k: getattr(args, k) for k in ("pcie", "disk", "disk_write", "gpu_flops", "efficiency")
             if getattr(args, k) is not None}
-    return Hardware(**{**hw.__dict__, **over}) if over else hw
+    return replace(hw, **over) if over else hw
 
 
 def _block_names(cfg) -> list[str]:
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     flops, nbytes = block_flops(cfg, names, args.batch, args.seq), block_bytes(cfg, args.dtype)
     ops = record(args)
     tl = predict(ops, Costs(hw, flops, passes=args.passes, block_bytes=nbytes))
-    compute = args.passes * sum(flops) / (hw.tflops * 1e12)
+    compute = args.passes * sum(flops) / hw.achieved_flops
     moved = sum(nbytes) * (2 if args.train else 1)
     result = {
         "model": args.model, "layers": args.layers, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
@@ -160,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{args.model} width, {args.layers} layers, {args.dtype}, batch {args.batch}x{args.seq}, {args.tier} tier, "
           f"prefetch {args.prefetch}, {args.passes} pass(es){', dense write-backs' if args.train else ''}")
-    print(f"hardware: {hw.name}: upload {hw.upload_gbps:g} GB/s, offload {hw.offload_gbps:g} GB/s, "
-          f"disk {hw.disk_read_gbps:g}/{hw.disk_write_gbps:g} GB/s, {hw.tflops:.0f} TFLOP/s")
+    print(f"hardware: {hw.name}: host link {hw.pcie / 1e9:g} GB/s each way, disk {hw.disk / 1e9:g}/"
+          f"{hw.disk_write / 1e9:g} GB/s, {hw.achieved_flops / 1e12:.0f} TFLOP/s achieved")
     print(f"predicted pass: {tl.total * 1e3:.1f} ms   compute alone: {compute * 1e3:.1f} ms   "
           f"({tl.total / compute:.2f}x)   bytes moved: {moved / 2**20:.0f} MiB")
     print(f"busy: " + ", ".join(f"{q} {v * 1e3:.1f} ms" for q, v in tl.busy.items() if v)

@@ -4,7 +4,9 @@ Each name in :data:`COMMANDS` is a module ``zoedge.commands.<name>`` with
 
 * ``add_parser(subparsers) -> None``: register its subcommand (and options);
 * ``run(args) -> int``: do the work, return the exit code;
-* optionally ``RESUME_HINT: str``: printed after Ctrl-C (e.g. "re-run to resume").
+* optionally ``RESUME_HINT: str``: printed after Ctrl-C (e.g. "re-run to resume");
+
+``-v`` / ``-q`` (before or after the command) set the level of zoedge's loggers, shown on stderr.
 
 Command modules keep their heavy imports (torch, transformers) inside ``run``,
 so building the parser (``zoedge --help``) costs only the imports of the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import signal
 import sys
 import threading
@@ -89,6 +92,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | _Una
         prog=PROG, description="Zeroth-order fine-tuning of language models far larger than the GPU, "
         "by streaming the model through the GPU one block at a time.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_verbosity(parser, default=0)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     modules: dict[str, ModuleType | _Unavailable] = {}
     for name in COMMANDS:
@@ -100,7 +104,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType | _Una
             if name not in subparsers.choices:
                 module.add_parser(subparsers)
         modules[name] = module
+    for sub in subparsers.choices.values():
+        if sub.add_help:  # not an _Unavailable stub, which takes any argument
+            _add_verbosity(sub, default=argparse.SUPPRESS)
     return parser, modules
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v`` (repeatable) and ``-q``: both add to ``args.verbosity`` (``-q`` takes one away)."""
+    g = parser.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=default,
+                   help="show zoedge's log messages: -v info, -vv debug too")
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                   help="show errors only (no warnings)")
+
+
+#: ``args.verbosity`` -> the level of the ``zoedge`` logger
+LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+
+
+def setup_logging(verbosity: int) -> None:
+    """Show zoedge's loggers on stderr at the level ``verbosity`` asks for (0: warnings; 2 or more: debug)."""
+    log = logging.getLogger("zoedge")
+    log.setLevel(LEVELS.get(verbosity, logging.DEBUG))
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s (%(name)s)"))
+        log.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message (so a later redirect of stderr is followed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ sets it; sys.stderr is used instead
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, --version, usage errors: argparse has printed what it needed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    setup_logging(args.verbosity)
+    for message in getattr(args, "deprecations", []):
+        logging.getLogger("zoedge.cli").warning(message)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -126,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        if getattr(args, "print_config", None):
+            return _print_config(args)
         return int(module.run(args) or 0)
     except ZoedgeError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -146,6 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the command's effective settings (defaults < --config < command line), checked."""
+    from zoedge.settings import dump_config, from_args
+
+    settings, _ = from_args(args.settings_class, args)
+    settings.check()
+    print(dump_config(settings, args.print_config), end="")
+    return 0
 
 
 if __name__ == "__main__":  # python -m zoedge.cli ...

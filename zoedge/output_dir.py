@@ -99,10 +99,12 @@ def check_claimable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError("--output", f"{out} is a file, not a directory",
                           "give a directory path (it is created when missing)")
-    for parent in _real(out).parents:  # another run's folder replaces its entries whole (model/, checkpoints/)
-        if is_run(parent):
-            raise ConfigError("--output", f"{out} lies inside the zoedge run {parent}",
-                              "give a folder outside other runs' folders")
+    real = _real(out)
+    for parent in real.parents:  # another run replaces or clears its entries whole (model/, checkpoints/, ...)
+        entry = real.relative_to(parent).parts[0]
+        if entry in (*RUN_ENTRIES, MARKER, LOCK, "run.json") and is_run(parent):
+            raise ConfigError("--output", f"{out} lies inside {entry} of the zoedge run {parent}",
+                              "give a folder outside other runs' own entries")
     if not out.is_dir() or is_run(out):
         return
     try:

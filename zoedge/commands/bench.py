@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zoedge.commands.memory import add_common, options
-from zoedge.commands.values import AMOUNT
+from zoedge.settings import BenchSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,21 +35,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "streamed step, and reports the ratios. On CUDA the "
         "hook timings synchronise the device (the breakdown, not the total, is then approximate) and copies, "
         "forward passes and stalls are one part.")
-    add_common(p)
-    p.set_defaults(steps=5)
-    p.add_argument("--warmup", type=AMOUNT, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--compare", choices=("resident",), default=None,
-                   help="also time resident MeZO in the same process (needs the whole model in device memory)")
-    p.add_argument("--noise-cache", type=AMOUNT, default=None, metavar="MIB",
-                   help="host memory keeping each step's noise for the next step's update, as zoedge finetune's "
-                   "--noise-cache (default as there: a quarter of the memory available once the model is loaded on the "
-                   "ram tier, 0 on disk)")
+    add_common(p, BenchSettings)
     p.set_defaults(command="bench")
 
 
 class TimedNoise:
     """Wraps an optimizer's noise source and adds up the wall time of every call into it (drawing noise), and of
-    the draws queued by such calls and made at the end of a :func:`~zoedge.optim.noise.batched_draws` block."""
+    the draws queued by such calls and made at the end of a :func:`~zoedge.noise.source.batched_draws` block."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -57,17 +49,17 @@ class TimedNoise:
 
     @property
     def seconds(self) -> float:
-        from zoedge.optim.noise import batched_draw_seconds
+        from zoedge.noise.source import batched_draw_seconds
         return self._calls + batched_draw_seconds() - self._batched_at_reset
 
     @seconds.setter
     def seconds(self, value: float) -> None:
-        from zoedge.optim.noise import batched_draw_seconds
+        from zoedge.noise.source import batched_draw_seconds
         self._calls, self._batched_at_reset = value, batched_draw_seconds()
 
     def draw(self, step: int, name: str, stream: str) -> Any:
         """A draw whose fills come back through this wrapper (timed)."""
-        from zoedge.optim.noise import NoiseDraw
+        from zoedge.noise.source import NoiseDraw
         return NoiseDraw(self, step, name, stream)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
@@ -219,12 +211,12 @@ def resident_forwards(model: Any, batch: Any, passes: int = 2):
 def resident_mezo(model: Any, batch: Any, eps: float = 1e-3, lr: float = 1e-6, seed: int = 0, noise: str = "gaussian",
                   generator: str | None = None):
     """A plain resident MeZO step function (in-place ±εz regenerated from the seed, as the MeZO paper's code),
-    with the noise variant ``noise`` (:mod:`zoedge.optim.noise`; pool noise is added straight from the pool) drawn
+    with the noise variant ``noise`` (:mod:`zoedge.noise.source`; pool noise is added straight from the pool) drawn
     by ``generator``: by default torch's own, as the paper's code draws (``torch.normal``; here in parallel chunks,
     which is no slower than its single call)."""
     import torch
 
-    from zoedge.optim.noise import TORCH_GENERATOR, make_noise
+    from zoedge.noise.source import TORCH_GENERATOR, make_noise
 
     source = make_noise(noise, seed).reseeded(seed, generator or TORCH_GENERATOR)
     params = list(model.named_parameters())  # tied weights appear once
@@ -256,41 +248,46 @@ def run(args: argparse.Namespace) -> int:
 
     from zoedge.output_dir import result_file
     from zoedge.runtime.threads import apply_threads, choose_threads
+    from zoedge.settings import from_args
 
-    result_file(args.json, {"the store": args.store})  # checked before the work
-    threads = choose_threads(args.threads, args.tier)
+    s, _ = from_args(BenchSettings, args)
+    s.check()
+    store = args.store
+    result_file(s.json, {"the store": store})  # checked before the work
+    threads = choose_threads(s.threads, s.tier)
     apply_threads(threads)
-    human = sys.stderr if args.json == "-" else sys.stdout
-    dev = torch.device(args.device)
+    human = sys.stderr if s.json == "-" else sys.stdout
+    dev = torch.device(s.device)
     with contextlib.ExitStack() as stack:
-        working = args.working_dir
-        if args.tier == "disk" and working is None:  # dense updates need a writable copy; the store is never written
+        working = Path(s.working_dir) if s.working_dir else None
+        if s.tier == "disk" and working is None:  # dense updates need a writable copy; the store is never written
             working = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zoedge-bench-")))
-        return _bench(args, threads, human, dev, working)
+        return _bench(s, store, threads, human, dev, working)
 
 
-def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working: Path | None) -> int:
+def _bench(s: BenchSettings, store: Path, threads: Any, human: Any, dev: Any, working: Path | None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from zoedge.optim import noise_cache
-    from zoedge.optim.noise import TORCH_GENERATOR
+    from zoedge.noise import cache as noise_cache
+    from zoedge.noise.source import TORCH_GENERATOR
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
     from zoedge.runtime.engines import OpTimes, SyncEngine
+    from zoedge.runtime.host import available_memory
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 
     engine_times = OpTimes() if dev.type == "cpu" else None
     # lean=False: noise is drawn and θ ± εz formed in the optimizer's hooks, where the breakdown times them (the lean
     # mode, an accelerator's default, forms them inside the forward passes, where they would count twice)
-    model = StreamedModel(args.store, device=dev, tier=args.tier, prefetch=args.prefetch, working_dir=working,
+    model = StreamedModel(store, device=dev, tier=s.tier, prefetch=s.prefetch, working_dir=working,
                           engine=SyncEngine(engine_times) if engine_times is not None else None, lean=False,
                           workers=threads.workers, worker_threads=threads.worker_threads)
-    opt = build(args.optimizer, options(args.opt_arg), seed=0)
-    noise_cache.attach(opt.noise, args.noise_cache, dev, args.tier)
+    opt = build(s.optimizer, options(s.opt), seed=0)
+    noise_cache.attach(opt.noise, s.noise_cache, dev, s.tier, available_memory())
     opt.noise = noise = TimedNoise(opt.noise)
-    batch = synthetic_batch(model.config.vocab_size, args.batch, args.seq, args.scored)
+    batch = synthetic_batch(model.config.vocab_size, s.batch_size, s.max_length, s.scored)
     noise_kind = getattr(noise, "kind", "gaussian")  # the resident step draws the same variant
     visitor = TimedVisitor(opt, dev)
     visitor.workers = max(1, model.workers)
@@ -315,7 +312,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         return float(values[0])
 
     resident_step = resident_same = forwards = None
-    if args.compare == "resident":
+    if s.compare == "resident":
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype).eval()
         hf.load_state_dict(model.state_dict(), strict=False)
@@ -333,7 +330,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         sync()
         return time.perf_counter() - t0
 
-    for _ in tqdm(range(args.warmup), desc="warm-up", leave=False, disable=args.no_progress):
+    for _ in tqdm(range(s.warmup), desc="warm-up", leave=False, disable=not s.progress):
         streamed_step()
         if resident_step:
             resident_step()
@@ -350,7 +347,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     t_res: list[float] = []
     t_fwd: list[float] = []
     t_same: list[float] = []
-    for r in tqdm(range(args.steps), desc="bench", unit="step", disable=args.no_progress):
+    for r in tqdm(range(s.steps), desc="bench", unit="step", disable=not s.progress):
         if resident_step and r % 2:  # alternate the order: a load change affects all of them alike
             t_fwd.append(timed(forwards))
             t_res.append(timed(resident_step))
@@ -368,7 +365,7 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
     from zoedge.runtime.threads import load_average
     load_end = load_average()
     load_end = None if load_end is None else round(load_end, 2)
-    tokens = args.batch * args.seq
+    tokens = s.batch_size * s.max_length
     med = statistics.median(t_str)
     mean = sum(t_str) / len(t_str)
     n = len(t_str)
@@ -380,16 +377,16 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
                           layers.get("idle", 0.0) / visitor.workers)
     source = noise.describe()
     result: dict[str, Any] = {
-        "store": str(args.store), "device": str(dev), "optimizer": args.optimizer, "noise": noise_kind,
-        "load_average_end": load_end, "batch": args.batch,
-        "seq": args.seq, "steps": args.steps, "threads": threads.to_dict(), "step_s": t_str,
-        "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": args.tier,
+        "store": str(store), "device": str(dev), "optimizer": s.optimizer, "noise": noise_kind,
+        "load_average_end": load_end, "batch": s.batch_size,
+        "seq": s.max_length, "steps": s.steps, "threads": threads.to_dict(), "step_s": t_str,
+        "median_step_s": med, "mean_step_s": mean, "tokens_per_s": tokens / med, "tier": s.tier,
         "breakdown_s": parts, "io_thread_s": io, "io_mode": io_mode,
         "layer_workers": visitor.workers if layers else 0, "layer_workers_s": layers,
         "noise_source": source, "noise_cache": noise.cache.to_dict() if noise.cache is not None else None}
-    print(f"{args.store} on {dev}: {args.optimizer} ({noise_kind} noise, {source['generator']} generator, CPU draws "
-          f"{source['cpu_backend']}), batch {args.batch} x seq {args.seq}, "
-          f"{args.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
+    print(f"{store} on {dev}: {s.optimizer} ({noise_kind} noise, {source['generator']} generator, CPU draws "
+          f"{source['cpu_backend']}), batch {s.batch_size} x seq {s.max_length}, "
+          f"{s.steps} timed steps, {threads.threads} threads ({threads.source}; {threads.cores} usable cores, "
           f"{f'decoder layers on {visitor.workers} workers, ' if layers else ''}"
           f"load average {threads.load_average if threads.load_average is None else round(threads.load_average, 2)} at start, {load_end} at the end)",
           file=human)
@@ -427,8 +424,8 @@ def _bench(args: argparse.Namespace, threads: Any, human: Any, dev: Any, working
         same = f" ({med / statistics.median(t_same):.3f} with the same noise generator)" if t_same else ""
         print(f"  streamed / resident: {med / mr:.3f}{same}   streamed / {opt.passes} forwards: {med / mf:.3f}",
               file=human)
-    if args.json:
+    if s.json:
         out = json.dumps(result, indent=1)
         from zoedge.output_dir import write_result
-        print(out) if args.json == "-" else write_result(Path(args.json), out + "\n")
+        print(out) if s.json == "-" else write_result(Path(s.json), out + "\n")
     return 0

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from zoedge.commands.values import DAYS
+from zoedge.settings import ListingSettings, PruneSettings, add_options
 
 HELP = ("list or delete the block stores prepared automatically from --model DIR checkpoints; they live in "
         "$ZOEDGE_CACHE/stores (default ~/.cache/zoedge/stores). The converted default model next to it is "
@@ -23,16 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="one line per store: size, last use, source checkpoint",
                         description="List the cached stores, least recently used first.")
-    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    add_options(ls, ListingSettings)
     pr = sub.add_parser("prune", help="delete stores by age, by unused source, or all",
                         description="Delete cached stores. Give at least one selection; a deleted store is "
                         "prepared again the next time its checkpoint is used.")
-    pr.add_argument("--older-than", type=DAYS, metavar="DAYS", default=None,
-                    help="stores not used for more than DAYS days")
-    pr.add_argument("--unused", action="store_true",
-                    help="stores whose source checkpoint directory no longer exists, and unfinished builds")
-    pr.add_argument("--all", action="store_true", help="every store in the cache")
-    pr.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    add_options(pr, PruneSettings)
     p.set_defaults(command="cache")
 
 
@@ -45,15 +40,22 @@ def _when(t: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoedge.output_dir import result_file, write_result
+    from zoedge.settings import from_args
     from zoedge.store.cache import cached_stores, prune, select_for_prune, stores_dir
     from zoedge.store.lease import in_use
 
     stores = cached_stores()
     if args.action == "list":
-        if args.json:
-            print(json.dumps([{"path": str(s.path), "bytes": s.bytes, "source": s.source, "last_used": s.last_used,
-                               "complete": s.complete, "source_exists": s.source_exists} for s in stores], indent=1))
+        listing, _ = from_args(ListingSettings, args)
+        target = result_file(listing.json, {})
+        text = json.dumps([{"path": str(s.path), "bytes": s.bytes, "source": s.source, "last_used": s.last_used,
+                            "complete": s.complete, "source_exists": s.source_exists} for s in stores], indent=1)
+        if listing.json == "-":  # instead of the table
+            print(text)
             return 0
+        if target is not None:
+            write_result(target, text + "\n")
         print(f"{len(stores)} stores in {stores_dir()}, {_mib(sum(s.bytes for s in stores)).strip()} in all")
         for s in stores:
             state = "" if s.complete else " (unfinished)"
@@ -63,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{_mib(s.bytes)}  last used {_when(s.last_used)}  {s.path.name}{state}\n"
                   f"{'':13}from {s.source or '?'}{gone}")
         return 0
-    picked = select_for_prune(stores, args.older_than, args.unused, args.all)
-    if args.dry_run:
+    sel, _ = from_args(PruneSettings, args)
+    sel.check()
+    picked = select_for_prune(stores, sel.older_than, sel.unused, sel.all)
+    if sel.dry_run:
         kept = [(s, busy) for s in picked if (busy := in_use(s.path))]
         freed = sum(s.bytes for s in picked) - sum(s.bytes for s, _ in kept)
     else:
         freed, kept = prune(picked)
-    verb = "would delete" if args.dry_run else "deleted"
+    verb = "would delete" if sel.dry_run else "deleted"
     busy_paths = {s.path for s, _ in kept}
     for s in picked:
         if s.path not in busy_paths:

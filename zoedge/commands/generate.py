@@ -28,43 +28,48 @@ def run(args: argparse.Namespace) -> int:
 
     from zoedge.errors import ConfigError
     from zoedge.generation import generate, prompts_from
+    from zoedge.output_dir import check_apart
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args, to_dict
-    from zoedge.train.job import (check_writable_file, dumps, find_run, load_tokenizer, resolve_dtype, resolve_store,
-                                  write_atomic)
+    from zoedge.train.job import (cache_dir, check_writable_file, dumps, find_run, load_tokenizer, resolve_dtype,
+                                  resolve_store, write_atomic)
     from zoedge.train.trainer import log_stderr
 
     s, _ = from_args(GenerateSettings, args)
     s.check()
     if not s.prompt and s.prompts is None:
         raise ConfigError("zoedge generate", "no prompt given", "give --prompt TEXT (repeatable) or --prompts FILE")
-    target = Path(s.json) if s.json else None
+    target = Path(s.json) if s.json and s.json != "-" else None  # '-': the JSON on stdout, completions on stderr
     if target is not None:
         check_writable_file(target, "--json")
     prompts = prompts_from(s.prompt, s.prompts)  # read and checked before the model loads
     s.model = find_run(s.model)[0]
+    check_apart({"--json": target}, {"--model": s.model, "--prompts": s.prompts, "the cache": cache_dir()})
     s.dtype = resolve_dtype(s.model, s.dtype)
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
     with ExitStack() as held:  # the store is leased while it is read
-        store = resolve_store(s.model, s.dtype, lease=held)
+        store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)
         with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
             out = generate(model, prompts, load_tokenizer(store), max_new_tokens=s.max_new_tokens,
                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop, seed=s.seed,
                            batch_size=s.batch_size, chat=s.chat)
+    human = sys.stderr if s.json == "-" else sys.stdout
     for k, c in enumerate(out.completions):
         if len(out.completions) > 1:
-            print(f"### {k + 1}: {_one_line(c.prompt)}")
-        print(c.completion, flush=True)
+            print(f"### {k + 1}: {_one_line(c.prompt)}", file=human)
+        print(c.completion, file=human, flush=True)
     rate = f"{out.tokens_per_s:.1f}" if out.tokens_per_s else "n/a"
     log_stderr(f"{len(out.completions)} prompts, {out.new_tokens} new tokens in {out.seconds:.2f} s ({rate} tokens/s, "
                f"prefill {out.prefill_seconds:.2f} s); {threads.threads} threads, {s.device}, {s.tier} tier")
+    result = dumps({**out.to_dict(), "store": str(store), "threads": threads.to_dict(), "options": to_dict(s)})
     if target is not None:
-        write_atomic(target, dumps({**out.to_dict(), "store": str(store),
-                                    "threads": threads.to_dict(), "options": to_dict(s)}))
+        write_atomic(target, result)
+    elif s.json == "-":
+        print(result)
     return 0
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from zoedge.commands.values import AMOUNT, COUNT, RATE
+from zoedge.settings import PlanSettings, add_options, deprecated
 
-GPU_NAMES = ("rtx4090", "a100-80g", "h100", "h200")  # == zoedge.plan.hardware.GPUS
 #: ZO2's published peak GPU memory (NVML device-used; OPT fp16, MeZO, batch 1, seq 2048, random weights)
 ZO2_GB = {"opt-1.3b": 3.75, "opt-2.7b": 4.14, "opt-6.7b": 4.99, "opt-13b": 6.18, "opt-30b": 8.86, "opt-66b": 12.07,
           "opt-175b": 18.04}
@@ -32,53 +33,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="GPUs (datasheet figures): rtx4090 24 GiB, 165.2 TFLOP/s fp16 (fp32 accumulate), PCIe 4.0 ~25 GB/s, "
         "memory 1008 GB/s; a100-80g 80 GiB, 312, PCIe 4.0 ~25, 2039; h100 80 GiB, 989, PCIe 5.0 ~50, 3350; h200 141 "
-        "GB, 989, PCIe 5.0 ~52 (measured by zoedge), 4800. Disk: NVMe Gen4, 7 GB/s read, 5 GB/s write. Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --method lowrank\n"
+        "GB, 989, PCIe 5.0 ~52 (measured by zoedge), 4800. Disk: NVMe Gen4, 7 GB/s read, 5 GB/s write. Examples:\n  zoedge plan opt-175b\n  zoedge plan opt-175b --quant nf4 --optimizer hzo\n"
         "  zoedge plan opt-1.3b opt-13b opt-175b --json plan.json")
     p.add_argument("models", metavar="MODEL", nargs="+",
                    help="named shape (opt-1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b, llama-2-7b/13b/70b, qwen2-72b, smollm2-135m), a Hugging "
                    "Face checkpoint directory, or a prepared store")
-    p.add_argument("--gpu", choices=GPU_NAMES, default="rtx4090", help="named GPU (default: rtx4090)")
-    p.add_argument("--gpu-memory", type=RATE, default=None, metavar="GIB", help="override the GPU's memory (GiB)")
-    p.add_argument("--gpu-tflops", type=RATE, default=None, metavar="TF", help="override dense fp16 TFLOP/s")
-    p.add_argument("--pcie-gbps", type=RATE, default=None, metavar="GB/S",
-                   help="override the effective pinned host-to-device rate (GB/s)")
-    p.add_argument("--disk-gbps", type=RATE, default=None, metavar="GB/S", help="disk read rate (default 7 GB/s)")
-    p.add_argument("--disk-write-gbps", type=RATE, default=None, metavar="GB/S",
-                   help="disk write rate: dense write-backs on the disk tier (default 5 GB/s)")
-    p.add_argument("--gpu-mem-gbps", type=RATE, default=None, metavar="GB/S",
-                   help="override the GPU's memory bandwidth (GB/s): costs the noise, perturbation and update work")
-    p.add_argument("--host-ram", type=RATE, default=None, metavar="GIB", help="host RAM available (GiB; "
-                   "default: not checked)")
-    p.add_argument("--efficiency", type=RATE, default=None, metavar="F",
-                   help="fraction of peak FLOP/s a forward reaches (default 0.5, calibrated on an H200)")
-    p.add_argument("--method", choices=("mezo", "lowrank", "forward"), default="mezo",
-                   help="mezo: the shipped dense MeZO plugin; lowrank: the HZO plugin in factor mode (low-rank "
-                   "perturbations, its factors counted, no write-back; over an int8/nf4 store each matrix is expanded "
-                   "just in time at its op); forward: one plain forward returning the logits")
-    p.add_argument("--rank", type=COUNT, default=4, help="--method lowrank: the factors' rank r (default 4, HZO's)")
-    p.add_argument("--q", type=COUNT, default=1, help="random directions per step (2q passes; default 1)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="stored/compute dtype (default: the store's, else fp16)")
-    p.add_argument("--quant", choices=("none", "int8", "nf4"), default=None,
-                   help="quantized decoder-layer matrices (default: the store's, else none)")
-    p.add_argument("--layers", type=COUNT, default=None, help="plan for this many decoder layers (default: full depth)")
-    p.add_argument("--batch", type=COUNT, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq", type=COUNT, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--scored", type=AMOUNT, default=0,
-                   help="scored positions per step (logits computed there only); 0 = every position, the LM loss "
-                   "(default)")
-    p.add_argument("--prefetch", type=COUNT, default=1, help="blocks uploaded ahead (default 1)")
-    p.add_argument("--tier", choices=("ram", "disk"), default="ram", help="host tier (default ram)")
-    p.add_argument("--unit", choices=("layer", "half"), default="layer",
-                   help="streaming unit: layer (a decoder layer) or half (its attention and MLP halves; OPT, ram "
-                   "tier) (default layer)")
-    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
-                   help="sdpa: fused kernels (flash / memory-efficient, O(S) memory); eager: S x S scores")
-    p.add_argument("--chunk-mib", type=RATE, default=64,
-                   help="lean runtime: the row chunk perturbations and updates are formed in (MiB; default 64, "
-                   "the runtime's chunk_bytes)")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the plan(s) as JSON ('-' for stdout)")
+    add_options(p, PlanSettings)
+    for old, key in (("--q", "q"), ("--rank", "rank")):  # before --opt q=N / --opt rank=N
+        p.add_argument(old, dest="opt", action=_OptAlias, key=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(command="plan")
+
+
+class _OptAlias(argparse.Action):
+    """``--q N`` / ``--rank N``, the old spellings of ``--opt q=N`` / ``--opt rank=N``: warn, then append."""
+
+    def __init__(self, option_strings: list[str], dest: str, key: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.key = key
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        deprecated(namespace, f"{option_string} N is deprecated: use --opt {self.key}=N")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), f"{self.key}={values}"])
 
 
 def _g(n: float) -> str:
@@ -123,7 +99,9 @@ def detail(plan) -> str:
     lines.append("  " + _by_unit(plan.gpu_peak_by_unit, plan.runtime_units))
     t = plan.time
     lines += ["", f"host RAM {_g(plan.host_ram)} ({plan.host_ram / plan.stored_bytes:.3f} x the stored bytes), disk "
-              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)})",
+              f"{_g(plan.disk)} (stored model {_g(plan.stored_bytes)}"
+              + (f"; optimizer state {_g(plan.optimizer_state)} on the {w.tier} tier" if plan.optimizer_state else "")
+              + ")",
               f"moved per step: H2D {_g(plan.moved['h2d'])}, D2H {_g(plan.moved['d2h'])}, disk read "
               f"{_g(plan.moved['disk_read'])}, disk write {_g(plan.moved['disk_write'])}",
               *time_lines(t),
@@ -172,22 +150,29 @@ def summary(plans) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from zoedge.plan.accounting import Workload, make_plan, method, model_spec
-    from zoedge.plan.hardware import hardware
+    from zoedge.optim.registry import build, parse_opts
+    from zoedge.plan.accounting import Workload, declared_state, make_plan, method, method_for, model_spec
+    from zoedge.hardware import hardware
+    from zoedge.settings import from_args
 
-    hw = hardware(args.gpu, gpu_memory_gb=args.gpu_memory, pcie_gbps=args.pcie_gbps, gpu_tflops=args.gpu_tflops,
-                  disk_gbps=args.disk_gbps, host_ram_gb=args.host_ram, efficiency=args.efficiency,
-                  disk_write_gbps=args.disk_write_gbps, memory_gbps=args.gpu_mem_gbps)
-    m = method(args.method, args.q, args.rank)
-    work = Workload(args.batch, args.seq, args.scored, args.prefetch, args.tier, args.attention, unit=args.unit)
+    s, _ = from_args(PlanSettings, args)
+    s.check()
+    hw = hardware(s.gpu, gpu_memory_gb=s.gpu_memory, pcie_gbps=s.pcie_gbps, gpu_tflops=s.gpu_tflops,
+                  disk_gbps=s.disk_gbps, host_ram_gb=s.host_ram, efficiency=s.efficiency,
+                  disk_write_gbps=s.disk_write_gbps, memory_gbps=s.gpu_mem_gbps)
+    from zoedge.runtime.lora import LoraSpec
+    lora = LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora" else None
+    m = method("forward") if s.method == "forward" else method_for(_optimizer(s), parse_opts(s.opt), lora)
+    work = Workload(s.batch_size, s.max_length, s.scored, s.prefetch, s.tier, s.attention, unit=s.unit)
     work.check()
     from zoedge.output_dir import result_file, write_result
-    target = result_file(args.json, {f"the model {i + 1}": m for i, m in enumerate(args.models) if Path(m).exists()})
-    human = sys.stderr if args.json == "-" else sys.stdout
+    target = result_file(s.json, {f"the model {i + 1}": m for i, m in enumerate(args.models) if Path(m).exists()})
+    human = sys.stderr if s.json == "-" else sys.stdout
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
-        spec = model_spec(name, args.dtype, args.quant, args.layers)
-        plans.append(make_plan(spec, m, work, hw, int(args.chunk_mib * 2**20)))
+        spec = model_spec(name, s.dtype, s.quant, s.layers)
+        state = 0 if s.method == "forward" else declared_state(spec, build(_optimizer(s), parse_opts(s.opt), seed=0))
+        plans.append(make_plan(spec, m, work, hw, int(s.chunk_mib * 2**20), optimizer_state=state))
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "
@@ -195,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
           "lean=False; single-Linear units (and half layers outside OPT) are a design target, not implemented; "
           "step times place the runtime's schedule on a timeline at the stated rates (zoedge/plan/timing.py).",
           file=human)
-    if args.json:
+    if s.json:
         data = [p.to_dict() for p in plans]
         out = json.dumps(data[0] if len(data) == 1 else data, indent=1, default=str)
         if target is None:
@@ -203,3 +188,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             write_result(target, out + "\n")
     return 0
+
+
+def _optimizer(s: PlanSettings) -> str:
+    """The optimizer planned for: --optimizer, or the one an old ``--method mezo`` / ``lowrank`` names."""
+    old = {"mezo": "mezo", "lowrank": "hzo"}
+    if s.method in old:
+        logging.getLogger("zoedge").warning("--method %s is deprecated: use --optimizer %s", s.method, old[s.method])
+        return old[s.method]
+    return s.optimizer

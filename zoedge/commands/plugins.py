@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Any
 
+from zoedge.settings import ListingSettings, add_options
+
 EPILOG = ("exit status: 0 if at least one listed plugin loads; 1 if none does, or if a plugin named "
           "on the command line is broken; 2 for an unknown name")
 
@@ -31,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "reason.", epilog=EPILOG)
     p.add_argument("names", metavar="NAME", nargs="*",
                    help="only these plugins (a registry name or an import path package.module:Class)")
-    p.add_argument("--json", action="store_true", help="print JSON (a list of plugin objects) instead of a table")
+    add_options(p, ListingSettings)
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -88,13 +90,20 @@ def _source(e: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """List the plugins; see the module docstring for the exit status."""
     from zoedge.optim.registry import available
+    from zoedge.output_dir import result_file, write_result
+    from zoedge.settings import from_args
 
+    s, _ = from_args(ListingSettings, args)
+    target = result_file(s.json, {})
     names = list(args.names) if args.names else list(available())
     entries = [describe(n) for n in names]  # unknown NAME: PluginError → exit 2 from the CLI
-    if args.json:
-        print(json.dumps(entries, indent=2, default=str))
+    text = json.dumps(entries, indent=2, default=str)  # a list of plugin objects
+    if s.json == "-":  # instead of the table
+        print(text)
     else:
         print(_table(entries))
+        if target is not None:
+            write_result(target, text + "\n")
     broken = [e["name"] for e in entries if e["error"]]
     if broken:
         print(f"{len(broken)} plugin(s) failed to load: {', '.join(broken)} (shown as BROKEN above)",

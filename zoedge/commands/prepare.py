@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 from zoedge.errors import ConfigError
-
-DTYPES = ("fp32", "bf16", "fp16")
-QUANTS = ("none", "int8", "nf4")  # == zoedge.store.quant.QUANT_KINDS (not imported here: keeps --help fast)
+from zoedge.settings import PrepareSettings, add_options
 
 RESUME_HINT = "the finished blocks are kept; re-run the same command to resume"
 
@@ -30,14 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "with the same options.")
     p.add_argument("src", metavar="SRC", type=Path, help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("dst", metavar="DST", type=Path, help="block store directory to create or resume")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="stored and compute precision of the weights (default: fp32)")
-    p.add_argument("--quant", choices=QUANTS, default="none",
-                   help="store the decoder layers' matrices int8 or nf4 (bitsandbytes, blockwise); they are "
-                   "dequantized on the device to --dtype (default: none)")
-    p.add_argument("--json", metavar="FILE", default=None,
-                   help="also write the summary as JSON to FILE ('-' for stdout)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_options(p, PrepareSettings)
     p.set_defaults(command="prepare")
 
 
@@ -56,17 +47,21 @@ def _check_json_target(path: str | None) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``prepare``; return 0 (errors are raised as :class:`~zoedge.errors.ZoedgeError`)."""
-    target = _check_json_target(args.json)
-    human = sys.stderr if args.json == "-" else sys.stdout
+    from zoedge.settings import from_args
+
+    s, _ = from_args(PrepareSettings, args)
+    s.check()
+    target = _check_json_target(s.json)
+    human = sys.stderr if s.json == "-" else sys.stdout
 
     from zoedge.store.prepare import atomic_write_bytes, prepare
 
-    summary = prepare(args.src, args.dst, dtype=args.dtype, quant=args.quant, progress=not args.no_progress,
+    summary = prepare(args.src, args.dst, dtype=s.dtype, quant=s.quant, progress=s.progress,
                       log=lambda line: print(line, file=human, flush=True))
     report = {**dataclasses.asdict(summary), "mb_per_s": summary.mb_per_s, "source": str(args.src),
-              "dtype": args.dtype, "quant": args.quant}
+              "dtype": s.dtype, "quant": s.quant}
     text = json.dumps(report, indent=1) + "\n"
-    if args.json == "-":
+    if s.json == "-":
         sys.stdout.write(text)
     elif target is not None:
         try:

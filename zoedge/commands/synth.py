@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoedge.commands.values import AMOUNT, COUNT
+from zoedge.settings import SynthSettings, add_options
 
 SHAPE_NAMES = ("opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "opt-175b", "llama-2-7b", "llama-2-13b",
                "llama-2-70b", "qwen2-72b", "smollm2-135m")  # == zoedge.plan.shapes.SHAPES (kept here: fast --help)
@@ -23,29 +23,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "stays at one layer's tensors while writing.")
     p.add_argument("shape", metavar="SHAPE", help=f"model shape: {', '.join(SHAPE_NAMES)}")
     p.add_argument("out", metavar="OUT", type=Path, help="directory to write (must not hold a checkpoint)")
-    p.add_argument("--layers", type=COUNT, default=None, metavar="K",
-                   help="decoder layers to write (default: the model's full depth); figures measured on K layers "
-                   "are extrapolated per layer")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="stored dtype of the weights (default: fp32)")
-    p.add_argument("--seed", type=AMOUNT, default=0, help="seed of the random weights (default: 0)")
-    p.add_argument("--tokenizer-from", type=Path, default=None, metavar="DIR",
-                   help="copy the tokenizer files of DIR (e.g. the default model's) so `zoedge finetune` runs on OUT")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the summary as JSON ('-' for stdout)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_options(p, SynthSettings)
     p.set_defaults(command="synth")
 
 
 def run(args: argparse.Namespace) -> int:
     from zoedge.output_dir import check_apart, result_file, write_result
     from zoedge.plan.shapes import write_checkpoint
+    from zoedge.settings import from_args
 
-    target = result_file(args.json, {"--tokenizer-from": args.tokenizer_from})
-    check_apart({"OUT": args.out, "--json": target}, {"--tokenizer-from": args.tokenizer_from})
-    human = sys.stderr if args.json == "-" else sys.stdout
-    summary = write_checkpoint(args.shape, args.out, args.layers, args.dtype, args.seed, args.tokenizer_from,
-                               progress=not args.no_progress, log=lambda s: print(s, file=human))
-    if args.json == "-":
+    s, _ = from_args(SynthSettings, args)
+    s.check()
+    tokenizer_from = Path(s.tokenizer_from) if s.tokenizer_from else None
+    target = result_file(s.json, {"--tokenizer-from": tokenizer_from})
+    check_apart({"OUT": args.out, "--json": target}, {"--tokenizer-from": tokenizer_from})
+    human = sys.stderr if s.json == "-" else sys.stdout
+    summary = write_checkpoint(args.shape, args.out, s.layers, s.dtype, s.seed, tokenizer_from,
+                               progress=s.progress, log=lambda line: print(line, file=human))
+    if s.json == "-":
         print(json.dumps(summary, indent=1))
     elif target is not None:
         write_result(target, json.dumps(summary, indent=1) + "\n")

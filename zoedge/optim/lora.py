@@ -89,3 +89,34 @@ def export_peft_adapter(base: Mapping[str, torch.Tensor], trained: Mapping[str, 
     (out / "adapter_config.json.tmp").write_text(json.dumps(cfg, indent=2))
     os.replace(out / "adapter_config.json.tmp", out / "adapter_config.json")
     return out
+
+
+def factors_adapter(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], config: object, out: str | Path,
+                    base_model: str = "") -> Path:
+    """Write a plugin's exact factors (:meth:`~zoedge.optim.base.ZOOptimizer.lora_factors`: ΔW = B A per tensor)
+    as a PEFT LoRA adapter in ``out`` (rank k, ``lora_alpha = k``: scaling 1; target modules by full name, so
+    exactly the trained ones match); returns ``out``.
+
+    Raises:
+        ConfigError: a factored tensor is not an ``nn.Linear`` weight, or the tensors' ranks differ.
+    """
+    from zoedge.runtime.lora import PEFT_PREFIX, write_peft_dir
+    linears = linear_weights(config)
+    other = [n for n in factors if n not in linears]
+    if other:
+        raise ConfigError("LoRA export", f"tensors a LoRA adapter cannot hold were trained: {other[:4]}"
+                          f"{' ...' if len(other) > 4 else ''}", "freeze them during training (e.g. HZO --opt "
+                          "freeze=embed) or use the exported model instead")
+    ranks = {int(b.shape[1]) for b, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ConfigError("LoRA export", f"the factors have different ranks {sorted(ranks)}",
+                          "train every tensor for the same periods, or use the exported model instead")
+    tensors: dict[str, torch.Tensor] = {}
+    for n, (b, a) in factors.items():
+        tensors[f"{PEFT_PREFIX}{linears[n]}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{PEFT_PREFIX}{linears[n]}.lora_B.weight"] = b.float().contiguous()
+    (k,) = ranks
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": k, "lora_alpha": k, "lora_dropout": 0.0,
+           "target_modules": sorted(linears[n] for n in factors), "bias": "none", "fan_in_fan_out": False,
+           "inference_mode": True, "base_model_name_or_path": base_model}
+    return write_peft_dir(out, tensors, cfg)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar, Union
 
 from zoedge.errors import PluginError
-from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.base import ZOOptimizer
 
 ENTRY_POINT_GROUP = "zoedge.optimizers"
 RESERVED = ("seed",)  # set by the trainer, never a user option
@@ -276,7 +276,8 @@ def parse_opts(items: Iterable[str]) -> dict[str, str]:
         key = key.strip()
         if not sep or not key:
             raise PluginError(f"--opt {item!r}", "is not KEY=VALUE",
-                              "write each option as --opt KEY=VALUE, e.g. --opt eps=1e-3")
+                              "write each option as --opt KEY=VALUE, e.g. --opt eps=1e-3 (the optimizer itself "
+                              "is --optimizer NAME)")
         if key in out:
             raise PluginError(f"--opt {key}", f"is given twice ({out[key]!r} and {value!r})", "give it once")
         out[key] = value
@@ -434,13 +435,13 @@ def _validate(cls: Any, label: str) -> None:
             missing.append(hook)
     if missing:
         raise PluginError(label, f"does not override the required hook(s) {', '.join(missing)}",
-                          f"implement {', '.join(missing)} (see zoedge/optim/api.py for the contract)")
+                          f"implement {', '.join(missing)} (see zoedge/optim/base.py for the contract)")
     owned = [m for m in cls.FRAMEWORK_METHODS
              if next(k for k in cls.__mro__ if m in k.__dict__) is not ZOOptimizer]
     if owned:
         raise PluginError(label, f"overrides the framework method(s) {', '.join(owned)}",
                           "implement draw / perturb / end_step / apply instead: the framework owns the lazy "
-                          "update (see zoedge/optim/api.py)")
+                          "update (see zoedge/optim/base.py)")
     params = _params(cls, label)
     names = {p[0] for p in params}
     if "seed" not in names:

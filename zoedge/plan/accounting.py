@@ -57,88 +57,41 @@ from typing import Any
 import torch
 
 from zoedge.errors import ConfigError
-from zoedge.plan.hardware import GiB, Hardware
+from zoedge.names import STORE_DTYPES
+from zoedge.hardware import GiB, Hardware
+from zoedge.plan.spec import QUANTS, RUNTIME_UNITS, Method, ModelSpec, Workload, method  # noqa: F401 (re-exported)
 from zoedge.plan.timing import step_time
+from zoedge.runtime.lora import LoraAdapters, LoraSpec
 from zoedge.runtime.streamed import CHUNK_BYTES
 from zoedge.store.manifest import DTYPES, BlockEntry, dtype_of
 
-QUANTS = ("none", "int8", "nf4")
 
 
-@dataclass(frozen=True)
-class Method:
-    """What an optimizer asks of the device, as far as memory and time go.
-
-    ``workspaces``: block-sized device buffers it allocates through ``Resident.workspace`` in workspace mode
-    (none in lean mode); ``dense``: it perturbs every tensor densely (in workspace mode perturbed tied tensors
-    are copied once per pass; lean mode forms them just in time) and writes updated blocks back; ``loss``: the
-    head reduces the logits to the training loss (a plain forward returns them).
-    """
-
-    name: str
-    passes: int
-    workspaces: int
-    dense: bool
-    note: str = ""
-    loss: bool = True
-    #: the registered plugin whose own hooks the plan runs (on the meta device), and its options
-    plugin: str | None = None
-    options: tuple[tuple[str, Any], ...] = ()
+#: optimizer plugins the plan has a footprint for, and the footprint
+FOOTPRINTS = {"mezo": "mezo", "hzo": "lowrank"}
 
 
-def method(name: str, q: int = 1, rank: int = 4) -> Method:
-    """The footprint of a method: ``mezo`` (the shipped plugin; q directions), ``lowrank`` (the HZO plugin in
-    factor mode, rank ``rank``: perturbations as lazy ``LowRankPerturbed`` products over the stored, possibly
-    quantized, weights, no dense workspace, no write-back; the plan runs the plugin's own hooks and counts its
-    factors) or ``forward`` (one plain streamed forward returning the logits, as ``StreamedModel.forward``).
+def method_for(optimizer: str, options: dict[str, Any], lora: LoraSpec | None = None) -> Method:
+    """The footprint of optimizer plugin ``optimizer`` with plugin ``options`` (``--opt``: mezo's q, hzo's rank),
+    training ``lora`` adapters on a frozen base when given (``--peft lora``).
 
     Raises:
-        ConfigError: unknown method, q < 1, or (lowrank) q > 1 or rank < 1.
+        ConfigError: no footprint for that plugin, (from the plugin) options it refuses, or ``lora`` with a
+            plugin other than mezo.
     """
-    if q < 1:
-        raise ConfigError("--q", f"{q}", "use 1 or more directions")
-    if name == "lowrank" and (q != 1 or rank < 1):
-        raise ConfigError("--q/--rank", f"q={q}, rank={rank}", "the low-rank plugin (hzo) takes q=1 and rank >= 1")
-    table = {
-        "mezo": Method("mezo", 2 * q, q + 1, True, f"MeZO, q={q} (workspace mode: {q} noise workspace(s) + 1 scratch)"),
-        "lowrank": Method("lowrank", 2, 0, False, f"low-rank ZO (HZO factor mode, rank {rank}; its factors counted)",
-                          plugin="hzo", options=(("rank", rank),)),
-        "forward": Method("forward", 1, 0, False, "one forward pass, logits returned", loss=False),
-    }
-    if name not in table:
-        raise ConfigError("--method", f"unknown method {name!r}", f"use one of {', '.join(table)}")
-    return table[name]
+    from zoedge.optim.registry import build
+
+    plugin = build(optimizer, options, seed=0)
+    if optimizer not in FOOTPRINTS:
+        if plugin.dense and plugin.passes == 2 and plugin.fo_pass is None:  # perturbs densely, two passes: MeZO's
+            return replace(method("mezo", lora=lora),
+                           note=f"{optimizer}: a dense two-pass plugin, planned with MeZO's footprint")
+        raise ConfigError("--optimizer", f"the plan has no footprint for {optimizer!r}",
+                          f"use one of {', '.join(FOOTPRINTS)} (or zoedge plan --method forward)")
+    return method(FOOTPRINTS[optimizer], int(getattr(plugin, "q", 1)), int(getattr(plugin, "rank", 4)), lora)
 
 
 # ------------------------------------------------------------------------------------------------- the model
-@dataclass
-class ModelSpec:
-    """The model a plan is made for: its config (possibly cut to fewer layers), the block layout, the depth."""
-
-    label: str
-    config: Any
-    dtype: str
-    quant: str
-    blocks: list[BlockEntry]          # embed, the largest decoder layer, head
-    tied: dict[str, str]
-    dedicated: frozenset[str]         # blocks that store a tied tensor (kept in their own slot)
-    layers: int                       # depth the figures are for
-    measured_layers: int | None = None  # depth of the source checkpoint/store when smaller than `layers`
-
-    @property
-    def layer_block(self) -> BlockEntry:
-        return next(b for b in self.blocks if b.name.startswith("layers."))
-
-    def block_list(self) -> list[BlockEntry]:
-        """Every block in execution order, the layer entry repeated ``layers`` times."""
-        embed, head = self.blocks[0], self.blocks[-1]
-        return [embed, *[self.layer_block] * self.layers, head]
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.blocks[0].nbytes + self.blocks[-1].nbytes + self.layer_block.nbytes * self.layers
-
-
 def _owners(config: Any, tied: dict[str, str]) -> frozenset[str]:
     from zoedge.adapters import adapter_for
     if not tied:
@@ -156,7 +109,7 @@ def layout(config: Any, dtype: str, quant: str = "none") -> tuple[list[BlockEntr
     from zoedge.adapters import adapter_for
     from zoedge.store.manifest import plan_block
 
-    if dtype not in ("fp32", "fp16", "bf16"):
+    if dtype not in STORE_DTYPES:
         raise ConfigError("--dtype", repr(dtype), "use fp32, fp16 or bf16")
     if quant not in QUANTS:
         raise ConfigError("--quant", repr(quant), f"use one of {', '.join(QUANTS)}")
@@ -218,39 +171,6 @@ def model_spec(source: str, dtype: str | None = None, quant: str | None = None, 
 
 
 # ------------------------------------------------------------------------------------- the step's workload
-@dataclass(frozen=True)
-class Workload:
-    """One training step: ``batch`` rows of ``seq`` tokens, ``scored`` positions scored (0: every position)."""
-
-    batch: int = 1
-    seq: int = 2048
-    scored: int = 0
-    prefetch: int = 1
-    tier: str = "ram"
-    attention: str = "sdpa"
-    ram_cache_blocks: int = 0
-    unit: str = "layer"
-
-    def check(self) -> None:
-        for name in ("batch", "seq", "prefetch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name}", f"{getattr(self, name)}", "use a positive integer")
-        if not 0 <= self.scored <= self.batch * self.seq:
-            raise ConfigError("--scored", f"{self.scored}", f"use 0 (every position) to {self.batch * self.seq}")
-        if self.tier not in ("ram", "disk"):
-            raise ConfigError("--tier", repr(self.tier), "use ram or disk")
-        if self.attention not in ("sdpa", "eager"):
-            raise ConfigError("--attention", repr(self.attention), "use sdpa or eager")
-        if self.unit not in RUNTIME_UNITS:
-            raise ConfigError("--unit", repr(self.unit), f"use one of {', '.join(RUNTIME_UNITS)}")
-        if self.unit != "layer" and self.tier != "ram":
-            raise ConfigError("--unit", f"{self.unit} with tier {self.tier}", "units finer than a layer: ram tier")
-
-    @property
-    def n_scored(self) -> int:
-        return self.scored or self.batch * self.seq
-
-
 def synthetic_batch(vocab: int, batch: int, seq: int, scored: int = 0, seed: int = 0):
     """A generation-kind :class:`~zoedge.train.batching.Batch` of random ids (no padding) scoring the last
     ``scored`` flat positions (0: all ``batch × seq``; a position's target is the next id, wrapping at the end).
@@ -295,9 +215,13 @@ def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, uni
         "ring slots": (prefetch + 1) * max(b.nbytes for b in streamed),
         "tied-weight slot": sum(b.nbytes for b in dedicated),
     }
+    if m.lora is not None:
+        per = lora_bytes(spec, m.lora, unit)
+        out["LoRA adapters (fp32)"] = per["embed"] + per["head"] + per["layer"] * spec.layers
     if lean:
         return out
-    out["optimizer workspaces"] = m.workspaces * max(_tensor_bytes(b) for b in units(spec, unit))
+    sizes = lora_bytes(spec, m.lora, unit)["units"] if m.lora is not None else [_tensor_bytes(b) for b in units(spec, unit)]
+    out["optimizer workspaces"] = m.workspaces * max(sizes)
     out["tied copies (one per pass)"] = 0
     if m.dense and spec.tied:
         sizes = {t.name: t.numel * dtype_of(t.dtype).itemsize for b in spec.blocks for t in b.tensors}
@@ -305,8 +229,17 @@ def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, uni
     return out
 
 
-#: units the runtime streams (``StreamedModel(unit=...)``)
-RUNTIME_UNITS = ("layer", "half")
+def lora_bytes(spec: ModelSpec, lora: LoraSpec, unit: str = "layer") -> dict[str, Any]:
+    """Adapter bytes of the embed, of one decoder layer (all its units), of the head, and of each unit (the
+    adapters the runtime attaches, made on the meta device)."""
+    from zoedge.adapters import adapter_for
+    layer = int(spec.layer_block.name.split(".")[1])
+    adapter = adapter_for(_cut(spec.config, layer + 1, "sdpa"), DTYPES[spec.dtype], "meta")
+    blocks = units(spec, unit)
+    ad = LoraAdapters(lora, adapter.skeleton, blocks, spec.tied, torch.device("meta"))
+    each = {b.name: ad.nbytes(b.name) for b in blocks}
+    return {"embed": each.get("embed", 0), "head": each.get("head", 0),
+            "layer": sum(v for k, v in each.items() if k.startswith("layers.")), "units": list(each.values())}
 
 
 def runtime_units(spec: ModelSpec) -> list[str]:
@@ -389,22 +322,24 @@ def _meta_weights(spec: ModelSpec, adapter: Any, dtype: torch.dtype, chunk_bytes
 
 
 def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, perturbed: bool = False,
-             chunk_bytes: int = CHUNK_BYTES, plugin: str | None = None, options: dict[str, Any] | None = None
-             ) -> Simulation:
+             chunk_bytes: int = CHUNK_BYTES, plugin: str | None = None, options: dict[str, Any] | None = None,
+             lora: LoraSpec | None = None) -> Simulation:
     """Run embed, two decoder layers and the head on the meta device as ``StreamedModel.run`` does (every pass,
     the trainer's loss at the head, the streaming units of ``work.unit``) and count the transient bytes; see the
     module docstring. ``perturbed``: every pass sees every weight as the lean runtime's just-in-time θ + εz (a
     dense method), formed in row chunks of ``chunk_bytes``. ``plugin``: the registered optimizer plugin (with
     ``options``) decides what each pass sees and updates the blocks, as in a training run (its hooks are called
     as the runtime calls them); three steps run, the third counted, when its state (created by the second step's
-    updates) exists for every block. Quantized matrices are bound as the runtime binds them (expanded one matrix
+    updates) exists for every block. ``lora``: the plugin sees each unit's adapters (the runtime's residents with
+    adapters attached) and the passes run the base with them (:class:`~zoedge.runtime.lora.LoraWeight`). Quantized
+    matrices are bound as the runtime binds them (expanded one matrix
     or row chunk at a time by the ops)."""
     from types import SimpleNamespace
 
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoedge.adapters import EMBED, HEAD, adapter_for
-    from zoedge.optim.noise import NoiseSource
+    from zoedge.noise.source import NoiseSource
     from zoedge.plan.tracker import DeviceMemoryTracker
     from zoedge.runtime.dequantized import Dequantized
     from zoedge.runtime.perturbed import NoisePerturbed
@@ -422,10 +357,15 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
     opt = None
     if plugin is not None:
         from zoedge.optim.registry import build
-        from zoedge.plan.measure import _MetaNoise
         opt = build(plugin, dict(options or {}), seed=0)
-        opt.noise = _MetaNoise(0)
+        opt.noise = NoiseSource(0)
     runtime = SimpleNamespace(lean=True, chunk_bytes=chunk_bytes)  # what a Resident asks of its runtime
+    adapters = None
+    if lora is not None:
+        from zoedge.store.manifest import BlockEntry, TensorEntry
+        entries = [BlockEntry(u, "", 0, "", [TensorEntry(n, spec.dtype, list(weights[n].shape))
+                                             for n in names if n not in tied]) for u, names in units]
+        adapters = LoraAdapters(lora, adapter.skeleton, entries, tied, torch.device("meta"))
 
     def seen(p: int) -> dict[str, torch.Tensor]:  # what pass p's blocks see (the runtime's perturb of MeZO)
         if not perturbed:
@@ -461,7 +401,13 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
             for i, (unit, names) in enumerate(units):
                 with tracker.section() as sec:
                     res = None
-                    if opt is not None:
+                    if opt is not None and adapters is not None:
+                        res = Resident(unit, i, adapters.of(unit), frozenset(adapters.of(unit)), runtime=runtime,
+                                       frozen={n: weights[n] for n in names if n not in tied})
+                        before = tracker.live
+                        with torch.no_grad():
+                            opt.on_resident(res)
+                    elif opt is not None:
                         res = Resident(unit, i, {n: weights[n] for n in names if n not in tied},
                                        frozenset(n for n in names if not isinstance(weights[n], Dequantized)),
                                        runtime=runtime)
@@ -474,6 +420,8 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
                         with torch.set_grad_enabled(False):
                             if res is not None:
                                 w = dict(opt.pass_tensors(res, p))
+                                if adapters is not None:
+                                    w = adapters.compose(res.frozen, w)
                                 for alias, src in tied.items():
                                     if src in w:
                                         tied_seen[p][src] = w[src]
@@ -556,6 +504,9 @@ class Plan:
     gpu_peak_by_unit: dict[str, int] = field(default_factory=dict)
     runtime_units: list[str] = field(default_factory=list)
     fits: list[dict[str, Any]] = field(default_factory=list)
+    #: the optimizer state a plugin declares (:meth:`~zoedge.optim.base.ZOOptimizer.state_spec`), kept on the host
+    #: tier: counted in ``host_ram`` (ram tier) or ``disk`` (disk tier)
+    optimizer_state: int = 0
 
     @property
     def device_peak(self) -> int:
@@ -602,18 +553,24 @@ NOTES = ("device_peak: bytes of zoedge's tensors (what the tracker counts; befor
 def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
     """The plugin's long-lived device state for the whole depth (its factors, deltas), from what its own hooks
     allocated per block in the simulation: ``{}`` without a plugin."""
-    if not sim.state:
+    if not any(sim.state.values()):  # no plugin, or one without state (MeZO on adapters)
         return {}
     return {"optimizer state (factors)": sim.state["embed"] + sim.state["head"] + sim.state["layer"] * spec.layers}
 
 
+def declared_state(spec: ModelSpec, optimizer: Any) -> int:
+    """Bytes of the per-weight state ``optimizer`` (a built plugin) declares for every stored tensor of ``spec``."""
+    return optimizer.state_bytes((t.name, tuple(t.shape)) for b in spec.block_list() for t in b.tensors)
+
+
 def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES,
-              timing: bool = True) -> Plan:
+              timing: bool = True, optimizer_state: int = 0) -> Plan:
     """Plan one training step of ``spec`` with method ``m`` on ``hw`` (see the module docstring); ``timing=False``
-    plans the bytes only (``time`` empty, each fit's ``step_s`` None), without the timing model's schedule."""
+    plans the bytes only (``time`` empty, each fit's ``step_s`` None), without the timing model's schedule;
+    ``optimizer_state``: the bytes of a plugin's declared state (:func:`declared_state`), kept on the host tier."""
     work.check()
     sim = simulate(spec, work, m.passes, m.loss, perturbed=m.dense, chunk_bytes=chunk_bytes, plugin=m.plugin,
-                   options=dict(m.options))
+                   options=dict(m.options), lora=m.lora)
     wsim = simulate(spec, work, m.passes, m.loss, chunk_bytes=chunk_bytes) if m.dense else sim
     state = plugin_state(spec, sim)
     live = {**long_lived(spec, m, work.prefetch, lean=True, unit=work.unit), **state}
@@ -627,6 +584,10 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
         staging = biggest if m.dense else 0  # allocated only when something is written back
         host = (work.prefetch + 1) * biggest + staging + cached  # read ring + write-back staging + RAM cache
     disk = stored * (2 if (work.tier == "disk" and m.dense) else 1)  # + the working copy of dense disk runs
+    if work.tier == "ram":
+        host += optimizer_state
+    else:
+        disk += optimizer_state
     h2d = stored
     d2h = sum(b.nbytes for b in blocks if all(t.quant == "none" for t in b.tensors)) if m.dense else 0
     disk_read = (stored - sum(b.nbytes for b in blocks[:work.ram_cache_blocks])) if work.tier == "disk" else 0
@@ -640,7 +601,7 @@ def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_by
                 workspace_long_lived={**long_lived(spec, m, work.prefetch, lean=False, unit=work.unit), **state},
                 workspace_transient_peak=wsim.peak, host_ram=host, disk=disk,
                 moved={"h2d": h2d, "d2h": d2h, "disk_read": disk_read, "disk_write": disk_write},
-                flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes)
+                flops_per_step=float(total_flops), time=time, chunk_bytes=chunk_bytes, optimizer_state=optimizer_state)
     plan.gpu_peak_by_unit = {u: sum(unit_long_lived(spec, m, work.prefetch, u).values()) + sum(state.values()) + sim.peak
                              + hw.cuda_extra for u in LEAN_UNITS}
     plan.runtime_units = runtime_units(spec)

@@ -28,17 +28,7 @@ from typing import Any
 
 import torch
 
-from zoedge.optim.noise import NoiseSource
-
-
-class _MetaNoise(NoiseSource):
-    """Meta tensors hold no values: drawing into them is a no-op (a ``torch.Generator`` cannot be made for meta)."""
-
-    def normal_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
-        return out if out.is_meta else super().normal_(out, step, name, stream)
-
-    def uniform_(self, out: torch.Tensor, step: int, name: str, stream: str) -> torch.Tensor:
-        return out if out.is_meta else super().uniform_(out, step, name, stream)
+from zoedge.noise.source import NoiseSource
 
 
 @dataclass
@@ -133,7 +123,7 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
     from zoedge.optim.registry import build
     from zoedge.plan.accounting import synthetic_batch
     from zoedge.plan.tracker import DeviceMemoryTracker
-    from zoedge.runtime.memory import ALLOCATIONS
+    from zoedge.memory import ALLOCATIONS
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.train.trainer import _loss_passes
 
@@ -155,7 +145,7 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         host_tier = ALLOCATIONS.nbytes["host"] + ALLOCATIONS.nbytes["pinned"] - host_before
         opt = build(optimizer, options or {}, seed=seed)
         if dev.type == "meta":
-            opt.noise = _MetaNoise(seed)
+            opt.noise = NoiseSource(seed)
         batch_ = synthetic_batch(model.config.vocab_size, batch, seq, scored, seed)
         times: list[float] = []
         losses: list[float] = []

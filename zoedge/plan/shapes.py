@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zoedge.errors import ConfigError
+from zoedge.names import STORE_DTYPES
 
 _OPT = dict(model_type="opt", vocab_size=50272, word_embed_proj_dim=None, tie_word_embeddings=True,
             max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=2, do_layer_norm_before=True)
@@ -57,7 +58,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 #: older spellings still accepted
 ALIASES = {"llama2-7b": "llama-2-7b", "llama2-13b": "llama-2-13b", "llama2-70b": "llama-2-70b"}
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -117,9 +117,11 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPE_NAMES:
-        raise ConfigError("--dtype", repr(dtype), f"use one of {', '.join(DTYPE_NAMES)}")
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    from zoedge.store.manifest import dtype_of
+
+    if dtype not in STORE_DTYPES:
+        raise ConfigError("--dtype", repr(dtype), f"use one of {', '.join(STORE_DTYPES)}")
+    torch_dtype = dtype_of(dtype)
     out = Path(out)
     if (out / "config.json").exists():
         raise ConfigError(out, "already holds a checkpoint (config.json)", "choose a new directory or delete it")

@@ -39,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 from zoedge.runtime.engines import Engine
 from zoedge.runtime.schedule import COMPUTE, Op
 from zoedge.runtime.timeline import Costs, Timeline, predict
-from zoedge.runtime.timeline import Hardware as Rates
 from zoedge.store.manifest import dtype_of
 
 if TYPE_CHECKING:
-    from zoedge.plan.accounting import Method, ModelSpec, Workload
-    from zoedge.plan.hardware import Hardware
+    from zoedge.hardware import Hardware
+    from zoedge.plan.spec import Method, ModelSpec, Workload
 
 #: what the twin's width is cut to (any family: attributes a config lacks are not set)
 NARROW = {"hidden_size": 16, "intermediate_size": 32, "ffn_dim": 32, "word_embed_proj_dim": 16,
@@ -99,8 +98,8 @@ def _twin_store(config_json: str, layers: int) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    import zoedge
     from zoedge.adapters import adapter_for
+    from zoedge.store.prepare import prepare
 
     raw = json.loads(config_json)
     config = twin_config(AutoConfig.for_model(raw.pop("model_type"), **raw), layers)
@@ -111,7 +110,7 @@ def _twin_store(config_json: str, layers: int) -> Path:
     config.save_pretrained(root / "hf")
     shapes = adapter_for(config, torch.float32, torch.device("meta"), where="config").expected_shapes()
     save_file({n: torch.zeros(s) for n, s in shapes.items()}, str(root / "hf" / "model.safetensors"))
-    zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
+    prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
     return root / "store"
 
 
@@ -120,13 +119,13 @@ def _record(config_json: str, layers: int, passes: int, dense: bool, tier: str, 
             ram_cache_blocks: int) -> tuple[Op, ...]:
     import torch
 
-    import zoedge
+    from zoedge.runtime.streamed import load
 
     store = _twin_store(config_json, layers)
     with tempfile.TemporaryDirectory(prefix="zoedge-plan-work-") as work:
         extra = {"working_dir": Path(work)} if tier == "disk" else {}
         # the accelerator's schedule (slots, uploads, write-backs: in_place=False), emitted but never executed
-        m = zoedge.load(store, tier=tier, prefetch=prefetch, ram_cache_blocks=ram_cache_blocks,
+        m = load(store, tier=tier, prefetch=prefetch, ram_cache_blocks=ram_cache_blocks,
                         engine=_Emitted(), in_place=False, **extra)
         try:
             visitor = _visitor(passes, dense)
@@ -175,12 +174,6 @@ def arithmetic_bytes(spec: ModelSpec, m: Method) -> list[int]:
     return out
 
 
-def rates(hw: Hardware) -> Rates:
-    """The timeline's rates (GB/s, TFLOP/s) from the plan's hardware: compute at ``gpu_flops × efficiency``."""
-    return Rates(hw.name, hw.pcie / 1e9, hw.pcie / 1e9, hw.disk / 1e9, hw.disk_write / 1e9,
-                 hw.gpu_flops * hw.efficiency / 1e12)
-
-
 @dataclass
 class StepTime:
     """A predicted step: the timeline and the pieces it was costed from."""
@@ -223,13 +216,12 @@ def step_time(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, flops: d
     ``embed``, a decoder ``layer`` and the ``head`` (the plan's meta run)."""
     blocks = spec.block_list()
     kinds = ["embed", *["layer"] * spec.layers, "head"]
-    r = rates(hw)
-    forward = [m.passes * flops[k] / (r.tflops * 1e12) for k in kinds]
+    forward = [m.passes * flops[k] / hw.achieved_flops for k in kinds]
     arith = [n / hw.memory_bw for n in arithmetic_bytes(spec, m)]
     nbytes = [b.nbytes for b in blocks]
     ops = record_schedule(spec, m, work)
     block_flops = [flops[k] for k in kinds]
-    tl = predict(ops, Costs(r, block_flops, passes=m.passes, block_bytes=nbytes, compute_extra_s=arith))
+    tl = predict(ops, Costs(hw, block_flops, passes=m.passes, block_bytes=nbytes, compute_extra_s=arith))
     roofline = 0.0
     for i, b in enumerate(blocks):
         xfer = [nbytes[i] / hw.pcie]

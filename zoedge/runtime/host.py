@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from zoedge.errors import StoreError
-from zoedge.runtime.memory import allocate, page_aligned
+from zoedge.memory import allocate, page_aligned
 from zoedge.runtime.schedule import IO, Schedule
 from zoedge.store.manifest import Manifest
 

@@ -8,7 +8,7 @@ embedding chunk by chunk, any other op whole: see :mod:`zoedge.runtime.rowview`)
 
 ``fill(out, start, total)`` writes elements ``[start, start + out.numel())`` of
 the flattened noise of a tensor of ``total`` elements (e.g.
-:meth:`~zoedge.optim.noise.NoiseSource.normal_at_`), so a chunk's noise is the
+:meth:`~zoedge.noise.source.NoiseSource.normal_at_`), so a chunk's noise is the
 same numbers as the corresponding part of a whole-tensor draw, and forming a
 chunk costs one chunk-sized buffer: the noise is drawn into it and ``θ`` added in
 place (``torch.add(θ, z, alpha=α, out=z)``, the op a workspace-based
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zoedge.optim.noise import CHUNK
+from zoedge.noise.source import CHUNK
 from zoedge.runtime import rowview
 from zoedge.runtime.rowview import RowView
 
@@ -32,7 +32,7 @@ Fill = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 def row_chunks(shape: torch.Size | tuple[int, ...], itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges of at most ``chunk_bytes`` (see :func:`zoedge.runtime.rowview.row_chunks`) aligned to the noise's
-    own chunks (:data:`zoedge.optim.noise.CHUNK` elements) where they fit, so forming a range draws only its own
+    own chunks (:data:`zoedge.noise.source.CHUNK` elements) where they fit, so forming a range draws only its own
     noise (otherwise the noise chunks it cuts are drawn whole into a temporary of at most one noise chunk)."""
     return rowview.row_chunks(shape, itemsize, chunk_bytes, CHUNK)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zoedge.runtime.dequantized import Dequantized
-from zoedge.runtime.memory import allocate
+from zoedge.memory import allocate
 from zoedge.store.manifest import BlockEntry, dtype_of
 
 

@@ -31,7 +31,7 @@ pass of a residency sees: :class:`BlockVisitor` documents the hooks.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,13 @@ import torch
 
 from zoedge.adapters import HEAD, UNITS, Adapter, adapter_for
 from zoedge.adapters.base import layer_index
-from zoedge.errors import ConfigError
-from zoedge.optim.noise import NoiseDraw, batched_draws
+from zoedge.errors import ConfigError, PluginError
+from zoedge.noise.source import NoiseDraw, batched_draws
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.runtime.engines import Engine, SyncEngine
 from zoedge.runtime.host import DiskTier, HostTier, RamTier, available_memory
-from zoedge.runtime.memory import allocate
+from zoedge.runtime.lora import LoraAdapters, LoraSpec, init_a
+from zoedge.memory import allocate
 from zoedge.runtime.perturbed import Fill, NoisePerturbed, row_chunks
 from zoedge.runtime.pipeline import SLOTS, LayerPipeline, row_ranges
 from zoedge.runtime.schedule import COMPUTE, OFFLOAD, UPLOAD, Op, Schedule
@@ -72,6 +73,9 @@ class Resident:
     ``tensors`` are the slot's views of the stored tensors (tied aliases excluded:
     a tied tensor is seen, perturbed and updated once, in the block that stores it).
     ``writable`` names the tensors whose changes are written back (quantized ones are not).
+    With LoRA adapters attached (:meth:`StreamedModel.attach_lora`), ``tensors`` are the block's adapter tensors
+    (all of them trainable, none written back: they live beside the model) and ``frozen`` the stored base they
+    adapt, read-only (see :mod:`zoedge.runtime.lora`).
     """
 
     name: str
@@ -80,13 +84,15 @@ class Resident:
     writable: frozenset[str]
     dirty: bool = False
     runtime: StreamedModel | None = field(default=None, repr=False)
-    #: this residency's latest noise of each key (:meth:`noise`): workspace or noise-cache tensors
-    drawn: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    #: this residency's latest noise of each key (:meth:`noise`)
+    drawn: dict[str, BlockNoise] = field(default_factory=dict, repr=False)
     #: concurrent layers (:mod:`zoedge.runtime.pipeline`): the set of workspaces this residency uses, and the
     #: pass whose weights ``pass_tensors`` is forming (it gets its own :data:`SCRATCH`); None: the shared ones
     workspace_set: int | None = None
     forming: int | None = None
     _views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)  # workspace key -> views
+    #: adapters attached: the block's stored tensors, never changed (empty otherwise)
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def mark_dirty(self) -> None:
         """Call after changing ``tensors`` in place: the block is written back to the host tier."""
@@ -105,58 +111,82 @@ class Resident:
             views = self._views[key] = self.runtime.workspace(key, self)
         return dict(views)
 
-    # -- perturbations: the runtime decides where noise and θ + αz live (see docs/architecture.md) ---------------
+    # -- noise, perturbations and updates: the runtime decides where noise and θ + αz live ----------------------
     @property
     def lean(self) -> bool:
         """True: perturbations are formed just in time per tensor or row chunk (:mod:`zoedge.runtime.perturbed`),
         nothing block-sized is allocated. False: noise is drawn once per residency into a block-sized workspace
-        and θ + αz formed into another (fewer draws; the CPU's in-place binding)."""
+        and θ + αz formed into another (fewer draws; the CPU's in-place binding). Plugins never need it."""
         return bool(getattr(self.runtime, "lean", False))
 
-    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None
-              ) -> dict[str, torch.Tensor] | None:
+    def noise(self, key: str, fill_of: Callable[[str], Fill], names: Sequence[str] | None = None) -> BlockNoise:
         """This residency's noise ``key`` (e.g. ``"z0"``) for tensors ``names`` (default all), tensor ``name``'s
-        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Workspace mode draws it now, once,
-        and returns it by tensor name: a plain draw (:class:`~zoedge.optim.noise.NoiseDraw`) that the noise cache
-        keeps is read in the cache's own buffer (drawn into it unless it holds it already: no copy either way),
-        the others go to workspace ``key``; plain draws are queued and drawn together, every tensor's chunks in
-        parallel (:func:`~zoedge.optim.noise.batched_draws`), any other fill runs at once. The tensors are
-        read-only (they may be the cache's). Lean mode draws nothing here (:meth:`perturbed` regenerates it where
-        it is used) and returns None."""
-        if self.lean:
-            return None
-        z = dict(self.workspace(key))
-        with batched_draws():
-            for name in self.tensors if names is None else names:
-                fill = fill_of(name)
-                if not isinstance(fill, NoiseDraw):
-                    fill(z[name], 0, z[name].numel())
-                elif (kept := fill.held(z[name])) is not None:
-                    z[name] = kept
-                else:
-                    fill.queue(z[name])  # drawn with the block's other tensors, in parallel, at the block's end
-        self.drawn[key] = z
-        return z
+        given by ``fill_of(name)`` (a :data:`~zoedge.runtime.perturbed.Fill`). Passes read it through
+        :meth:`perturbed`, updates through :meth:`parts`; the same numbers in every runtime mode.
 
-    def perturbed(self, name: str, key: str, fill: Fill, alpha: float, base: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-        """What a pass sees of tensor ``name``: θ + α·z (or ``base`` + α·z, ``base`` shaped like θ), z being noise
-        ``key`` (``fill``; see :meth:`noise`, which must have been called for ``key`` in this residency). Lean: a
-        :class:`NoisePerturbed` formed by each op that reads it; workspace mode: formed now into the ``scratch``
-        workspace."""
+        Where it is drawn is the runtime's choice: with block-sized workspaces, now, once (plain draws
+        (:class:`~zoedge.noise.source.NoiseDraw`) queued and filled together, in parallel, or read in the noise
+        cache's own buffer when it keeps them); lean, or from a source that forms θ + αz without a draw, where
+        it is used. Its tensors are read-only (they may be the noise cache's)."""
+        names = list(self.tensors) if names is None else list(names)
+        fills = {name: fill_of(name) for name in names}
+        drawn: dict[str, torch.Tensor] | None = None
+        if not self.lean and not all(getattr(f, "free", False) for f in fills.values()):
+            drawn = dict(self.workspace(key))
+            with batched_draws():
+                for name, fill in fills.items():
+                    if not isinstance(fill, NoiseDraw):
+                        fill(drawn[name], 0, drawn[name].numel())
+                    elif (kept := fill.held(drawn[name])) is not None:
+                        drawn[name] = kept
+                    else:
+                        fill.queue(drawn[name])  # drawn with the block's other tensors, in parallel, at the block's end
+            drawn = {name: drawn[name] for name in names}
+        noise = self.drawn[key] = BlockNoise(self, key, fills, drawn)
+        return noise
+
+    def forget_noise(self) -> None:
+        """The noise drawn so far is not this step's (the framework calls it after a block's update): a pass that
+        reads a key not drawn again is refused (:meth:`perturbed`)."""
+        self.drawn.clear()
+
+    def perturbed(self, name: str, key: str, alpha: float, base: torch.Tensor | None = None) -> torch.Tensor:
+        """What a pass sees of tensor ``name``: θ + α·z (or ``base`` + α·z, ``base`` shaped like θ), z being this
+        residency's noise ``key`` (:meth:`noise`). Lean: a :class:`NoisePerturbed` formed by each op that reads
+        it; otherwise formed now into the ``scratch`` workspace.
+
+        Raises:
+            PluginError: noise ``key`` of ``name`` was not drawn in this residency (call :meth:`noise` in ``draw``).
+            ConfigError: tensor ``name`` is stored quantized.
+        """
+        noise = self.drawn.get(key)
+        if noise is None or name not in noise.fills:
+            raise PluginError(f"block {self.name}", f"a pass reads noise {key!r} of {name}, which was not drawn in "
+                              "this residency", f"draw it in the plugin's draw(block): block.noise({key!r}, ...)")
         theta = self.tensors[name] if base is None else base
         if isinstance(theta, Dequantized):
             raise ConfigError(name, f"is stored quantized ({theta.kind}): a dense perturbation of it is not supported",
                               "use a low-rank optimizer (hzo) with a quantized store, or prepare with --quant none")
+        fill = noise.fills[name]
         if self.lean:
             assert self.runtime is not None
             return NoisePerturbed(theta, fill, alpha, self.runtime.chunk_bytes)
-        z = self.drawn[key][name] if key in self.drawn else self.workspace(key)[name]
-        return torch.add(theta, z, alpha=alpha, out=self.workspace(SCRATCH)[name])
+        out = self.workspace(SCRATCH)[name]
+        if noise.tensors is None:  # θ + αz straight from the source: no noise workspace
+            return fill.add_(out, theta, alpha)  # type: ignore[attr-defined]
+        return torch.add(theta, noise.tensors[name], alpha=alpha, out=out)
+
+    def parts(self, names: Sequence[str] | None = None) -> Iterator[UpdatePart]:
+        """The parts to update tensors ``names`` (default all) in, in place: lean, row chunks of at most the
+        runtime's ``chunk_bytes``; otherwise whole tensors."""
+        for name in self.tensors if names is None else names:
+            t = self.tensors[name]
+            row = t[0].numel() if t.ndim > 1 else 1
+            for a, b in self.chunks(name):
+                yield UpdatePart(self, name, t[a:b] if t.ndim else t, (a, b), a * row, t.numel(), t.ndim)
 
     def chunks(self, name: str) -> list[tuple[int, int]]:
-        """Row ranges to update tensor ``name`` in (lean: chunks of at most the runtime's ``chunk_bytes``;
-        workspace mode: the whole tensor)."""
+        """Row ranges of tensor ``name``'s :meth:`parts`."""
         t = self.tensors[name]
         if t.ndim == 0 or not self.lean:
             return [(0, t.shape[0] if t.ndim else 1)]
@@ -165,13 +195,87 @@ class Resident:
 
     def buffer(self, key: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A scratch shaped like rows ``rows`` of tensor ``name`` (default all): lean, a fresh tensor (freed by the
-        caller dropping it); workspace mode, that part of workspace ``key``."""
+        caller dropping it); otherwise that part of workspace ``key``."""
         t = self.tensors[name]
         part = t if rows is None or t.ndim == 0 else t[rows[0]:rows[1]]
         if self.lean:
             return torch.empty(part.shape, dtype=t.dtype, device=t.device)
         ws = self.workspace(key)[name]
         return ws if rows is None or t.ndim == 0 else ws[rows[0]:rows[1]]
+
+    def stored(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` before training into ``out``: as prepared (the pre-trained θ₀, read from the store), or,
+        with adapters attached, an adapter's initialisation.
+
+        Raises:
+            ConfigError: the tensor is stored quantized (no exact θ₀).
+        """
+        assert self.runtime is not None
+        return self.runtime.stored(self.index, name, out)
+
+
+@dataclass
+class BlockNoise:
+    """A residency's noise ``key`` (:meth:`Resident.noise`): its fill per tensor, and the drawn tensors when the
+    runtime drew it whole (None: formed where used)."""
+
+    block: Resident = field(repr=False)
+    key: str
+    fills: dict[str, Fill]
+    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Tensor ``name``'s noise, whole (read-only; lean: drawn now into a fresh tensor)."""
+        if self.tensors is not None:
+            return self.tensors[name]
+        out = self.block.buffer(self.key, name)
+        return self.fills[name](out, 0, out.numel())
+
+
+@dataclass
+class UpdatePart:
+    """Rows ``rows`` of tensor ``name`` of a resident block, to update in place (:meth:`Resident.parts`).
+
+    ``tensor`` is the rows' view of the weight; ``start`` / ``total``: the rows' first element in the flat
+    tensor and the tensor's element count (the range of a :data:`~zoedge.runtime.perturbed.Fill`); ``ndim``:
+    the whole tensor's.
+    """
+
+    block: Resident = field(repr=False)
+    name: str
+    tensor: torch.Tensor = field(repr=False)
+    rows: tuple[int, int]
+    start: int
+    total: int
+    ndim: int
+
+    def noise(self, z: BlockNoise) -> torch.Tensor:
+        """``z``'s values of these rows (read-only; valid until ``z`` is read again for another part)."""
+        if z.tensors is not None:
+            whole = z.tensors[self.name]
+            return whole if self.ndim == 0 or self.rows == (0, len(whole)) else whole[self.rows[0]:self.rows[1]]
+        out = self.block.buffer(z.key, self.name, self.rows)
+        return z.fills[self.name](out, self.start, self.total)
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These rows of ``tensor``, a tensor shaped like the weight (e.g. its optimizer state)."""
+        return tensor if self.ndim == 0 else tensor[self.rows[0]:self.rows[1]]
+
+    def mul_(self, value: float) -> UpdatePart:
+        """``tensor *= value``."""
+        self.tensor.mul_(value)
+        return self
+
+    def add_(self, z: BlockNoise | torch.Tensor, alpha: float = 1.0) -> UpdatePart:
+        """``tensor += alpha · z``: ``z`` a tensor shaped like these rows, or a block noise (formed from its source
+        without a draw where it can be)."""
+        if isinstance(z, torch.Tensor):
+            self.tensor.add_(z, alpha=alpha)
+        elif z.tensors is None and getattr(fill := z.fills[self.name], "free", False):
+            fill.add_(self.tensor, self.tensor, alpha, self.start, self.total)  # type: ignore[attr-defined]
+        else:
+            self.tensor.add_(self.noise(z), alpha=alpha)
+        return self
 
 
 class BlockVisitor:
@@ -278,6 +382,7 @@ class StreamedModel:
         self.unit = unit
         # The streaming units: the stored blocks, or parts of them (each a contiguous span of its block's bytes).
         self.blocks, spans = _split(self.adapter, self.manifest.blocks, unit)
+        self._spans = spans
         if tier not in ("ram", "disk"):
             raise ConfigError("--tier", f"unknown value {tier!r}", "use ram or disk")
         host_is_device = self.device.type == "cpu"
@@ -316,6 +421,41 @@ class StreamedModel:
         #: the concurrent layers' seconds (:attr:`LayerPipeline.seconds`), summed over every pass that used them
         self.layer_seconds: dict[str, float] = {}
         self._layers_refused: str | None = None  # why the layers run one after another although workers are set
+        #: LoRA adapters (:meth:`attach_lora`): the only trained tensors; the base is then read-only
+        self.lora: LoraAdapters | None = None
+
+    def attach_lora(self, spec: LoraSpec, seed: int = 0) -> LoraAdapters:
+        """Attach LoRA adapters (see :mod:`zoedge.runtime.lora`): from now on every visitor sees each block's
+        adapter tensors as its ``tensors`` and the base as ``frozen``; no pass writes the base back.
+
+        Raises:
+            ConfigError: adapters are attached already, or ``spec``'s targets match no linear of the model.
+        """
+        if self.lora is not None:
+            raise ConfigError("--peft", "LoRA adapters are attached already", "attach them once per model")
+        if self._workspaces:
+            raise ConfigError("--peft", "adapters attached after the model streamed", "attach them right after load")
+        self.lora = LoraAdapters(spec, self.adapter.skeleton, self.blocks, self.aliases, self.device, seed)
+        return self.lora
+
+    def stored(self, i: int, name: str, out: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Resident.stored` (block ``i``)."""
+        if self.lora is not None and name in self.lora.tensors:
+            if name.endswith(".lora_B.weight"):
+                return out.zero_()
+            return out.copy_(init_a(tuple(out.shape), self.lora.seed, name))
+        entry = self.blocks[i]
+        t = next(x for x in entry.tensors if x.name == name)
+        if t.quant != "none":
+            raise ConfigError(f"stored tensor {name}", f"is quantized ({t.quant}): its exact prepared values are "
+                              "not kept", "use it unquantized (prepare with --quant none), or train adapters on it "
+                              "(--peft lora)")
+        part = t.parts["data"]
+        j, start, _ = self._spans[i]  # the unit's span of its stored block
+        with open(Path(self.store) / self.manifest.blocks[j].file, "rb") as f:
+            f.seek(start + part.offset)
+            raw = bytearray(f.read(part.nbytes))
+        return out.copy_(torch.frombuffer(raw, dtype=dtype_of(part.dtype)).view(out.shape))
 
     # ------------------------------------------------------------------ setup
     def _block_index(self, name: str | None) -> int:
@@ -331,6 +471,8 @@ class StreamedModel:
             if key.startswith(LAYER_SET):  # only decoder layers run concurrently: sized to the largest of them
                 blocks = [b for b in self.blocks if layer_index(b.name) is not None]
             size = max(sum(_nbytes(t.numel, t.dtype) for t in b.tensors) for b in blocks)
+            if self.lora is not None:  # the visitors see adapters (smaller than their block, but fp32)
+                size = max(size, *(self.lora.nbytes(b.name) for b in blocks))
             self._workspaces[key] = allocate(size, self.device, "workspace")
         buf, out, off = self._workspaces[key], {}, 0
         for name, t in block.tensors.items():
@@ -432,9 +574,16 @@ class StreamedModel:
         """Block ``i`` bound in ``slot``, after the visitor's ``on_resident``."""
         block = self.blocks[i]
         # quantized tensors are bound as views of their stored parts, expanded by the ops that read them
-        res = Resident(block.name, i, bind(slot, i, block, self.chunk_bytes),
-                       frozenset(t.name for t in block.tensors if t.quant == "none"), runtime=self,
-                       workspace_set=workspace_set)
+        bound = bind(slot, i, block, self.chunk_bytes)
+        if self.lora is not None:  # the visitor trains the adapters; the base is frozen
+            adapters = self.lora.of(block.name)
+            res = Resident(block.name, i, adapters, frozenset(adapters), runtime=self, workspace_set=workspace_set,
+                           frozen=bound)
+            pass_state.residents[i] = res
+            visitor.on_resident(res)
+            return res
+        res = Resident(block.name, i, bound, frozenset(t.name for t in block.tensors if t.quant == "none"),
+                       runtime=self, workspace_set=workspace_set)
         pass_state.residents[i] = res
         visitor.on_resident(res)
         if res.dirty and len(res.writable) != len(res.tensors):
@@ -465,6 +614,17 @@ class StreamedModel:
                     f"({available / 2**30:.1f} GiB)")
                 return None
         return range(layers[0], layers[-1] + 1)
+
+    def pass_weights(self, visitor: BlockVisitor, res: Resident, p: int) -> dict[str, torch.Tensor]:
+        """The weights block ``res`` runs pass ``p`` with: the visitor's, combined with the frozen base when
+        adapters are attached."""
+        seen = visitor.pass_tensors(res, p)
+        return dict(seen) if self.lora is None else self.lora.compose(res.frozen, seen)
+
+    def writes_back(self, i: int, visitor_updates: bool) -> bool:
+        """Whether block ``i``'s residency may write it back: the visitor may update, the block has unquantized
+        tensors and no adapters are attached (they are the only trained tensors)."""
+        return visitor_updates and self.lora is None and any(t.quant == "none" for t in self.blocks[i].tensors)
 
     def layer_mode(self) -> str:
         """How the decoder layers ran: concurrently on how many workers, or one after another (and why, where
@@ -504,7 +664,7 @@ class StreamedModel:
                 weights = []
                 for p in range(visitor.passes):
                     res.forming = p
-                    weights.append(dict(visitor.pass_tensors(res, p)))
+                    weights.append(self.pass_weights(visitor, res, p))
                 res.forming = None
                 return weights
 
@@ -569,13 +729,12 @@ class StreamedModel:
         for i, block in enumerate(self.blocks):
             if concurrent is not None and i in concurrent:
                 if i == concurrent.start:
-                    self._compute_layers(concurrent, visitor, state, [
-                        updates and any(t.quant == "none" for t in self.blocks[j].tensors) for j in concurrent])
+                    self._compute_layers(concurrent, visitor, state, [self.writes_back(j, updates) for j in concurrent])
                 continue
             if self.in_place:  # the block's bytes are where compute reads them: an update lands in place
                 for j in range(i, min(i + self.prefetch + 1, n)):  # disk reads ahead, as many as the ring holds
                     self.tier.read_ahead(j)
-                self._compute(i, visitor, state, updates and any(t.quant == "none" for t in block.tensors))
+                self._compute(i, visitor, state, self.writes_back(i, updates))
                 continue
             while issued < min(i + self.prefetch + 1, n):
                 self._upload(issued)
@@ -584,12 +743,12 @@ class StreamedModel:
             # I/O thread then reads while the device queues copy into slots or compute.
             for j in range(issued, min(issued + self.prefetch + 1, n)):
                 self.tier.read_ahead(j)
-            writes_back = updates and any(t.quant == "none" for t in block.tensors)
+            writes_back = self.writes_back(i, updates)
             self._compute(i, visitor, state, writes_back)
             if writes_back and i not in self.dedicated:
                 self._offload(i, state.residents)
         for i in self.dedicated:  # a tied owner's slot is read by the head: write it back after the pass
-            if updates and any(t.quant == "none" for t in self.blocks[i].tensors):
+            if self.writes_back(i, updates):
                 self._offload(i, state.residents)
         self.engine.outputs_ready()
         return state.states if state.compute else []
@@ -624,7 +783,8 @@ class StreamedModel:
         self.tier.attach(self.schedule)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All current weights as CPU tensors (quantized ones dequantized), tied aliases included."""
+        """All current weights as CPU tensors (quantized ones dequantized), tied aliases included; with adapters
+        attached, the frozen base's (the adapters: ``lora.state_dict()``, merged: :meth:`merged_stream`)."""
         self.synchronize()
         out: dict[str, torch.Tensor] = {}
         for i in range(len(self.blocks)):
@@ -640,6 +800,36 @@ class StreamedModel:
         entries = [(t.name, dtype_of(t.parts["data"].dtype if t.quant == "none" else t.dtype), tuple(t.shape))
                    for b in self.blocks for t in b.tensors]
         return WeightStream(entries, (self._block_state(i) for i in range(len(self.blocks))))
+
+    def trained_stream(self) -> WeightStream:
+        """What training changes, for a checkpoint: the adapters when attached, else every weight
+        (:meth:`weight_stream`)."""
+        if self.lora is None:
+            return self.weight_stream()
+        self.synchronize()
+        return WeightStream.of(self.lora.state_dict())
+
+    def load_trained(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trained_stream` (the adapters, or :meth:`load_state_dict`).
+
+        Raises:
+            ConfigError: a tensor is missing or has the wrong shape.
+        """
+        if self.lora is None:
+            self.load_state_dict(state)
+        else:
+            self.synchronize()
+            self.lora.load_state_dict(state)
+
+    def merged_stream(self) -> WeightStream:
+        """The model's weights with the adapters merged (W + scaling · B A; no adapters: :meth:`weight_stream`),
+        block by block, for exporting a merged model."""
+        stream = self.weight_stream()
+        if self.lora is None:
+            return stream
+        lora = self.lora
+        return WeightStream(stream.entries, ({n: lora.merged(n, t) for n, t in chunk.items()}
+                                             for chunk in stream.chunks))
 
     def _block_state(self, i: int) -> dict[str, torch.Tensor]:
         """Block ``i``'s tensors (views of its host bytes; quantized ones dequantized), after a synchronize."""
@@ -746,10 +936,10 @@ class _PassState:
         grad_pass = getattr(self.visitor, "grad_pass", None)  # duck-typed visitors may not declare it
         for p in range(self.visitor.passes):
             with torch.set_grad_enabled(p == grad_pass):
-                tensors = dict(self.visitor.pass_tensors(res, p))
+                tensors = m.pass_weights(self.visitor, res, p)
                 for alias, src in m.aliases.items():
                     if src in tensors:
-                        self.tied_seen[p][src] = m._keep_tied(p, src, tensors[src], res.tensors[src])
+                        self.tied_seen[p][src] = m._keep_tied(p, src, tensors[src], (res.frozen or res.tensors)[src])
                     if m.adapter.block_of(alias) == name:
                         tensors[alias] = self.tied_seen[p][src]
                 self.states[p] = m.adapter.run(name, tensors, self.states[p], self.ctx)

@@ -8,35 +8,15 @@ operation that host-waits for disk I/O holds the host (and everything emitted af
 is done. The last operation's end is the predicted time; walking back through whichever constraint
 set each start gives the critical path.
 
-Parameters (:class:`Hardware`) are effective rates, not peaks; measured values can be passed instead.
+Parameters (:class:`~zoedge.hardware.Hardware`) are effective rates, not peaks; measured values can be passed instead.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from zoedge.hardware import Hardware
 from zoedge.runtime.schedule import COMPUTE, IO, OFFLOAD, UPLOAD, Op
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """Effective rates: GB/s (10^9 bytes) for transfers, TFLOP/s for compute."""
-
-    name: str
-    upload_gbps: float
-    offload_gbps: float
-    disk_read_gbps: float
-    disk_write_gbps: float
-    tflops: float
-
-
-#: Defaults. PCIe 4.0 x16 with pinned buffers moves ~25 GB/s each way; NVMe Gen4 reads ~7 GB/s and writes
-#: ~5 GB/s sequentially. Compute is an *achieved* dense fp16/bf16 GEMM rate: ~120 TFLOP/s for an RTX 4090
-#: class GPU (165 peak with fp32 accumulation) and ~220 TFLOP/s for an A100 class GPU (312 peak).
-PRESETS = {
-    "rtx4090": Hardware("RTX 4090 class, PCIe 4.0 x16 pinned, NVMe Gen4", 25.0, 25.0, 7.0, 5.0, 120.0),
-    "a100": Hardware("A100 class, PCIe 4.0 x16 pinned, NVMe Gen4", 25.0, 25.0, 7.0, 5.0, 220.0),
-}
 
 
 @dataclass
@@ -139,11 +119,10 @@ class Costs:
         hw = self.hardware
         if op.kind == "compute":
             extra = self.compute_extra_s[op.block] if self.compute_extra_s is not None else 0.0
-            return self.passes * self.block_flops[op.block] / (hw.tflops * 1e12) + extra
+            return self.passes * self.block_flops[op.block] / hw.achieved_flops + extra
         nbytes = self.block_bytes[op.block] if self.block_bytes is not None else op.nbytes
-        rate = {"read": hw.disk_read_gbps, "write": hw.disk_write_gbps, "upload": hw.upload_gbps,
-                "offload": hw.offload_gbps}[op.kind]
-        return nbytes / (rate * 1e9)
+        rate = {"read": hw.disk, "write": hw.disk_write, "upload": hw.pcie, "offload": hw.pcie}[op.kind]
+        return nbytes / rate
 
 
 def block_flops(config, block_names: Sequence[str], batch: int, seq: int) -> list[float]:

@@ -28,6 +28,23 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, *, per_process: boo
         raise
 
 
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a file inside a temporary folder that is renamed into place later) and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so the names created in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """:func:`atomic_write_bytes` of UTF-8 text, with a per-process temp file."""
     atomic_write_bytes(path, text.encode(), per_process=True)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from zoedge.errors import StoreError
+from zoedge.names import STORE_DTYPES  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 ALIGN = 256  # bytes; covers every dtype's alignment and CUDA's 256-byte allocation granularity
@@ -164,7 +165,6 @@ def plan_block(names: list[str], shapes: dict[str, tuple[int, ...]], dtype: torc
 
 # ----------------------------------------------------------------- reading
 MAX_MANIFEST_BYTES = 64 * 2**20  # a 1000-layer store's manifest is a few MB
-STORE_DTYPES = ("fp32", "bf16", "fp16")
 _REPREPARE = "the store is damaged or was edited; re-run `zoedge prepare` into a fresh directory"
 
 

@@ -30,6 +30,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from zoedge.adapters import adapter_for, supported_model_types
 from zoedge.errors import CheckpointError, ConfigError, StoreError
+from zoedge.names import STORE_DTYPES
 from zoedge.store.atomic import atomic_write_bytes
 from zoedge.store.lease import in_use
 from zoedge.store import quant as q
@@ -213,7 +214,7 @@ def prepare(src: str | Path, dst: str | Path, dtype: str = "fp32", quant: str = 
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if dtype not in ("fp32", "bf16", "fp16"):
+    if dtype not in STORE_DTYPES:
         raise ConfigError("--dtype", f"unknown value {dtype!r}", "use fp32, bf16 or fp16")
     if quant not in q.QUANT_KINDS:
         raise ConfigError("--quant", f"unknown value {quant!r}", f"use one of {', '.join(q.QUANT_KINDS)}")

@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from zoedge.errors import ConfigError
+from zoedge.names import QUANT_KINDS  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from types import ModuleType
 
 QuantKind = Literal["none", "int8", "nf4"]
-QUANT_KINDS: tuple[str, ...] = ("none", "int8", "nf4")
 
 # Block sizes (values per absmax scale). Smaller blocks track local outliers
 # better but cost 32 bits of absmax per block. Measured on SmolLM2-135M layer

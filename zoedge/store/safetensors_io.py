@@ -404,6 +404,8 @@ def write_streamed(path: str | Path, weights: WeightStream, metadata: dict[str, 
                 check(chunk)
             _write_chunk(f, chunk, expected, path)
             del chunk  # before the next one is produced: one chunk in memory at a time
+        f.flush()
+        os.fsync(f.fileno())  # durable before the caller renames it into place
     missing = [e[0] for e in expected]
     if missing:
         raise ValueError(f"{path}: the chunks ended before the tensors {missing[:3]}...")

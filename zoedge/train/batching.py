@@ -133,6 +133,8 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
     if pad_to_multiple_of < 1:
         raise DataError("pad_to_multiple_of", f"is {pad_to_multiple_of}", "give an integer >= 1")
     pad_id = _pad_id(tokenizer)
+    if examples[0].kind == "generation":
+        return _collate_generation(tokenizer, examples, max_length, pad_to_multiple_of, pad_id)
     prefix = _ids(tokenizer, [""], special=True)[0]  # e.g. [bos] or []
     prompts = _ids(tokenizer, [e.prompt for e in examples], special=True)
     unique = sorted({c for e in examples for c in e.candidates})
@@ -188,6 +190,88 @@ def collate(tokenizer: Any, examples: Sequence[Example], max_length: int | None 
         num_candidates=torch.tensor([len(e.candidates) for e in examples], dtype=torch.long),
         kind=examples[0].kind,
         n_tokens=sum(len(r) for r in rows),
+    )
+
+
+def generation_rows(tokenizer: Any, examples: Sequence[Example], max_length: int | None = None
+                    ) -> list[tuple[list[int], list[bool]]]:
+    """Generation examples as token rows: ``(ids, scored)`` per example, ``scored[j]`` when token ``j`` is in the
+    loss (a scored piece or the EOS; never token 0, which nothing predicts).
+
+    A row is BOS (if the tokenizer adds one) + each piece of :attr:`Example.pieces` tokenized alone + EOS (with
+    :attr:`Example.eos`). A row longer than ``max_length`` loses tokens from its left (after BOS) down to its last
+    scored piece, which must fit whole; a row scored from its first token on (the ``text`` layout) keeps its
+    first ``max_length`` tokens instead.
+
+    Raises:
+        DataError: a row with nothing to score, a last scored piece longer than ``max_length`` allows, or
+            ``eos`` with a tokenizer that has no EOS token.
+    """
+    prefix = _ids(tokenizer, [""], special=True)[0]  # e.g. [bos] or []
+    texts = sorted({t for e in examples for t, _ in e.pieces})
+    piece_ids = dict(zip(texts, _ids(tokenizer, texts, special=False)))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for i, ex in enumerate(examples):
+        ids, scored = list(prefix), [False] * len(prefix)
+        last_start = len(prefix)
+        for text, is_scored in ex.pieces:
+            if is_scored:
+                last_start = len(ids)
+            ids += piece_ids[text]
+            scored += [is_scored] * len(piece_ids[text])
+        if ex.eos:
+            if eos is None:
+                raise DataError("tokenizer", "has no eos_token_id, which this layout appends to every answer",
+                                "set tokenizer.eos_token (tokenizer_config.json)")
+            ids.append(int(eos))
+            scored.append(True)
+        what = f"example {i} ({(ex.prompt or ex.candidates[0])[:40]!r})"
+        over = len(ids) - max_length if max_length else 0
+        if over > 0:
+            keep = max(len(prefix), 1)
+            if all(scored[len(prefix):]):  # nothing but scored text: keep its head
+                ids, scored = ids[:max_length], scored[:max_length]
+            elif over > last_start - keep:
+                raise DataError(what, f"needs {len(ids) - last_start + 1} tokens for its answer (with one of "
+                                f"context), more than max_length={max_length} allows", "raise --max-length, or "
+                                "shorten the answer")
+            else:
+                ids, scored = ids[:keep] + ids[keep + over:], scored[:keep] + scored[keep + over:]
+        if len(ids) > 0:
+            scored[0] = False
+        if not any(scored):
+            raise DataError(what, "has no token to score (an empty answer, or a one-token text with no BOS)",
+                            "give a longer answer or text")
+        out.append((ids, scored))
+    return out
+
+
+def _collate_generation(tokenizer: Any, examples: Sequence[Example], max_length: int | None,
+                        pad_to_multiple_of: int, pad_id: int) -> Batch:
+    """One row per generation example (see :func:`generation_rows`), every scored token a target."""
+    rows = generation_rows(tokenizer, examples, max_length)
+    input_ids, attention_mask = _left_padded([ids for ids, _ in rows], pad_id, pad_to_multiple_of)
+    T = input_ids.shape[1]
+    target_index: list[int] = []
+    target_row: list[int] = []
+    for r, (ids, scored) in enumerate(rows):
+        base = r * T + T - len(ids) - 1  # + j: the position predicting token j
+        js = [j for j, s in enumerate(scored) if s]
+        target_index.extend(base + j for j in js)
+        target_row.extend([r] * len(js))
+    index = torch.tensor(target_index, dtype=torch.long)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        target_index=index,
+        target_ids=input_ids.view(-1)[index + 1].clone(),
+        target_row=torch.tensor(target_row, dtype=torch.long),
+        row_example=torch.arange(len(rows), dtype=torch.long),
+        labels=torch.zeros(len(rows), dtype=torch.long),
+        num_candidates=torch.ones(len(rows), dtype=torch.long),
+        kind="generation",
+        n_tokens=sum(len(ids) for ids, _ in rows),
     )
 
 
@@ -325,6 +409,11 @@ def length_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int)
     for kind in ("classification", "generation"):
         part = [e for e in examples if e.kind == kind]
         if not part:
+            continue
+        if kind == "generation":
+            length = [len(ids) for ids, _ in generation_rows(tokenizer, part)]
+            order = sorted(range(len(part)), key=lambda i: length[i])
+            out += [[part[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
             continue
         prompt_len = [len(ids) for ids in _ids(tokenizer, [e.prompt for e in part], special=True)]
         cands = sorted({c for e in part for c in e.candidates})

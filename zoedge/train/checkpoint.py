@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zoedge.errors import StoreError
+from zoedge.errors import StoreError, TrainingError
 from zoedge.output_dir import aside, replace_dir, restore_aside
 from zoedge.store.safetensors_io import WeightStream, write_streamed
 
@@ -124,8 +124,6 @@ def save_checkpoint(root: Path, step: int, weights: Mapping[str, torch.Tensor] |
         StoreError: the checkpoint cannot be written (disk full, permissions); the temporary folder is
             removed and the previous checkpoint is intact.
     """
-    from zoedge.train.guard import check_finite_weights
-
     name = f"step-{step:08d}"
     json_state, tensors = split_tensors(state)
     if weights is None:
@@ -301,3 +299,23 @@ def load_checkpoint(path: Path) -> tuple[Mapping[str, torch.Tensor] | None, dict
                          "delete this folder to resume from the previous checkpoint, or start without --resume") from None
     state.pop(CHECKSUMS, None)
     return weights, join_tensors(state, tensors)
+
+
+def last_good(ckpt_dir: Path | None) -> str:
+    """Text naming the newest intact checkpoint (for error messages)."""
+    path = latest_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
+    if path is None:
+        return "no checkpoint has been written, and nothing was saved or exported"
+    return f"the last good checkpoint is {path} (continue from it with --resume, e.g. with a lower --lr)"
+
+
+def check_finite_weights(weights: Mapping[str, torch.Tensor], what: str, ckpt_dir: Path | None) -> None:
+    """Refuse to write ``weights`` when any is NaN or infinite.
+
+    Raises:
+        TrainingError: naming the first bad tensor, ``what`` was not written, and the last good checkpoint.
+    """
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingError(what, f"tensor {name} holds NaN or infinite values; it was not written",
+                                f"lower --lr or --eps; {last_good(ckpt_dir)}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 
 from zoedge.errors import DataError
-from zoedge.train.tasks import Example
+from zoedge.train.example import Example
 
 CANDIDATES = (" terrible", " great")
 CODE_CANDIDATES = (" A", " B")  # negative, positive: nothing in the words tells which is which
@@ -140,4 +140,36 @@ def _reviews(n: int, seed: int, weights: tuple[float, ...]) -> list[tuple[str, i
         seen.add(review)
         out.append((review, label))
     rng.shuffle(out)
+    return out
+
+
+#: the answer of each review in the token-level layouts (label 0 = negative)
+VERDICTS = ("The review is negative.", "The review is positive.")
+
+
+def layout_records(layout: str, n: int = 100, seed: int = 0) -> list[dict]:
+    """The demo reviews as data records of a token-level layout, for examples, tests and measurements.
+
+    Args:
+        layout: ``completion`` ({prompt, completion}), ``messages`` (a user turn and an assistant turn),
+            ``generation`` ({text, answer}) or ``text`` ({text}, the review and its verdict).
+        n, seed: as :func:`demo_examples` (the same reviews).
+
+    Raises:
+        DataError: an unknown layout, or as :func:`demo_examples`.
+    """
+    out = []
+    for review, label in _reviews(n, seed, (0.3, 0.3, 0.2, 0.2)):
+        question, verdict = f"Is this review positive or negative? {review}", VERDICTS[label]
+        if layout == "completion":
+            out.append({"prompt": question + "\n", "completion": verdict})
+        elif layout == "messages":
+            out.append({"messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": verdict}]})
+        elif layout == "generation":
+            out.append({"text": question + "\n", "answer": verdict})
+        elif layout == "text":
+            out.append({"text": f"{question}\n{verdict}"})
+        else:
+            raise DataError(f"layout {layout!r}", "has no demo records", "use completion, messages, generation or text")
     return out

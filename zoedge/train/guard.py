@@ -10,7 +10,7 @@ projected gradient for several steps (typical of a learning rate so large that
 the model saturates: the loss sits at ln(#candidates)).
 
 Checkpoints and exports check the weights themselves as a last line
-(:func:`check_finite_weights`), so a non-finite model is never written.
+(:func:`zoedge.train.checkpoint.check_finite_weights`), so a non-finite model is never written.
 
 A non-finite loss or evaluation score is reported by its cause
 (:func:`nonfinite_cause`): weights that were not finite before training
@@ -28,20 +28,11 @@ from typing import Any
 import torch
 
 from zoedge.errors import StoreError, TrainingError, ZoedgeError
+from zoedge.train.checkpoint import last_good
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
 #: steps in a row with a zero projected gradient and an unchanged loss before the stall warning
 STALL_STEPS = 3
-
-
-def last_good(ckpt_dir: Path | None) -> str:
-    """Text naming the newest intact checkpoint (for error messages)."""
-    from zoedge.train.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else None
-    if path is None:
-        return "no checkpoint has been written, and nothing was saved or exported"
-    return f"the last good checkpoint is {path} (continue from it with --resume, e.g. with a lower --lr)"
 
 
 class StepGuard:
@@ -103,18 +94,6 @@ class StepGuard:
             self.log(f"warning: step {step}: the loss has stayed at {loss:.4f} with a zero projected gradient for "
                      f"{self.stalled} steps; training has stalled (lr {lr:g} is probably far too large and the "
                      "model saturated, or --eps is below the weights' precision): lower --lr")
-
-
-def check_finite_weights(weights: Mapping[str, torch.Tensor], what: str, ckpt_dir: Path | None) -> None:
-    """Refuse to write ``weights`` when any is NaN or infinite.
-
-    Raises:
-        TrainingError: naming the first bad tensor, ``what`` was not written, and the last good checkpoint.
-    """
-    for name, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise TrainingError(what, f"tensor {name} holds NaN or infinite values; it was not written",
-                                f"lower --lr or --eps; {last_good(ckpt_dir)}")
 
 
 def first_nonfinite(weights: Iterable[Mapping[str, torch.Tensor]]) -> str | None:

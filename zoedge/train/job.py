@@ -11,9 +11,13 @@ A finetune run owns its ``--output`` directory (what it writes, removes and refu
     run.json         the run's settings and the history of its resumes (see :mod:`zoedge.train.run_record`)
     checkpoints/     see :mod:`zoedge.train.checkpoint`
     metrics.jsonl    one line per step (a resume drops the lines past its checkpoint)
-    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint
+    working/         --tier disk: the trained copy of the blocks; rebuilt unless resuming from a checkpoint (none
+                     with --peft lora: the base is never written)
     model/           the exported Hugging Face model (written last, never with non-finite weights; not with
-                     --no-export, which removes an earlier one)
+                     --no-export, which removes an earlier one; with --peft lora only with --merge: the base with
+                     the adapters merged)
+    adapter/         a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors): --peft lora's adapters,
+                     or a plugin's exact factors (HZO: vector=frozen, freeze=embed, no first-order tail)
     curves.png       dev accuracy and training loss against steps
     summary.json     every effective setting, the split, the results
 
@@ -30,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict
@@ -40,7 +45,9 @@ import torch
 
 from zoedge import output_dir
 from zoedge.errors import ConfigError, DataError, StoreError
-from zoedge.optim import noise_cache
+from zoedge.noise import cache as noise_cache
+from zoedge.runtime.host import available_memory
+from zoedge.runtime.lora import LoraSpec
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadChoice, ThreadGovernor, apply_threads, choose_threads
 from zoedge.settings import DataOptions, EvalSettings, FinetuneSettings, to_dict
@@ -50,9 +57,10 @@ from zoedge.store.lease import StoreLease
 from zoedge.store.prepare import SIDE_FILES
 from zoedge.store.verify import cache_root as cache_dir  # noqa: F401 - the one definition of the cache root
 from zoedge.train import run_record
-from zoedge.train.checkpoint import checkpoint_folders, latest_checkpoint
-from zoedge.train.guard import check_finite_weights, nonfinite_cause
-from zoedge.train.tasks import BUILTIN_TASKS, Example, Splits, builtin_task, load_jsonl, split
+from zoedge.train.checkpoint import check_finite_weights, checkpoint_folders, latest_checkpoint
+from zoedge.train.data import RawData, read_data
+from zoedge.train.guard import nonfinite_cause
+from zoedge.train.tasks import Example, Splits
 from zoedge.train.trainer import Trainer, evaluate, log_stderr
 from zoedge.train.world import World
 
@@ -127,28 +135,38 @@ def resolve_dtype(model: str | None, dtype: str | None) -> str:
     return stored
 
 
-def load_splits(data: DataOptions) -> Splits:
-    """Examples from JSONL files (``data.task`` names the layout, or is detected) or a built-in task.
+def load_splits(data: DataOptions, tokenizer: Any = None, need_train: bool = True) -> Splits:
+    """Examples from data sources (``data.task`` names the layout, or it is detected) or a built-in task.
 
-    The same :class:`~zoedge.settings.DataOptions` give the same, disjoint split in finetune and eval.
+    The same :class:`~zoedge.settings.DataOptions` give the same, disjoint split in finetune and eval. Commands
+    read the data in two phases instead (:mod:`zoedge.train.data`), so that a bad file fails before the model
+    loads.
     """
-    if data.train is None and (data.dev or data.test):
-        raise ConfigError("--train", "is missing but --dev/--test are given",
-                          "give --train FILE as well (dev/test are never carved from each other)")
-    if data.train is None:
-        name = data.task or "demo"
-        if name not in BUILTIN_TASKS:
-            raise ConfigError("--task", f"{name!r} is not a built-in task and no --train file was given",
-                              f"use --task {' / '.join(BUILTIN_TASKS)}, or give --train FILE.jsonl")
-        return split(builtin_task(name, seed=0), data.n_train, data.n_dev, data.n_test, data.seed)
-    if data.task in BUILTIN_TASKS:  # a built-in task has no files: it would be ignored
-        raise ConfigError("--task", f"{data.task!r} is a built-in task, but --train {data.train} is given",
-                          "drop --task (the layout of the file is detected) or give the file's layout (e.g. --task "
-                          "sst2), or drop --train to use the built-in task")
-    layout = data.task
-    load = (lambda p: load_jsonl(p, layout) if p else None)
-    return split(load(data.train), data.n_train, data.n_dev, data.n_test, data.seed, dev=load(data.dev),
-                 test=load(data.test))
+    return read_data(data, need_train).splits(data, tokenizer)
+
+
+def tokenizer_dir(model: str | None) -> Path:
+    """Where the tokenizer of ``model`` is, before any weight is read (a store, an HF dir, the default model)."""
+    if model is None:
+        from zoedge.models import default_model_dir
+        return default_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError("--model", f"{model} does not exist",
+                          "give a Hugging Face checkpoint directory or a store made by `zoedge prepare`")
+    return path
+
+
+def lr_record(optimizer: str, options: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The learning rate a run uses and where it comes from, with the loss kind (for summary.json). One default
+    serves both loss kinds (measured in docs/data.md)."""
+    from zoedge.optim.registry import load, options_of
+    if "lr" in options:
+        return {"value": options["lr"], "source": "--lr / --opt lr", "loss": kind}
+    known = options_of(load(optimizer))
+    if "lr" not in known:
+        return {"value": None, "source": "the plugin has no lr option", "loss": kind}
+    return {"value": known["lr"].default, "source": "the plugin's default", "loss": kind}
 
 
 def example_id(e: Example) -> str:
@@ -211,7 +229,8 @@ def check_writable_file(path: Path, option: str) -> None:
 
 def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
                  files: dict[str, bytes] | None = None) -> Path:
-    """Write the current weights as a Hugging Face model directory (safetensors), atomically.
+    """Write the current weights (with adapters attached: merged into the base) as a Hugging Face model directory
+    (safetensors), atomically.
 
     Args:
         files: config and tokenizer files by name (default: the store's now); a run passes the ones it read when
@@ -221,6 +240,7 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
         TrainingError: a weight is not finite (nothing is written).
         StoreError: the model cannot be written (disk full, permissions); nothing of it is left.
     """
+    from zoedge.store.atomic import fsync_dir, write_durable
     from zoedge.store.safetensors_io import write_streamed
     from zoedge.train.guard import last_good
     files = side_files(model.store) if files is None else files
@@ -229,10 +249,11 @@ def export_model(model: StreamedModel, out: Path, ckpt_dir: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         # block by block: a model larger than memory is exported holding one block
-        write_streamed(tmp / "model.safetensors", model.weight_stream(), metadata={"format": "pt"},
+        write_streamed(tmp / "model.safetensors", model.merged_stream(), metadata={"format": "pt"},
                        check=lambda chunk: check_finite_weights(chunk, f"the exported model {out}", ckpt_dir))
         for name, data in files.items():
-            (tmp / name).write_bytes(data)
+            write_durable(tmp / name, data)
+        fsync_dir(tmp)  # a power cut after the rename finds the new export whole
         output_dir.replace_dir(tmp, out)  # an earlier export is exchanged, never deleted first
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,8 +286,21 @@ def load_tokenizer(store: Path) -> Any:
     return tok
 
 
+#: ``--peft lora``: the plugin options a plugin gets unless given (when it has them), tuned for MeZO-LoRA on the
+#: demo task (docs/lora.md): ZO learning rates for adapters are orders of magnitude above full-parameter ones
+LORA_DEFAULTS = {"lr": 5e-3, "eps": 1e-2}
+
+
+def peft_options(optimizer: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus :data:`LORA_DEFAULTS` for the ones not given that plugin ``optimizer`` takes."""
+    from zoedge.optim.registry import load, options_of
+    known = options_of(load(optimizer))
+    return {**{k: v for k, v in LORA_DEFAULTS.items() if k in known and k not in options}, **options}
+
+
 # ---------------------------------------------------------------------------------------------------------------
-def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = None, raw: RawData | None = None
+                 ) -> dict[str, Any]:
     """Fine-tune, export ``<output>/model`` and write ``<output>/summary.json``; returns the summary.
 
     Under ``torchrun`` / ``accelerate launch`` this process is one rank of a data-parallel run (see
@@ -276,18 +310,25 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     Args:
         s: the settings (checked here).
         parsed_options: plugin options from ``--opt`` (merged with --lr / --eps / --weight-decay).
+        raw: the data already read by :func:`~zoedge.train.data.read_data` (else read here, first).
 
     Raises:
         ZoedgeError: bad settings, a busy / unwritable output, refused resume changes, data or store
             problems; :class:`~zoedge.errors.TrainingError` when training diverges (or a rank is lost).
     """
     s.check()
+    raw = raw or read_data(s)  # data first: a bad file fails before anything else is read
     s.dtype = resolve_dtype(s.model, s.dtype)  # what is used is what is recorded
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
         log_stderr(f"warning: {threads.warning}")
     apply_threads(threads)
     options = s.options(parsed_options or {})
+    lr_used = lr_record(s.optimizer, options, raw.loss_kind)
+    if s.peft == "lora":
+        options = peft_options(s.optimizer, options)
+        if lr_used["source"] == "the plugin's default" and "lr" in options:
+            lr_used.update(value=options["lr"], source="--peft lora's default")
     out = Path(s.output)
     output_dir.check_apart({"--output": out, "--metrics": s.metrics}, run_inputs(s))
     if s.metrics is not None and os.path.realpath(s.metrics) != os.path.realpath(out / "metrics.jsonl"):
@@ -296,16 +337,18 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
     world = World.from_env(s.device)  # torchrun / accelerate launch: this rank of the data-parallel run
     try:
         with run_record.OutputLock(out) if world.is_main else nullcontext(), ExitStack() as held:
-            return _finetune(s, options, out, world, threads, held)
+            return _finetune(s, options, out, world, threads, raw, held, lr_used)
     finally:
         world.close()
 
 
 def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
-              threads: ThreadChoice, held: ExitStack) -> dict[str, Any]:
+              threads: ThreadChoice, raw: RawData, held: ExitStack, lr_used: dict[str, Any]) -> dict[str, Any]:
     from zoedge.optim.registry import build
 
     started = time.perf_counter()
+    tok = load_tokenizer(tokenizer_dir(s.model))
+    splits = raw.splits(s, tok)
     metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
     ckpts = out / "checkpoints"
     resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
@@ -327,21 +370,23 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         run_record.check_store(resume_from, store_id)
     export_files = side_files(store)  # the export's config and tokenizer: the ones this run starts with
     check_max_length(store, s.max_length, log_stderr if world.is_main else (lambda message: None))
-    splits = load_splits(s)
     if len(splits.train) < s.batch_size:
         raise DataError("--n-train", f"leaves {len(splits.train)} training examples, fewer than --batch-size "
                         f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
                         + (" or less" if splits.train else " with at least one training example"))
     optimizer = build(s.optimizer, options, seed=s.seed)
-    working = out / "working" if s.tier == "disk" else None
+    spec = (LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora"
+            else None)
+    working = out / "working" if s.tier == "disk" and spec is None else None  # adapters: the base is read-only
     if working is not None and world.size > 1:
         working = working / f"rank-{world.rank}"  # every rank streams its own copy
     with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
                                working_dir=working, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
-        tok = load_tokenizer(store)
+        if spec is not None:
+            model.attach_lora(spec, seed=s.seed)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
-        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier,
+        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
                                    local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
         on_device = model.device.type != "cpu"
         if on_device:
@@ -359,7 +404,19 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         start_step = trainer.step
         result = trainer.fit()
         test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-        if world.is_main and s.export:  # every rank holds the same weights: one writes
+        adapter = None
+        if world.is_main and s.export and model.lora is not None:
+            check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", ckpts)
+            adapter = model.lora.save_peft(out / "adapter", base_model=str(store))
+        elif world.is_main:
+            shutil.rmtree(out / "adapter", ignore_errors=True)  # an earlier run's adapter would not be this run's
+            if s.export and (factors := optimizer.lora_factors()):
+                from zoedge.optim.lora import factors_adapter  # the plugin kept its change as factors: exact
+                try:
+                    adapter = factors_adapter(factors, model.config, out / "adapter", base_model=str(store))
+                except ConfigError as e:  # the model itself is exported; the adapter is what cannot be
+                    log_stderr(f"no OUTPUT/adapter: {e}")
+        if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
             export_model(model, out / "model", ckpts, export_files)
         elif world.is_main:  # an earlier run's model would not be this run's
             output_dir.remove(out / "model")
@@ -371,7 +428,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         return {"world_size": world.size, "rank": world.rank}
     record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
     summary = {
-        "settings": to_dict(s), "options": options, "optimizer_state": _hyper(optimizer),
+        "settings": to_dict(s), "options": options, "lr": lr_used, "layout": raw.layout or raw.builtin, "optimizer_state": _hyper(optimizer),
         "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
         "threads": {**governor.to_dict(), "layers": layer_mode},
         "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
@@ -381,7 +438,9 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
         "last_train_loss": result.last_loss, "peak_gpu_bytes": peak,
-        "model_dir": str(out / "model") if s.export else None,
+        "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
+        "adapter_dir": str(adapter) if adapter is not None else None,
+        "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
         "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
                                                 "test": len(splits.test), "dropped_as_in_train": splits.dropped,
                                                 "files": data_id},
@@ -440,6 +499,8 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
                               "when the run ends", "evaluate it after the run has finished")
     if (p / "summary.json").is_file() and (p / "model").is_dir():
         return str(p / "model"), p
+    if (p / "summary.json").is_file() and (p / "adapter").is_dir():  # a --peft lora run: its base + adapter
+        return model, p
     if p.name == "model" and (p.parent / "summary.json").is_file():
         return model, p.parent
     run = p if output_dir.is_run(p) else None
@@ -475,6 +536,9 @@ def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettin
             setattr(s, name, value)
     if "dtype" not in given and recorded.get("dtype"):  # the precision the run trained (and exported) in
         s.dtype = recorded["dtype"]
+    if not (run / "model").is_dir():  # an adapter run without --merge: the adapter on the run's store
+        s.model = summary.get("store")
+        s.adapter = s.adapter or str(run / "adapter")
     return s, summary
 
 
@@ -497,30 +561,69 @@ def check_run_split(splits: Splits, summary: dict[str, Any], s: EvalSettings, gi
                       "--other-split to evaluate anyway")
 
 
+def check_no_training_overlap(splits: Splits, summary: dict[str, Any], s: EvalSettings, tokenizer: Any) -> None:
+    """A file evaluated alone against a finetune run: none of its examples may be in the run's training split.
+
+    Raises:
+        ConfigError: an example of the file was trained on, or the run's data cannot be read to check.
+    """
+    from copy import copy
+    run = copy(s)
+    for name, value in summary["settings"].items():
+        if name in s.data_settings():
+            setattr(run, name, value)
+    try:
+        trained = {example_id(e) for e in read_data(run).splits(run, tokenizer).train}
+    except (DataError, ConfigError) as e:
+        raise ConfigError("zoedge eval", f"cannot read the finetune run's training data to check that the given "
+                          f"file does not overlap it ({e})", "add --other-split to evaluate anyway") from None
+    for role in ("dev", "test"):
+        hits = sum(example_id(e) in trained for e in getattr(splits, role))
+        if hits:
+            raise ConfigError(f"--{role} {getattr(s, role)}", f"holds {hits} example(s) of the finetune run's "
+                              "training split", "evaluate on data the run did not train on, or add --other-split "
+                              "to evaluate anyway")
+
+
 def run_eval(s: EvalSettings, given: set[str] | None = None) -> dict[str, Any]:
     """Loss and accuracy of a model (store / HF dir / finetune output / default) on dev and test."""
     given = set(given or ())
     s.check()
-    target = Path(s.json) if s.json else None
+    target = Path(s.json) if s.json and s.json != "-" else None  # '-': the command prints the results
     if target is not None:
         check_writable_file(target, "--json")
+    alone = "train" not in given and bool({"dev", "test"} & given)  # evaluate the given file(s), whole
     s, summary = eval_settings_from_run(s, given)
+    if alone:
+        s.train = None
+        for role in ("dev", "test"):
+            if role not in given:
+                setattr(s, role, None)
+            elif f"n_{role}" not in given:
+                setattr(s, f"n_{role}", sys.maxsize)
     output_dir.check_apart({"--json": target}, run_inputs(s))
-    splits = load_splits(s)
+    raw = read_data(s, need_train=False)
+    tok = load_tokenizer(tokenizer_dir(s.model))
+    splits = raw.splits(s, tok)
     if summary is not None and not s.other_split:
-        check_run_split(splits, summary, s, given)
+        if alone:
+            check_no_training_overlap(splits, summary, s, tok)
+        else:
+            check_run_split(splits, summary, s, given)
     s.dtype = resolve_dtype(s.model, s.dtype)
     with ExitStack() as held:  # the store is leased while it is read
-        return _eval(s, splits, target, resolve_store(s.model, s.dtype, progress=s.progress, lease=held))
+        return _eval(s, splits, target, resolve_store(s.model, s.dtype, progress=s.progress, lease=held), tok)
 
 
-def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path) -> dict[str, Any]:
+def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path, tok: Any) -> dict[str, Any]:
     check_max_length(store, s.max_length)
     threads = choose_threads(s.threads, s.tier)  # finetune's policy: idle cores, the layers on one worker per core
     apply_threads(threads)
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
-        tok = load_tokenizer(store)
+        if s.adapter is not None:
+            from zoedge.runtime.lora import read_peft_dir, spec_of_peft
+            model.attach_lora(spec_of_peft(read_peft_dir(s.adapter)[0])).load_peft(s.adapter)
         t0 = time.perf_counter()
         res: dict[str, Any] = {}
         for name, ex in (("dev", splits.dev), ("test", splits.test)):
@@ -530,7 +633,7 @@ def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path) -> 
             if ev.nonfinite:
                 raise nonfinite_cause(model, f"{name} scores ({ev.nonfinite} of {ev.examples} examples)",
                                       trained=False, dtype=s.dtype)
-            res[name] = asdict(ev)
+            res[name] = {k: v for k, v in asdict(ev).items() if v is not None}  # the metrics of its layout
         res["seconds"] = time.perf_counter() - t0
     res["threads"] = threads.to_dict()
     res["split"] = {k: v for k, v in split_record(splits).items() if k != "train"}

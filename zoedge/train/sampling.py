@@ -17,12 +17,9 @@ import random
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from zoedge.errors import DataError
-
-if TYPE_CHECKING:  # tasks.py imports this module; Example is only an annotation here
-    from zoedge.train.tasks import Example
+from zoedge.train.example import Example
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +122,9 @@ def split(train: Sequence[Example], n_train: int = 1000, n_dev: int = 500, n_tes
             out[name] = items[:n]
     sizes = _shares(len(pool), [n for _, n in carved])
     if sizes != [n for _, n in carved]:
-        log.warning("only %d examples to carve %s from; using %s", len(pool),
-                    [f"{k}={n}" for k, n in carved], sizes)
+        log.warning("%d examples are fewer than the %s asked for: carved %s (give --dev/--test files or smaller "
+                    "--n-dev/--n-test to choose)", len(pool), ", ".join(f"{k} {n}" for k, n in carved),
+                    ", ".join(f"{k} {n}" for (k, _), n in zip(carved, sizes)))
     start = 0  # carve dev/test first so the train size does not change which examples they get
     for (name, _), size in reversed(list(zip(carved, sizes))):
         out[name] = pool[start:start + size]

@@ -33,11 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from zoedge.errors import ConfigError, DataError
-from zoedge.optim.api import ZOOptimizer
+from zoedge.optim.base import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
+from zoedge.runtime.host import DiskTier
 from zoedge.runtime.streamed import BlockVisitor, Forward, StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
+from zoedge.train.answers import EXTRA_NEW_TOKENS, MAX_NEW_TOKENS, exact_match, greedy_decode, token_f1
 from zoedge.train.batching import Batch, candidate_loss, collate, length_batches, loss_count, token_logprobs_from_logits
 from zoedge.train.checkpoint import free_disk, latest_checkpoint, load_checkpoint, save_checkpoint
 from zoedge.store.atomic import write_error
@@ -81,26 +83,34 @@ def make_scheduler(optimizer: ZOOptimizer, schedule: str, steps: int) -> torch.o
 
 @dataclass
 class Evaluation:
-    """Mean loss and accuracy; ``nonfinite``: examples in batches whose loss was NaN or infinite (then ``loss`` is
-    NaN and ``accuracy`` None: a broken model gets no figures; callers turn it into an error)."""
+    """Figures of one evaluation. ``loss``: mean over examples (classification) or over scored tokens
+    (generation); ``perplexity`` = exp(loss) for generation; ``exact_match`` / ``f1``: greedy answers of the
+    generation examples with a prompt and a reference (see :mod:`zoedge.train.answers`), else None.
+    ``nonfinite``: examples in batches whose loss was NaN or infinite (then ``loss`` is NaN and the other figures
+    None: a broken model gets no figures; callers turn it into an error)."""
 
     loss: float
     accuracy: float | None
     examples: int
     nonfinite: int = 0
+    perplexity: float | None = None
+    exact_match: float | None = None
+    f1: float | None = None
 
 
 def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], batch_size: int = 32,
              max_length: int = 256, progress: bool = False, desc: str = "eval", world: World | None = None
              ) -> Evaluation:
-    """Mean loss and accuracy (classification) of the model's *current* weights (flush first).
+    """Loss and the metrics that fit the examples' layout, of the model's *current* weights (flush first):
+    accuracy (classification); perplexity, and exact match and token F1 of greedy answers (generation).
 
     With a ``world`` of several ranks, rank r evaluates eval batches r, r + size, ... and the sums are
     all-reduced: the same batches as one process, so the same figures up to summation order."""
     if not examples:
         return Evaluation(float("nan"), None, 0)
     world = world or World()
-    total_loss, correct, n, cls, bad = 0.0, 0, 0, 0, 0
+    total_loss, weight, correct, n, cls, bad = 0.0, 0, 0, 0, 0, 0
+    em, f1, answered = 0.0, 0.0, 0
     parts = length_batches(tokenizer, examples, batch_size)[world.rank::world.size]  # sharded across ranks
     for part in tqdm(parts, desc=desc, leave=False, disable=not progress):
         batch = collate(tokenizer, part, max_length, share_prompts=True)
@@ -109,18 +119,34 @@ def evaluate(model: StreamedModel, tokenizer: Any, examples: Sequence[Example], 
         if not math.isfinite(value):  # argmax over NaN scores would pick the first candidate: no figure at all
             bad += len(part)
             continue
-        total_loss += value * len(part)
+        w = len(part) if part[0].kind == "classification" else loss_count(batch)  # examples / scored tokens
+        total_loss += value * w
+        weight += w
         n += len(part)
         if part[0].kind == "classification":
             correct += int((pred.cpu() == batch.labels).sum())
             cls += len(part)
+        asked = [e for e in part if e.reference is not None]
+        if asked:
+            refs = [e.reference or "" for e in asked]
+            longest = max(len(ids) for ids in tokenizer(refs, add_special_tokens=False)["input_ids"])
+            answers = greedy_decode(model, tokenizer, [e.prompt for e in asked],
+                                    min(MAX_NEW_TOKENS, longest + EXTRA_NEW_TOKENS), max_length)
+            em += sum(exact_match(a, r) for a, r in zip(answers, refs))
+            f1 += sum(token_f1(a, r) for a, r in zip(answers, refs))
+            answered += len(asked)
     if world.size > 1:  # every rank learns of a non-finite batch anywhere (and all raise together)
-        total_loss, correct, n, cls, bad = world.all_reduce_sum(torch.tensor([total_loss, correct, n, cls, bad],
-                                                                              dtype=torch.float64)).tolist()
-        correct, n, cls, bad = int(correct), int(n), int(cls), int(bad)
+        sums = world.all_reduce_sum(torch.tensor([total_loss, weight, correct, n, cls, bad, em, f1, answered],
+                                                 dtype=torch.float64)).tolist()
+        total_loss, weight, correct, n, cls, bad, em, f1, answered = sums
+        weight, correct, n, cls, bad, answered = int(weight), int(correct), int(n), int(cls), int(bad), int(answered)
     if bad:
         return Evaluation(float("nan"), None, n + bad, bad)
-    return Evaluation(total_loss / n, correct / cls if cls else None, n)
+    loss = total_loss / weight
+    generation = cls < n
+    return Evaluation(loss, correct / cls if cls else None, n,
+                      perplexity=math.exp(min(loss, 700.0)) if generation else None,
+                      exact_match=em / answered if answered else None, f1=f1 / answered if answered else None)
 
 
 def _loss_passes(model: StreamedModel, visitor: BlockVisitor, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -180,6 +206,11 @@ class Trainer:
         self.fo: FirstOrder | None = None
         if fo_blocks or fo_extra:
             who = optimizer.name or type(optimizer).__name__
+            if model.lora is not None:
+                raise ConfigError(f"--peft lora with optimizer '{who}'", "it trains first-order blocks or tensors "
+                                  f"({', '.join(fo_blocks) or 'its own'}) of the base, which stays frozen under "
+                                  "adapters", "turn its first-order part off (hzo: --opt fo_layers=0), use a "
+                                  "zeroth-order optimizer (mezo, dizo, hizoo-l), or drop --peft")
             if settings.dp_mode == "directions":
                 raise ConfigError(f"--dp-mode directions with optimizer '{who}'", "it trains first-order tensors "
                                   "(their gradient needs the batch split)", "use --dp-mode batch (the default)")
@@ -191,6 +222,8 @@ class Trainer:
         self.split = DirectionSplit(optimizer, self.world) if settings.dp_mode == "directions" else None
         self.data_world = self.world if self.split is None else World()  # the ranks the batch is split across
         self.model, self.tok, self.opt = model, tokenizer, optimizer
+        if isinstance(model.tier, DiskTier) and model.tier.working:  # the plugin's state waits where the weights do
+            optimizer.block_state.directory = model.tier.working[0].parent / "optimizer-state"
         self.train, self.dev, self.test = list(train), list(dev), list(test)
         self.s = settings
         self.output = Path(output)
@@ -227,6 +260,8 @@ class Trainer:
             return "its weights are not a pure function of the base and its updates (its replayable is False)"
         if self.fo is not None:
             return "it trains first-order blocks (their weights are not in the update log)"
+        if self.model.lora is not None:
+            return "it trains LoRA adapters (checkpointed whole: they are small)"
         return ""
 
     # ------------------------------------------------------------------ state
@@ -250,7 +285,7 @@ class Trainer:
             state["run"] = self.identity
         path = self.ckpt_dir / f"step-{self.step:08d}"
         if self.world.is_main:  # every rank holds the same state: one writes it
-            weights = self.model.weight_stream() if kind == "full" else None
+            weights = self.model.trained_stream() if kind == "full" else None
             path = save_checkpoint(self.ckpt_dir, self.step, weights, state, self.s.keep_checkpoints)
         self.world.barrier()
         return path
@@ -317,7 +352,7 @@ class Trainer:
             self.replayed = log.replay(self.model, self.opt, path)
             self.log(f"replayed {self.replayed['block_updates']} block updates in {self.replayed['seconds']:.1f} s")
         else:
-            self.model.load_state_dict(weights)
+            self.model.load_trained(weights)
         if self.fo is not None:
             self.fo.reload(self.model)
             self.fo.load_state_dict(state["first_order"])
@@ -339,6 +374,8 @@ class Trainer:
         """Data-parallel runs: stop unless every rank holds the same trained state (see World.check_consistent)."""
         if self.world.size > 1:
             extra = [v for v in self.opt.plugin_state().values() if isinstance(v, torch.Tensor)]
+            if self.model.lora is not None:
+                extra += list(self.model.lora.tensors.values())
             if self.fo is not None:
                 extra += [p.detach() for b in self.fo.blocks for p in self.fo.params[b].values()]
                 extra += [p.detach() for p in self.fo.extra.values()]
@@ -424,7 +461,7 @@ class Trainer:
         start_step = self.step
         ev = self.evaluate(self.dev, "dev (before)")
         result.before = asdict(ev)
-        self.log(f"dev before: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        self.log(f"dev before: {describe(ev)}")
         if self.fo is not None:
             result.fo_memory = self.fo.memory()
             self.log(f"first-order blocks: {len(self.fo.blocks)} ({', '.join(self.fo.blocks)}); memory before "
@@ -442,6 +479,8 @@ class Trainer:
                 if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.steps:
                     e = self.evaluate(self.dev, "dev")
                     m["dev_loss"], m["dev_accuracy"] = e.loss, e.accuracy
+                    m.update({f"dev_{k}": v for k, v in (("perplexity", e.perplexity), ("exact_match", e.exact_match),
+                                                          ("f1", e.f1)) if v is not None})
                 try:
                     mf.write((json.dumps(m) + "\n").encode())
                 except OSError as e:
@@ -461,8 +500,19 @@ class Trainer:
         self.save()
         ev = self.evaluate(self.dev, "dev (after)")
         result.after = asdict(ev)
-        self.log(f"dev after: loss {ev.loss:.4f}" + (f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""))
+        self.log(f"dev after: {describe(ev)}")
         return result
+
+
+def describe(ev: Evaluation | dict[str, Any]) -> str:
+    """``loss 0.6931, accuracy 0.750`` / ``loss 1.2, perplexity 3.3, exact match 0.40, token F1 0.55``."""
+    d = asdict(ev) if isinstance(ev, Evaluation) else ev
+    parts = [f"loss {d['loss']:.4f}"] if d.get("loss") is not None else []
+    for key, name, fmt in (("accuracy", "accuracy", ".3f"), ("perplexity", "perplexity", ".2f"),
+                           ("exact_match", "exact match", ".3f"), ("f1", "token F1", ".3f")):
+        if d.get(key) is not None:
+            parts.append(f"{name} {d[key]:{fmt}}")
+    return ", ".join(parts) or "n/a"
 
 
 def _gb(n: int) -> str:

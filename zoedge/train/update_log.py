@@ -2,9 +2,9 @@
 
 A ZO fine-tuned model is its base weights plus a short log of updates (the storage remark of *Fine-Tuning
 Language Models with Just Forward Passes*): for a replayable plugin (``ZOOptimizer.replayable``, see
-:mod:`zoedge.optim.api`) the weights after step t are exactly the base store's after ``apply`` of the updates
+:mod:`zoedge.optim.base`) the weights after step t are exactly the base store's after ``apply`` of the updates
 of steps 0..t-1, in order, each on the blocks that owed it. The trainer records each step's
-:class:`~zoedge.optim.api.Update` here (its data, its step and, when not every block, the blocks that owed
+:class:`~zoedge.optim.base.Update` here (its data, its step and, when not every block, the blocks that owed
 it); a checkpoint of updates (``--checkpoint-weights updates``) stores this log and the identity of the base
 store (the sha256 of its ``manifest.json``, which names every block's sha256) instead of the weights: a few
 KB instead of a copy of the model.
@@ -12,7 +12,7 @@ KB instead of a copy of the model.
 Resume: the host tier drops its trained copy (:meth:`~zoedge.runtime.streamed.StreamedModel.reset_to_base`:
 the disk tier removes its working copy's files, so a block a killed run wrote back after the checkpoint does
 not survive), then one stream of the model gives every block each logged update in order through the plugin's
-``apply`` (:meth:`~zoedge.optim.api.ZOOptimizer.replay`), the same ops in the same order as the original run,
+``apply`` (:meth:`~zoedge.optim.base.ZOOptimizer.replay`), the same ops in the same order as the original run,
 so the weights are bit-equal to it, and writes it back. Its cost: one read and one write-back of every block
 (as one training step) plus updates × blocks block updates (each as costly as a step's lazy update).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from zoedge.errors import ConfigError, StoreError
-from zoedge.optim.api import Update, ZOOptimizer
+from zoedge.optim.base import Update, ZOOptimizer
 from zoedge.runtime.streamed import BlockVisitor, Resident, StreamedModel
 from zoedge.store.manifest import MANIFEST_NAME
 

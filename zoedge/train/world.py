@@ -267,7 +267,7 @@ class DirectionSplit:
     back in the plugin's pass order, so ``end_step`` sees exactly the losses of one process.
 
     Args:
-        optimizer: a built plugin (:class:`~zoedge.optim.api.ZOOptimizer`).
+        optimizer: a built plugin (:class:`~zoedge.optim.base.ZOOptimizer`).
         world: the ranks.
 
     Raises:

@@ -10,10 +10,13 @@ its own, by any thread, with the values of the whole draw:
 * ``uniform``: ``(word >> 8) / 2^24`` in [0, 1);
 * ``rademacher``: ``-1`` when bit ``i % 32`` of word ``i // 32`` is set, else ``+1`` (32 values per word).
 
-Two implementations give the same bits: a C kernel (``philox.c``, compiled on first use with the system's C
-compiler into ``$ZOEDGE_CACHE/kernels``; vectorised: per thread, 1.3x faster than torch's ``normal_`` as AVX2
-code and 2.5x as AVX-512 code on zoedge's 2-core AMD EPYC box) and :func:`reference_fill_`, the same operations in torch (the fallback when no
-compiler works, with a warning; 20-30x slower). The values are fp32 by IEEE arithmetic in a fixed order,
+Two implementations give the same bits: a C kernel (``philox.c``; vectorised: per thread, 1.3x faster than
+torch's ``normal_`` as AVX2 code and 2.5x as AVX-512 code on zoedge's 2-core AMD EPYC box) and
+:func:`reference_fill_`, the same operations in torch (the fallback when no kernel loads, with a warning;
+20-30x slower). The kernel is, in this order: the library built when zoedge was installed
+(``_philox<EXT_SUFFIX>`` next to this file, built by setup.py: no compiler needed at run time; refused if
+built from another ``philox.c``), or, as a fallback, one compiled on first use with the system's C compiler
+into ``$ZOEDGE_CACHE/kernels``. :func:`kernel` says which one runs. The values are fp32 by IEEE arithmetic in a fixed order,
 so they are the same on every CPU (``tests/test_philox.py`` compares the two bit for bit). Set
 ``ZOEDGE_NATIVE=0`` to use the torch implementation.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import os
 import platform
 import shutil
@@ -33,8 +37,9 @@ import torch
 
 KINDS = {"normal": 0, "uniform": 1, "rademacher": 2}
 SOURCE = Path(__file__).with_name("philox.c")
-#: how the kernel is compiled: ``-ffp-contract=off`` keeps a*b + c two roundings (the values depend on it)
-FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+#: how the kernel is compiled at first use: ``-ffp-contract=off`` keeps a*b + c two roundings (the values depend on
+#: it); ``-DZOEDGE_NO_CLONES``: one copy of the value loops, for this CPU (``-march=native``), not one per ISA level
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-DZOEDGE_NO_CLONES", "-shared", "-fPIC")
 #: optional flags, each dropped if the compiler refuses it: the CPU's vector units, and OpenMP (the library then
 #: runs :func:`fill_many` on the OpenMP threads torch already runs: see ``philox.c``)
 OPTIONAL = ("-march=native", "-fopenmp")
@@ -145,7 +150,10 @@ def reference_fill_(out: torch.Tensor, key: int, start: int = 0, kind: str = "no
 class _Kernel:
     """The compiled ``philox.c``, built once per (source, compiler, flags, CPU) and loaded lazily."""
 
-    def __init__(self) -> None:
+    def __init__(self, installed: bool = True) -> None:
+        self.installed = installed  # try the library built at install time first
+        self.origin: str | None = None  # "installed" or "built at first use"
+        self.installed_why: str | None = None  # why the installed library is not used
         self.lock = threading.Lock()
         self.fn = None
         self.many = None  # zoedge_philox_fill_many
@@ -162,17 +170,24 @@ class _Kernel:
                 try:
                     self.fn = self._load()
                 except _Unavailable as e:
-                    self.why_not = str(e)
+                    self.why_not = str(e) if self.installed_why is None else f"{self.installed_why}; {e}"
                     if not e.quiet:
-                        warnings.warn(f"zoedge's noise kernel is unavailable ({e}); drawing noise with torch "
-                                      "operations instead (the same values, 20-30x slower). Fix: install a C "
-                                      "compiler (gcc or clang as `cc`, or set CC)", RuntimeWarning, stacklevel=4)
+                        warnings.warn(f"zoedge's noise kernel is unavailable ({self.why_not}); drawing noise with "
+                                      "torch operations instead (the same values, 20-30x slower). Fix: reinstall "
+                                      "zoedge where a C compiler works (pip builds the kernel then), or install "
+                                      "one (gcc or clang as `cc`, or set CC)", RuntimeWarning, stacklevel=4)
                 self.tried = True
         return self.fn
 
     def _load(self):
+        self.installed_why = None
         if os.environ.get("ZOEDGE_NATIVE", "1") == "0":
             raise _Unavailable("ZOEDGE_NATIVE=0", quiet=True)
+        if self.installed:
+            try:
+                return self._bind(_installed_library(), "installed")
+            except _Unavailable as e:
+                self.installed_why = str(e)
         compiler = shutil.which(os.environ.get("CC", "cc"))
         if compiler is None:
             raise _Unavailable(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH")
@@ -186,6 +201,10 @@ class _Kernel:
                 lib = ctypes.CDLL(str(path))
             except OSError as e:
                 raise _Unavailable(f"{path} does not load: {e}") from e
+        return self._bind((lib, path), "built at first use")
+
+    def _bind(self, loaded: tuple[ctypes.CDLL, Path], origin: str):
+        lib, path = loaded
         fn = lib.zoedge_philox_fill
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
         fn.restype = None
@@ -193,7 +212,7 @@ class _Kernel:
         self.many.argtypes = [ctypes.POINTER(_FillJob), ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self.many.restype = None
         self.parallel = bool(lib.zoedge_philox_parallel())
-        self.path = path
+        self.path, self.origin = path, origin
         return fn
 
     def _build(self, compiler: str) -> Path:
@@ -227,6 +246,29 @@ class _Kernel:
             errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-400:]}")
         tmp.unlink(missing_ok=True)
         raise _Unavailable("compiling philox.c failed: " + " | ".join(errors))
+
+
+def _installed_library() -> tuple[ctypes.CDLL, Path]:
+    """The library setup.py built from ``philox.c`` (loaded), if there is one and it was built from this source.
+
+    Raises:
+        _Unavailable: none installed, it does not load, or it was built from another ``philox.c``.
+    """
+    here = Path(__file__).parent
+    paths = [here / f"_philox{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        raise _Unavailable("no kernel was built when zoedge was installed")
+    try:
+        lib = ctypes.CDLL(str(path))
+        source_sha256 = lib.zoedge_philox_source_sha256
+        source_sha256.restype = ctypes.c_char_p
+        built_from = source_sha256().decode()
+    except (OSError, AttributeError) as e:
+        raise _Unavailable(f"the installed kernel {path} does not load: {e}") from e
+    if SOURCE.is_file() and built_from != hashlib.sha256(SOURCE.read_bytes()).hexdigest():
+        raise _Unavailable(f"the installed kernel {path} was built from another philox.c (reinstall zoedge)")
+    return lib, path
 
 
 class _FillJob(ctypes.Structure):
@@ -266,6 +308,14 @@ def backend(load: bool = True) -> str:
     if not load and not _KERNEL.tried:
         return "unused"
     return "native" if _KERNEL.load() is not None else f"torch ({_KERNEL.why_not})"
+
+
+def kernel() -> str | None:
+    """Which C kernel :func:`fill_` runs: ``"installed: PATH"`` (built with zoedge), ``"built at first use: PATH"``,
+    or None (the torch implementation; or nothing has drawn yet)."""
+    if not _KERNEL.tried or _KERNEL.fn is None:
+        return None
+    return f"{_KERNEL.origin}: {_KERNEL.path}"
 
 
 def parallel() -> bool:

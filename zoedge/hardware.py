@@ -49,6 +49,11 @@ class Hardware:
     #: device memory bandwidth (bytes/s, datasheet): the elementwise noise, perturbation and update work
     memory_bw: float = 1008e9
 
+    @property
+    def achieved_flops(self) -> float:
+        """FLOP/s a forward reaches: ``gpu_flops × efficiency``."""
+        return self.gpu_flops * self.efficiency
+
     def to_dict(self) -> dict:
         return asdict(self)
 

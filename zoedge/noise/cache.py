@@ -2,16 +2,16 @@
 
 Dense ZO methods draw each tensor's noise twice a step on the CPU: z_t for this step's passes, and z_{t-1} again
 for the lazy update of the previous step (applied when the block is next resident: see
-:mod:`zoedge.optim.api`). Drawing N(0, 1) values costs about as much as the passes' other non-forward work
+:mod:`zoedge.optim.base`). Drawing N(0, 1) values costs about as much as the passes' other non-forward work
 together (``zoedge bench`` shows it as ``noise``); a copy costs a small fraction of a draw. A
 :class:`NoiseCache` keeps the latest draw of each (tensor, stream) in one buffer per tensor, allocated once
-(:func:`zoedge.runtime.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are
+(:func:`zoedge.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are
 drawn once a step, the others twice, as without a cache. A block's noise workspace borrows those buffers
 (:meth:`NoiseCache.lend`, through :meth:`~zoedge.runtime.streamed.Resident.noise`): the draw goes straight into
 the cache and the update reads it there, so nothing is copied.
 
 The cache never serves stale values: a draw is a pure function of (generator, run seed, step, tensor, stream, kind)
-and of its dtype and element count (:mod:`zoedge.optim.noise`), and an entry is served only for exactly those. It
+and of its dtype and element count (:mod:`zoedge.noise.source`), and an entry is served only for exactly those. It
 changes no result (tests compare runs with and without it bit for bit); only CPU draws of whole tensors go
 through it (an accelerator draws fast, and its memory is the scarce one).
 
@@ -22,15 +22,11 @@ model does not fit in RAM) or on an accelerator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from zoedge.runtime.host import available_memory
-from zoedge.runtime.memory import allocate
-
-if TYPE_CHECKING:
-    from zoedge.optim.noise import NoiseSource
+from zoedge.memory import allocate
 
 #: the share of the memory available once the model is loaded that the default budget takes (RAM tier, CPU)
 DEFAULT_SHARE = 0.25
@@ -46,11 +42,18 @@ def budget(mib: int | None, device: str | torch.device, tier: str, available: in
     return int(available * DEFAULT_SHARE)
 
 
-def attach(source: NoiseSource, mib: int | None, device: str | torch.device, tier: str, local_ranks: int = 1
-           ) -> NoiseCache | None:
-    """Give ``source`` the cache a run's settings ask for (:func:`budget`, the memory available now shared among
-    the ``local_ranks`` processes of this machine) and return it; None (and no cache) for a zero budget."""
-    nbytes = budget(mib, device, tier, (available_memory() or 0) // max(1, local_ranks))
+class Cached(Protocol):
+    """A noise source (:class:`~zoedge.noise.source.NoiseSource`), as far as the cache is concerned."""
+
+    cache: NoiseCache | None
+
+
+def attach(source: Cached, mib: int | None, device: str | torch.device, tier: str, available: int | None = None,
+           local_ranks: int = 1) -> NoiseCache | None:
+    """Give ``source`` the cache a run's settings ask for (:func:`budget`, of ``available`` bytes, the memory
+    available now, shared among the ``local_ranks`` processes of this machine) and return it; None (and no cache)
+    for a zero budget."""
+    nbytes = budget(mib, device, tier, (available or 0) // max(1, local_ranks))
     source.cache = NoiseCache(nbytes) if nbytes else None
     return source.cache
 

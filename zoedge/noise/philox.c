@@ -9,12 +9,14 @@
  * The floating-point work uses only +, -, *, /, sqrt and exact integer <-> float conversions, in an order
  * fixed by this source: IEEE 754 makes every result the same on every CPU, as long as the compiler
  * neither fuses a multiply and an add (-ffp-contract=off) nor reorders (no -ffast-math). Vector and
- * scalar code therefore agree bit for bit, and zoedge/optim/philox.py repeats the same operations in
+ * scalar code therefore agree bit for bit, and zoedge/noise/philox.py repeats the same operations in
  * torch as the reference (and the fallback without a C compiler); tests/test_philox.py checks that they
  * agree. log and sin/cos are zoedge's own short series, accurate to about 1e-7, not libm's.
  *
- * Build: cc -O3 -march=native -fopenmp -ffp-contract=off -fno-math-errno -shared -fPIC (philox.py does it,
- * without -march=native or -fopenmp where the compiler refuses them: the values are the same).
+ * Build: at install time by setup.py (portable: no -march; on x86-64 with glibc the value loops are compiled
+ * once per vector ISA below and the CPU picks one when the library loads), or at first use by philox.py with
+ * cc -O3 -march=native -fopenmp -ffp-contract=off -fno-math-errno -shared -fPIC (without -march=native or
+ * -fopenmp where the compiler refuses them). The values are the same in every build.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -51,6 +53,25 @@
 #define C10    -0x1.27e4fcp-22f
 #define TWO_M24 0x1p-24f
 #define TWO_M21 0x1p-21f
+
+/* The sha256 of this file's source when setup.py built the library (philox.py refuses a library built from
+ * another source); empty in a build made by philox.py, which names its file after the source instead. */
+#ifndef ZOEDGE_PHILOX_SOURCE_SHA256
+#define ZOEDGE_PHILOX_SOURCE_SHA256 ""
+#endif
+const char *zoedge_philox_source_sha256(void) { return ZOEDGE_PHILOX_SOURCE_SHA256; }
+
+/* One copy of the value loops per x86-64 level (v4: AVX-512, v3: AVX2, the baseline), chosen when the library
+ * loads (GCC / clang function multi-versioning: needs glibc's ifunc); elsewhere (aarch64, musl, other compilers)
+ * one copy for the target the compiler was given. Plain C either way: the compiler vectorises the same loops. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute) && !defined(ZOEDGE_NO_CLONES)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
 
 /* blocks per group: a group is 4 * GROUP_BLOCKS values, computed lane-parallel (vectorised) */
 #define GROUP_BLOCKS 64
@@ -120,7 +141,7 @@ static inline void philox_words(uint64_t first, int blocks, uint32_t k0, uint32_
 
 /* values [g * GROUP, (g + 1) * GROUP) of the draw into buf: normal and uniform from words [g GROUP, (g + 1) GROUP),
  * one word per value; rademacher from words [g GROUP / 32, (g + 1) GROUP / 32), one bit per value */
-static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1, int kind) {
+VECTOR_CLONES static void fill_group(float *restrict buf, uint64_t g, uint32_t k0, uint32_t k1, int kind) {
     uint32_t x0[GROUP_BLOCKS], x1[GROUP_BLOCKS], x2[GROUP_BLOCKS], x3[GROUP_BLOCKS];
     float z0[GROUP_BLOCKS], z1[GROUP_BLOCKS], z2[GROUP_BLOCKS], z3[GROUP_BLOCKS];
     if (kind == KIND_RADEMACHER) { /* value i: bit i % 32 of word i / 32, set -> -1 (the sign bit of 1.0) */

@@ -5,7 +5,7 @@
 *generator* (:data:`GENERATORS`, recorded in checkpoints):
 
 * ``philox`` (the default): on the CPU, value ``i`` of a tensor's flattened, contiguous layout is made from word
-  ``i`` of the Philox4x32-10 stream keyed by the stream seed (:mod:`zoedge.optim.philox`: a vectorised C kernel,
+  ``i`` of the Philox4x32-10 stream keyed by the stream seed (:mod:`zoedge.noise.philox`: a vectorised C kernel,
   or the same operations in torch). The values are the same on every CPU and do not depend on how a draw is
   split: a target is filled in chunks of :data:`CHUNK` elements, in parallel on the intra-op threads.
 * ``mt19937`` (zoedge's noise before the Philox kernel; checkpoints that do not name a generator use it):
@@ -26,7 +26,7 @@ and fills the whole target. Consequences:
 * so who draws them does not matter: a block's whole-tensor draws may be queued
   (:meth:`NoiseSource.draw` → :meth:`NoiseDraw.queue`) and drawn together in
   one :func:`batched_draws` block, every tensor's chunks in parallel, and a
-  :class:`~zoedge.optim.noise_cache.NoiseCache` may serve a draw made before.
+  :class:`~zoedge.noise.cache.NoiseCache` may serve a draw made before.
 
 Named variants (:data:`NOISE_KINDS`, :func:`make_noise`; a plugin option such as MeZO's ``noise=``) replace
 the N(0, 1) *direction* draw (``normal_``) with cheaper noise of zero mean and unit variance; ``uniform_``
@@ -64,10 +64,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from zoedge.optim import philox
+from zoedge.noise import philox
 
 if TYPE_CHECKING:
-    from zoedge.optim.noise_cache import NoiseCache
+    from zoedge.noise.cache import NoiseCache
 
 #: elements per CPU chunk (4 MiB of fp32), the unit of work of the parallel fill (and, for ``mt19937``, of seeding):
 #: large enough that a chunk's overhead costs nothing measurable, small enough that a block's tensors split
@@ -157,7 +157,7 @@ class _Chunks:
 
     def run(self, jobs: list[_Job]) -> None:
         """Draw ``jobs``. Where the Philox kernel was built with OpenMP, its jobs are drawn in small pieces on
-        torch's own intra-op threads (:func:`~zoedge.optim.philox.fill_many`). The others: on the calling thread
+        torch's own intra-op threads (:func:`~zoedge.noise.philox.fill_many`). The others: on the calling thread
         and ``threads - 1`` pool workers, each taking the next job (largest first) until none is left; on the
         calling thread alone when they are few elements in all."""
         if philox.parallel():
@@ -271,7 +271,7 @@ class NoiseSource:
         self.generator = generator
         self._generators: dict[torch.device, torch.Generator] = {}
         #: CPU draws of whole tensors are kept here within its budget and served from it when drawn again
-        #: (:class:`~zoedge.optim.noise_cache.NoiseCache`; None: every draw is drawn)
+        #: (:class:`~zoedge.noise.cache.NoiseCache`; None: every draw is drawn)
         self.cache: NoiseCache | None = None
 
     def _generator(self, device: torch.device, step: int, name: str, stream: str) -> torch.Generator:
@@ -290,6 +290,8 @@ class NoiseSource:
 
     def _fill(self, out: torch.Tensor, step: int, name: str, stream: str, kind: str, defer: bool = False
               ) -> torch.Tensor:
+        if out.is_meta:  # meta tensors hold no values (device-memory accounting): nothing to draw
+            return out
         if out.device.type != "cpu":
             gen = self._generator(out.device, step, name, stream)
             if kind == "normal":
@@ -406,9 +408,12 @@ class NoiseSource:
 
     def describe(self) -> dict[str, str]:
         """Variant, generator and how CPU draws were computed (``native``: the C kernel; ``unused``: no CPU draw
-        in this process, e.g. a run on an accelerator), for run summaries."""
+        in this process, e.g. a run on an accelerator) and by which kernel (:func:`~zoedge.noise.philox.kernel`:
+        the one built at install time, or at first use), for run summaries."""
+        philox_cpu = self.generator == "philox"
         return {"kind": self.kind, "generator": self.generator,
-                "cpu_backend": philox.backend(load=False) if self.generator == "philox" else "torch"}
+                "cpu_backend": philox.backend(load=False) if philox_cpu else "torch",
+                "cpu_kernel": philox.kernel() if philox_cpu else None}
 
     @property
     def identity(self) -> tuple[str, int]:
@@ -429,13 +434,14 @@ class NoiseSource:
         return type(self)(run_seed, generator)
 
     def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
-             buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """``out = theta + alpha * z`` with z this source's ``normal_`` noise for (step, name, stream).
+             buffer: torch.Tensor | None = None, start: int = 0, total: int | None = None) -> torch.Tensor:
+        """``out = theta + alpha * z`` with z elements ``[start, start + theta.numel())`` of this source's
+        ``normal_`` noise for (step, name, stream) of a tensor of ``total`` elements (default: ``theta``'s own).
 
         ``out`` may be ``theta`` (in place). This class draws z into ``buffer`` (shaped like ``theta``; allocated
         when None) and adds it; :class:`PoolNoise` reads its pool directly. Returns ``out``.
         """
-        z = self.normal_(torch.empty_like(theta) if buffer is None else buffer, step, name, stream)
+        z = self.normal_at_(torch.empty_like(theta) if buffer is None else buffer, step, name, stream, start, total)
         return torch.add(theta, z, alpha=alpha, out=out)
 
 
@@ -554,13 +560,21 @@ class PoolNoise(NoiseSource):
         return out
 
     def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, step: int, name: str, stream: str,
-             buffer: torch.Tensor | None = None) -> torch.Tensor:
+             buffer: torch.Tensor | None = None, start: int = 0, total: int | None = None) -> torch.Tensor:
         """``out = theta + alpha * z`` reading the pool windows directly: one pass, no draw, no buffer."""
         if not (out.is_contiguous() and theta.is_contiguous()):
-            return super().add_(out, theta, alpha, step, name, stream, buffer)
-        o, t = out.view(-1), theta.view(-1)
-        for lo, hi, window in self._windows(theta, step, name, stream):
-            torch.add(t[lo:hi], window, alpha=alpha, out=o[lo:hi])
+            return super().add_(out, theta, alpha, step, name, stream, buffer, start, total)
+        n = theta.numel()
+        total = n if total is None else total
+        if start < 0 or start + n > total:
+            raise ValueError(f"range [{start}, {start + n}) outside a draw of {total} elements")
+        o, t, pool = out.view(-1), theta.view(-1), self.pool(theta.device, theta.dtype)
+        for k, off in enumerate(self.offsets(step, name, stream, total)):
+            lo, hi = k * CHUNK, min(total, (k + 1) * CHUNK)
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                torch.add(t[a - start:b - start], pool[off + a - lo:off + b - lo], alpha=alpha,
+                          out=o[a - start:b - start])
         return out
 
 
@@ -580,6 +594,17 @@ class NoiseDraw:
     def queue(self, out: torch.Tensor) -> None:
         """Fill all of ``out`` (shaped like the tensor) when the open :func:`batched_draws` block ends."""
         self.source._queue(out, self.step, self.name, self.stream)
+
+    @property
+    def free(self) -> bool:
+        """Whether :meth:`add_` forms θ + αz without drawing z (the source's ``redraw_is_free``)."""
+        return self.source.redraw_is_free
+
+    def add_(self, out: torch.Tensor, theta: torch.Tensor, alpha: float, start: int = 0, total: int | None = None
+             ) -> torch.Tensor:
+        """``out = theta + alpha * z``, z elements ``[start, start + theta.numel())`` of the draw (see
+        :meth:`NoiseSource.add_`)."""
+        return self.source.add_(out, theta, alpha, self.step, self.name, self.stream, start=start, total=total)
 
     def held(self, like: torch.Tensor) -> torch.Tensor | None:
         """The draw in the noise cache's own buffer, shaped like ``like`` (filled when the open
