@@ -341,7 +341,7 @@ def test_cli_lists_toy_with_options(site: Path, capsys: pytest.CaptureFixture[st
     assert "--opt eps=0.001" in out and "(float)  perturbation scale ε." in out
     assert "--opt schedule=constant " in out and "(constant|sqrt)" in out
 
-    assert main(["plugins", "--json", "toy"]) == 0
+    assert main(["plugins", "toy", "--json", "-"]) == 0
     (entry,) = json.loads(capsys.readouterr().out)
     assert (entry["name"], entry["distribution"], entry["version"], entry["error"]) == ("toy", "toyzo", "0.1", None)
     assert [o["name"] for o in entry["options"]] == ["lr", "eps", "sign", "schedule", "note"]

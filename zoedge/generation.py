@@ -160,21 +160,6 @@ def encode(tokenizer: Any, prompt: Prompt, chat: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def end_tokens(model: Any, tokenizer: Any) -> list[int]:
-    """The tokens that end a completion: the model's generation config's ``eos_token_id`` (what transformers'
-    ``generate`` uses), else its config's, else the tokenizer's."""
-    from transformers import GenerationConfig
-    try:
-        eos = GenerationConfig.from_pretrained(model.store).eos_token_id
-    except OSError:  # no generation_config.json
-        eos = None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-
-
 def generate(model: Any, prompts: str | Prompt | Sequence[str | Prompt | dict], tokenizer: Any = None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop: Sequence[str] = (), seed: int = 0, batch_size: int = 8, chat: bool = False) -> Generated:
@@ -193,7 +178,7 @@ def generate(model: Any, prompts: str | Prompt | Sequence[str | Prompt | dict], 
         ConfigError: a knob out of range, or a prompt too long for the model's positions.
         DataError: chat rendering without a chat template.
     """
-    from zoedge.runtime.decoding import Sampling, decode
+    from zoedge.runtime.decoding import Sampling, decode, end_tokens
     from zoedge.settings import GenerateSettings
 
     items = [prompts] if isinstance(prompts, (str, Prompt, dict)) else list(prompts)

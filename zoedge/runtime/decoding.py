@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -149,3 +150,18 @@ def decode(model: StreamedModel, input_ids: torch.Tensor, attention_mask: torch.
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
     decoding = time.perf_counter() - started - prefill
     return Decoded(tokens, ended, prefill, decoding, passes)
+
+
+def end_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end a completion: the model's generation config's ``eos_token_id`` (what transformers'
+    ``generate`` uses), else its config's, else the tokenizer's."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model.store).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])

@@ -57,7 +57,7 @@ def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
     ``max_length`` loses tokens from its left (after BOS). A row ends at the model's or the tokenizer's EOS;
     special tokens are left out of the decoded text.
     """
-    from zoedge.generation import end_tokens
+    from zoedge.runtime.decoding import end_tokens
     from zoedge.runtime.decoding import decode
     from zoedge.train.batching import _ids, _left_padded, _pad_id
 
