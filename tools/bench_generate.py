@@ -48,7 +48,7 @@ def main() -> None:
 
     from zoedge.models import default_model_dir
     from zoedge.runtime.decoding import decode
-    from zoedge.runtime.streamed import load
+    from zoedge.loading import load
 
     src = args.model or default_model_dir()
     tok = AutoTokenizer.from_pretrained(src)

@@ -198,7 +198,7 @@ def generate(model: Any, prompts: str | Prompt | Sequence[str | Prompt | dict], 
             raise DataError(p.where, "is empty after tokenization", "give a non-empty prompt")
     eos = end_tokens(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    sampling = knobs.sampling()
+    sampling = Sampling(knobs.temperature, knobs.top_k, knobs.top_p, knobs.seed)
     order = sorted(range(len(given)), key=lambda k: len(encoded[k]))
     results: list[Completion | None] = [None] * len(given)
     new = passes = batches = 0

@@ -575,10 +575,6 @@ class GenerateSettings(JsonOptions, SeedOptions, BatchOptions, ModelOptions):
         if "" in self.stop:
             raise ConfigError("--stop", "an empty text would stop every completion at once", "drop it or give a text")
 
-    def sampling(self):  # -> zoedge.runtime.decoding.Sampling
-        from zoedge.runtime.decoding import Sampling
-        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 def check_device(device: str, types: tuple[str, ...] = ("cpu", "cuda")) -> None:

@@ -119,7 +119,7 @@ def _record(config_json: str, layers: int, passes: int, dense: bool, tier: str, 
             ram_cache_blocks: int) -> tuple[Op, ...]:
     import torch
 
-    from zoedge.runtime.streamed import load
+    from zoedge.loading import load
 
     store = _twin_store(config_json, layers)
     with tempfile.TemporaryDirectory(prefix="zoedge-plan-work-") as work:

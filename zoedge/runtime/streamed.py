@@ -761,16 +761,6 @@ class StreamedModel:
 
     __call__ = forward
 
-    def generate(self, prompts: Any, **knobs: Any) -> str | list[str]:
-        """Complete ``prompts`` (a text, or a list of texts / ``{"messages": [...]}`` chats) with the store's tokenizer,
-        each new token one streamed pass with a per-layer KV cache. ``knobs``: ``max_new_tokens``, ``temperature``
-        (0, the default: greedy), ``top_p``, ``top_k``, ``stop``, ``seed``, ``batch_size``, ``chat`` (see
-        :func:`zoedge.generation.generate`, which also returns token counts and timings). Returns the completion
-        text, or a list of them for a list."""
-        from zoedge.generation import generate
-        texts = [c.completion for c in generate(self, prompts, **knobs).completions]
-        return texts if isinstance(prompts, (list, tuple)) else texts[0]
-
     def synchronize(self) -> None:
         """Wait for every enqueued copy and kernel (and disk write)."""
         self.engine.synchronize()
@@ -945,24 +935,3 @@ class _PassState:
                 self.states[p] = m.adapter.run(name, tensors, self.states[p], self.ctx)
                 if name == HEAD and self.head_fn is not None:
                     self.states[p] = self.head_fn(p, self.states[p])
-
-
-def load(model: str | Path | None = None, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-         dtype: str | None = None, **kwargs: Any) -> StreamedModel:
-    """Open a model as a :class:`StreamedModel` (see its Args for the others): ``model`` is a prepared block store, a
-    Hugging Face checkpoint directory (prepared once, in ``dtype``, default fp32, into zoedge's cache), a finetune
-    run's output directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
-
-    Raises:
-        StoreError: ``model`` is neither of those (no manifest.json, no checkpoint weights), or a damaged store.
-        ConfigError: ``dtype`` other than a store's own.
-    """
-    from zoedge.store.cache import SOURCE_GLOBS
-    from zoedge.train.job import find_run, resolve_dtype, resolve_store
-    source = find_run(None if model is None else str(model))[0]
-    path = None if source is None else Path(source)
-    if path is None or (not (path / MANIFEST_NAME).is_file() and any(any(path.glob(g)) for g in SOURCE_GLOBS)):
-        path = resolve_store(source, resolve_dtype(source, dtype), progress=False)  # a checkpoint: prepared once
-    elif dtype is not None:
-        resolve_dtype(source, dtype)  # refuses a dtype the store does not hold
-    return StreamedModel(path, device=device, tier=tier, prefetch=prefetch, **kwargs)  # else a store (or its error)

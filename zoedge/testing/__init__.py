@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from zoedge.runtime.streamed import load
+from zoedge.loading import load
 from zoedge.store.prepare import prepare
 from zoedge.optim.base import ZOOptimizer
 from zoedge.runtime.streamed import BlockVisitor, Resident, StreamedModel
