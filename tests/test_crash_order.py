@@ -167,3 +167,34 @@ def test_export_every_prefix(tmp_path, hf, power):
 
     every_prefix(run, setup, check, power)
     model.close()
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+@pytest.mark.parametrize("power", [False, True], ids=["kill", "power-cut"])
+def test_adapter_every_prefix(tmp_path, power):
+    """Re-writing a PEFT adapter directory: it always holds the old adapter or the new one, whole."""
+    from zoedge.runtime.lora import read_peft_dir, write_peft_dir
+    out, config = tmp_path / "adapter", {"peft_type": "LORA", "r": 2}
+    old, new = {"x.lora_A.weight": torch.zeros(2, 3)}, {"x.lora_A.weight": torch.ones(2, 3)}
+
+    def setup():
+        for p in (out, out.with_name("adapter.tmp")):
+            shutil.rmtree(p, ignore_errors=True)
+        write_peft_dir(out, old, config)
+        return [tmp_path]
+
+    def check(k, finished, ops):
+        where = f"killed before operation {k} of {ops}" if not finished else "after the write returned"
+        got = read_peft_dir(out)[1]["x.lora_A.weight"]
+        assert torch.equal(got, new["x.lora_A.weight"]) or (not finished and torch.equal(got, old["x.lora_A.weight"])), where
+
+    every_prefix(lambda: write_peft_dir(out, new, config), setup, check, power)
+
+
+def test_adapter_write_never_replaces_a_folder_that_is_not_an_adapter(tmp_path):
+    from zoedge.runtime.lora import write_peft_dir
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ZoedgeError, match="not a PEFT adapter directory"):
+        write_peft_dir(tmp_path / "mine", {"x.lora_A.weight": torch.zeros(2, 3)}, {"peft_type": "LORA"})
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -28,7 +28,8 @@ from zoedge.store.atomic import atomic_write_bytes
 MARKER = ".zoedge-run"
 LOCK = ".lock"
 #: Everything a finetune writes into its output folder (the marker, the lock and the run record aside).
-RUN_ENTRIES = ("working", "model", "model.tmp", "checkpoints", "summary.json", "curves.png", "metrics.jsonl")
+RUN_ENTRIES = ("working", "model", "model.tmp", "adapter", "adapter.tmp", "checkpoints", "summary.json", "curves.png",
+               "metrics.jsonl")
 
 
 # --------------------------------------------------------------------------------------------- aliasing paths

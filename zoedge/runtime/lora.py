@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoedge import output_dir
 from zoedge.errors import ConfigError
 from zoedge.runtime.rowview import call_formed
+from zoedge.store.atomic import fsync_dir, write_durable
 from zoedge.store.manifest import BlockEntry
 
 #: PEFT's file names in an adapter directory
@@ -254,18 +254,24 @@ class LoraAdapters:
 
 
 def write_peft_dir(out: str | Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` in ``out``, written into a temporary sibling
-    and renamed (a reader never sees half an adapter)."""
-    from safetensors.torch import save_file
+    """``adapter_config.json`` + ``adapter_model.safetensors`` in ``out``, written and fsynced in a temporary sibling
+    that is then exchanged with ``out`` (a kill leaves the old adapter or the new one, whole).
+
+    Raises:
+        ConfigError: ``out`` exists and is not an adapter directory (it is never replaced).
+    """
+    from safetensors.torch import save
     out = Path(out)
+    if out.exists() and not (out / CONFIG_NAME).is_file():
+        raise ConfigError(str(out), f"exists and is not a PEFT adapter directory (no {CONFIG_NAME})",
+                          "give a new path for the adapter")
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    output_dir.remove(tmp)  # a killed earlier write
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
-    (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_durable(tmp / WEIGHTS_NAME, save({k: v.contiguous() for k, v in state.items()}))
+    write_durable(tmp / CONFIG_NAME, json.dumps(dict(config), indent=2).encode())
+    fsync_dir(tmp)
+    output_dir.replace_dir(tmp, out)
     return out
 
 

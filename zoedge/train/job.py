@@ -409,7 +409,7 @@ def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: Wo
             check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", ckpts)
             adapter = model.lora.save_peft(out / "adapter", base_model=str(store))
         elif world.is_main:
-            shutil.rmtree(out / "adapter", ignore_errors=True)  # an earlier run's adapter would not be this run's
+            output_dir.remove(out / "adapter")  # an earlier run's adapter would not be this run's
             if s.export and (factors := optimizer.lora_factors()):
                 from zoedge.optim.lora import factors_adapter  # the plugin kept its change as factors: exact
                 try:
