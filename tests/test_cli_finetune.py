@@ -6,26 +6,19 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from zoedge.cli import main
-from zoedge.train.demo_task import demo_examples
 from tests.test_tasks import _tokenizer
+from tests.tiny import save_cli_llama, write_demo_jsonl
 from tests.toy_dist import forget_modules, make_toy_dist
 
 
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(tmp_path / "hf")
-    tok = _tokenizer(bos=True)
-    tok.save_pretrained(tmp_path / "hf")
-    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(60, seed=1)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    model = save_cli_llama(tmp_path / "hf")
+    write_demo_jsonl(tmp_path / "train.jsonl", 60)
     base = ["finetune", "--model", str(tmp_path / "hf"), "--train", str(tmp_path / "train.jsonl"),
             "--batch-size", "4", "--n-train", "40", "--n-dev", "8", "--n-test", "8", "--no-progress",
             "--lr", "1e-3", "--eps", "1e-2"]

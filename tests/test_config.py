@@ -9,25 +9,19 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from zoedge.cli import main
 from zoedge.errors import ConfigError
 from zoedge.settings import FinetuneSettings, read_config
-from zoedge.train.demo_task import demo_examples
-from tests.test_tasks import _tokenizer
+from tests.tiny import save_cli_llama, write_demo_jsonl
 
 
 @pytest.fixture()
 def tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
-    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
-    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(40, seed=1)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    save_cli_llama(tmp_path / "hf")
+    write_demo_jsonl(tmp_path / "train.jsonl", 40)
     return tmp_path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import zoedge
 from zoedge.cli import main
@@ -19,13 +19,13 @@ from zoedge.errors import ConfigError, DataError
 from zoedge.train.answers import exact_match, greedy_decode, normalize_answer, token_f1
 from zoedge.train.batching import collate
 from zoedge.train.curves import read_curves, right_axis
-from zoedge.train.data import read_data
 from zoedge.train.demo_task import layout_records
 from zoedge.train.sources import parse_columns, read_source
-from zoedge.train.tasks import Example, build_examples, detect_task, load_jsonl, load_records
+from zoedge.train.tasks import Example, detect_task, load_jsonl, load_records
 from zoedge.train.trainer import Trainer, TrainSettings, evaluate
 from zoedge_plugins.mezo import MeZO
 from tests.test_tasks import _tokenizer, write_jsonl
+from tests.tiny import save_cli_llama
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -42,11 +42,7 @@ def tok():
 def hf_dir(tmp_path_factory, tok):
     """A tiny llama with the chat tokenizer, as a Hugging Face directory, and its prepared store."""
     root = tmp_path_factory.mktemp("layouts")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "hf")
-    tok.save_pretrained(root / "hf")
+    save_cli_llama(root / "hf", tok)
     zoedge.prepare(root / "hf", root / "store", progress=False, log=lambda s: None)
     return root
 

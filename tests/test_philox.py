@@ -211,18 +211,10 @@ def test_a_finetune_run_without_a_compiler_uses_and_records_the_installed_kernel
     import subprocess
     import sys
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tests.tiny import save_cli_llama, write_demo_jsonl
 
-    from tests.test_tasks import _tokenizer
-    from zoedge.train.demo_task import demo_examples
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
-    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
-    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(24, seed=1)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    save_cli_llama(tmp_path / "hf")
+    write_demo_jsonl(tmp_path / "train.jsonl", 24)
     argv = [sys.executable, "-m", "zoedge", "finetune", "--model", str(tmp_path / "hf"), "--train",
             str(tmp_path / "train.jsonl"), "--batch-size", "4", "--n-train", "16", "--n-dev", "4", "--n-test", "4",
             "--steps", "1", "--threads", "1", "--no-progress", "--no-plot", "--no-export", "--output",

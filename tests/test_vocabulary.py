@@ -159,20 +159,11 @@ def test_the_old_bench_opt_name_is_refused_with_the_new_spelling(capsys):
 def test_json_and_threads_mean_the_same_in_finetune_and_eval(tmp_path, monkeypatch, capsys):
     import json
 
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.test_tasks import _tokenizer
-    from zoedge.train.demo_task import demo_examples
+    from tests.tiny import save_cli_llama, write_demo_jsonl
 
     monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
-    _tokenizer(bos=True).save_pretrained(tmp_path / "hf")
-    rows = [{"sentence": e.prompt[: -len(" It was")], "label": e.label} for e in demo_examples(24, seed=1)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    save_cli_llama(tmp_path / "hf")
+    write_demo_jsonl(tmp_path / "train.jsonl", 24)
     data = ["--train", str(tmp_path / "train.jsonl"), "--n-train", "16", "--n-dev", "4", "--n-test", "4",
             "--no-progress", "--threads", "1"]
     assert main(["finetune", "--model", str(tmp_path / "hf"), *data, "--batch-size", "4", "--steps", "1",
