@@ -84,6 +84,11 @@ def _bnb() -> ModuleType:
     return bnbf
 
 
+def import_backend() -> None:
+    """Import bitsandbytes now (it is otherwise imported at the first quantized op)."""
+    _bnb()
+
+
 def check_kind(kind: str) -> None:
     """Raise if ``kind`` is not a quantization kind.
 
