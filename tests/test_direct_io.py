@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ def direct_dir(tmp_path_factory):
     if host.probe_direct_io(base / "probe"):
         yield base
         return
-    local = Path(__file__).resolve().parent.parent / ".pytest-direct-io"
-    local.mkdir(exist_ok=True)
+    # one per process: xdist workers may both run this module's tests
+    local = Path(tempfile.mkdtemp(prefix=".pytest-direct-io-", dir=Path(__file__).resolve().parent.parent))
     try:
         if not host.probe_direct_io(local / "probe"):
             pytest.skip(f"no filesystem here takes O_DIRECT (tried {base} and {local})")
