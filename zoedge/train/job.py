@@ -477,7 +477,8 @@ def _checkpoint_to_resume(s: FinetuneSettings, ckpts: Path) -> Path | None:
 
 def run_inputs(s: FinetuneSettings | EvalSettings) -> dict[str, str | Path | None]:
     """What a finetune or eval reads (no written path may equal, contain or lie inside one of them)."""
-    return {"--model": s.model, "--train": s.train, "--dev": s.dev, "--test": s.test, "the cache": cache_dir()}
+    return {"--model": s.model, "--adapter": getattr(s, "adapter", None), "--train": s.train, "--dev": s.dev,
+            "--test": s.test, "the cache": cache_dir()}
 
 
 def _hyper(optimizer: Any) -> dict[str, Any]:
@@ -515,30 +516,55 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
     return model, None
 
 
+def run_summary(run: Path) -> dict[str, Any]:
+    """A finished finetune run's ``summary.json``.
+
+    Raises:
+        ConfigError: unreadable, or from an older zoedge (no settings).
+    """
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        if not isinstance(summary.get("settings"), dict):
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError("--model", f"{run / 'summary.json'} is unreadable or from an older zoedge",
+                          "re-run the finetune, or give --model the model/ folder's path elsewhere") from None
+    return summary
+
+
+def model_and_adapter(model: str | None, adapter: str | None) -> tuple[str | None, str | None, Path | None]:
+    """``--model`` and ``--adapter`` with a finetune run resolved: its exported ``model/``, or for a ``--peft lora``
+    run without ``--merge`` its store with its ``adapter/`` (unless ``adapter`` names another).
+
+    Returns:
+        (model, adapter, the run or None).
+    """
+    model, run = find_run(model)
+    if run is not None and not (run / "model").is_dir():  # an adapter run without --merge: its store and adapter
+        store = run_summary(run).get("store")
+        if not isinstance(store, str):
+            raise ConfigError("--model", f"{run / 'summary.json'} names no store for the run's adapter",
+                              "give the base as --model and the run's adapter/ as --adapter")
+        model, adapter = store, adapter or str(run / "adapter")
+    return model, adapter, run
+
+
 def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettings, dict[str, Any] | None]:
     """When ``--model`` is a finetune run: its data settings for every data option not given explicitly.
 
     Returns:
         (effective settings, the run's summary or None).
     """
-    model, run = find_run(s.model)
-    s.model = model
+    s.model, s.adapter, run = model_and_adapter(s.model, s.adapter)
     if run is None:
         return s, None
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-        recorded = summary["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError("--model", f"{run / 'summary.json'} is unreadable or from an older zoedge",
-                          "re-run the finetune, or give --model the model/ folder's path elsewhere") from None
+    summary = run_summary(run)
+    recorded = summary["settings"]
     for name, value in recorded.items():
         if name in s.data_settings() and name not in given:
             setattr(s, name, value)
     if "dtype" not in given and recorded.get("dtype"):  # the precision the run trained (and exported) in
         s.dtype = recorded["dtype"]
-    if not (run / "model").is_dir():  # an adapter run without --merge: the adapter on the run's store
-        s.model = summary.get("store")
-        s.adapter = s.adapter or str(run / "adapter")
     return s, summary
 
 
@@ -622,8 +648,8 @@ def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path, tok
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
         if s.adapter is not None:
-            from zoedge.runtime.lora import read_peft_dir, spec_of_peft
-            model.attach_lora(spec_of_peft(read_peft_dir(s.adapter)[0])).load_peft(s.adapter)
+            from zoedge.runtime.lora import attach_peft_dir
+            attach_peft_dir(model, s.adapter)
         t0 = time.perf_counter()
         res: dict[str, Any] = {}
         for name, ex in (("dev", splits.dev), ("test", splits.test)):
