@@ -52,6 +52,7 @@ def predicted(store: Path, s: MemorySettings) -> int | None:
 def run(args: argparse.Namespace) -> int:
     from zoedge.output_dir import result_file, write_result
     from zoedge.plan.measure import measure_step
+    from zoedge.store.lease import StoreLease
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args
 
@@ -60,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
     target = result_file(s.json, {"the store": args.store})
     apply_threads(choose_threads(s.threads, s.tier))
     human = sys.stderr if s.json == "-" else sys.stdout
-    m = measure_step(args.store, s.device, optimizer=s.optimizer, options=options(s.opt),
-                     batch=s.batch_size, seq=s.max_length, scored=s.scored, steps=s.steps, tier=s.tier,
-                     prefetch=s.prefetch, attention=s.attention,
-                     working_dir=Path(s.working_dir) if s.working_dir else None, progress=s.progress)
+    with StoreLease(args.store):  # no zoedge command deletes or rebuilds the store while it is measured
+        m = measure_step(args.store, s.device, optimizer=s.optimizer, options=options(s.opt),
+                         batch=s.batch_size, seq=s.max_length, scored=s.scored, steps=s.steps, tier=s.tier,
+                         prefetch=s.prefetch, attention=s.attention,
+                         working_dir=Path(s.working_dir) if s.working_dir else None, progress=s.progress)
     pred = predicted(args.store, s)
     mib = 2**20
     rows = [("device peak (tracker)", m.tracked_peak), ("device long-lived (tracker)", m.tracked_long_lived)]
