@@ -343,7 +343,7 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
     from zoedge.plan.tracker import DeviceMemoryTracker
     from zoedge.runtime.dequantized import Dequantized
     from zoedge.runtime.perturbed import NoisePerturbed
-    from zoedge.runtime.streamed import Resident
+    from zoedge.runtime.resident import Resident
     from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
 
     config = _cut(spec.config, min(spec.layers, 2), work.attention)
