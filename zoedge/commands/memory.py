@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  measured / predicted device peak: {ratio:.4f}" if ratio else
           f"  (no plan footprint for optimizer {s.optimizer!r})", file=human)
     if s.json:
-        out = json.dumps({**m.to_dict(), "predicted_device_peak": pred,
-                          "predicted_optimizer_state": plan.optimizer_state if plan is not None else None, "ratio": ratio,
-                          "store": str(args.store)}, indent=1)
+        state = plan.optimizer_state if plan is not None else None
+        out = json.dumps({**m.to_dict(), "predicted_device_peak": pred, "predicted_optimizer_state": state,
+                          "ratio": ratio, "store": str(args.store)}, indent=1)
         print(out) if target is None else write_result(target, out + "\n")
     return 0

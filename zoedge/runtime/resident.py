@@ -50,9 +50,9 @@ class Resident:
     ``tensors`` are the slot's views of the stored tensors (tied aliases excluded:
     a tied tensor is seen, perturbed and updated once, in the block that stores it).
     ``writable`` names the tensors whose changes are written back (quantized ones are not).
-    With LoRA adapters attached (:meth:`~zoedge.runtime.streamed.StreamedModel.attach_lora`), ``tensors`` are the block's adapter tensors
-    (all of them trainable, none written back: they live beside the model) and ``frozen`` the stored base they
-    adapt, read-only (see :mod:`zoedge.runtime.lora`).
+    With LoRA adapters attached (:meth:`~zoedge.runtime.streamed.StreamedModel.attach_lora`), ``tensors`` are the
+    block's adapter tensors (all of them trainable, none written back: they live beside the model) and ``frozen``
+    the stored base they adapt, read-only (see :mod:`zoedge.runtime.lora`).
     """
 
     name: str

@@ -476,21 +476,23 @@ class FinetuneRecipe:
         """Rank 0: the evaluations in the run record, summary.json and the curves; returns the summary (other ranks:
         their rank, once rank 0 has written)."""
         s, out, world, model, trainer, result = self.s, self.out, self.world, self.model, self.trainer, self.result
-        splits, optimizer, cache = self.splits, self.optimizer, self.cache
+        splits, optimizer, cache, raw, test_ev = self.splits, self.optimizer, self.cache, self.raw, self.test_ev
         if not world.is_main:
             world.barrier()  # until rank 0 has written the outputs
             return {"world_size": world.size, "rank": world.rank}
         record = run_record.record_evals(out, self.record, self.start_step, result.before, trainer.step, result.after)
         summary = {
-            "settings": to_dict(s), "options": self.options, "lr": self.lr_used, "layout": self.raw.layout or self.raw.builtin, "optimizer_state": _hyper(optimizer),
+            "settings": to_dict(s), "options": self.options, "lr": self.lr_used, "layout": raw.layout or raw.builtin,
+            "optimizer_state": _hyper(optimizer),
             "resumes": record.get("resumes", []), "store": str(self.store), "device": s.device, "disk_io": self.io_mode,
             "threads": {**self.governor.to_dict(), "layers": self.layer_mode},
             "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
             "steps": trainer.step, "start_step": self.start_step, "steps_this_run": result.steps,
             "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
-            "wall_seconds": time.perf_counter() - self.started, "steps_per_s": result.steps / result.seconds if result.seconds else None,
+            "wall_seconds": time.perf_counter() - self.started,
+            "steps_per_s": result.steps / result.seconds if result.seconds else None,
             "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-            "dev_before": result.before, "dev_after": result.after, "test_after": asdict(self.test_ev) if self.test_ev else None,
+            "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
             "last_train_loss": result.last_loss, "peak_gpu_bytes": self.peak,
             "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
             "adapter_dir": str(self.adapter) if self.adapter is not None else None,
