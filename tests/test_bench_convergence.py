@@ -60,10 +60,12 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
     out = tmp_path / "run.json"
     argv = ["--model", str(hf), "--task", "codes", "--budget", "5", "--eval-every", "3", "--n-train", "24",
             "--n-dev", "6", "--batch-size", "4", "--threads", "1", "--jobs", "2", "--opt", "mezo:lr=1e-3",
-            "--opt", "loho:fo_layers=1,fo_lr=1e-2", "--json", str(out)]
+            "--opt", "loho:fo_layers=1,fo_lr=1e-2", "--opt", "mezo:lr=1e-2,peft=lora", "--json", str(out)]
     assert bench.main(argv) == 0
     results = json.loads(out.read_text())["results"]
-    mezo, loho = results
+    mezo, loho, lora = results
+    assert mezo["down_bytes_per_step"] > 0 and lora["down_bytes_per_step"] == 0  # adapters: the base never written
+    assert [p["passes"] for p in lora["curve"]] == [0, 4, 6] and lora["options"] == {"lr": "1e-2"}
     assert [p["passes"] for p in mezo["curve"]] == [0, 4, 6] and mezo["steps"] == 3  # 2 passes a step
     assert [p["passes"] for p in loho["curve"]] == [0, 3, 6] and loho["steps"] == 2  # 3 with the FO pass
     assert mezo["curve"][0]["dev_accuracy"] == loho["curve"][0]["dev_accuracy"]  # same model, same dev set

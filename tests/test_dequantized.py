@@ -15,7 +15,7 @@ from zoedge.optim.lowrank import LowRankPerturbed
 from zoedge.optim.registry import build
 from zoedge.plan.accounting import synthetic_batch
 from zoedge.plan.tracker import DeviceMemoryTracker
-from zoedge.runtime import streamed
+from zoedge.runtime import run_loop as streamed
 from zoedge.runtime.dequantized import Dequantized
 from zoedge.memory import ALLOCATIONS
 from zoedge.store import quant as q

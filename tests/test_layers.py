@@ -149,3 +149,13 @@ def test_names_are_torch_free_and_match_their_figures():
     from zoedge.store.manifest import DTYPES
 
     assert tuple(GPUS) == GPU_NAMES and set(STORE_DTYPES) <= set(DTYPES) and QUANT_KINDS[0] == "none"
+
+
+def test_the_streamed_models_parts_never_import_it():
+    """StreamedModel's parts (the resident contract, the run loop, concurrent layers, model state) never import
+    the model, and the contract a visitor sees imports none of them: it does not depend on how blocks stream."""
+    g = graph()
+    parts = {"zoedge.runtime.run_loop", "zoedge.runtime.concurrent_layers", "zoedge.runtime.model_state"}
+    assert parts | {"zoedge.runtime.resident"} <= set(g)
+    assert not any("zoedge.runtime.streamed" in g[p] for p in parts | {"zoedge.runtime.resident"})
+    assert not g["zoedge.runtime.resident"] & parts

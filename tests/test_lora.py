@@ -8,6 +8,7 @@ checked against ``peft`` itself.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -347,8 +348,8 @@ def test_finetune_writes_a_peft_adapter_and_eval_takes_it(tmp_path, monkeypatch,
     kw = {} if family == "opt" else {"position_ids": mask.cumsum(-1) * mask - 1}
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-        ref = peft.PeftModel.from_pretrained(base, out / "adapter").eval()(input_ids=ids, attention_mask=mask,
-                                                                             **kw).logits
+        ref_model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+        ref = ref_model(input_ids=ids, attention_mask=mask, **kw).logits
         merged = AutoModelForCausalLM.from_pretrained(out / "model")(input_ids=ids, attention_mask=mask, **kw).logits
     torch.testing.assert_close(mine[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-4)
     torch.testing.assert_close(merged[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-4)
@@ -362,6 +363,20 @@ def test_finetune_writes_a_peft_adapter_and_eval_takes_it(tmp_path, monkeypatch,
         shutil.rmtree(out / "model")
         assert main(["eval", "--model", str(out), "--no-progress", "--json", str(tmp_path / "run.json")]) == 0
         assert json.loads((tmp_path / "run.json").read_text())["dev"] == ev["dev"]
+        # generate from the run (its store + adapter), from --adapter, and zoedge.load: PEFT's greedy tokens
+        tok = _tokenizer(bos=True)
+        prompt = rows[0]["sentence"]
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            want = ref_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=6, min_new_tokens=6, pad_token_id=0)[0, ids.shape[1]:]
+        want = tok.decode(want, skip_special_tokens=True)
+        for how in (["--model", str(out)], ["--model", summary["store"], "--adapter", str(out / "adapter")]):
+            assert main(["generate", *how, "--prompt", prompt, "--max-new-tokens", "6", "--threads", "1",
+                         "--json", str(tmp_path / "gen.json")]) == 0
+            assert json.loads((tmp_path / "gen.json").read_text())["completions"][0]["completion"] == want
+        with contextlib.closing(zoedge.load(out)) as loaded:
+            assert loaded.lora is not None and loaded.generate(prompt, max_new_tokens=6) == want
 
 
 def test_plan_counts_adapters_and_no_write_back(tmp_path):

@@ -199,7 +199,7 @@ def test_concurrent_layers_train_as_sequential(store, case, tmp_path):
 
 def test_only_visitors_that_allow_it_run_concurrently(store):
     model = zoedge.load(store, workers=2)
-    from zoedge.runtime.streamed import _PassState
+    from zoedge.runtime.run_loop import PassState as _PassState
     state = _PassState(model, BlockVisitor(), None)
     state.compute = True
     assert model._concurrent_layers(BlockVisitor(), state) is None  # a plain visitor does not declare it
@@ -258,7 +258,7 @@ def test_the_layers_run_one_after_another_where_their_workspaces_would_not_fit(s
     """Before the concurrent layers first allocate their workspaces (3 sets of every pass's scratch and a noise
     buffer), the runtime checks them against half the memory available; too little, and the layers run one after
     another for the rest of the run, with the reason in ``layer_mode`` (the run summary's ``threads.layers``)."""
-    import zoedge.runtime.streamed as streamed
+    import zoedge.runtime.concurrent_layers as streamed
     batch = batches(toy_examples(), 1, BS, SEED)[0]
     opt = build("mezo", {}, seed=0)
     roomy = zoedge.load(store, workers=2)

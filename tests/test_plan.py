@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -278,7 +279,47 @@ def test_synth_writes_a_loadable_checkpoint(tmp_path, capsys):
         w = f.get_tensor("model.layers.0.mlp.up_proj.weight")
     assert w.dtype == torch.bfloat16 and w.shape == (1536, 576) and 0.015 < w.float().std() < 0.025
     assert main(["synth", "smollm2-135m", str(out), "--layers", "1"]) == 2  # refuses to overwrite
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert "is not an empty directory" in capsys.readouterr().err
+
+
+def test_synth_never_writes_among_files_it_did_not_write(tmp_path, capsys):
+    """synth writes OUT whole (beside it, then renamed): a folder of yours is refused untouched, a killed synth's
+    leftover is replaced, a leftover without synth's marker is refused."""
+    from zoedge.plan.shapes import SYNTH_MARKER
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["synth", "smollm2-135m", str(mine), "--layers", "1", "--no-progress"]) == 2
+    assert "OUT" in capsys.readouterr().err and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "mine.synth-tmp").exists()
+    out = tmp_path / "smol"
+    (tmp_path / "smol.synth-tmp").mkdir()  # a killed synth's half checkpoint
+    (tmp_path / "smol.synth-tmp" / SYNTH_MARKER).touch()
+    (tmp_path / "smol.synth-tmp" / "model-00000.safetensors").write_bytes(b"torn")
+    out.mkdir()  # empty: taken
+    assert main(["synth", "smollm2-135m", str(out), "--layers", "1", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00000.safetensors",
+                                                     "model-00001.safetensors", "model.safetensors.index.json"]
+    assert not (tmp_path / "smol.synth-tmp").exists()
+    other = tmp_path / "other.synth-tmp"
+    other.mkdir()
+    (other / "data.bin").write_bytes(b"yours")
+    assert main(["synth", "smollm2-135m", str(tmp_path / "other"), "--layers", "1", "--no-progress"]) == 2
+    assert "not written by zoedge synth" in capsys.readouterr().err and (other / "data.bin").read_bytes() == b"yours"
+
+
+def test_memory_and_bench_hold_a_store_lease(stores, monkeypatch, tmp_path):
+    """While memory or bench reads a store, `cache prune` and `prepare` see it in use (a lease, as finetune's)."""
+    import zoedge.commands.bench as bench
+    import zoedge.plan.measure as measure
+    from zoedge.store.lease import in_use
+    store, seen = stores["llama"], []
+    real = measure.measure_step
+    monkeypatch.setattr(measure, "measure_step", lambda *a, **k: (seen.append(in_use(store)), real(*a, **k))[1])
+    monkeypatch.setattr(bench, "_bench", lambda *a, **k: (seen.append(in_use(store)), 0)[1])
+    assert main(["memory", str(store), "--max-length", "8", "--steps", "1", "--no-progress"]) == 0
+    assert main(["bench", str(store), "--max-length", "8", "--steps", "1", "--no-progress"]) == 0
+    assert seen == [f"pid {os.getpid()}@{os.uname().nodename}"] * 2 and in_use(store) is None
 
 
 def test_plan_cli_json(capsys):

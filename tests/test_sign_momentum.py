@@ -96,3 +96,23 @@ def test_plan_counts_its_state(tmp_path, capsys, monkeypatch):
     assert plans["ram", True]["host_ram"] - plans["ram", False]["host_ram"] == 4 * weights
     assert plans["disk", True]["disk"] - plans["disk", False]["disk"] == 4 * weights
     assert plans["disk", True]["host_ram"] == plans["disk", False]["host_ram"]
+
+
+def test_memory_counts_its_state_on_the_host_tier(tmp_path, capsys, monkeypatch):
+    """``zoedge memory`` reports the momentum where ``plan`` counts it (the host tier, predicted by the same code),
+    not in the device peak: on the CPU, where the host is the device, the device figures still match the plan."""
+    from zoedge.cli import main
+    from zoedge.optim import registry
+    from zoedge.optim.api import register_optimizer
+    from zoedge.store.manifest import load_manifest
+    from zoedge.testing import tiny_store
+
+    _, store = tiny_store(tmp_path)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registered for this test only
+    register_optimizer("sign-momentum-example")(load_example())
+    weights = sum(t.numel for b in load_manifest(store).blocks for t in b.tensors)
+    assert main(["memory", str(store), "--max-length", "8", "--optimizer", "sign-momentum-example", "--no-progress",
+                 "--json", "-"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["optimizer_state_bytes"] == m["predicted_optimizer_state"] == 4 * weights
+    assert abs(m["ratio"] - 1) < 0.05  # the momentum (here more than the device peak) is not counted on the device

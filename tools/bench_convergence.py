@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF checkpoint or prepared store (default: SmolLM2-135M-Instruct)")
     p.add_argument("--task", choices=TASKS, default="demo")
     p.add_argument("--opt", action="append", default=None, metavar="NAME[:k=v,...]",
-                   help=f"optimizer and options (repeatable; default: {' '.join(DEFAULT_OPTS)})")
+                   help=f"optimizer and options (repeatable; default: {' '.join(DEFAULT_OPTS)}); the key peft=lora "
+                        "trains LoRA adapters on the frozen base instead of the weights (finetune --peft lora)")
     p.add_argument("--lr", type=float, default=1e-5, help="ZO learning rate given to every plugin (option lr)")
     p.add_argument("--budget", type=int, default=400, help="training forward passes per optimizer")
     p.add_argument("--eval-every", type=int, default=80, help="forward passes between dev evaluations")
@@ -129,6 +130,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     name, options = spec_options(args.one)
+    peft = options.pop("peft", "none")  # not a plugin option: LoRA adapters on the frozen base (--peft lora)
+    if peft not in ("none", "lora"):
+        raise SystemExit(f"{args.one}: peft={peft} (use peft=lora)")
     if "lr" in options_of(load(name)) and "lr" not in options:
         options["lr"] = str(args.lr)
     store = resolve_store(args.model, progress=False)
@@ -144,6 +148,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                 moved["down"] += op.nbytes
 
     model.use_engine(Counting())
+    if peft == "lora":  # finetune --peft lora's defaults: rank 8, alpha 16, q_proj and v_proj
+        from zoedge.runtime.lora import LoraSpec
+        model.attach_lora(LoraSpec(), seed=args.seed)
     tok = AutoTokenizer.from_pretrained(store)
     train, dev, test = splits(args.task, args.n_train, args.n_dev, args.n_test)
     if args.eval_on == "test":

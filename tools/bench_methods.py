@@ -15,6 +15,9 @@ seconds per step). ``adamw`` is the first-order reference: every decoder block t
 first-order blocks with the ZO learning rate 0 (the embeddings/head stay frozen); it still runs LoHO's two
 perturbed passes per step, so compare it by steps or by CPU seconds with that overhead in mind, not by passes.
 
+``mezo-lora`` is MeZO on LoRA adapters (``finetune --peft lora``: rank 8, alpha 16 on q_proj / v_proj, the base
+frozen; its grid starts at the lr 5e-3, ε 1e-2 tuned on the demo task, docs/lora.md).
+
 ``--json`` keeps every run (tuning and test), ``--png`` draws test accuracy against forward passes and against
 CPU seconds, mean over seeds with a ±std band, one row of plots per task; ``--from-json`` redraws both.
 
@@ -56,6 +59,8 @@ GRIDS: dict[str, tuple[str, ...]] = {
             "hzo:lr=1e-5,eps=1e-3,rank=8,nu=5,fo_layers=4,fo_lr=1e-2",
             "hzo:lr=4e-5,eps=1e-3,rank=8,nu=5,fo_layers=2,fo_lr=1e-2",
             "hzo:lr=1e-5,eps=1e-3,rank=4,nu=10,fo_layers=4,fo_lr=1e-3"),
+    "mezo-lora": ("mezo:lr=5e-3,eps=1e-2,peft=lora", "mezo:lr=2e-3,eps=1e-2,peft=lora",
+                  "mezo:lr=1e-2,eps=1e-2,peft=lora", "mezo:lr=5e-3,eps=1e-3,peft=lora"),
     "adamw": ("loho:lr=0,fo_layers=99,fo_optimizer=adamw,fo_lr=1e-4",
               "loho:lr=0,fo_layers=99,fo_optimizer=adamw,fo_lr=1e-5",
               "loho:lr=0,fo_layers=99,fo_optimizer=adamw,fo_lr=3e-4",

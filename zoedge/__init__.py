@@ -10,7 +10,7 @@ from zoedge.errors import (CheckpointError, ConfigError, DataError, PluginError,
 __version__ = "0.1.0"
 
 # Heavy names (torch, transformers) load on first use, so `zoedge --help` stays fast.
-_LAZY = {"BlockVisitor": "zoedge.runtime.streamed", "Resident": "zoedge.runtime.streamed",
+_LAZY = {"BlockVisitor": "zoedge.runtime.resident", "Resident": "zoedge.runtime.resident",
          "StreamedModel": "zoedge.runtime.streamed", "load": "zoedge.loading", "Model": "zoedge.loading",
          "prepare": "zoedge.store.prepare", "ZOOptimizer": "zoedge.optim.base",
          "register_optimizer": "zoedge.optim.registry", "build_optimizer": "zoedge.optim.registry",

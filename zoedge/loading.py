@@ -11,7 +11,8 @@ from zoedge.generation import generate
 from zoedge.runtime.streamed import StreamedModel
 from zoedge.store.cache import SOURCE_GLOBS
 from zoedge.store.manifest import MANIFEST_NAME
-from zoedge.train.job import find_run, resolve_dtype, resolve_store
+from zoedge.runtime.lora import attach_peft_dir
+from zoedge.train.job import model_and_adapter, resolve_dtype, resolve_store
 
 
 class Model(StreamedModel):
@@ -28,19 +29,24 @@ class Model(StreamedModel):
 
 
 def load(model: str | Path | None = None, device: str | torch.device = "cpu", tier: str = "ram", prefetch: int = 1,
-         dtype: str | None = None, **kwargs: Any) -> Model:
+         dtype: str | None = None, adapter: str | Path | None = None, **kwargs: Any) -> Model:
     """Open a model as a :class:`Model` (the :class:`StreamedModel`'s Args are the others): ``model`` is a prepared
     block store, a Hugging Face checkpoint directory (prepared once, in ``dtype``, default fp32, into zoedge's cache), a
-    finetune run's output directory (its ``model/``), or None for the default SmolLM2-135M-Instruct.
+    finetune run's output directory (its ``model/``; a ``--peft lora`` run without ``--merge``: its base with its
+    adapter), or None for the default SmolLM2-135M-Instruct. ``adapter``: a PEFT LoRA directory applied on top.
 
     Raises:
         StoreError: ``model`` is neither of those (no manifest.json, no checkpoint weights), or a damaged store.
-        ConfigError: ``dtype`` other than a store's own.
+        ConfigError: ``dtype`` other than a store's own, or an adapter that is unreadable or does not fit the model.
     """
-    source = find_run(None if model is None else str(model))[0]
+    source, adapter_dir = model_and_adapter(None if model is None else str(model),
+                                            None if adapter is None else str(adapter))[:2]
     path = None if source is None else Path(source)
     if path is None or (not (path / MANIFEST_NAME).is_file() and any(any(path.glob(g)) for g in SOURCE_GLOBS)):
         path = resolve_store(source, resolve_dtype(source, dtype), progress=False)  # a checkpoint: prepared once
     elif dtype is not None:
         resolve_dtype(source, dtype)  # refuses a dtype the store does not hold
-    return Model(path, device=device, tier=tier, prefetch=prefetch, **kwargs)  # else a store (or its error)
+    opened = Model(path, device=device, tier=tier, prefetch=prefetch, **kwargs)  # else a store (or its error)
+    if adapter_dir is not None:
+        attach_peft_dir(opened, adapter_dir)
+    return opened

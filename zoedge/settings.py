@@ -444,13 +444,22 @@ class FinetuneSettings(PeftOptions, JsonOptions, NoiseCacheOptions, OptimizerOpt
 
 
 @dataclass
-class EvalSettings(JsonOptions, DataOptions, ModelOptions):
+class AdapterOptions(Settings):
+    """A trained adapter applied on top of the model (eval, generate)."""
+
+    GROUP: ClassVar[str] = "adapter"
+
+    adapter: str | None = setting(None, "a PEFT LoRA adapter directory (e.g. a finetune run's OUTPUT/adapter) to "
+                                  "apply on top of --model, its base (a --peft lora run given as --model brings its "
+                                  "own)", type=str, metavar="DIR")
+
+
+@dataclass
+class EvalSettings(AdapterOptions, JsonOptions, DataOptions, ModelOptions):
     """Everything ``zoedge eval`` takes."""
 
     GROUP: ClassVar[str] = "output"
 
-    adapter: str | None = setting(None, "a PEFT LoRA adapter directory (e.g. a finetune run's OUTPUT/adapter) to "
-                                  "evaluate on top of --model, its base", type=str, metavar="DIR")
     other_split: bool = setting(False, "with a finetune run as --model: evaluate on a split other than the run's "
                                 "(it may overlap the training data)")
 
@@ -548,7 +557,7 @@ class ListingSettings(JsonOptions):
 
 
 @dataclass
-class GenerateSettings(JsonOptions, SeedOptions, BatchOptions, ModelOptions):
+class GenerateSettings(AdapterOptions, JsonOptions, SeedOptions, BatchOptions, ModelOptions):
     """Everything ``zoedge generate`` takes."""
 
     GROUP: ClassVar[str] = "generation"

@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.output_dir import result_file
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args
+    from zoedge.store.lease import StoreLease
 
     s, _ = from_args(BenchSettings, args)
     s.check()
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     human = sys.stderr if s.json == "-" else sys.stdout
     dev = torch.device(s.device)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(StoreLease(store))  # no zoedge command deletes or rebuilds the store while it is timed
         working = Path(s.working_dir) if s.working_dir else None
         if s.tier == "disk" and working is None:  # dense updates need a writable copy; the store is never written
             working = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zoedge-bench-")))

@@ -1,8 +1,9 @@
 """``zoedge generate``: complete prompts with a model streamed layer by layer, a KV cache kept beside each layer.
 
-The model is a finetune run (its ``model/``), an exported or any Hugging Face checkpoint directory, a store made
-by ``zoedge prepare``, or the default SmolLM2-135M-Instruct. Prompts come from ``--prompt`` (repeatable) and
-``--prompts FILE`` (one per line, or JSONL with "prompt" or chat "messages"). Greedy by default (equal to
+The model is a finetune run (its ``model/``, or a ``--peft lora`` run's base with its adapter), an exported or any
+Hugging Face checkpoint directory, a store made by ``zoedge prepare``, or the default SmolLM2-135M-Instruct;
+``--adapter DIR`` applies a PEFT LoRA adapter on top. Prompts come from ``--prompt`` (repeatable) and ``--prompts
+FILE`` (one per line, or JSONL with "prompt" or chat "messages"). Greedy by default (equal to
 transformers' ``generate(do_sample=False)`` token for token); ``--temperature`` above 0 samples, reproducibly for a
 ``--seed``. Completions go to stdout; ``--json FILE`` records prompts, completions, token counts and tokens/s.
 """
@@ -29,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from zoedge.errors import ConfigError
     from zoedge.generation import generate, prompts_from
     from zoedge.output_dir import check_apart
+    from zoedge.runtime.lora import attach_peft_dir
     from zoedge.runtime.streamed import StreamedModel
     from zoedge.runtime.threads import apply_threads, choose_threads
     from zoedge.settings import from_args, to_dict
-    from zoedge.train.job import (cache_dir, check_writable_file, dumps, find_run, load_tokenizer, resolve_dtype,
-                                  resolve_store, write_atomic)
+    from zoedge.train.job import (cache_dir, check_writable_file, dumps, load_tokenizer, model_and_adapter,
+                                  resolve_dtype, resolve_store, write_atomic)
     from zoedge.train.trainer import log_stderr
 
     s, _ = from_args(GenerateSettings, args)
@@ -44,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if target is not None:
         check_writable_file(target, "--json")
     prompts = prompts_from(s.prompt, s.prompts)  # read and checked before the model loads
-    s.model = find_run(s.model)[0]
-    check_apart({"--json": target}, {"--model": s.model, "--prompts": s.prompts, "the cache": cache_dir()})
+    s.model, s.adapter, _ = model_and_adapter(s.model, s.adapter)
+    check_apart({"--json": target}, {"--model": s.model, "--adapter": s.adapter, "--prompts": s.prompts,
+                                     "the cache": cache_dir()})
     s.dtype = resolve_dtype(s.model, s.dtype)
     threads = choose_threads(s.threads, s.tier)
     if threads.warning:
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as held:  # the store is leased while it is read
         store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)
         with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit)) as model:
+            if s.adapter is not None:
+                attach_peft_dir(model, s.adapter)
             out = generate(model, prompts, load_tokenizer(store), max_new_tokens=s.max_new_tokens,
                            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop, seed=s.seed,
                            batch_size=s.batch_size, chat=s.chat)

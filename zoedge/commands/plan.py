@@ -150,8 +150,8 @@ def summary(plans) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from zoedge.optim.registry import build, parse_opts
-    from zoedge.plan.accounting import Workload, declared_state, make_plan, method, method_for, model_spec
+    from zoedge.optim.registry import parse_opts
+    from zoedge.plan.accounting import Workload, make_plan, method, method_for, model_spec, optimizer_plan
     from zoedge.hardware import hardware
     from zoedge.settings import from_args
 
@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
                   disk_write_gbps=s.disk_write_gbps, memory_gbps=s.gpu_mem_gbps)
     from zoedge.runtime.lora import LoraSpec
     lora = LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora" else None
-    m = method("forward") if s.method == "forward" else method_for(_optimizer(s), parse_opts(s.opt), lora)
+    optimizer = None if s.method == "forward" else _optimizer(s)
+    m = method("forward") if optimizer is None else method_for(optimizer, parse_opts(s.opt), lora)  # before any model
     work = Workload(s.batch_size, s.max_length, s.scored, s.prefetch, s.tier, s.attention, unit=s.unit)
     work.check()
     from zoedge.output_dir import result_file, write_result
@@ -171,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
     plans = []
     for name in tqdm(args.models, desc="plan", unit="model", disable=len(args.models) < 2):
         spec = model_spec(name, s.dtype, s.quant, s.layers)
-        state = 0 if s.method == "forward" else declared_state(spec, build(_optimizer(s), parse_opts(s.opt), seed=0))
-        plans.append(make_plan(spec, m, work, hw, int(s.chunk_mib * 2**20), optimizer_state=state))
+        chunk = int(s.chunk_mib * 2**20)
+        plans.append(make_plan(spec, m, work, hw, chunk) if optimizer is None
+                     else optimizer_plan(spec, optimizer, parse_opts(s.opt), work, hw, chunk, lora))
     text = detail(plans[0]) if len(plans) == 1 else summary(plans)
     print(text, file=human)
     print("\nPredictions. Device figures count every tensor exactly (GPU peak adds the cuBLAS workspace; NVML "

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "per-layer memory and time can be measured on a machine that cannot hold the whole model. Memory "
         "stays at one layer's tensors while writing.")
     p.add_argument("shape", metavar="SHAPE", help=f"model shape: {', '.join(SHAPE_NAMES)}")
-    p.add_argument("out", metavar="OUT", type=Path, help="directory to write (must not hold a checkpoint)")
+    p.add_argument("out", metavar="OUT", type=Path, help="directory to write (absent or empty)")
     add_options(p, SynthSettings)
     p.set_defaults(command="synth")
 

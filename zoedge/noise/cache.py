@@ -7,7 +7,7 @@ together (``zoedge bench`` shows it as ``noise``); a copy costs a small fraction
 :class:`NoiseCache` keeps the latest draw of each (tensor, stream) in one buffer per tensor, allocated once
 (:func:`zoedge.memory.allocate`, purpose ``noise cache``), up to a byte budget: the tensors that fit are
 drawn once a step, the others twice, as without a cache. A block's noise workspace borrows those buffers
-(:meth:`NoiseCache.lend`, through :meth:`~zoedge.runtime.streamed.Resident.noise`): the draw goes straight into
+(:meth:`NoiseCache.lend`, through :meth:`~zoedge.runtime.resident.Resident.noise`): the draw goes straight into
 the cache and the update reads it there, so nothing is copied.
 
 The cache never serves stale values: a draw is a pure function of (generator, run seed, step, tensor, stream, kind)

@@ -20,7 +20,7 @@ from zoedge.optim.registry import register_optimizer
 from zoedge.optim.sparse_delta import SparseDeltaWeight, sample_entries
 from zoedge.optim.state import StateSpec
 from zoedge.runtime.perturbed import Fill
-from zoedge.runtime.streamed import BlockNoise, BlockVisitor, Resident, UpdatePart
+from zoedge.runtime.resident import BlockNoise, BlockVisitor, Resident, UpdatePart
 from zoedge.store.manifest import BlockEntry, dtype_of
 
 __all__ = ["BlockEntry", "BlockNoise", "BlockVisitor", "ConfigError", "dtype_of", "Fill", "FOSettings", "layer_index",

@@ -9,7 +9,7 @@ optional ones:
 
 * ``perturb(block, p)`` — the weights pass ``p`` sees (e.g. θ + εz through
   ``block.perturbed``, which the runtime forms where it keeps the noise, see
-  :class:`~zoedge.runtime.streamed.Resident`; or a
+  :class:`~zoedge.runtime.resident.Resident`; or a
   :class:`~zoedge.optim.lowrank.LowRankPerturbed` view); never modifies
   ``block.tensors``; a pass that reads noise not drawn in this residency is refused;
 * ``end_step(losses)`` — one fp32 loss per pass → the step's :class:`Update`
@@ -86,7 +86,7 @@ from zoedge.errors import PluginError
 from zoedge.optim.first_order import FOSettings
 from zoedge.noise.source import LEGACY_GENERATOR, NoiseSource
 from zoedge.optim.state import OptimizerState, StateSpec
-from zoedge.runtime.streamed import BlockVisitor, Resident
+from zoedge.runtime.resident import BlockVisitor, Resident
 from zoedge.store.manifest import BlockEntry
 
 

@@ -22,7 +22,8 @@ import torch
 
 from zoedge.adapters import EMBED, HEAD
 from zoedge.errors import ConfigError
-from zoedge.runtime.streamed import Resident, StreamedModel
+from zoedge.runtime.resident import Resident
+from zoedge.runtime.streamed import StreamedModel
 from zoedge.store.manifest import dtype_of
 
 OPTIMIZERS = ("sgd", "adamw", "adamw8bit")

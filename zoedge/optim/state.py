@@ -38,9 +38,15 @@ class OptimizerState:
 
     def get(self, key: str, name: str, spec: StateSpec, weight: torch.Tensor) -> torch.Tensor:
         """State ``key`` of weight ``name`` (created zero at first use)."""
+        return self.reserve(key, name, spec, tuple(weight.shape), weight.device)
+
+    def reserve(self, key: str, name: str, spec: StateSpec, weight_shape: tuple[int, ...], device: torch.device
+                ) -> torch.Tensor:
+        """State ``key`` of weight ``name`` (``weight_shape``, on ``device``), created zero now unless it exists
+        (``zoedge memory`` creates it before the steps, outside the device's count)."""
         t = self.tensors.get((key, name))
         if t is None:
-            t = self.tensors[key, name] = self._new(key, name, spec, tuple(weight.shape), weight.device)
+            t = self.tensors[key, name] = self._new(key, name, spec, weight_shape, device)
         return t
 
     def _new(self, key: str, name: str, spec: StateSpec, weight_shape: tuple[int, ...], device: torch.device

@@ -343,7 +343,7 @@ def simulate(spec: ModelSpec, work: Workload, passes: int, loss: bool = True, pe
     from zoedge.plan.tracker import DeviceMemoryTracker
     from zoedge.runtime.dequantized import Dequantized
     from zoedge.runtime.perturbed import NoisePerturbed
-    from zoedge.runtime.streamed import Resident
+    from zoedge.runtime.resident import Resident
     from zoedge.train.batching import candidate_loss, token_logprobs_from_logits
 
     if spec.quant != "none":
@@ -566,6 +566,22 @@ def plugin_state(spec: ModelSpec, sim: Simulation) -> dict[str, int]:
 def declared_state(spec: ModelSpec, optimizer: Any) -> int:
     """Bytes of the per-weight state ``optimizer`` (a built plugin) declares for every stored tensor of ``spec``."""
     return optimizer.state_bytes((t.name, tuple(t.shape)) for b in spec.block_list() for t in b.tensors)
+
+
+def optimizer_plan(spec: ModelSpec, optimizer: str, options: dict[str, Any], work: Workload, hw: Hardware,
+                   chunk_bytes: int = CHUNK_BYTES, lora: LoraSpec | None = None) -> Plan:
+    """One training step of ``spec`` with optimizer plugin ``optimizer`` (``--opt`` ``options``): its footprint
+    (:func:`method_for`) and the per-weight state it declares (:func:`declared_state`, on the host tier). What
+    ``zoedge plan --optimizer`` and ``zoedge memory`` predict.
+
+    Raises:
+        ConfigError: as :func:`method_for`.
+    """
+    from zoedge.optim.registry import build
+
+    m = method_for(optimizer, options, lora)
+    state = declared_state(spec, build(optimizer, options, seed=0))
+    return make_plan(spec, m, work, hw, chunk_bytes, optimizer_state=state)
 
 
 def make_plan(spec: ModelSpec, m: Method, work: Workload, hw: Hardware, chunk_bytes: int = CHUNK_BYTES,

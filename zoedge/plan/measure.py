@@ -18,6 +18,10 @@ workspaces, activations, logits.
   scalars are fed as 0). Counts real-width steps that do not fit this machine.
 * ``device="cuda"``: a real GPU step; the tracker's figure is reported beside
   ``torch.cuda.max_memory_allocated`` and NVML's device-used.
+
+The per-weight state a plugin declares (:meth:`~zoedge.optim.base.ZOOptimizer.state_spec`) lives on the host tier,
+as ``zoedge plan`` counts it: it is created before the steps, outside the device's count, and reported on its own
+(``optimizer_state_bytes``).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class StepMeasurement:
     pinned_bytes: int
     host_rss: int
     max_host_rss: int
+    optimizer_state_bytes: int = 0    # the plugin's declared per-weight state, on the host tier
     cuda_max_allocated: int | None = None
     cuda_allocated_before: int | None = None
     nvml_used: int | None = None
@@ -146,6 +151,11 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         opt = build(optimizer, options or {}, seed=seed)
         if dev.type == "meta":
             opt.noise = NoiseSource(seed)
+        with tracker.uncounted():  # host-tier memory, even where the host is the device
+            for b in model.blocks:
+                for t in b.tensors:
+                    for key, spec in opt.state_spec(t.name, tuple(t.shape)).items():
+                        opt.block_state.reserve(key, t.name, spec, tuple(t.shape), dev)
         batch_ = synthetic_batch(model.config.vocab_size, batch, seq, scored, seed)
         times: list[float] = []
         losses: list[float] = []
@@ -172,7 +182,7 @@ def measure_step(store: str | Path, device: str = "cpu", *, optimizer: str = "me
         device=str(dev), tracked_peak=tracker.peak - exclude, tracked_long_lived=long_lived - exclude,
         step_seconds=times, tokens_per_step=batch * seq, host_tier_bytes=host_tier,
         pinned_bytes=ALLOCATIONS.nbytes["pinned"] if torch.accelerator.is_available() else 0, host_rss=rss,
-        max_host_rss=max_rss, losses=losses)
+        max_host_rss=max_rss, optimizer_state_bytes=opt.block_state.nbytes, losses=losses)
     if cuda:
         result.cuda_max_allocated = torch.accelerator.max_memory_allocated(dev)
         result.cuda_allocated_before = cuda_before

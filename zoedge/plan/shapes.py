@@ -21,6 +21,9 @@ from typing import Any
 from zoedge.errors import ConfigError
 from zoedge.names import STORE_DTYPES
 
+#: in a checkpoint being written (``OUT.synth-tmp``): what lets a later synth remove it as its own
+SYNTH_MARKER = ".zoedge-synth"
+
 _OPT = dict(model_type="opt", vocab_size=50272, word_embed_proj_dim=None, tie_word_embeddings=True,
             max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=2, do_layer_norm_before=True)
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
@@ -99,7 +102,7 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
 
     Args:
         shape: a name from :data:`SHAPES`.
-        out: directory to create (must not hold a checkpoint already).
+        out: directory to create (absent or empty; the checkpoint is written beside it and renamed into place).
         layers: decoder layers (default: the full depth).
         dtype: stored dtype (fp32, fp16, bf16).
         seed: weight seed.
@@ -109,7 +112,7 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
         A summary: shape, layers, parameters, bytes, and the full model's parameters for extrapolation.
 
     Raises:
-        ConfigError: unknown shape or dtype, or ``out`` already holds a checkpoint.
+        ConfigError: unknown shape or dtype, ``out`` is not an empty directory, or ``out.synth-tmp`` is not synth's.
     """
     import torch
     from accelerate import init_empty_weights
@@ -123,8 +126,13 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
         raise ConfigError("--dtype", repr(dtype), f"use one of {', '.join(STORE_DTYPES)}")
     torch_dtype = dtype_of(dtype)
     out = Path(out)
-    if (out / "config.json").exists():
-        raise ConfigError(out, "already holds a checkpoint (config.json)", "choose a new directory or delete it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never writes among files it did not write
+        raise ConfigError("OUT", f"{out} exists and is not an empty directory", "choose a new directory")
+    tmp = out.with_name(out.name + ".synth-tmp")  # filled, then renamed to OUT: a kill leaves no half checkpoint
+    if tmp.exists():
+        if not (tmp / SYNTH_MARKER).is_file():
+            raise ConfigError("OUT", f"{tmp} exists and was not written by zoedge synth", "move it, or choose another OUT")
+        shutil.rmtree(tmp)  # a killed earlier synth's
     name = shape_name(shape)
     config = shape_config(name, layers)
     with init_empty_weights():
@@ -136,7 +144,8 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
     for n in shapes:
         parts = n.split(".")
         shards.setdefault(int(parts[parts.index("layers") + 1]) + 1 if "layers" in parts else 0, []).append(n)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True)
+    (tmp / SYNTH_MARKER).touch()
     g = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     nbytes = 0
@@ -152,18 +161,20 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
             tensors[n] = t
             weight_map[n] = fname
             nbytes += t.numel() * t.element_size()
-        tmp = out / (fname + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / fname)
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         del tensors
-    (out / "model.safetensors.index.json").write_text(
+    (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": nbytes}, "weight_map": weight_map}, indent=1))
     if tokenizer_from is not None:
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_from) / f).is_file():
-                shutil.copy2(Path(tokenizer_from) / f, out / f)
+                shutil.copy2(Path(tokenizer_from) / f, tmp / f)
     config.dtype = torch_dtype
-    config.save_pretrained(out)  # written last: its presence marks a complete checkpoint
+    config.save_pretrained(tmp)
+    (tmp / SYNTH_MARKER).unlink()
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    tmp.rename(out)
     params = sum(math.prod(s) for s in shapes.values())
     full = full_parameters(name)
     summary = {"shape": name, "layers": config.num_hidden_layers, "full_layers": SHAPES[name]["num_hidden_layers"],

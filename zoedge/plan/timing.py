@@ -71,7 +71,7 @@ def twin_config(config: Any, layers: int) -> Any:
 def _visitor(passes: int, dense: bool) -> Any:
     """The method as the schedule sees it: ``passes`` forward passes per residency; a dense method changes every
     block in ``on_resident`` (so each is written back)."""
-    from zoedge.runtime.streamed import BlockVisitor
+    from zoedge.runtime.resident import BlockVisitor
 
     body: dict[str, Any] = {"passes": passes}
     if dense:

@@ -88,6 +88,7 @@ class DeviceMemoryTracker(TorchDispatchMode):
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sections: list[list[int]] = []
         self._attn: FusedAttention | None = None
+        self._uncounted = 0
 
     # ------------------------------------------------------------------ counting
     def add(self, t: torch.Tensor) -> None:
@@ -135,6 +136,8 @@ class DeviceMemoryTracker(TorchDispatchMode):
         if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
             return args[0]  # a device -> host copy (write-back) from a device that holds no values
         out = func(*args, **(kwargs or {}))
+        if self._uncounted:
+            return out
         inputs = [a.untyped_storage() for a in tree_leaves((args, kwargs))
                   if isinstance(a, torch.Tensor) and a.device.type == self.device_type]
         for t in tree_leaves(out):
@@ -168,6 +171,16 @@ class DeviceMemoryTracker(TorchDispatchMode):
         finally:
             self._sections.remove(rec)
             result.update(start=rec[0], peak=rec[1], above=rec[1] - rec[0])
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Storages created inside are never counted (host memory that lives on the tracked device type, as on the
+        CPU: the optimizer's state on the host tier)."""
+        self._uncounted += 1
+        try:
+            yield
+        finally:
+            self._uncounted -= 1
 
     def reset_peak(self) -> None:
         """Start a new peak from the live bytes now."""

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from zoedge.runtime.streamed import Forward, StreamedModel
+from zoedge.runtime.resident import Forward
+from zoedge.runtime.streamed import StreamedModel
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ waits for the previous disk write, ...) follow from those declared effects.
 
 On the CPU the device is the host, and the streamed model binds each block in
 place in the buffer :meth:`HostTier.source` names (see
-:mod:`zoedge.runtime.streamed`): with the disk tier, compute reads and updates
+:mod:`zoedge.runtime.run_loop`): with the disk tier, compute reads and updates
 the ring buffer the block was read into, the disk write persists that same
 buffer, and the ring buffer is read into again only after both (the read's
 write-after-read waits on the compute and, on the FIFO I/O queue, follows the

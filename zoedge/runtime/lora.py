@@ -295,6 +295,18 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
     return config, state
 
 
+def attach_peft_dir(model: Any, directory: str | Path) -> LoraAdapters:
+    """Attach the adapters of a PEFT LoRA directory to a streamed ``model`` (its base), with their trained values.
+
+    Raises:
+        ConfigError: the directory is unreadable or not LoRA, or its tensors do not fit ``model``.
+    """
+    config, state = read_peft_dir(directory)
+    lora = model.attach_lora(spec_of_peft(config))
+    lora.load_state_dict({k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}, directory)
+    return lora
+
+
 def spec_of_peft(config: Mapping[str, Any]) -> LoraSpec:
     """The :class:`LoraSpec` an ``adapter_config.json`` describes."""
     targets = config.get("target_modules") or ()

@@ -1,6 +1,6 @@
 """A streamed pass as data: operations on named queues, their buffer effects, and the waits between them.
 
-The runtime (:mod:`zoedge.runtime.streamed` and the host tiers) never copies or computes directly: it
+The runtime (:mod:`zoedge.runtime.run_loop` and the host tiers) never copies or computes directly: it
 *emits* operations, and an engine (:mod:`zoedge.runtime.engines`, :mod:`zoedge.runtime.accelerator`)
 executes them. Each operation runs on one of four queues, in FIFO order within its queue:
 

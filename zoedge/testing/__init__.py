@@ -21,7 +21,8 @@ from torch.func import functional_call
 from zoedge.loading import load
 from zoedge.store.prepare import prepare
 from zoedge.optim.base import ZOOptimizer
-from zoedge.runtime.streamed import BlockVisitor, Resident, StreamedModel
+from zoedge.runtime.resident import BlockVisitor, Resident
+from zoedge.runtime.streamed import StreamedModel
 from zoedge.testing.tiny import CharTokenizer, save_tiny, toy_examples
 from zoedge.train.batching import Batch, candidate_loss, collate, token_logprobs_from_logits
 from zoedge.train.trainer import TrainSettings, Trainer, _loss_passes, batch_indices

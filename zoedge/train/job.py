@@ -344,117 +344,173 @@ def run_finetune(s: FinetuneSettings, parsed_options: dict[str, Any] | None = No
 
 def _finetune(s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
               threads: ThreadChoice, raw: RawData, held: ExitStack, lr_used: dict[str, Any]) -> dict[str, Any]:
-    from zoedge.optim.registry import build
+    recipe = FinetuneRecipe(s, options, out, world, threads, raw, lr_used)
+    with ExitStack() as model_open:  # the model is closed before the report is written
+        recipe.setup(held, model_open)
+        recipe.train()
+        recipe.export()
+    return recipe.report()
 
-    started = time.perf_counter()
-    tok = load_tokenizer(tokenizer_dir(s.model))
-    splits = raw.splits(s, tok)
-    metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
-    ckpts = out / "checkpoints"
-    resume_from = _checkpoint_to_resume(s, ckpts)  # every rank resumes from the same checkpoint
-    data_id = run_record.data_identity(s)
-    if world.is_main:
-        check_writable_file(metrics_path, "--metrics")
-        if os.path.realpath(metrics_path) != os.path.realpath(out / "metrics.jsonl"):
-            output_dir.adopt_external(out, metrics_path, "--metrics")
-        record = run_record.reconcile(out, s, options, resume_from, data_id)  # refuses unapproved changes
-        if resume_from is None:
-            output_dir.clear(out, [metrics_path])  # what an earlier run here wrote, nothing else
-        store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)  # held until the run ends
-    world.barrier()  # rank 0 has checked the run record and prepared (or found) the store
-    if not world.is_main:
-        record = run_record.read_record(out) or {}
-        store = resolve_store(s.model, s.dtype, progress=False, lease=held)
-    store_id = run_record.store_identity(store)
-    if resume_from is not None:
-        run_record.check_store(resume_from, store_id)
-    export_files = side_files(store)  # the export's config and tokenizer: the ones this run starts with
-    check_max_length(store, s.max_length, log_stderr if world.is_main else (lambda message: None))
-    if len(splits.train) < s.batch_size:
-        raise DataError("--n-train", f"leaves {len(splits.train)} training examples, fewer than --batch-size "
-                        f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
-                        + (" or less" if splits.train else " with at least one training example"))
-    optimizer = build(s.optimizer, options, seed=s.seed)
-    spec = (LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora"
-            else None)
-    working = out / "working" if s.tier == "disk" and spec is None else None  # adapters: the base is read-only
-    if working is not None and world.size > 1:
-        working = working / f"rank-{world.rank}"  # every rank streams its own copy
-    with closing(StreamedModel(store, world.train_device(s.device), s.tier, s.prefetch,
-                               working_dir=working, unit=s.unit, workers=threads.workers,
-                               worker_threads=threads.worker_threads)) as model:
+
+class FinetuneRecipe:
+    """One ``zoedge finetune`` run in the fixed lifecycle of torchtune's recipes, each phase one method:
+    :meth:`setup` (the output folder, the store, the data, then the optimizer, the model and its trainer, resumed),
+    :meth:`train` (fit, then the test split), :meth:`export` (the adapter and the model, while the model is open)
+    and :meth:`report` (summary.json and the curves)."""
+
+    def __init__(self, s: FinetuneSettings, options: dict[str, Any], out: Path, world: World,
+                 threads: ThreadChoice, raw: RawData, lr_used: dict[str, Any]) -> None:
+        self.s, self.options, self.out, self.world, self.threads, self.raw = s, options, out, world, threads, raw
+        self.lr_used = lr_used
+        self.started = time.perf_counter()
+        self.adapter: Path | None = None
+        self.cache: Any = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, held: ExitStack, model_open: ExitStack) -> None:
+        """Everything before the first step: the run (:meth:`_setup_run`), then the model (:meth:`_setup_model`),
+        opened into ``model_open``; the store's lease is held in ``held`` until the run ends."""
+        self._setup_run(held)
+        self._setup_model(model_open)
+
+    def _setup_run(self, held: ExitStack) -> None:
+        """The tokenizer and the splits, the checkpoint to resume, the run record and ``--output`` (rank 0), the
+        store (prepared once, leased), checked against the checkpoint and ``--max-length``."""
+        s, out, world = self.s, self.out, self.world
+        tok = self.tok = load_tokenizer(tokenizer_dir(s.model))
+        splits = self.splits = self.raw.splits(s, tok)
+        metrics_path = self.metrics_path = Path(s.metrics) if s.metrics else out / "metrics.jsonl"
+        self.ckpts = out / "checkpoints"
+        resume_from = self.resume_from = _checkpoint_to_resume(s, self.ckpts)  # every rank resumes from the same one
+        data_id = self.data_id = run_record.data_identity(s)
+        if world.is_main:
+            check_writable_file(metrics_path, "--metrics")
+            if os.path.realpath(metrics_path) != os.path.realpath(out / "metrics.jsonl"):
+                output_dir.adopt_external(out, metrics_path, "--metrics")
+            self.record = run_record.reconcile(out, s, self.options, resume_from, data_id)  # refuses unapproved changes
+            if resume_from is None:
+                output_dir.clear(out, [metrics_path])  # what an earlier run here wrote, nothing else
+            store = resolve_store(s.model, s.dtype, progress=s.progress, lease=held)  # held until the run ends
+        world.barrier()  # rank 0 has checked the run record and prepared (or found) the store
+        if not world.is_main:
+            self.record = run_record.read_record(out) or {}
+            store = resolve_store(s.model, s.dtype, progress=False, lease=held)
+        self.store = store
+        self.store_id = run_record.store_identity(store)
+        if resume_from is not None:
+            run_record.check_store(resume_from, self.store_id)
+        self.export_files = side_files(store)  # the export's config and tokenizer: the ones this run starts with
+        check_max_length(store, s.max_length, log_stderr if world.is_main else (lambda message: None))
+        if len(splits.train) < s.batch_size:
+            raise DataError("--n-train", f"leaves {len(splits.train)} training examples, fewer than --batch-size "
+                            f"{s.batch_size}", f"give more training data or use --batch-size {len(splits.train) or 1}"
+                            + (" or less" if splits.train else " with at least one training example"))
+
+    def _setup_model(self, model_open: ExitStack) -> None:
+        """The optimizer plugin, the streamed model (LoRA adapters attached), the noise cache, and the trainer,
+        resumed from the checkpoint."""
+        from zoedge.optim.registry import build
+
+        s, out, world, threads = self.s, self.out, self.world, self.threads
+        optimizer = self.optimizer = build(s.optimizer, self.options, seed=s.seed)
+        spec = (LoraSpec(s.lora_rank, s.lora_alpha, LoraSpec.parse_targets(s.lora_targets)) if s.peft == "lora"
+                else None)
+        working = out / "working" if s.tier == "disk" and spec is None else None  # adapters: the base is read-only
+        if working is not None and world.size > 1:
+            working = working / f"rank-{world.rank}"  # every rank streams its own copy
+        model = self.model = model_open.enter_context(closing(StreamedModel(
+            self.store, world.train_device(s.device), s.tier, s.prefetch, working_dir=working, unit=s.unit,
+            workers=threads.workers, worker_threads=threads.worker_threads)))
         if spec is not None:
             model.attach_lora(spec, seed=s.seed)
         # after the model is loaded: the default budget is a share of the memory the host tier left available
-        cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
-                                   local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
-        on_device = model.device.type != "cpu"
-        if on_device:
+        self.cache = noise_cache.attach(optimizer.noise, s.noise_cache, s.device, s.tier, available_memory(),
+                                        local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # torchrun
+        self.on_device = model.device.type != "cpu"
+        if self.on_device:
             torch.accelerator.reset_peak_memory_stats(model.device)
-        governor = ThreadGovernor(threads, log=log_stderr if world.is_main else (lambda message: None))
-        trainer = Trainer(model, tok, optimizer, splits.train, splits.dev, splits.test, s, out, metrics_path,
-                          progress=s.progress, world=world, threads=governor,
-                          identity={"settings": run_record.run_defining(s, options), "store": store_id,
-                                    "data": data_id})
-        if resume_from is not None:
-            trainer.resume(run_record.update_meaning_changes(record))
-            run_record.apply_resumed_changes(trainer, record, s, options)
+        self.governor = ThreadGovernor(threads, log=log_stderr if world.is_main else (lambda message: None))
+        trainer = self.trainer = Trainer(
+            model, self.tok, optimizer, self.splits.train, self.splits.dev, self.splits.test, s, out,
+            self.metrics_path, progress=s.progress, world=world, threads=self.governor,
+            identity={"settings": run_record.run_defining(s, self.options), "store": self.store_id,
+                      "data": self.data_id})
+        if self.resume_from is not None:
+            trainer.resume(run_record.update_meaning_changes(self.record))
+            run_record.apply_resumed_changes(trainer, self.record, s, self.options)
             if world.is_main:
-                run_record.truncate_metrics(metrics_path, trainer.step)
-        start_step = trainer.step
-        result = trainer.fit()
-        test_ev = trainer.evaluate(splits.test, "test") if splits.test else None
-        adapter = None
+                run_record.truncate_metrics(self.metrics_path, trainer.step)
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self) -> None:
+        """The steps (from the resumed step on), then the test split."""
+        self.start_step = self.trainer.step
+        self.result = self.trainer.fit()
+        self.test_ev = self.trainer.evaluate(self.splits.test, "test") if self.splits.test else None
+
+    # ----------------------------------------------------------------------------------------------- report
+    def export(self) -> None:
+        """Rank 0: OUTPUT/adapter (LoRA adapters, or a plugin's exact factors) and OUTPUT/model (removing an earlier
+        run's that this run does not write); then what the report reads of the model before it is closed."""
+        s, out, world, model = self.s, self.out, self.world, self.model
         if world.is_main and s.export and model.lora is not None:
-            check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", ckpts)
-            adapter = model.lora.save_peft(out / "adapter", base_model=str(store))
+            check_finite_weights(model.lora.state_dict(), f"the adapter {out / 'adapter'}", self.ckpts)
+            self.adapter = model.lora.save_peft(out / "adapter", base_model=str(self.store))
         elif world.is_main:
             output_dir.remove(out / "adapter")  # an earlier run's adapter would not be this run's
-            if s.export and (factors := optimizer.lora_factors()):
+            if s.export and (factors := self.optimizer.lora_factors()):
                 from zoedge.optim.lora import factors_adapter  # the plugin kept its change as factors: exact
                 try:
-                    adapter = factors_adapter(factors, model.config, out / "adapter", base_model=str(store))
+                    self.adapter = factors_adapter(factors, model.config, out / "adapter", base_model=str(self.store))
                 except ConfigError as e:  # the model itself is exported; the adapter is what cannot be
                     log_stderr(f"no OUTPUT/adapter: {e}")
         if world.is_main and s.export and (model.lora is None or s.merge):  # same weights on every rank: one writes
-            export_model(model, out / "model", ckpts, export_files)
+            export_model(model, out / "model", self.ckpts, self.export_files)
         elif world.is_main:  # an earlier run's model would not be this run's
             output_dir.remove(out / "model")
-        peak = torch.accelerator.max_memory_allocated(model.device) if on_device else None
-        io_mode = getattr(model.tier, "io_mode", None)  # disk tier: direct (O_DIRECT) or buffered
-        layer_mode = model.layer_mode()
-    if not world.is_main:
-        world.barrier()  # until rank 0 has written the outputs
-        return {"world_size": world.size, "rank": world.rank}
-    record = run_record.record_evals(out, record, start_step, result.before, trainer.step, result.after)
-    summary = {
-        "settings": to_dict(s), "options": options, "lr": lr_used, "layout": raw.layout or raw.builtin, "optimizer_state": _hyper(optimizer),
-        "resumes": record.get("resumes", []), "store": str(store), "device": s.device, "disk_io": io_mode,
-        "threads": {**governor.to_dict(), "layers": layer_mode},
-        "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
-        "steps": trainer.step, "start_step": start_step, "steps_this_run": result.steps,
-        "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
-        "wall_seconds": time.perf_counter() - started, "steps_per_s": result.steps / result.seconds if result.seconds else None,
-        "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-        "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
-        "last_train_loss": result.last_loss, "peak_gpu_bytes": peak,
-        "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
-        "adapter_dir": str(adapter) if adapter is not None else None,
-        "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
-        "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
-                                                "test": len(splits.test), "dropped_as_in_train": splits.dropped,
-                                                "files": data_id},
-        "store_identity": store_id,
-        "metrics": str(metrics_path), "plot": None,
-        "checkpoint_weights": trainer.checkpoint_choice, "replay": trainer.replayed,
-        "world_size": world.size, **trainer.shares(),
-    }
-    if s.plot:
-        from zoedge.train.curves import plot_curves
-        summary["plot"] = plot_curves(metrics_path, record.get("evals", {}), out / "curves.png")
-    write_atomic(out / "summary.json", dumps(summary), "re-run the same command with --resume")
-    world.barrier()
-    return summary
+        self.peak = torch.accelerator.max_memory_allocated(model.device) if self.on_device else None
+        self.io_mode = getattr(model.tier, "io_mode", None)  # disk tier: direct (O_DIRECT) or buffered
+        self.layer_mode = model.layer_mode()
+
+    def report(self) -> dict[str, Any]:
+        """Rank 0: the evaluations in the run record, summary.json and the curves; returns the summary (other ranks:
+        their rank, once rank 0 has written)."""
+        s, out, world, model, trainer, result = self.s, self.out, self.world, self.model, self.trainer, self.result
+        splits, optimizer, cache, raw, test_ev = self.splits, self.optimizer, self.cache, self.raw, self.test_ev
+        if not world.is_main:
+            world.barrier()  # until rank 0 has written the outputs
+            return {"world_size": world.size, "rank": world.rank}
+        record = run_record.record_evals(out, self.record, self.start_step, result.before, trainer.step, result.after)
+        summary = {
+            "settings": to_dict(s), "options": self.options, "lr": self.lr_used, "layout": raw.layout or raw.builtin,
+            "optimizer_state": _hyper(optimizer),
+            "resumes": record.get("resumes", []), "store": str(self.store), "device": s.device, "disk_io": self.io_mode,
+            "threads": {**self.governor.to_dict(), "layers": self.layer_mode},
+            "noise": optimizer.noise.describe(), "noise_cache": cache.to_dict() if cache is not None else None,
+            "steps": trainer.step, "start_step": self.start_step, "steps_this_run": result.steps,
+            "seconds": result.seconds, "eval_seconds": trainer.eval_seconds,
+            "wall_seconds": time.perf_counter() - self.started,
+            "steps_per_s": result.steps / result.seconds if result.seconds else None,
+            "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+            "dev_before": result.before, "dev_after": result.after, "test_after": asdict(test_ev) if test_ev else None,
+            "last_train_loss": result.last_loss, "peak_gpu_bytes": self.peak,
+            "model_dir": str(out / "model") if s.export and (model.lora is None or s.merge) else None,
+            "adapter_dir": str(self.adapter) if self.adapter is not None else None,
+            "adapter_bytes": model.lora.nbytes_total() if model.lora is not None else None,
+            "split": split_record(splits), "data": {"train": len(splits.train), "dev": len(splits.dev),
+                                                    "test": len(splits.test), "dropped_as_in_train": splits.dropped,
+                                                    "files": self.data_id},
+            "store_identity": self.store_id,
+            "metrics": str(self.metrics_path), "plot": None,
+            "checkpoint_weights": trainer.checkpoint_choice, "replay": trainer.replayed,
+            "world_size": world.size, **trainer.shares(),
+        }
+        if s.plot:
+            from zoedge.train.curves import plot_curves
+            summary["plot"] = plot_curves(self.metrics_path, record.get("evals", {}), out / "curves.png")
+        write_atomic(out / "summary.json", dumps(summary), "re-run the same command with --resume")
+        world.barrier()
+        return summary
 
 
 def _checkpoint_to_resume(s: FinetuneSettings, ckpts: Path) -> Path | None:
@@ -477,7 +533,8 @@ def _checkpoint_to_resume(s: FinetuneSettings, ckpts: Path) -> Path | None:
 
 def run_inputs(s: FinetuneSettings | EvalSettings) -> dict[str, str | Path | None]:
     """What a finetune or eval reads (no written path may equal, contain or lie inside one of them)."""
-    return {"--model": s.model, "--train": s.train, "--dev": s.dev, "--test": s.test, "the cache": cache_dir()}
+    return {"--model": s.model, "--adapter": getattr(s, "adapter", None), "--train": s.train, "--dev": s.dev,
+            "--test": s.test, "the cache": cache_dir()}
 
 
 def _hyper(optimizer: Any) -> dict[str, Any]:
@@ -515,30 +572,55 @@ def find_run(model: str | None) -> tuple[str | None, Path | None]:
     return model, None
 
 
+def run_summary(run: Path) -> dict[str, Any]:
+    """A finished finetune run's ``summary.json``.
+
+    Raises:
+        ConfigError: unreadable, or from an older zoedge (no settings).
+    """
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        if not isinstance(summary.get("settings"), dict):
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError("--model", f"{run / 'summary.json'} is unreadable or from an older zoedge",
+                          "re-run the finetune, or give --model the model/ folder's path elsewhere") from None
+    return summary
+
+
+def model_and_adapter(model: str | None, adapter: str | None) -> tuple[str | None, str | None, Path | None]:
+    """``--model`` and ``--adapter`` with a finetune run resolved: its exported ``model/``, or for a ``--peft lora``
+    run without ``--merge`` its store with its ``adapter/`` (unless ``adapter`` names another).
+
+    Returns:
+        (model, adapter, the run or None).
+    """
+    model, run = find_run(model)
+    if run is not None and not (run / "model").is_dir():  # an adapter run without --merge: its store and adapter
+        store = run_summary(run).get("store")
+        if not isinstance(store, str):
+            raise ConfigError("--model", f"{run / 'summary.json'} names no store for the run's adapter",
+                              "give the base as --model and the run's adapter/ as --adapter")
+        model, adapter = store, adapter or str(run / "adapter")
+    return model, adapter, run
+
+
 def eval_settings_from_run(s: EvalSettings, given: set[str]) -> tuple[EvalSettings, dict[str, Any] | None]:
     """When ``--model`` is a finetune run: its data settings for every data option not given explicitly.
 
     Returns:
         (effective settings, the run's summary or None).
     """
-    model, run = find_run(s.model)
-    s.model = model
+    s.model, s.adapter, run = model_and_adapter(s.model, s.adapter)
     if run is None:
         return s, None
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-        recorded = summary["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError("--model", f"{run / 'summary.json'} is unreadable or from an older zoedge",
-                          "re-run the finetune, or give --model the model/ folder's path elsewhere") from None
+    summary = run_summary(run)
+    recorded = summary["settings"]
     for name, value in recorded.items():
         if name in s.data_settings() and name not in given:
             setattr(s, name, value)
     if "dtype" not in given and recorded.get("dtype"):  # the precision the run trained (and exported) in
         s.dtype = recorded["dtype"]
-    if not (run / "model").is_dir():  # an adapter run without --merge: the adapter on the run's store
-        s.model = summary.get("store")
-        s.adapter = s.adapter or str(run / "adapter")
     return s, summary
 
 
@@ -622,8 +704,8 @@ def _eval(s: EvalSettings, splits: Splits, target: Path | None, store: Path, tok
     with closing(StreamedModel(store, s.device, s.tier, s.prefetch, unit=s.unit, workers=threads.workers,
                                worker_threads=threads.worker_threads)) as model:
         if s.adapter is not None:
-            from zoedge.runtime.lora import read_peft_dir, spec_of_peft
-            model.attach_lora(spec_of_peft(read_peft_dir(s.adapter)[0])).load_peft(s.adapter)
+            from zoedge.runtime.lora import attach_peft_dir
+            attach_peft_dir(model, s.adapter)
         t0 = time.perf_counter()
         res: dict[str, Any] = {}
         for name, ex in (("dev", splits.dev), ("test", splits.test)):

@@ -36,7 +36,8 @@ from zoedge.errors import ConfigError, DataError
 from zoedge.optim.base import ZOOptimizer
 from zoedge.optim.first_order import FirstOrder
 from zoedge.runtime.host import DiskTier
-from zoedge.runtime.streamed import BlockVisitor, Forward, StreamedModel
+from zoedge.runtime.resident import BlockVisitor, Forward
+from zoedge.runtime.streamed import StreamedModel
 from zoedge.runtime.threads import ThreadGovernor
 from zoedge.settings import TrainSettings
 from zoedge.train.answers import EXTRA_NEW_TOKENS, MAX_NEW_TOKENS, exact_match, greedy_decode, token_f1

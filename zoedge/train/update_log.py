@@ -26,7 +26,8 @@ from typing import Any
 
 from zoedge.errors import ConfigError, StoreError
 from zoedge.optim.base import Update, ZOOptimizer
-from zoedge.runtime.streamed import BlockVisitor, Resident, StreamedModel
+from zoedge.runtime.resident import BlockVisitor, Resident
+from zoedge.runtime.streamed import StreamedModel
 from zoedge.store.manifest import MANIFEST_NAME
 
 
