@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests", help="pytest arguments (one string, e.g. \"tests/test_x.py -k y\") instead of the "
                     "module's mapped tests")
     ap.add_argument("--every", type=int, default=1, help="run every k-th mutant only (a sample)")
+    ap.add_argument("--start", type=int, default=0, help="with --every: the first mutant's index (0 .. k-1)")
     ap.add_argument("--lines", help="only mutants on these lines, e.g. 30-45")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run (a timeout kills the mutant)")
     ap.add_argument("--json", help="write the results here")
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     original = path.read_text()
     backup = path.with_name(path.name + ".mutation-backup")
     shutil.copyfile(path, backup)
-    todo = sites(original)[::a.every]
+    todo = sites(original)[a.start::a.every]
     if a.lines:
         lo, _, hi = a.lines.partition("-")
         todo = [m for m in todo if int(lo) <= m[2] <= int(hi or lo)]
