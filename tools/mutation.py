@@ -42,20 +42,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: module -> the test files (and pytest -k selection) that cover it
+#: module -> the fastest test files (and pytest -k selection) that cover it: the ones of docs/mutation.md's results
 TESTS: dict[str, list[str]] = {
-    "plugins/mezo.py": ["tests/test_learns.py", "tests/test_mezo.py", "-k", "mezo or in-place"],
-    "plugins/dizo.py": ["tests/test_dizo.py", "tests/test_learns.py", "-k", "dizo or resident"],
-    "plugins/loho.py": ["tests/test_loho.py", "tests/test_learns.py", "-k", "loho or resident or fo"],
-    "plugins/hizoo.py": ["tests/test_hizoo.py", "tests/test_learns.py", "-k", "hizoo or resident or alpha"],
-    "plugins/hzo.py": ["tests/test_hzo.py", "tests/test_learns.py", "-k", "hzo or resident"],
-    "zoedge/optim/api.py": ["tests/test_lazy_update.py", "tests/test_plugin_api.py", "tests/test_learns.py"],
-    "zoedge/train/checkpoint.py": ["tests/test_crash_order.py", "tests/test_run_safety.py",
-                                   "tests/test_update_checkpoints.py"],
-    "zoedge/train/sampling.py": ["tests/test_splits.py", "tests/test_tasks.py", "-k", "split or every"],
-    "zoedge/train/guard.py": ["tests/test_run_safety.py"],
-    "zoedge/train/run_record.py": ["tests/test_run_safety.py", "tests/test_read_only_outputs.py"],
-    "zoedge/store/verify.py": ["tests/test_store_integrity.py"],
+    "plugins/mezo.py": ["tests/test_stochastic_rounding.py", "tests/test_mezo_options.py", "tests/test_learns.py",
+                        "tests/test_mezo.py", "-k", "rounding or options or mezo and not noise_cache and not lean "
+                        "and not workspaces and not half"],
+    "plugins/dizo.py": ["tests/test_dizo_phases.py", "tests/test_learns.py", "tests/test_dizo.py", "-k", "dizo"],
+    "plugins/loho.py": ["tests/test_loho_choice.py", "tests/test_learns.py", "tests/test_loho.py", "-k", "loho"],
+    "plugins/hizoo.py": ["tests/test_hizoo_state.py", "tests/test_learns.py", "tests/test_hizoo.py", "-k", "hizoo"],
+    "plugins/hzo.py": ["tests/test_hzo_options.py", "tests/test_learns.py", "tests/test_hzo.py", "-k", "hzo"],
+    "zoedge/optim/base.py": ["tests/test_declared_state.py", "tests/test_learns.py", "tests/test_lazy_update.py",
+                             "tests/test_plugin_api.py", "tests/test_update_checkpoints.py", "-k", "state or quadratic "
+                             "or tiny and (mezo or hizoo) or lazy or api or (resume_from_updates and ram-llama)"],
+    "zoedge/train/checkpoint.py": ["tests/test_checkpoint_choice.py", "tests/test_crash_order.py",
+                                   "tests/test_run_safety.py", "tests/test_update_checkpoints.py", "-k",
+                                   "choice or checkpoint_save or truncated or disk_full or state_json or "
+                                   "checkpoint_refuses or divergence or (resume_from_updates and ram-llama)"],
+    "zoedge/train/sampling.py": ["tests/test_splits.py"],
+    "zoedge/train/guard.py": ["tests/test_guard_causes.py", "tests/test_run_safety.py", "-k",
+                              "causes or guard or divergence or non_finite or nan"],
+    "zoedge/train/run_record.py": ["tests/test_read_only_outputs.py", "tests/test_run_safety.py", "-k",
+                                   "read_only or resume_refuses or summary or second_run or fresh_disk or "
+                                   "eval_refuses or eval_carves or truncated"],
+    "zoedge/store/verify.py": ["tests/test_store_stamps.py", "tests/test_store_integrity.py"],
     "zoedge/store/manifest.py": ["tests/test_store_integrity.py", "tests/test_store_fuzz.py"],
     "zoedge/store/atomic.py": ["tests/test_crash_order.py", "-k", "prepare"],
     "zoedge/runtime/schedule.py": ["tests/test_engines.py", "-k", "every_wait or interleavings"],
