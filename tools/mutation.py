@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=1, help="run every k-th mutant only (a sample)")
     ap.add_argument("--start", type=int, default=0, help="with --every: the first mutant's index (0 .. k-1)")
     ap.add_argument("--lines", help="only mutants on these lines, e.g. 30-45")
+    ap.add_argument("--survivors", help="only the mutants that survived in this earlier --json result (to score new "
+                    "tests on them: the module's score is then the earlier kills plus these)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run (a timeout kills the mutant)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-fork", action="store_true", help="a fresh pytest per mutant (slow; no code swap)")
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.lines:
         lo, _, hi = a.lines.partition("-")
         todo = [m for m in todo if int(lo) <= m[2] <= int(hi or lo)]
+    if a.survivors:
+        earlier = {(x["line"], x["mutation"]) for x in json.loads(Path(a.survivors).read_text())["survivors"]}
+        todo = [m for m in todo if (m[2], m[3]) in earlier]
     if not run_tests(tests, a.timeout):
         print(f"the tests fail without a mutant: {' '.join(tests)}")
         return 2
