@@ -50,7 +50,7 @@ TESTS: dict[str, list[str]] = {
     "plugins/dizo.py": ["tests/test_dizo_phases.py", "tests/test_learns.py", "tests/test_dizo.py", "-k", "dizo"],
     "plugins/loho.py": ["tests/test_loho_choice.py", "tests/test_learns.py", "tests/test_loho.py", "-k", "loho"],
     "plugins/hizoo.py": ["tests/test_hizoo_state.py", "tests/test_learns.py", "tests/test_hizoo.py", "-k", "hizoo"],
-    "plugins/hzo.py": ["tests/test_hzo_options.py", "tests/test_learns.py", "tests/test_hzo.py", "-k", "hzo"],
+    "plugins/hzo.py": ["tests/test_hzo_options.py", "tests/test_hzo_factors.py", "tests/test_learns.py", "tests/test_hzo.py", "-k", "hzo"],
     "zoedge/optim/base.py": ["tests/test_declared_state.py", "tests/test_learns.py", "tests/test_lazy_update.py",
                              "tests/test_plugin_api.py", "tests/test_update_checkpoints.py", "-k", "state or quadratic "
                              "or tiny and (mezo or hizoo) or lazy or api or (resume_from_updates and ram-llama)"],
@@ -58,16 +58,18 @@ TESTS: dict[str, list[str]] = {
                                    "tests/test_run_safety.py", "tests/test_update_checkpoints.py", "-k",
                                    "choice or checkpoint_save or truncated or disk_full or state_json or "
                                    "checkpoint_refuses or divergence or (resume_from_updates and ram-llama)"],
-    "zoedge/train/sampling.py": ["tests/test_splits.py"],
+    "zoedge/train/sampling.py": ["tests/test_disjoint_splits.py", "tests/test_splits.py"],
     "zoedge/train/guard.py": ["tests/test_guard_causes.py", "tests/test_run_safety.py", "-k",
                               "causes or guard or divergence or non_finite or nan"],
-    "zoedge/train/run_record.py": ["tests/test_read_only_outputs.py", "tests/test_run_safety.py", "-k",
-                                   "read_only or resume_refuses or summary or second_run or fresh_disk or "
+    "zoedge/train/run_record.py": ["tests/test_run_record_resume.py", "tests/test_read_only_outputs.py",
+                                   "tests/test_run_safety.py", "-k", "record_resume or read_only or resume_refuses or summary or second_run or fresh_disk or "
                                    "eval_refuses or eval_carves or truncated"],
     "zoedge/store/verify.py": ["tests/test_store_stamps.py", "tests/test_store_integrity.py"],
-    "zoedge/store/manifest.py": ["tests/test_store_integrity.py", "tests/test_store_fuzz.py"],
+    "zoedge/store/manifest.py": ["tests/test_manifest_reasons.py", "tests/test_store_integrity.py",
+                                 "tests/test_store_fuzz.py"],
     "zoedge/store/atomic.py": ["tests/test_crash_order.py", "-k", "prepare"],
-    "zoedge/runtime/schedule.py": ["tests/test_engines.py", "-k", "every_wait or interleavings"],
+    "zoedge/runtime/schedule.py": ["tests/test_schedule_reduction.py", "tests/test_engines.py", "-k",
+                                   "reduction or every_wait or interleavings"],
 }
 
 SWAP_BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
