@@ -80,3 +80,24 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
     assert bench.main(argv) == 0
     (stopped,) = json.loads(out.read_text())["results"]
     assert stopped["steps"] == 1 and [p["passes"] for p in stopped["curve"]] == [0, 2]
+
+
+def test_first_order_reference_and_cpu_budget(bench, tmp_path, monkeypatch) -> None:
+    """``first-order`` trains every decoder block on one unperturbed pass per step (no ZO passes: its time is
+    plain AdamW's), and ``--max-cpu-seconds`` stops a run after the step that crosses it."""
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    config = LlamaConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    _tokenizer(bos=True).save_pretrained(hf)
+    out = tmp_path / "run.json"
+    common = ["--model", str(hf), "--task", "codes", "--n-train", "24", "--n-dev", "6", "--batch-size", "4",
+              "--threads", "1", "--json", str(out)]
+    assert bench.main([*common, "--budget", "4", "--eval-every", "2", "--opt", "first-order:fo_lr=1e-2"]) == 0
+    (fo,) = json.loads(out.read_text())["results"]
+    assert fo["steps"] == 4 and [p["passes"] for p in fo["curve"]] == [0, 2, 4]  # one pass a step
+    assert set(fo["fo_memory"]) and fo["curve"][-1]["dev_loss"] != fo["curve"][0]["dev_loss"]  # the blocks train
+    assert bench.main([*common, "--budget", "100", "--opt", "mezo", "--max-cpu-seconds", "1e-6"]) == 0
+    (stopped,) = json.loads(out.read_text())["results"]
+    assert stopped["steps"] == 1 and [p["passes"] for p in stopped["curve"]] == [0, 2]
