@@ -14,6 +14,10 @@ bytes per step (blocks uploaded and written back by the streaming runtime). A ma
 ``--json`` keeps everything, ``--png`` plots the curves (needs matplotlib) and ``--from-json`` redraws both from
 earlier ``--json`` files (their results in order, the first one's reference).
 
+``--opt first-order[:fo_optimizer=adamw,fo_lr=1e-4]`` is a plain first-order reference (every decoder block by
+AdamW/SGD on one unperturbed pass per step, no perturbed passes). ``--max-cpu-seconds`` stops each run after that
+much training CPU time: give it the reference's training CPU seconds for an equal-time comparison.
+
 ``--jobs N`` runs N optimizers at once (each in its own process): on a shared machine, run them all at once with
 ``--threads 1`` so that every run sees the same load and their wall times compare.
 
@@ -75,7 +79,8 @@ def _register_first_order_reference() -> None:
     block trained by the framework's first-order optimizer, no ZO part; embeddings, final norm and head frozen).
 
     Unlike ``loho:lr=0,fo_layers=99`` it runs no perturbed passes, so its wall and CPU time are those of plain
-    AdamW/SGD fine-tuning of the blocks: the budget for an equal-time comparison. Registered by this tool only."""
+    AdamW/SGD fine-tuning of the blocks: the budget for an equal-time comparison. Registered by this tool's run
+    process only (:func:`run_one`), so importing the tool adds no plugin."""
     from zoedge.optim.api import FOSettings, Update, ZOOptimizer, layer_index, register_optimizer
 
     @register_optimizer("first-order")
@@ -107,9 +112,6 @@ def _register_first_order_reference() -> None:
 
         def apply(self, block, update):  # type: ignore[no-untyped-def]
             pass
-
-
-_register_first_order_reference()
 
 
 DEFAULT_OPTS = ("mezo", "hizoo-l:alpha=1e-8", "dizo:cycle=20,iters=5", "loho:fo_layers=2,fo_lr=1e-3",
@@ -173,6 +175,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _register_first_order_reference()
     name, options = spec_options(args.one)
     if "lr" in options_of(load(name)) and "lr" not in options:
         options["lr"] = str(args.lr)
