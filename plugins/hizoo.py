@@ -32,7 +32,8 @@ class HiZOOL(ZOOptimizer):
     """HiZOO-L: ZO-SGD preconditioned by a factored (row x column) diagonal Hessian; 3 passes per step.
 
     Args:
-        lr: learning rate η.
+        lr: learning rate η (default 4e-5, MeZO's: at the default α on SmolLM2 the Hessian estimate stays within
+            4e-4 of 1, so HiZOO-L follows MeZO's trajectory; docs/methods.md).
         eps: perturbation scale ε.
         alpha: Hessian EMA rate α (0: never updated, the method is MeZO).
         weight_decay: λ (not applied to 1-D tensors).
@@ -50,7 +51,7 @@ class HiZOOL(ZOOptimizer):
     #: pass 0 sees θ, the others workspace ``scratch``: the layers may run concurrently
     concurrent = True
 
-    def __init__(self, *, seed: int = 0, lr: float = 1e-5, eps: float = 1e-3, alpha: float = 1e-8,
+    def __init__(self, *, seed: int = 0, lr: float = 4e-5, eps: float = 1e-3, alpha: float = 1e-8,
                  weight_decay: float = 0.0, h_min: float = 1e-4, h_max: float = 1e4,
                  estimator: Literal["unbiased", "public"] = "unbiased", factored: bool = True) -> None:
         if eps <= 0 or not 0 <= alpha <= 1 or not 0 < h_min <= 1 <= h_max:

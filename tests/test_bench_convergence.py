@@ -21,6 +21,17 @@ def bench():
     return module
 
 
+def tiny_hf(tmp_path: Path, monkeypatch) -> Path:
+    """A 2-block tiny Llama with the tests' tokenizer, saved as an HF folder (its store cached under tmp_path)."""
+    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    config = LlamaConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    _tokenizer(bos=True).save_pretrained(hf)
+    return hf
+
+
 def result(name: str, points: list[tuple[int, float, float]], cpu_per_pass: float) -> dict:
     """A run's record: (passes, wall seconds, dev accuracy) per evaluation, CPU time proportional to passes."""
     curve = [{"passes": p, "steps": p // 2, "seconds": s, "cpu_seconds": p * cpu_per_pass, "dev_accuracy": a,
@@ -51,12 +62,7 @@ def test_steps_to_target_and_same_compute(bench) -> None:
 
 def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> None:
     """Two optimizers at once on a tiny Llama and the codes task: pass counting, curves and the redraw."""
-    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
-    hf = tmp_path / "hf"
-    config = LlamaConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
-    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
-    _tokenizer(bos=True).save_pretrained(hf)
+    hf = tiny_hf(tmp_path, monkeypatch)
     out = tmp_path / "run.json"
     argv = ["--model", str(hf), "--task", "codes", "--budget", "5", "--eval-every", "3", "--n-train", "24",
             "--n-dev", "6", "--batch-size", "4", "--threads", "1", "--jobs", "2", "--opt", "mezo:lr=1e-3",
@@ -80,5 +86,21 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
     argv[argv.index("--budget") + 1] = "100"
     argv = argv[:argv.index("--opt")] + ["--opt", "mezo", "--max-seconds", "1e-6", "--json", str(out)]
     assert bench.main(argv) == 0
+    (stopped,) = json.loads(out.read_text())["results"]
+    assert stopped["steps"] == 1 and [p["passes"] for p in stopped["curve"]] == [0, 2]
+
+
+def test_first_order_reference_and_cpu_budget(bench, tmp_path, monkeypatch) -> None:
+    """``first-order`` trains every decoder block on one unperturbed pass per step (no ZO passes: its time is
+    plain AdamW's), and ``--max-cpu-seconds`` stops a run after the step that crosses it."""
+    hf = tiny_hf(tmp_path, monkeypatch)
+    out = tmp_path / "run.json"
+    common = ["--model", str(hf), "--task", "codes", "--n-train", "24", "--n-dev", "6", "--batch-size", "4",
+              "--threads", "1", "--json", str(out)]
+    assert bench.main([*common, "--budget", "4", "--eval-every", "2", "--opt", "first-order:fo_lr=1e-2"]) == 0
+    (fo,) = json.loads(out.read_text())["results"]
+    assert fo["steps"] == 4 and [p["passes"] for p in fo["curve"]] == [0, 2, 4]  # one pass a step
+    assert set(fo["fo_memory"]) and fo["curve"][-1]["dev_loss"] != fo["curve"][0]["dev_loss"]  # the blocks train
+    assert bench.main([*common, "--budget", "100", "--opt", "mezo", "--max-cpu-seconds", "1e-6"]) == 0
     (stopped,) = json.loads(out.read_text())["results"]
     assert stopped["steps"] == 1 and [p["passes"] for p in stopped["curve"]] == [0, 2]

@@ -14,6 +14,10 @@ bytes per step (blocks uploaded and written back by the streaming runtime). A ma
 ``--json`` keeps everything, ``--png`` plots the curves (needs matplotlib) and ``--from-json`` redraws both from
 earlier ``--json`` files (their results in order, the first one's reference).
 
+``--opt first-order[:fo_optimizer=adamw,fo_lr=1e-4]`` is a plain first-order reference (every decoder block by
+AdamW/SGD on one unperturbed pass per step, no perturbed passes). ``--max-cpu-seconds`` stops each run after that
+much training CPU time: give it the reference's training CPU seconds for an equal-time comparison.
+
 ``--jobs N`` runs N optimizers at once (each in its own process): on a shared machine, run them all at once with
 ``--threads 1`` so that every run sees the same load and their wall times compare.
 
@@ -70,6 +74,46 @@ def compare_examples(n: int, seed: int = 0) -> list[Example]:
 TOOL_TASKS = {"compare": compare_examples}
 TASKS = BUILTIN_TASKS + tuple(TOOL_TASKS)
 
+def _register_first_order_reference() -> None:
+    """``first-order``: a plain first-order reference (one unperturbed forward and backward per step, every decoder
+    block trained by the framework's first-order optimizer, no ZO part; embeddings, final norm and head frozen).
+
+    Unlike ``loho:lr=0,fo_layers=99`` it runs no perturbed passes, so its wall and CPU time are those of plain
+    AdamW/SGD fine-tuning of the blocks: the budget for an equal-time comparison. Registered by this tool's run
+    process only (:func:`run_one`), so importing the tool adds no plugin."""
+    from zoedge.optim.api import FOSettings, Update, ZOOptimizer, layer_index, register_optimizer
+
+    @register_optimizer("first-order")
+    class FirstOrderReference(ZOOptimizer):
+        """First-order reference: every decoder block trained by SGD/AdamW on one unperturbed pass per step.
+
+        Args:
+            fo_optimizer: sgd, adamw or adamw8bit.
+            fo_lr: its learning rate.
+        """
+
+        passes, fo_pass, dense = 1, 0, False
+
+        def __init__(self, *, seed: int = 0, fo_optimizer: str = "adamw", fo_lr: float = 1e-4) -> None:
+            super().__init__(seed=seed, lr=0.0)
+            self.fo_optimizer, self.fo_lr = fo_optimizer, fo_lr
+
+        def fo_blocks(self, blocks):  # type: ignore[no-untyped-def]
+            return [b.name for b in blocks if layer_index(b.name) is not None]
+
+        def fo_settings(self) -> FOSettings:
+            return FOSettings(self.fo_optimizer, self.fo_lr)
+
+        def perturb(self, block, p):  # type: ignore[no-untyped-def]
+            return block.tensors
+
+        def end_step(self, losses):  # type: ignore[no-untyped-def]
+            return Update({}, {})
+
+        def apply(self, block, update):  # type: ignore[no-untyped-def]
+            pass
+
+
 DEFAULT_OPTS = ("mezo", "hizoo-l:alpha=1e-8", "dizo:cycle=20,iters=5", "loho:fo_layers=2,fo_lr=1e-3",
                 "hzo:fo_layers=2,nu=10,fo_lr=1e-3,rank=8")
 
@@ -88,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=80, help="forward passes between dev evaluations")
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="also stop an optimizer after this much training wall time (0: no limit), then evaluate")
+    p.add_argument("--max-cpu-seconds", type=float, default=0.0,
+                   help="also stop an optimizer after this much training CPU time (0: no limit), then evaluate: "
+                        "an equal-time budget that the machine's other load does not change (one thread per run)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=200)
@@ -129,6 +176,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _register_first_order_reference()
     name, options = spec_options(args.one)
     peft = options.pop("peft", "none")  # not a plugin option: LoRA adapters on the frozen base (--peft lora)
     if peft not in ("none", "lora"):
@@ -177,7 +225,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         evaluate()
         moved["up"] = moved["down"] = 0
-        while passes < args.budget and not 0 < args.max_seconds <= seconds:
+        while (passes < args.budget and not 0 < args.max_seconds <= seconds
+               and not 0 < args.max_cpu_seconds <= cpu_seconds):
             t0, c0 = time.perf_counter(), time.process_time()
             m = t.train_step()
             seconds += time.perf_counter() - t0
@@ -187,7 +236,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             if passes >= next_eval or passes >= args.budget:
                 evaluate()
                 next_eval += args.eval_every
-        if curve[-1]["passes"] != passes:  # stopped by --max-seconds between evaluations
+        if curve[-1]["passes"] != passes:  # stopped by --max-seconds / --max-cpu-seconds between evaluations
             evaluate()
         fo = t.fo.memory() if t.fo is not None else {}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -304,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         child = list(argv if argv is not None else sys.argv[1:])
         load_before = os.getloadavg()[0]
         results = run_all(args, specs, child)
-        limit = f" or {args.max_seconds:.0f} s" if args.max_seconds else ""
+        limit = (f" or {args.max_seconds:.0f} s" if args.max_seconds else "") + \
+            (f" or {args.max_cpu_seconds:.0f} CPU s" if args.max_cpu_seconds else "")
         header = (f"task {args.task}, budget {args.budget} forward passes{limit}, batch {args.batch_size}, "
                   f"{args.n_train} train / {args.n_dev} dev, seed {args.seed}, ZO lr {args.lr} unless given, "
                   f"{args.threads or 'default'} thread(s) x {min(args.jobs, len(specs))} run(s) at once; "
