@@ -14,7 +14,7 @@ DEFAULTS = {
     "loho": dict(eps=1e-3, q=1, fo_layers="2", mode="inter", intra_p=0.1, fo_optimizer="sgd", fo_lr=1e-4),
     "hzo": dict(eps=1e-3, rank=4, nu=50, vector="dense", factors="merge", fo_layers=0, fo_optimizer="sgd"),
 }
-LR = {"mezo": 4e-5, "dizo": 1e-5, "hizoo-l": 1e-5, "loho": 1e-5, "hzo": 1e-5}
+LR = {"mezo": 4e-5, "dizo": 1e-5, "hizoo-l": 4e-5, "loho": 1e-5, "hzo": 1e-5}
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
