@@ -58,7 +58,8 @@ def _worker(rank: int, size: int, port: int, store: str, out: str, mode: str, kw
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
     from zoedge.errors import ZoedgeError
     from zoedge.train.world import World
-    world = World.from_env("cpu", timeout_s=20, check_every=2)
+    # a silent rank is reported after timeout_s: the dead-rank test waits it out once, the others never reach it
+    world = World.from_env("cpu", timeout_s=12 if mode == "die" else 20, check_every=2)
     try:
         t = make_trainer(Path(store), Path(out), world, **kw)
         if mode == "resume":
@@ -83,7 +84,8 @@ def launch(store, out: Path, mode: str = "plain", size: int = 2, timeout: float 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # a fresh process per rank, forked from one that has imported these once
+    ctx.set_forkserver_preload(["torch", "transformers", "zoedge.train.trainer", __name__])
     procs = [ctx.Process(target=_worker, args=(r, size, port, str(store), str(out), mode, kw)) for r in range(size)]
     for p in procs:
         p.start()
