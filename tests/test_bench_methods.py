@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tests.test_tasks import _tokenizer
+from tests.test_bench_convergence import tiny_hf
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_methods.py"
 
@@ -67,12 +66,7 @@ def test_compare_task_is_balanced_unique_and_correct(bench):
 
 def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> None:
     """Two methods, a grid of 2, 2 seeds: 4 tuning runs on dev, then 4 test runs of the chosen settings."""
-    monkeypatch.setenv("ZOEDGE_CACHE", str(tmp_path / "cache"))
-    hf = tmp_path / "hf"
-    config = LlamaConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
-    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
-    _tokenizer(bos=True).save_pretrained(hf)
+    hf = tiny_hf(tmp_path, monkeypatch)
     out = tmp_path / "m.json"
     assert bench.main(["--model", str(hf), "--task", "codes", "--method", "loho", "--grid", "2", "--seeds", "0", "1",
                        "--budget", "4", "--eval-every", "2", "--n-train", "16", "--n-dev", "6", "--n-test", "8",
