@@ -171,10 +171,8 @@ def write_checkpoint(shape: str, out: str | Path, layers: int | None = None, dty
                 shutil.copy2(Path(tokenizer_from) / f, tmp / f)
     config.dtype = torch_dtype
     config.save_pretrained(tmp)
-    (tmp / SYNTH_MARKER).unlink()
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    tmp.rename(out)
+    tmp.rename(out)  # one rename(2), which also replaces an empty OUT: a kill leaves no OUT or the whole checkpoint
+    (out / SYNTH_MARKER).unlink()  # kept until now: a kill before the rename leaves a leftover the next synth removes
     params = sum(math.prod(s) for s in shapes.values())
     full = full_parameters(name)
     summary = {"shape": name, "layers": config.num_hidden_layers, "full_layers": SHAPES[name]["num_hidden_layers"],
