@@ -99,3 +99,21 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
     assert "task codes:" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_dir_reuses_finished_runs_and_runs_only_the_rest(bench, tmp_path, monkeypatch):
+    """An interrupted benchmark resumes: finished runs come from --runs-dir, the others run (and are kept)."""
+    calls = []
+
+    def fake_run_one(args):
+        calls.append(args.one)
+        return {"optimizer": args.one, "seed": args.seed}
+
+    monkeypatch.setattr(bench.bc, "run_one", fake_run_one)
+    runs = [(["--task", "demo", "--seed", str(s)], spec) for s in (0, 1) for spec in ("mezo", "dizo")]
+    first = bench.run_many(runs[:3], jobs=0, runs_dir=tmp_path)
+    assert calls == ["mezo", "dizo", "mezo"] and len(list(tmp_path.glob("*.json"))) == 3
+    again = bench.run_many(runs, jobs=0, runs_dir=tmp_path)
+    assert calls == ["mezo", "dizo", "mezo", "dizo"]  # only the fourth ran
+    assert again[:3] == first and again[3] == {"optimizer": "dizo", "seed": 1}
+    assert not list(tmp_path.glob("*.tmp"))

@@ -29,6 +29,7 @@ Example (small scale; docs/methods.md "Tuned benchmark (small scale)")::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -86,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process (0: in this one)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="keep each finished run's result here and reuse it when the same run is asked again "
+                        "(an interrupted benchmark resumes where it stopped)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="FILE",
@@ -104,13 +108,36 @@ def child_argv(args: argparse.Namespace, task: str, seed: int, split: str) -> li
     return out + (["--model", str(args.model)] if args.model else [])
 
 
-def run_many(runs: list[tuple[list[str], str]], jobs: int) -> list[dict[str, Any]]:
+def run_key(opts: list[str], spec: str) -> str:
+    """A finished run's file name in ``--runs-dir``: the hash of everything that defines the run."""
+    return hashlib.sha256(json.dumps([*opts, "--one", spec]).encode()).hexdigest()[:24] + ".json"
+
+
+def run_many(runs: list[tuple[list[str], str]], jobs: int, runs_dir: Path | None = None) -> list[dict[str, Any]]:
     """Each (child options, spec) in its own bench_convergence child, ``jobs`` at a time; results in order.
-    ``jobs`` 0: one after another in this process (no per-run peak RSS; for tests)."""
-    if jobs == 0:
-        return [bc.run_one(bc.parse_args([*opts, "--one", spec])) for opts, spec in runs]
+    ``jobs`` 0: one after another in this process (no per-run peak RSS; for tests). With ``runs_dir``, a run
+    whose result is already there is not run again, and each finished run's result is written there at once
+    (atomically: a cut-off benchmark leaves whole results or none)."""
     results: list[dict[str, Any] | None] = [None] * len(runs)
-    pending = list(enumerate(runs))
+    if runs_dir is not None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        for i, (opts, spec) in enumerate(runs):
+            done = runs_dir / run_key(opts, spec)
+            if done.exists():
+                results[i] = json.loads(done.read_text())
+
+    def keep(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        if runs_dir is not None:
+            tmp = runs_dir / (run_key(*runs[i]) + ".tmp")
+            tmp.write_text(json.dumps(result))
+            os.replace(tmp, runs_dir / run_key(*runs[i]))
+
+    pending = [(i, run) for i, run in enumerate(runs) if results[i] is None]
+    if jobs == 0:
+        for i, (opts, spec) in pending:
+            keep(i, bc.run_one(bc.parse_args([*opts, "--one", spec])))
+        return results  # type: ignore[return-value]
     running: list[tuple[int, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < max(jobs, 1):
@@ -121,7 +148,7 @@ def run_many(runs: list[tuple[list[str], str]], jobs: int) -> list[dict[str, Any
         out, _ = proc.communicate()
         if proc.returncode:
             raise SystemExit(f"{runs[i][1]} ({' '.join(runs[i][0])}): the run failed (exit {proc.returncode})")
-        results[i] = json.loads(out.strip().splitlines()[-1])
+        keep(i, json.loads(out.strip().splitlines()[-1]))
     return results  # type: ignore[return-value]
 
 
@@ -220,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()
         tuning_runs = [(child_argv(args, t, args.tune_seed, "dev"), spec)
                        for t in tasks for m in methods for spec in GRIDS[m][:args.grid]]
-        tuned = iter(run_many(tuning_runs, args.jobs))
+        tuned = iter(run_many(tuning_runs, args.jobs, args.runs_dir))
         tuning = {(t, m): [next(tuned) for _ in range(args.grid)] for t in tasks for m in methods}
         chosen = {key: choose(runs) for key, runs in tuning.items()}
         test_runs = [(child_argv(args, t, s, "test"), chosen[t, m]["optimizer"])
                      for t in tasks for m in methods for s in args.seeds]
-        tested = iter(run_many(test_runs, args.jobs))
+        tested = iter(run_many(test_runs, args.jobs, args.runs_dir))
         report = {"tasks": {}, "args": {k: str(v) for k, v in vars(args).items()}}
         for t in tasks:
             per = report["tasks"][t] = {}
