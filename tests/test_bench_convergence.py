@@ -84,6 +84,7 @@ def test_a_real_run_on_a_tiny_model(bench, tmp_path, monkeypatch, capsys) -> Non
     assert capsys.readouterr().out == first  # the redraw prints the same table
     # --max-seconds stops a run after the step that crosses it, and evaluates there
     argv[argv.index("--budget") + 1] = "100"
+    argv[argv.index("--jobs") + 1] = "0"  # in this process (the children's path ran above)
     argv = argv[:argv.index("--opt")] + ["--opt", "mezo", "--max-seconds", "1e-6", "--json", str(out)]
     assert bench.main(argv) == 0
     (stopped,) = json.loads(out.read_text())["results"]
@@ -96,11 +97,13 @@ def test_first_order_reference_and_cpu_budget(bench, tmp_path, monkeypatch) -> N
     hf = tiny_hf(tmp_path, monkeypatch)
     out = tmp_path / "run.json"
     common = ["--model", str(hf), "--task", "codes", "--n-train", "24", "--n-dev", "6", "--batch-size", "4",
-              "--threads", "1", "--json", str(out)]
+              "--threads", "1", "--jobs", "0", "--json", str(out)]
     assert bench.main([*common, "--budget", "4", "--eval-every", "2", "--opt", "first-order:fo_lr=1e-2"]) == 0
     (fo,) = json.loads(out.read_text())["results"]
     assert fo["steps"] == 4 and [p["passes"] for p in fo["curve"]] == [0, 2, 4]  # one pass a step
     assert set(fo["fo_memory"]) and fo["curve"][-1]["dev_loss"] != fo["curve"][0]["dev_loss"]  # the blocks train
+    from zoedge.optim.registry import available
+    assert "first-order" not in available()  # run in this process (--jobs 0), the tool's plugin is gone again
     assert bench.main([*common, "--budget", "100", "--opt", "mezo", "--max-cpu-seconds", "1e-6"]) == 0
     (stopped,) = json.loads(out.read_text())["results"]
     assert stopped["steps"] == 1 and [p["passes"] for p in stopped["curve"]] == [0, 2]

@@ -452,7 +452,7 @@ def test_builtin_zero_shot_on_default_model(smollm2_dir: Path) -> None:
         correct = 0
         with torch.no_grad():
             for i in range(0, len(test), 100):
-                b = collate(tokenizer, test[i:i + 100])
+                b = collate(tokenizer, test[i:i + 100], share_prompts=True)  # as eval scores: one row each
                 out = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                                   position_ids=b.position_ids())
                 lp = token_logprobs_from_logits(model.lm_head(select_targets(out.last_hidden_state, b)),

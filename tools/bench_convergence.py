@@ -79,8 +79,8 @@ def _register_first_order_reference() -> None:
     block trained by the framework's first-order optimizer, no ZO part; embeddings, final norm and head frozen).
 
     Unlike ``loho:lr=0,fo_layers=99`` it runs no perturbed passes, so its wall and CPU time are those of plain
-    AdamW/SGD fine-tuning of the blocks: the budget for an equal-time comparison. Registered by this tool's run
-    process only (:func:`run_one`), so importing the tool adds no plugin."""
+    AdamW/SGD fine-tuning of the blocks: the budget for an equal-time comparison. Registered by :func:`run_one`
+    only (and removed again by :func:`run_here`), so importing the tool adds no plugin."""
     from zoedge.optim.api import FOSettings, Update, ZOOptimizer, layer_index, register_optimizer
 
     @register_optimizer("first-order")
@@ -142,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-on", choices=("dev", "test"), default="dev", help="the split the curve evaluates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--jobs", type=int, default=1, help="optimizers run at once, each in its own process")
+    p.add_argument("--jobs", type=int, default=1, help="optimizers run at once, each in its own process (0: one "
+                   "after another in this process; peak RSS is then the process's, not the run's)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="FILE",
@@ -319,8 +320,21 @@ def plot(results: list[dict[str, Any]], path: Path, title: str = "") -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_here(argv: list[str]) -> dict[str, Any]:
+    """:func:`run_one` in this process, whose plugin registry is left as it was (without ``first-order``)."""
+    from zoedge.optim.registry import unregister
+
+    try:
+        return run_one(parse_args(argv))
+    finally:
+        unregister("first-order")
+
+
 def run_all(args: argparse.Namespace, specs: list[str], child: list[str]) -> list[dict[str, Any]]:
-    """Each spec in its own child process, ``args.jobs`` at a time; results in spec order."""
+    """Each spec in its own child process, ``args.jobs`` at a time; results in spec order (``--jobs 0``: in this
+    process, one after another)."""
+    if args.jobs == 0:
+        return [run_here([*child, "--one", spec]) for spec in specs]
     results: dict[str, dict[str, Any]] = {}
     pending = list(specs)
     running: list[tuple[str, subprocess.Popen]] = []

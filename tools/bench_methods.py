@@ -136,7 +136,7 @@ def run_many(runs: list[tuple[list[str], str]], jobs: int, runs_dir: Path | None
     pending = [(i, run) for i, run in enumerate(runs) if results[i] is None]
     if jobs == 0:
         for i, (opts, spec) in pending:
-            keep(i, bc.run_one(bc.parse_args([*opts, "--one", spec])))
+            keep(i, bc.run_here([*opts, "--one", spec]))
         return results  # type: ignore[return-value]
     running: list[tuple[int, subprocess.Popen]] = []
     while pending or running:

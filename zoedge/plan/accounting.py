@@ -200,10 +200,13 @@ def units(spec: ModelSpec, unit: str = "layer") -> list[BlockEntry]:
     Raises:
         ConfigError: the family's adapter cannot split at ``unit``.
     """
-    from zoedge.adapters import adapter_for
-    from zoedge.runtime.streamed import _split
+    if unit not in spec.units_cache:
+        from zoedge.adapters import adapter_for
+        from zoedge.runtime.streamed import _split
 
-    return _split(adapter_for(_cut(spec.config, 1, "sdpa"), DTYPES[spec.dtype], "meta"), spec.blocks, unit)[0]
+        adapter = adapter_for(_cut(spec.config, 1, "sdpa"), DTYPES[spec.dtype], "meta")
+        spec.units_cache[unit] = _split(adapter, spec.blocks, unit)[0]  # a ConfigError is raised each time
+    return list(spec.units_cache[unit])
 
 
 def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, unit: str = "layer") -> dict[str, int]:

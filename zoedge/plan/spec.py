@@ -3,7 +3,7 @@ workload (:class:`Workload`), as values (:mod:`zoedge.plan.accounting` plans the
 them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zoedge.errors import ConfigError
@@ -84,6 +84,8 @@ class ModelSpec:
     dedicated: frozenset[str]         # blocks that store a tied tensor (kept in their own slot)
     layers: int                       # depth the figures are for
     measured_layers: int | None = None  # depth of the source checkpoint/store when smaller than `layers`
+    #: the streaming units per unit name, split once (accounting.units): a plan asks for them hundreds of times
+    units_cache: dict[str, list[BlockEntry]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def layer_block(self) -> BlockEntry:
