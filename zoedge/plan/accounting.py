@@ -205,8 +205,14 @@ def units(spec: ModelSpec, unit: str = "layer") -> list[BlockEntry]:
         from zoedge.runtime.streamed import _split
 
         adapter = adapter_for(_cut(spec.config, 1, "sdpa"), DTYPES[spec.dtype], "meta")
-        spec.units_cache[unit] = _split(adapter, spec.blocks, unit)[0]  # a ConfigError is raised each time
-    return list(spec.units_cache[unit])
+        try:
+            spec.units_cache[unit] = _split(adapter, spec.blocks, unit)[0]
+        except ConfigError as e:  # the family cannot split there: asked again, the same answer
+            spec.units_cache[unit] = e
+    found = spec.units_cache[unit]
+    if isinstance(found, ConfigError):
+        raise found.with_traceback(None)
+    return list(found)
 
 
 def long_lived(spec: ModelSpec, m: Method, prefetch: int, lean: bool = True, unit: str = "layer") -> dict[str, int]:

@@ -84,8 +84,9 @@ class ModelSpec:
     dedicated: frozenset[str]         # blocks that store a tied tensor (kept in their own slot)
     layers: int                       # depth the figures are for
     measured_layers: int | None = None  # depth of the source checkpoint/store when smaller than `layers`
-    #: the streaming units per unit name, split once (accounting.units): a plan asks for them hundreds of times
-    units_cache: dict[str, list[BlockEntry]] = field(default_factory=dict, repr=False, compare=False)
+    #: the streaming units per unit name (or why the family cannot split there), split once by accounting.units:
+    #: a plan asks for them hundreds of times
+    units_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def layer_block(self) -> BlockEntry:
