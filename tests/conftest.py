@@ -25,7 +25,7 @@ import torch
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The long tests first (a stable sort: the rest keep their order). xdist's worksteal hands each worker a
     # contiguous share and an idle worker steals from the *end* of another's queue, so a long test run last
-    # would leave one worker alone at the end; first, they run while the other worker drains short ones.
+    # would leave one worker alone at the end; first, they run while the other workers drain short ones.
     items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
