@@ -9,12 +9,12 @@ from zoedge.optim.registry import build
 
 DEFAULTS = {
     "mezo": dict(eps=1e-3, q=1, passes=2, stochastic_rounding=False),
-    "dizo": dict(eps=1e-3, q=1, cycle=50, iters=10, mu=0.2, gamma_lr=10.0, tau=0.2),
+    "dizo": dict(eps=1e-3, q=1, cycle=50, iters=10, mu=0.2, gamma_lr=1.0, tau=0.2),
     "hizoo-l": dict(eps=1e-3, alpha=1e-8, h_min=1e-4, h_max=1e4, estimator="unbiased", factored=True),
     "loho": dict(eps=1e-3, q=1, fo_layers="2", mode="inter", intra_p=0.1, fo_optimizer="sgd", fo_lr=1e-4),
     "hzo": dict(eps=1e-3, rank=4, nu=50, vector="dense", factors="merge", fo_layers=0, fo_optimizer="sgd"),
 }
-LR = {"mezo": 4e-5, "dizo": 1e-5, "hizoo-l": 4e-5, "loho": 1e-5, "hzo": 1e-5}
+LR = {"mezo": 4e-5, "dizo": 4e-5, "hizoo-l": 4e-5, "loho": 1e-5, "hzo": 1e-5}
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
