@@ -117,3 +117,6 @@ def test_runs_dir_reuses_finished_runs_and_runs_only_the_rest(bench, tmp_path, m
     assert calls == ["mezo", "dizo", "mezo", "dizo"]  # only the fourth ran
     assert again[:3] == first and again[3] == {"optimizer": "dizo", "seed": 1}
     assert not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(bench, "code_identity", lambda: "other code")
+    bench.run_many(runs[:1], jobs=0, runs_dir=tmp_path)
+    assert calls[-1] == "mezo" and len(calls) == 5  # another code's results are never reused

@@ -21,7 +21,7 @@ frozen; its grid starts at the lr 5e-3, ε 1e-2 tuned on the demo task, docs/lor
 ``--json`` keeps every run (tuning and test), ``--png`` draws test accuracy against forward passes and against
 CPU seconds, mean over seeds with a ±std band, one row of plots per task; ``--from-json`` redraws both.
 
-Example (small scale; docs/methods.md "Tuned benchmark (small scale)")::
+Example (small scale; docs/methods.md "Tuned benchmark" has the commands of the measured runs)::
 
     nice -n 19 python tools/bench_methods.py --task codes --task demo --grid 2 --seeds 0 1 2 --budget 60 \\
         --eval-every 20 --n-train 400 --n-dev 64 --n-test 128 --threads 1 --jobs 2 --json m.json --png m.png
@@ -108,30 +108,45 @@ def child_argv(args: argparse.Namespace, task: str, seed: int, split: str) -> li
     return out + (["--model", str(args.model)] if args.model else [])
 
 
-def run_key(opts: list[str], spec: str) -> str:
-    """A finished run's file name in ``--runs-dir``: the hash of everything that defines the run."""
-    return hashlib.sha256(json.dumps([*opts, "--one", spec]).encode()).hexdigest()[:24] + ".json"
+def code_identity() -> str:
+    """A hash of the code a run executes: every ``.py`` file of zoedge and its plugins, and bench_convergence.py.
+    Part of each run's key, so that ``--runs-dir`` never hands back a result of other code."""
+    h = hashlib.sha256()
+    roots = [Path(loc) for name in ("zoedge", "zoedge_plugins")
+             for loc in (importlib.util.find_spec(name).submodule_search_locations or [])]
+    files = [(f"{root.name}/{f.relative_to(root)}", f) for root in roots for f in root.rglob("*.py")]
+    for name, path in sorted(files) + [("tools/bench_convergence.py", _BC_PATH)]:
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run_key(opts: list[str], spec: str, code: str) -> str:
+    """A finished run's file name in ``--runs-dir``: the hash of everything that defines the run (its options
+    and the code, :func:`code_identity`)."""
+    return hashlib.sha256(json.dumps([*opts, "--one", spec, code]).encode()).hexdigest()[:24] + ".json"
 
 
 def run_many(runs: list[tuple[list[str], str]], jobs: int, runs_dir: Path | None = None) -> list[dict[str, Any]]:
     """Each (child options, spec) in its own bench_convergence child, ``jobs`` at a time; results in order.
     ``jobs`` 0: one after another in this process (no per-run peak RSS; for tests). With ``runs_dir``, a run
     whose result is already there is not run again, and each finished run's result is written there at once
-    (atomically: a cut-off benchmark leaves whole results or none)."""
+    (atomically: a cut-off benchmark leaves whole results or none). A result is reused only for the same options
+    and the same code (:func:`run_key`)."""
     results: list[dict[str, Any] | None] = [None] * len(runs)
+    code = code_identity() if runs_dir is not None else ""
+    keys = [run_key(opts, spec, code) for opts, spec in runs]
     if runs_dir is not None:
         runs_dir.mkdir(parents=True, exist_ok=True)
-        for i, (opts, spec) in enumerate(runs):
-            done = runs_dir / run_key(opts, spec)
-            if done.exists():
-                results[i] = json.loads(done.read_text())
+        for i, key in enumerate(keys):
+            if (runs_dir / key).exists():
+                results[i] = json.loads((runs_dir / key).read_text())
 
     def keep(i: int, result: dict[str, Any]) -> None:
         results[i] = result
         if runs_dir is not None:
-            tmp = runs_dir / (run_key(*runs[i]) + ".tmp")
+            tmp = runs_dir / (keys[i] + ".tmp")
             tmp.write_text(json.dumps(result))
-            os.replace(tmp, runs_dir / run_key(*runs[i]))
+            os.replace(tmp, runs_dir / keys[i])
 
     pending = [(i, run) for i, run in enumerate(runs) if results[i] is None]
     if jobs == 0:
