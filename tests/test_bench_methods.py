@@ -120,3 +120,7 @@ def test_runs_dir_reuses_finished_runs_and_runs_only_the_rest(bench, tmp_path, m
     monkeypatch.setattr(bench, "code_identity", lambda: "other code")
     bench.run_many(runs[:1], jobs=0, runs_dir=tmp_path)
     assert calls[-1] == "mezo" and len(calls) == 5  # another code's results are never reused
+    kept = tmp_path / bench.run_key(*runs[0], "other code")
+    kept.write_text('{"optimizer": "me')  # a torn result: run again, and kept whole
+    assert bench.run_many(runs[:1], jobs=0, runs_dir=tmp_path)[0] == {"optimizer": "mezo", "seed": 0}
+    assert len(calls) == 6 and json.loads(kept.read_text())["optimizer"] == "mezo"

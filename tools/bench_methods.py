@@ -138,8 +138,12 @@ def run_many(runs: list[tuple[list[str], str]], jobs: int, runs_dir: Path | None
     if runs_dir is not None:
         runs_dir.mkdir(parents=True, exist_ok=True)
         for i, key in enumerate(keys):
-            if (runs_dir / key).exists():
+            try:
                 results[i] = json.loads((runs_dir / key).read_text())
+            except FileNotFoundError:
+                pass
+            except ValueError:  # torn by a power cut (the result is not fsynced): run it again
+                print(f"{runs_dir / key}: not a whole result; running that run again", file=sys.stderr)
 
     def keep(i: int, result: dict[str, Any]) -> None:
         results[i] = result

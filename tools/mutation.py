@@ -16,7 +16,8 @@ timeout kills the mutant. Fast path (default; ``--no-fork`` turns it off): the t
 (a pytest collection), then per mutant forks, swaps the mutated function's code object into every live function
 object that has the original (``__code__``: callers that imported the function by name see the mutant too) and
 runs pytest in the child; the file is also written, so tests that start a subprocess see the mutant. A mutant
-outside a function body (module or class level, a default argument, a decorator) runs in a fresh pytest. Prints the score and every surviving mutant (line, what changed); ``--json`` writes them.
+outside a function body (module or class level, a default argument, a decorator) runs in a fresh pytest. Prints
+the score and every surviving mutant (line, what changed); ``--json`` writes them.
 Slow (a pytest start per mutant): a tool, not part of the test suite. Results and the survivors' reasons:
 docs/mutation.md.
 
@@ -50,7 +51,8 @@ TESTS: dict[str, list[str]] = {
     "plugins/dizo.py": ["tests/test_dizo_phases.py", "tests/test_learns.py", "tests/test_dizo.py", "-k", "dizo"],
     "plugins/loho.py": ["tests/test_loho_choice.py", "tests/test_learns.py", "tests/test_loho.py", "-k", "loho"],
     "plugins/hizoo.py": ["tests/test_hizoo_state.py", "tests/test_learns.py", "tests/test_hizoo.py", "-k", "hizoo"],
-    "plugins/hzo.py": ["tests/test_hzo_options.py", "tests/test_hzo_factors.py", "tests/test_learns.py", "tests/test_hzo.py", "-k", "hzo"],
+    "plugins/hzo.py": ["tests/test_hzo_options.py", "tests/test_hzo_factors.py", "tests/test_learns.py",
+                       "tests/test_hzo.py", "-k", "hzo"],
     "zoedge/optim/base.py": ["tests/test_declared_state.py", "tests/test_learns.py", "tests/test_lazy_update.py",
                              "tests/test_plugin_api.py", "tests/test_update_checkpoints.py", "-k", "state or quadratic "
                              "or tiny and (mezo or hizoo) or lazy or api or (resume_from_updates and ram-llama)"],
@@ -62,8 +64,8 @@ TESTS: dict[str, list[str]] = {
     "zoedge/train/guard.py": ["tests/test_guard_causes.py", "tests/test_run_safety.py", "-k",
                               "causes or guard or divergence or non_finite or nan"],
     "zoedge/train/run_record.py": ["tests/test_run_record_resume.py", "tests/test_read_only_outputs.py",
-                                   "tests/test_run_safety.py", "-k", "record_resume or read_only or resume_refuses or summary or second_run or fresh_disk or "
-                                   "eval_refuses or eval_carves or truncated"],
+                                   "tests/test_run_safety.py", "-k", "record_resume or read_only or resume_refuses or "
+                                   "summary or second_run or fresh_disk or eval_refuses or eval_carves or truncated"],
     "zoedge/store/verify.py": ["tests/test_store_stamps.py", "tests/test_store_integrity.py"],
     "zoedge/store/manifest.py": ["tests/test_manifest_reasons.py", "tests/test_store_integrity.py",
                                  "tests/test_store_fuzz.py"],
